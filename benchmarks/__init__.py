@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks; results under benchmarks/results/<date>_<card>/."""

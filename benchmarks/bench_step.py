@@ -1,0 +1,119 @@
+"""Model-step throughput of the plain-PyTorch MixedAE in its modes, on synthetic device tensors.
+
+    python -m mixedae_fast.benchmarks.bench_step --config vit_base --batch 256 --out results.json
+
+Rows: ``mae`` (r=1, ha=none, no HC: MAE's function, the baseline row), ``naive`` (r=4, global
+attention), ``oracle``, ``topk`` (r=4, TopK + HC loss; the default MixedAE). One step = forward,
+backward, fused AdamW step, under bf16 autocast on CUDA (fp32 on CPU). Untimed warm-up, then the
+median of ``--iters`` steps timed with CUDA events (wall clock on CPU). Throughput counts source
+images per second. The result file carries device, versions, git SHA, date and command.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from mixedae_fast.config import load_config
+from mixedae_fast.engine import build_optimizer, resolve_precision
+from mixedae_fast.models import build_model
+
+MODES = {
+    "mae": ["--mixing.group_size=1", "--mixing.ha=none", "--mixing.hc_weight=0"],
+    "naive": ["--mixing.ha=none", "--mixing.hc_weight=0"],
+    "oracle": ["--mixing.ha=oracle", "--mixing.hc_weight=0"],
+    "topk": [],
+}
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def time_steps(config: str, overrides: list[str], batch: int, warmup: int, iters: int, device: torch.device) -> dict:
+    cfg = load_config(config, [*overrides, f"--data.batch_size={batch}"])
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    amp = resolve_precision(cfg.runtime.precision, device)
+    opt, _ = build_optimizer(model, cfg, 1e-4, device)
+    images = torch.randn(batch, 3, cfg.model.img_size, cfg.model.img_size, device=device)
+    if amp is not None:
+        images = images.to(amp)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = model(images, step=i)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    med = statistics.median(times)
+    row = {"ms_per_step": med, "img_per_s": batch / med * 1e3, "loss": float(loss.detach())}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="vit_base")
+    p.add_argument("--batch", type=int, default=256, help="source images per step")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args, extra = p.parse_known_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    result = {
+        "benchmark": "model_step", "config": args.config, "batch": args.batch, "device": device_name(device),
+        "torch": torch.__version__, "git_sha": git_sha(), "date": datetime.date.today().isoformat(),
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "mixedae_fast.benchmarks.bench_step",
+                             *(argv if argv is not None else sys.argv[1:])]),
+        "rows": {},
+    }
+    for mode in modes:
+        row = time_steps(args.config, MODES[mode] + extra, args.batch, args.warmup, args.iters, device)
+        result["rows"][mode] = row
+        print(f"{mode:<8}{row['ms_per_step']:>10.1f} ms{row['img_per_s']:>10.0f} img/s"
+              + (f"{row['peak_mem_gib']:>8.1f} GiB" if "peak_mem_gib" in row else ""), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Typed configuration for MixedAE pretraining: dataclasses, YAML presets, CLI overrides, validation.
+
+One schema (DESIGN.md §2): a YAML file with the sections ``model``, ``mixing``, ``runtime``, ``data``,
+``optim`` and ``run``, then ``--section.key=value`` overrides whose values are parsed as YAML. Every
+value that follows from the config (N, n, K, the HC switches, the learning rate) is computed once, in
+:func:`derive`. Invalid values fail at load with the field as ``section.key``, the value and what is
+allowed. No torch import here: the CLI checks a config before it pays for torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+import sys
+import types
+import typing
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Allowed values of the enum-like fields; a new backend is one more entry in its tuple.
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager")  # to come: xformers, flex, triton
+KERNEL_BACKENDS = ("auto", "torch")  # to come: triton
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mixing.ha": ("topk", "oracle", "none"),
+    "mixing.hc_on": ("attention", "head", "tokens", "both"),
+    "mixing.segment_embed": ("none", "encoder"),
+    "runtime.attention_backend": ATTENTION_BACKENDS,
+    "runtime.kernels": KERNEL_BACKENDS,
+    "runtime.precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.backend": ("auto", "dali", "torch", "synthetic"),
+    "data.format": ("imagefolder", "filelist", "webdataset"),
+    "optim.optimizer": ("auto", "torch", "apex"),
+}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# PyYAML (YAML 1.1) reads "1e-3" as a string; float fields accept such strings.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_OVERRIDE = re.compile(r"(?:--)?([A-Za-z_]\w*)\.([A-Za-z_]\w*)=(.*)", re.S)
+
+
+class ConfigError(ValueError):
+    """An invalid config: the message names the field as ``section.key``, the value and what is allowed."""
+
+
+class ConfigWarning(UserWarning):
+    """A valid config with a setting that has no effect."""
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224  # S, input side in pixels
+    patch_size: int = 16  # P; S % P == 0
+    in_chans: int = 3
+    embed_dim: int = 768  # encoder width D (ViT-B)
+    depth: int = 12  # encoder blocks
+    num_heads: int = 12
+    decoder_embed_dim: int = 512  # MAE decoder: 8 blocks, 512 wide, 16 heads
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class MixingConfig:
+    group_size: int = 4  # r, images mixed into one encoder sequence; r=1 is MAE's random masking
+    mask_ratio: float = 0.75  # m; each source keeps n = int(N*(1-m)) positions, and r*n <= N
+    ha: str = "topk"  # homologous attention: topk (recognition) | oracle (upper bound) | none (naive)
+    ha_layers: list[int] | None = None  # blocks with HA; None = all; negative indices count from the end
+    topk: int | None = None  # K patch keys kept per query (plus CLS); None = n
+    hc_on: str = "attention"  # where the homologous contrastive loss acts: attention | head | tokens | both
+    hc_weight: float = 1.0  # lambda_hc; 0 turns the loss off
+    hc_tau: float = 0.2  # temperature of the head/tokens SupCon loss
+    segment_embed: str = "none"  # encoder = learned per-slot embedding; leaks the grouping (ablation)
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets, as MAE
+
+
+@dataclass
+class RuntimeConfig:
+    attention_backend: str = "auto"  # see ATTENTION_BACKENDS
+    kernels: str = "auto"  # fused ops: see KERNEL_BACKENDS
+    compile: bool = False  # torch.compile the model
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class DataConfig:
+    backend: str = "auto"  # auto | dali | torch | synthetic
+    path: str | None = None  # training images; None = the embedded default data
+    format: str = "imagefolder"  # imagefolder | filelist | webdataset
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    batch_size: int = 256  # images per rank and micro-step; a multiple of mixing.group_size
+    num_workers: int = 4
+    val_path: str | None = None  # evaluation images; None = the embedded default val set
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "auto"  # auto = apex FusedAdam when importable, else fused torch AdamW
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256 unless lr is set
+    lr: float | None = None  # absolute peak lr; overrides base_lr
+    min_lr: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 40.0
+    epochs: int = 400
+    accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
+    clip_grad: float | None = None  # max grad norm; None = no clipping
+    max_nan_steps: int = 10  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class RunConfig:
+    name: str = "mixedae"  # run directory: <out_dir>/<name>
+    out_dir: str = "runs"
+    seed: int = 0
+    log_every: int = 50  # steps
+    ckpt_every: int = 1000  # steps
+    keep_last: int = 2  # checkpoints kept
+    resume: str = "none"  # none | auto (latest in the run directory) | <checkpoint path>
+    eval: bool = True  # kNN / probe evaluation at the end
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def derive(self, world_size: int = 1) -> Derived:
+        return derive(self, world_size)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values that follow from a validated config; computed only by :func:`derive`."""
+
+    grid: int  # S // P patches per side
+    num_patches: int  # N
+    patch_dim: int  # P*P*C values per patch
+    n_visible: int  # n = int(N * (1 - m)) positions per source (int as MAE, not round)
+    encoder_len: int  # 1 + r*n tokens per group sequence (CLS first)
+    num_groups_per_rank: int  # G = batch_size // r per rank and micro-step
+    topk: int  # K
+    ha_layers: tuple[int, ...]  # resolved, sorted, unique block indices; () when ha == none
+    hc_attention: bool  # HC InfoNCE on the attention logits of the HA blocks
+    hc_features: bool  # HC SupCon on the projection head / the tokens
+    hc_active: bool  # hc_attention or hc_features
+    world_size: int
+    global_batch: int  # batch_size * world_size * accum_steps images per optimizer step
+    lr: float  # optim.lr, else base_lr * global_batch / 256
+
+
+def _resolve_ha_layers(mixing: MixingConfig, depth: int) -> tuple[int, ...]:
+    if mixing.ha == "none":
+        return ()
+    layers = range(depth) if mixing.ha_layers is None else mixing.ha_layers
+    return tuple(sorted({i % depth for i in layers}))
+
+
+def _hc_flags(mixing: MixingConfig, ha_layers: tuple[int, ...]) -> tuple[bool, bool]:
+    on = mixing.hc_weight > 0 and mixing.group_size > 1
+    attention = on and mixing.hc_on in ("attention", "both") and mixing.ha == "topk" and bool(ha_layers)
+    features = on and mixing.hc_on in ("head", "tokens", "both")
+    return attention, features
+
+
+def derive(cfg: Config, world_size: int = 1) -> Derived:
+    """All derived values, in one place. ``cfg`` must be validated."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size = {world_size!r}: must be an int >= 1")
+    m, x = cfg.model, cfg.mixing
+    grid = m.img_size // m.patch_size
+    num_patches = grid * grid
+    n = int(num_patches * (1 - x.mask_ratio))
+    ha_layers = _resolve_ha_layers(x, m.depth)
+    hc_attention, hc_features = _hc_flags(x, ha_layers)
+    global_batch = cfg.data.batch_size * world_size * cfg.optim.accum_steps
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
+    return Derived(
+        grid=grid, num_patches=num_patches, patch_dim=m.patch_size**2 * m.in_chans, n_visible=n,
+        encoder_len=1 + x.group_size * n, num_groups_per_rank=cfg.data.batch_size // x.group_size,
+        topk=n if x.topk is None else x.topk, ha_layers=ha_layers, hc_attention=hc_attention,
+        hc_features=hc_features, hc_active=hc_attention or hc_features, world_size=world_size,
+        global_batch=global_batch, lr=lr,
+    )
+
+
+# ---------------------------------------------------------------- types, dicts, YAML
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: typing.Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp)
+
+
+def _coerce(key: str, value: typing.Any, tp: typing.Any) -> typing.Any:
+    """``value`` as type ``tp``: bool is not an int, an int is a float, a list becomes a tuple."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if origin in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            for arg in args:
+                if arg is not type(None):
+                    try:
+                        return _coerce(key, value, arg)
+                    except ConfigError:
+                        pass
+        elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+            if origin is list:
+                return [_coerce(key, v, args[0]) for v in value]
+            if len(value) == len(args):
+                return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+        elif tp is bool and isinstance(value, bool):
+            return value
+        elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
+        elif tp is str and isinstance(value, str):
+            return value
+    except ConfigError:
+        pass
+    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+
+
+def _unknown(what: str, name: str, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown {what} '{name}'{hint} (valid: {', '.join(valid)})")
+
+
+def _check_key(section: str, key: str | None = None) -> None:
+    if section not in SECTIONS:
+        raise _unknown("section", section, list(SECTIONS))
+    names = list(_field_types(SECTIONS[section]))
+    if key is not None and key not in names:
+        raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in names])
+
+
+def config_from_dict(d: typing.Mapping[str, typing.Any] | None) -> Config:
+    """A validated :class:`Config` from nested mappings (missing sections/keys take their defaults)."""
+    d = d or {}
+    if not isinstance(d, typing.Mapping):
+        raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
+    sections = {}
+    for section, values in d.items():
+        _check_key(str(section))
+        values = values or {}
+        if not isinstance(values, typing.Mapping):
+            raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
+        for key in values:
+            _check_key(section, str(key))
+        sections[section] = SECTIONS[section](**values)
+    return validate(Config(**sections))
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, typing.Any]]:
+    """Plain YAML-safe nested dict (tuples as lists)."""
+    plain = lambda v: [plain(i) for i in v] if isinstance(v, (list, tuple)) else v
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def presets_dir():
+    """The YAML presets: package data once installed, else ``<repo>/configs``."""
+    try:
+        from importlib.resources import files
+
+        found = files("mixedae_fast.configs")
+        if any(p.name.endswith(".yaml") for p in found.iterdir()):
+            return found
+    except (ImportError, TypeError, FileNotFoundError):
+        pass
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_config_text(config: str | os.PathLike) -> tuple[str, str]:
+    s = os.fspath(config)
+    if isinstance(config, os.PathLike) or s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s:
+        if not Path(s).is_file():
+            raise ConfigError(f"config file not found: {s}")
+        return Path(s).read_text(encoding="utf-8"), s
+    preset = presets_dir().joinpath(f"{s}.yaml")
+    if not preset.is_file():
+        raise _unknown("preset", s, available_presets())
+    return preset.read_text(encoding="utf-8"), f"preset {s}"
+
+
+def apply_override(d: dict[str, typing.Any], item: str) -> None:
+    """Apply ``--section.key=value`` (or ``section.key=value``) to nested dict ``d``; value is YAML."""
+    match = _OVERRIDE.fullmatch(item.strip())
+    if not match:
+        raise ConfigError(f"override {item!r} is not of the form --section.key=value")
+    section, key, raw = match.groups()
+    _check_key(section, key)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    tp = _field_types(SECTIONS[section])[key]
+    accepts_str = tp is str or str in typing.get_args(tp)
+    if accepts_str and value is not None and not isinstance(value, str):
+        value = raw  # --run.name=2024 is the name "2024"
+    if not isinstance(d.get(section), dict):
+        d[section] = dict(d.get(section) or {})
+    d[section][key] = value
+
+
+def load_config(config: str | os.PathLike | None = "cpu_tiny", overrides: Sequence[str] = ()) -> Config:
+    """Load a preset name (``cpu_tiny``) or YAML path (None = dataclass defaults), apply overrides,
+    validate."""
+    d: dict[str, typing.Any] = {}
+    if config is not None:
+        text, source = _read_config_text(config)
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: invalid YAML: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for item in overrides:
+        apply_override(d, item)
+    return config_from_dict(d)
+
+
+# ---------------------------------------------------------------- validation
+
+_GT0, _GE0 = (lambda v: v > 0, "must be > 0"), (lambda v: v >= 0, "must be >= 0")
+_GE1 = (lambda v: v >= 1, "must be >= 1")
+# Range of each field on its own: key -> (predicate, what is allowed). Relations are in validate().
+_RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
+    **{key: (lambda v, c=c: v in c, f"must be one of {', '.join(c)}") for key, c in CHOICES.items()},
+    **{f"model.{f.name}": _GT0 for f in dataclasses.fields(ModelConfig)},
+    "mixing.group_size": _GE1, "mixing.hc_tau": _GT0, "mixing.hc_weight": _GE0,
+    "mixing.mask_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "runtime.device": (_DEVICE.fullmatch, "must be auto, cpu, cuda or cuda:N"),
+    "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
+    "data.batch_size": _GE1, "data.num_workers": _GE0,
+    "optim.base_lr": _GT0, "optim.min_lr": _GE0, "optim.weight_decay": _GE0, "optim.warmup_epochs": _GE0,
+    "optim.lr": (lambda v: v is None or v > 0, "must be > 0, or null to derive it from optim.base_lr"),
+    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "each must be in [0, 1)"),
+    "optim.clip_grad": (lambda v: v is None or v > 0, "must be > 0 or null (no clipping)"),
+    **dict.fromkeys(["optim.epochs", "optim.accum_steps", "optim.max_nan_steps", "run.log_every",
+                     "run.ckpt_every", "run.keep_last"], _GE1),
+    "run.resume": (bool, "must be none, auto or a checkpoint path"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check types (normalising lists to tuples, ints to floats) and ranges; raise one ConfigError
+    listing every problem. Warns (ConfigWarning) about settings that have no effect."""
+    errors: list[str] = []
+    for section, cls in SECTIONS.items():
+        obj = getattr(cfg, section)
+        for key, tp in _field_types(cls).items():
+            name = f"{section}.{key}"
+            try:
+                value = _coerce(name, getattr(obj, key), tp)
+            except ConfigError as e:
+                errors.append(str(e))
+                continue
+            setattr(obj, key, value)
+            ok, allowed = _RULES.get(name, (None, ""))
+            if ok is not None and not ok(value):
+                errors.append(f"{name} = {value!r}: {allowed}")
+    if errors:
+        raise ConfigError(_join(errors))
+
+    # Relations between fields; every size is known to be positive here.
+    m, x, b = cfg.model, cfg.mixing, cfg.data.batch_size
+    for a, per, what in ((m.img_size, m.patch_size, "img_size % patch_size"),
+                         (m.embed_dim, m.num_heads, "embed_dim % num_heads"),
+                         (m.decoder_embed_dim, m.decoder_num_heads, "decoder_embed_dim % decoder_num_heads")):
+        if a % per:
+            errors.append(f"model.{what} = {a} % {per} = {a % per}: must be 0")
+    r, big_n = x.group_size, (m.img_size // m.patch_size) ** 2
+    n = int(big_n * (1 - x.mask_ratio))
+    if n < 1:
+        errors.append(f"mixing.mask_ratio = {x.mask_ratio!r}: leaves n_visible = int({big_n} * "
+                      f"(1 - {x.mask_ratio})) = {n}; lower it so that n_visible >= 1")
+    elif r * n > big_n:
+        errors.append(f"mixing.group_size * n_visible = {r} * {n} = {r * n} > num_patches = {big_n}: "
+                      f"raise mixing.mask_ratio to >= {1 - 1 / r:.4g} or lower mixing.group_size "
+                      f"to <= {big_n // n}")
+    if b % r:
+        near = " or ".join(str(v) for v in (b // r * r, b // r * r + r) if v > 0)
+        errors.append(f"data.batch_size = {b}: must be a multiple of mixing.group_size = {r}; "
+                      f"nearest valid: {near}")
+    bad = [i for i in x.ha_layers or () if not -m.depth <= i < m.depth]
+    if bad:
+        errors.append(f"mixing.ha_layers = {x.ha_layers!r}: indices {bad} out of range for model.depth = "
+                      f"{m.depth}; allowed [{-m.depth}, {m.depth})")
+    if x.topk is not None and n >= 1 and not 1 <= x.topk <= r * n:
+        errors.append(f"mixing.topk = {x.topk!r}: must be in [1, group_size * n_visible] = [1, {r * n}], "
+                      f"or null (= n_visible = {n})")
+    if errors:
+        raise ConfigError(_join(errors))
+
+    hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
+    if (hc_attention or hc_features) and n < 2:
+        raise ConfigError(f"mixing.mask_ratio = {x.mask_ratio!r}: the homologous contrastive loss needs "
+                          f"n_visible >= 2 (a same-source positive besides the query), got {n}; "
+                          "lower mixing.mask_ratio or set mixing.hc_weight=0")
+    ignored = []
+    if x.hc_weight > 0 and x.hc_on in ("attention", "both") and not hc_attention:
+        ignored.append(f"hc_on={x.hc_on} (attention part) needs ha=topk, group_size > 1 and HA blocks")
+    if x.hc_weight > 0 and x.hc_on in ("head", "tokens", "both") and not hc_features:
+        ignored.append(f"hc_on={x.hc_on} (head/tokens part) needs group_size > 1")
+    if ignored:
+        level, frame = 1, sys._getframe()  # point the warning at the caller outside this module
+        while frame is not None and frame.f_code.co_filename == __file__:
+            level, frame = level + 1, frame.f_back
+        warnings.warn(f"mixing.hc_weight = {x.hc_weight} partly or wholly ignored: {'; '.join(ignored)} "
+                      f"(got ha={x.ha}, group_size={r})", ConfigWarning, stacklevel=level)
+    return cfg
+
+
+def _join(errors: list[str]) -> str:
+    return errors[0] if len(errors) == 1 else f"{len(errors)} config errors:\n  " + "\n  ".join(errors)

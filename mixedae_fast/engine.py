@@ -1,0 +1,256 @@
+"""The training loop: autocast (bf16 on GPU), fused AdamW, MAE's schedule, clipping, a NaN guard.
+
+The loop never synchronises the host per step: losses accumulate in device tensors and are read at
+log steps; a non-finite step is skipped *on the device* (the fused optimiser's ``found_inf``), and
+the count of consecutive skips is checked at log steps. Randomness is keyed by (seed, micro-step)
+so that a run stopped and resumed continues exactly.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mixedae_fast.checkpoint import config_mismatch, load_checkpoint, resolve_resume, save_checkpoint
+from mixedae_fast.config import Config, config_to_dict, derive
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={name!r} but CUDA is not available; use runtime.device=cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """MAE's split: no weight decay on biases and other 1-D parameters (norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device):
+    """apex ``FusedAdam`` (AdamW mode) when importable and asked for (auto/apex), else torch's fused
+    AdamW. Returns ``(optimizer, supports_found_inf)``."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if o.optimizer in ("auto", "apex"):
+        try:
+            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+
+            return FusedAdam(groups, lr=lr, betas=tuple(o.betas), adam_w_mode=True), False
+        except ImportError:
+            if o.optimizer == "apex":
+                raise RuntimeError("optim.optimizer=apex but apex is not importable; use optim.optimizer=torch"
+                                   " (fused torch AdamW)") from None
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=True), True
+
+
+def lr_at(progress_epochs: float, peak: float, warmup_epochs: float, epochs: float, min_lr: float) -> float:
+    """MAE's per-iteration schedule: linear warm-up, then a half-cycle cosine to ``min_lr``."""
+    if progress_epochs < warmup_epochs:
+        return peak * progress_epochs / warmup_epochs
+    t = (progress_epochs - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Trainer:
+    """Pretrains ``model`` on ``loader`` for ``cfg.optim.epochs`` epochs, writing ``metrics.csv`` and
+    checkpoints under ``run_dir``. ``max_steps`` (optimizer steps) cuts the run short."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, loader, run_dir: str | Path, device: torch.device,
+                 max_steps: int | None = None, progress: bool = True, rank: int = 0, world_size: int = 1):
+        self.cfg, self.model, self.loader, self.device = cfg, model, loader, device
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.rank, self.world_size = rank, world_size
+        self.derived = derive(cfg, world_size)
+        self.amp_dtype = resolve_precision(cfg.runtime.precision, device)
+        self.optimizer, self.device_skip = build_optimizer(model, cfg, self.derived.lr, device)
+        self.accum = cfg.optim.accum_steps
+        self.micro_per_epoch = len(loader)
+        if self.micro_per_epoch < self.accum:
+            raise ValueError(f"one epoch has {self.micro_per_epoch} batches, fewer than optim.accum_steps="
+                             f"{self.accum}; lower data.batch_size or accum_steps, or add data")
+        self.steps_per_epoch = self.micro_per_epoch // self.accum
+        total = self.steps_per_epoch * cfg.optim.epochs
+        self.total_steps = total if max_steps is None else min(total, max_steps)
+        self.progress = progress and rank == 0
+        self.step = 0
+        self.history: list[dict] = []
+        self._stop_signal = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "config": config_to_dict(self.cfg), "world_size": self.world_size}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.run.keep_last)
+
+    def maybe_resume(self) -> Path | None:
+        path = resolve_resume(self.cfg.run.resume, self.ckpt_dir)
+        if path is None:
+            return None
+        state = load_checkpoint(path, map_location=self.device)
+        diffs = config_mismatch(state["config"], config_to_dict(self.cfg))
+        if diffs:
+            raise ValueError(f"checkpoint {path} was written under another config: " + "; ".join(diffs)
+                             + ". Resume with the same settings or start a new run (run.name)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches from the current data position on, forever (epoch after epoch)."""
+        micro = self.step * self.accum
+        while True:
+            epoch, start = divmod(micro, self.micro_per_epoch)
+            self.loader.set_epoch(epoch, start)
+            for images, _ in self.loader:
+                yield micro, images
+                micro += 1
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signal.Signals(signum).name
+
+    def fit(self) -> list[dict]:
+        cfg, model, opt, dev = self.cfg, self.model, self.optimizer, self.device
+        d = self.derived
+        G = cfg.data.batch_size // cfg.mixing.group_size
+        first_group = self.rank * G
+        log_every = cfg.run.log_every
+        zeros = lambda: torch.zeros((), device=dev)  # noqa: E731
+        sums = {k: zeros() for k in ("loss", "loss_rec", "loss_hc")}
+        bad_run, bad_max, bad_total = zeros(), zeros(), zeros()
+        stats_last: dict = {}
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="pretrain",
+                   unit="step", dynamic_ncols=True)
+        batches = self._batches()
+        t_log, n_log, wait_log = time.perf_counter(), 0, 0.0
+        model.train()
+        try:
+            while self.step < self.total_steps:
+                lr = lr_at(self.step / self.steps_per_epoch, d.lr, cfg.optim.warmup_epochs, cfg.optim.epochs,
+                           cfg.optim.min_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                log_now = (self.step + 1) % log_every == 0 or self.step + 1 == self.total_steps
+                for a in range(self.accum):
+                    t0 = time.perf_counter()
+                    micro, images = next(batches)
+                    wait_log += time.perf_counter() - t0
+                    with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
+                                        enabled=self.amp_dtype is not None):
+                        out = model(images, seed=cfg.run.seed, step=micro, first_group=first_group,
+                                    collect_stats=log_now and a == self.accum - 1)
+                    (out["loss"] / self.accum).backward()
+                    for k in sums:
+                        sums[k] += out[k].detach() / self.accum
+                    n_log += images.shape[0]
+                    if "stats" in out:
+                        stats_last = out["stats"]
+                params = [p for p in model.parameters() if p.grad is not None]
+                clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                found_inf = (~torch.isfinite(norm)).float()
+                if self.device_skip:
+                    opt.found_inf = found_inf
+                    opt.step()
+                elif not bool(found_inf):  # apex: one host sync per step
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                bad_run = (bad_run + 1) * found_inf
+                bad_max = torch.maximum(bad_max, bad_run)
+                bad_total += found_inf
+                self.step += 1
+                bar.update(1)
+                if log_now:
+                    elapsed = time.perf_counter() - t_log
+                    row = self._log_row(sums, lr, n_log, elapsed, wait_log, bad_total, stats_last)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", hc=f"{row['loss_hc']:.3f}",
+                                    img_s=f"{row['img_per_s']:.0f}")
+                    if bad_max.item() >= cfg.optim.max_nan_steps:
+                        raise FloatingPointError(
+                            f"{int(bad_max.item())} consecutive steps had a non-finite loss or gradient "
+                            f"(limit optim.max_nan_steps={cfg.optim.max_nan_steps}); they were skipped. Lower "
+                            "optim.base_lr, set optim.clip_grad, or use runtime.precision=fp32. The last "
+                            "good checkpoint is in " + str(self.ckpt_dir))
+                    bad_max.zero_()
+                    for v in sums.values():
+                        v.zero_()
+                    t_log, n_log, wait_log = time.perf_counter(), 0, 0.0
+                if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
+                    self.save()
+                if self._stop_signal:
+                    raise StopRequested(self._stop_signal)
+        except StopRequested as e:
+            if self.rank == 0:
+                path = self.save()
+                tqdm.write(f"{e}: saved {path} at step {self.step}; continue with --run.resume=auto")
+            raise
+        finally:
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        if self.rank == 0 and self.step % cfg.run.ckpt_every:
+            self.save()
+        return self.history
+
+    def _log_row(self, sums, lr, n_images, elapsed, wait, bad_total, stats) -> dict:
+        steps = self.cfg.run.log_every if self.step % self.cfg.run.log_every == 0 else \
+            self.step % self.cfg.run.log_every
+        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr}
+        row.update({k: v.item() / steps for k, v in sums.items()})
+        row.update(img_per_s=n_images / max(elapsed, 1e-9), data_wait=wait / max(elapsed, 1e-9),
+                   skipped_steps=int(bad_total.item()))
+        if stats:
+            names = sorted({k.split("/", 1)[1] for k in stats})
+            for name in names:
+                vals = [v for k, v in stats.items() if k.endswith("/" + name)]
+                row[name] = torch.stack(vals).mean().item()
+        self.history.append(row)
+        if self.rank == 0:
+            self._append_csv(row)
+        return row
+
+    def _append_csv(self, row: dict) -> None:
+        path = self.run_dir / "metrics.csv"
+        fields = list(row)
+        new = not path.exists()
+        if not new:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != fields:  # columns changed (e.g. stats appeared): keep the file's header
+                fields = header or fields
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)

@@ -1,0 +1,1 @@
+"""Data pipelines: loaders that yield normalised image batches on the training device."""

@@ -1,0 +1,51 @@
+"""mixedae_fast: a fast MixedAE (Mixed Autoencoder, CVPR 2023) implementation.
+
+kernels/, pipelines/ and benchmarks/ sit at the top of the repository (as the design fixes) but
+install as mixedae_fast.kernels / .pipelines / .benchmarks; configs/ installs as package data so
+`--config cpu_tiny` works from any directory.
+"""
+from setuptools import setup
+
+setup(
+    name="mixedae_fast",
+    version="0.1.0",
+    description="Fast MixedAE (Mixed Autoencoder) self-supervised ViT pretraining",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=[
+        "mixedae_fast",
+        "mixedae_fast.kernels",
+        "mixedae_fast.pipelines",
+        "mixedae_fast.benchmarks",
+        "mixedae_fast.configs",
+    ],
+    package_dir={
+        "mixedae_fast": "mixedae_fast",
+        "mixedae_fast.kernels": "kernels",
+        "mixedae_fast.pipelines": "pipelines",
+        "mixedae_fast.benchmarks": "benchmarks",
+        "mixedae_fast.configs": "configs",
+    },
+    package_data={"mixedae_fast.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.11",
+        "torchvision",
+        "timm>=1.0.16,<1.1",
+        "triton>=3.4; platform_system == 'Linux'",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "matplotlib",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130>=2.4"],
+        "xformers": ["xformers>=0.0.35", "nvidia-cuda-runtime-cu12"],
+        "dist": ["submitit"],
+        "dev": ["pytest", "ruff", "scikit-learn", "scikit-image"],
+    },
+    entry_points={"console_scripts": ["mixedae-fast = mixedae_fast.cli:main"]},
+)
