@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -34,6 +35,9 @@ MODES = {
 
 
 def git_sha() -> str:
+    """The checkout's short SHA; ``MIXEDAE_GIT_SHA`` where the copy has no .git (the lent GPU machine)."""
+    if os.environ.get("MIXEDAE_GIT_SHA"):
+        return os.environ["MIXEDAE_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

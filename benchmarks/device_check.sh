@@ -9,6 +9,6 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
-timeout 300 python3 -m pytest -q -rs -x tests 2>&1 | tee "$out/pytest.log" | tail -15
+timeout 300 python3 -m pytest -q -rs ${TESTS:-tests} 2>&1 | tee "$out/pytest.log" | tail -15
 timeout 200 python3 -m mixedae_fast.benchmarks.bench_step --config vit_base --batch ${BENCH_BATCH:-256} \
   --out "$out/bench_step.json" 2>&1 | tee "$out/bench.log"

@@ -70,7 +70,9 @@ def _embedded_data(cfg, device, num_train: int, num_val: int, amp_dtype):
     train = TensorBatchLoader(train_x, train_y, cfg.data.batch_size, augment=True, crop_scale=cfg.data.crop_scale,
                               seed=seed, **kw)
     plain = dict(augment=False, shuffle=False, drop_last=False, **kw)
-    return train, TensorBatchLoader(train_x, train_y, 500, **plain), TensorBatchLoader(val_x, val_y, 500, **plain)
+    bank = min(num_train, 2000)  # the kNN / probe training set: a slice of train, without augmentation
+    return (train, TensorBatchLoader(train_x[:bank], train_y[:bank], 500, **plain),
+            TensorBatchLoader(val_x, val_y, 500, **plain))
 
 
 def cmd_pretrain(args, overrides) -> int:
