@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--num-val", type=int, default=1000, help="embedded data: validation images")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("config", parents=[common], help="print the resolved config and derived values")
+    md = sub.add_parser("make-data", help="write the embedded dataset as JPEGs (ImageFolder layout), cached")
+    md.add_argument("--out", default=None, help="target folder (default: $MIXEDAE_CACHE/synthetic-v1-...)")
+    md.add_argument("--size", type=int, default=32, help="image side in pixels")
+    md.add_argument("--num-train", type=int, default=5000)
+    md.add_argument("--num-val", type=int, default=1000)
+    md.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -55,37 +61,15 @@ def _writable_run_dir(cfg) -> Path:
     return run_dir
 
 
-def _embedded_data(cfg, device, num_train: int, num_val: int, amp_dtype):
-    """The embedded default data: procedurally drawn scenes (pipelines/synthetic.py), in memory."""
-    import torch
-
-    from mixedae_fast.pipelines.synthetic import generate_images
-    from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
-
-    S, seed = cfg.model.img_size, cfg.run.seed
-    train_x, train_y = generate_images(num_train, size=S, seed=seed)
-    val_x, val_y = generate_images(num_val, size=S, seed=seed + 1_000_003)
-    dtype = amp_dtype or torch.float32
-    kw = dict(img_size=S, device=device, dtype=dtype)
-    train = TensorBatchLoader(train_x, train_y, cfg.data.batch_size, augment=True, crop_scale=cfg.data.crop_scale,
-                              seed=seed, **kw)
-    plain = dict(augment=False, shuffle=False, drop_last=False, **kw)
-    bank = min(num_train, 2000)  # the kNN / probe training set: a slice of train, without augmentation
-    return (train, TensorBatchLoader(train_x[:bank], train_y[:bank], 500, **plain),
-            TensorBatchLoader(val_x, val_y, 500, **plain))
-
-
 def cmd_pretrain(args, overrides) -> int:
     import torch
 
+    from mixedae_fast.data import build_loaders, write_data_report
     from mixedae_fast.engine import StopRequested, Trainer, resolve_device, resolve_precision
     from mixedae_fast.evaluate import evaluate_encoder
     from mixedae_fast.models import build_model
 
     cfg = load_config(args.config, overrides)
-    if cfg.data.path is not None:
-        raise ConfigError(f"data.path = {cfg.data.path!r}: image-folder loading is not in this version yet; "
-                          "leave data.path unset to pretrain on the embedded data")
     device = resolve_device(cfg.runtime.device)
     amp_dtype = resolve_precision(cfg.runtime.precision, device)
     run_dir = _writable_run_dir(cfg)
@@ -95,9 +79,13 @@ def cmd_pretrain(args, overrides) -> int:
           f"(N={d.num_patches}, n={d.n_visible}, K={d.topk}) on {device}, "
           f"precision {amp_dtype or torch.float32}, lr {d.lr:.3g}", flush=True)
     t0 = time.perf_counter()
-    train, eval_train, val = _embedded_data(cfg, device, args.num_train, args.num_val, amp_dtype)
-    print(f"embedded data: {args.num_train} train / {args.num_val} val images at {cfg.model.img_size}px "
-          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    data = build_loaders(cfg, device, amp_dtype or torch.float32, args.num_train, args.num_val,
+                         progress=not args.no_progress)
+    train, eval_train, val = data.train, data.bank, data.val
+    skipped = write_data_report(data, run_dir)
+    print(f"data: {data.train_path or 'embedded (in memory)'} via the {data.backend} loader, {len(train)} batches "
+          f"an epoch ({time.perf_counter() - t0:.1f}s)" + (f"; {len(data.skipped)} unreadable images skipped, "
+                                                            f"listed in {skipped}" if skipped else ""), flush=True)
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(device)
@@ -113,16 +101,30 @@ def cmd_pretrain(args, overrides) -> int:
     train_s = time.perf_counter() - t0
     report = {"run_dir": str(run_dir), "device": str(device), "steps": trainer.step, "train_seconds": train_s,
               "final": history[-1] if history else None, "config": config_to_dict(cfg)}
-    if cfg.run.eval:
+    if cfg.run.eval and val is None:
+        print("no validation data (data.val_path): evaluation skipped", flush=True)
+    elif cfg.run.eval:
         report["eval"] = {"pretrained": evaluate_encoder(model, eval_train, val, device, amp_dtype=amp_dtype)}
         torch.manual_seed(cfg.run.seed + 1)
         baseline = build_model(cfg).to(device)
         report["eval"]["random_init"] = evaluate_encoder(baseline, eval_train, val, device, amp_dtype=amp_dtype)
+    report["pictures"] = _pictures(model, val or train, run_dir, cfg.run.seed)
     tmp = run_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(run_dir / "report.json")
     _print_summary(report)
     return 0
+
+
+def _pictures(model, val_loader, run_dir: Path, seed: int) -> dict:
+    from mixedae_fast.visualize import plot_loss_curve, reconstruction_figure
+
+    out = {}
+    if (run_dir / "metrics.csv").exists():
+        out["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png"))
+    images, _ = next(iter(val_loader))
+    out["reconstruction"] = str(reconstruction_figure(model, images, run_dir / "reconstruction.png", seed=seed))
+    return out
 
 
 def _print_summary(report: dict) -> None:
@@ -146,6 +148,18 @@ def cmd_config(args, overrides) -> int:
     return 0
 
 
+def cmd_make_data(args, overrides) -> int:
+    from mixedae_fast.pipelines.synthetic import default_data_root, write_image_folder
+
+    if overrides:
+        print(f"error: make-data takes no config overrides (got {overrides})", file=sys.stderr)
+        return 2
+    root = args.out or default_data_root(args.size, args.num_train, args.num_val, args.seed)
+    path = write_image_folder(root, args.num_train, args.num_val, size=args.size, seed=args.seed)
+    print(path)
+    return 0
+
+
 def main(argv=None) -> int:
     args, overrides = _parser().parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or not o.lstrip("-")]
@@ -154,8 +168,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        return {"pretrain": cmd_pretrain, "config": cmd_config}[args.command](args, overrides)
-    except (ConfigError, FileNotFoundError) as e:
+        commands = {"pretrain": cmd_pretrain, "config": cmd_config, "make-data": cmd_make_data}
+        return commands[args.command](args, overrides)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -100,6 +100,18 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._stop_signal = None
+        self._tb = None
+
+    def _tensorboard(self):
+        """A SummaryWriter in the run directory when tensorboard is installed (else None, once)."""
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:
+                self._tb = False
+        return self._tb or None
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -238,6 +250,12 @@ class Trainer:
         self.history.append(row)
         if self.rank == 0:
             self._append_csv(row)
+            tb = self._tensorboard()
+            if tb is not None:
+                for key, value in row.items():
+                    if key != "step":
+                        tb.add_scalar(f"train/{key}", value, self.step)
+                tb.flush()
         return row
 
     def _append_csv(self, row: dict) -> None:

@@ -3,19 +3,34 @@
     for images, labels in loader:   # images [B, 3, S, S] on the training device, normalised;
         ...                          # fp32 on CPU, bf16/fp16 on GPU; labels int64 [B]
 
-Augmentation (RandomResizedCrop + horizontal flip + normalise) runs batched on the device as one
-``grid_sample``. Randomness is a pure function of ``(seed, epoch, index in epoch)``: the order of an
-epoch and each batch's crops are redrawn from those alone, so a resumed run continues exactly.
+``TensorBatchLoader`` (in-memory uint8 arrays): augmentation (RandomResizedCrop + horizontal flip +
+normalise) runs batched on the device as one ``grid_sample``. ``FileImageLoader`` (images in files,
+see files.py): a ``DataLoader`` whose workers decode and crop each image with PIL (or, with
+``gpu_decode``, ship the bytes for nvJPEG), normalised on the device. In both, randomness is a pure
+function of ``(seed, epoch, index)``: the order of an epoch and every crop are redrawn from those
+alone, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
+import io
 import math
+import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mixedae_fast.pipelines.files import describe, inspect_images, open_source, read_bytes, split_results
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def spread_subset(items: list, limit: int | None) -> list:
+    """At most ``limit`` items spread evenly over the list (sorted class folders keep every class)."""
+    if limit is None or len(items) <= limit:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
 def _generator(seed: int, *keys: int, device="cpu") -> torch.Generator:
@@ -106,3 +121,276 @@ class TensorBatchLoader:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
                               align_corners=False)
         return normalize(x).to(self.dtype)
+
+
+# -- files on disk ----------------------------------------------------------------------------------
+#
+# FileImageLoader keeps the contract above for images in files (ImageFolder, file list, webdataset;
+# see files.py). A sample's augmentation is a pure function of (seed, epoch, sample index): the
+# crop box and flip come from a generator seeded by those three, so the batches do not depend on
+# the number of workers, and a run resumed at (epoch, step) sees bitwise the same batches.
+
+def random_resized_crop_params(height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                               generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)``: torchvision's ``RandomResizedCrop.get_params`` draw for draw (ten tries
+    of area and log-ratio, then a centre crop clipped to ``ratio``), from ``generator``."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_params(seed: int, epoch: int, index: int, height: int, width: int, augment: bool = True,
+                  scale=(0.2, 1.0)) -> tuple[tuple[int, int, int, int], bool]:
+    """``((top, left, h, w), flip)`` of sample ``index`` in ``epoch``. ``augment=False``: the centred
+    square of the shorter side (resize shorter side + centre crop), no flip."""
+    if not augment:
+        side = min(height, width)
+        return ((height - side) // 2, (width - side) // 2, side, side), False
+    g = _generator(seed, epoch, index)
+    box = random_resized_crop_params(height, width, scale, generator=g)
+    return box, bool(torch.rand(1, generator=g).item() < 0.5)
+
+
+def resized_crop_tensor(image: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` (any device) -> float ``[3, size, size]`` in [0, 1]: crop ``box``, bilinear
+    antialiased resize, optional horizontal flip. The device-decode twin of ``ImageFileDataset.crop``."""
+    top, left, h, w = box
+    x = image[:, top:top + h, left:left + w].unsqueeze(0).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x.squeeze(0).clamp_(0, 255).div_(255)
+    return x.flip(-1) if flip else x
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``(epoch, index)`` keys, a pure function of ``(seed, epoch)`` and the shard: the
+    epoch's ``randperm`` is cut to a multiple of ``num_shards`` and shard ``k`` takes every
+    ``num_shards``-th index from ``k`` (disjoint, equal lengths); iteration starts at ``start_step``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 shard_id: int = 0, num_shards: int = 1):
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This shard's sample indices for ``epoch``, in order."""
+        order = torch.randperm(self.n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(self.n)
+        return order[:self.n - self.n % self.num_shards][self.shard_id::self.num_shards]
+
+    def __len__(self) -> int:
+        per_shard = self.n // self.num_shards
+        return per_shard // self.batch_size if self.drop_last else math.ceil(per_shard / self.batch_size)
+
+    def __iter__(self):
+        idx = self.indices(self.epoch).tolist()
+        for i in range(self.start_step, len(self)):
+            yield [(self.epoch, j) for j in idx[i * self.batch_size:(i + 1) * self.batch_size]]
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """``samples [(source, label)]``; item ``(epoch, index)`` -> ``(image, label, index, failed)``.
+
+    ``image`` is uint8 ``[3, S, S]``, decoded and cropped with PIL (``raw=True``: the encoded bytes,
+    uint8 ``[nbytes]``, for decoding on the device). A sample that fails to load (a file gone bad
+    since verification) is replaced by the next one that loads, with the same crop key, and
+    ``failed`` is its index (else -1) so the main process can count it: a bad file never stops an
+    epoch. JPEGs are decoded at the smallest DCT scale (1/1..1/8) that keeps the crop at least
+    ``S`` px (``jpeg_draft``), which is what makes large photos cheap on the CPU.
+    """
+
+    def __init__(self, samples, img_size: int, augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0,
+                 raw: bool = False, jpeg_draft: bool = True):
+        self.samples, self.img_size, self.augment = list(samples), img_size, augment
+        self.crop_scale, self.seed, self.raw, self.jpeg_draft = tuple(crop_scale), seed, raw, jpeg_draft
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        return self.item(epoch, index, self.raw)
+
+    def item(self, epoch: int, index: int, raw: bool):
+        n = len(self.samples)
+        for attempt in range(min(n, 16)):
+            source, label = self.samples[(index + attempt) % n]
+            try:
+                data = read_bytes(source)
+                image = torch.frombuffer(bytearray(data), dtype=torch.uint8) if raw else self.crop(data, epoch, index)
+            except Exception:  # noqa: BLE001 - any unreadable file is replaced, and counted by the caller
+                continue
+            return image, label, index, (index if attempt else -1)
+        raise RuntimeError(f"{min(n, 16)} samples from {describe(self.samples[index][0])} on failed to load; "
+                           "is the data still there?")
+
+    def crop(self, data: bytes, epoch: int, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        S = self.img_size
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            (top, left, h, w), flip = sample_params(self.seed, epoch, index, height, width, self.augment,
+                                                    self.crop_scale)
+            box = (left, top, left + w, top + h)
+            if self.jpeg_draft and im.format == "JPEG":
+                im.draft("RGB", (-(-width * S // w), -(-height * S // h)))
+                sx, sy = im.size[0] / width, im.size[1] / height
+                box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            im = im.convert("RGB").resize((S, S), Image.BILINEAR, box=box)
+        if flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        # numpy's transposing copy: torch's strided uint8 copy is ~50x slower on CPU
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
+
+
+def _collate(items):
+    images, labels, index, failed = zip(*items)
+    images = torch.stack(images) if images[0].dim() == 3 else list(images)
+    return images, torch.tensor(labels, dtype=torch.int64), torch.tensor(index), torch.tensor(failed)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)   # workers run PIL; torch threads would only oversubscribe the cores
+
+
+def decode_images(blobs: list[torch.Tensor], device) -> list[torch.Tensor | None]:
+    """uint8 ``[3, H, W]`` RGB on ``device`` per encoded image: JPEGs through ``torchvision.io.decode_jpeg``
+    as one batch (nvJPEG on CUDA), per image if the batch fails; None where it cannot (PNG, CMYK, corrupt)."""
+    from mixedae_fast._compat import ensure_torchvision
+
+    ensure_torchvision()
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None] * len(blobs)
+    jpeg = [i for i, b in enumerate(blobs) if len(b) > 2 and b[0] == 0xFF and b[1] == 0xD8]
+    try:
+        for i, img in zip(jpeg, decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
+            out[i] = img
+    except RuntimeError:
+        for i in jpeg:
+            try:
+                out[i] = decode_jpeg(blobs[i], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                pass
+    return out
+
+
+class FileImageLoader:
+    """``TensorBatchLoader``'s contract for images in files: ``path`` read as ``fmt`` (imagefolder |
+    filelist | webdataset), checked up front (``verify``: undecodable files are skipped, listed in
+    ``self.bad`` and warned about; images smaller than ``img_size`` are counted in ``self.num_small``),
+    then decoded and cropped in ``num_workers`` DataLoader workers (uint8), normalised on ``device``.
+
+    Order: ``EpochBatchSampler`` (shard ``shard_id`` of ``num_shards``); augmentation: per-sample
+    RandomResizedCrop(``crop_scale``, 3/4-4/3) + flip keyed by (seed, epoch, index), or with
+    ``augment=False`` the centre square resized to ``img_size``. ``gpu_decode=True`` (CUDA only) ships
+    the encoded bytes and decodes JPEGs in batches with nvJPEG, cropping on the device with the same
+    boxes. Files that fail after verification are replaced by another sample and counted in
+    ``self.substituted``.
+    """
+
+    def __init__(self, path, batch_size: int, img_size: int, device="cpu", dtype=torch.float32,
+                 augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True, *, fmt: str = "imagefolder", num_workers: int = 0, shard_id: int = 0,
+                 num_shards: int = 1, gpu_decode: bool = False, verify: bool = True, cache=True,
+                 jpeg_draft: bool = True, prefetch_factor: int = 2, limit: int | None = None):
+        self.device, self.dtype = torch.device(device), dtype
+        if gpu_decode and self.device.type != "cuda":
+            raise ValueError(f"gpu_decode=True decodes with nvJPEG and needs a CUDA device, got {self.device}")
+        samples, self.classes = open_source(path, fmt)
+        self.bad: list[tuple[str, str]] = []
+        self.num_small: int | None = None
+        if verify:
+            results = inspect_images([s for s, _ in samples], cache=cache)
+            if all(r[0] for r in results):
+                first = "; ".join(f"{describe(s)}: {r[0]}" for (s, _), r in zip(samples[:3], results))
+                raise ValueError(f"none of the {len(samples)} images of {str(path)!r} can be decoded ({first}); "
+                                 "fix or regenerate the data (`mixedae-fast make-data`) or point data.path elsewhere")
+            good, self.bad = split_results([s for s, _ in samples], results)
+            self.num_small = sum(min(results[i][1:]) < img_size for i in good)
+            if self.num_small:
+                warnings.warn(f"{self.num_small} images smaller than {img_size} px were upscaled "
+                              f"(of {len(good)} in {str(path)!r})", stacklevel=2)
+            samples = [samples[i] for i in good]
+        samples = spread_subset(samples, limit)
+        self.sampler = EpochBatchSampler(len(samples), batch_size, seed, shuffle, drop_last, shard_id, num_shards)
+        if len(self.sampler) == 0:
+            raise ValueError(f"{len(samples)} usable images in {str(path)!r} give shard {shard_id} of {num_shards} "
+                             f"no batch of {batch_size}")
+        self.dataset = ImageFileDataset(samples, img_size, augment, crop_scale, seed, gpu_decode, jpeg_draft)
+        self.batch_size, self.img_size, self.seed, self.gpu_decode = batch_size, img_size, seed, gpu_decode
+        self.epoch, self.start_step, self.substituted = 0, 0, 0
+        self.failed: dict[str, int] = {}
+        self._loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=num_workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            worker_init_fn=_worker_init if num_workers > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed}
+
+    def report(self) -> dict:
+        """What was skipped or changed, for the run folder."""
+        return {"samples": len(self.dataset), "bad": [list(b) for b in self.bad], "num_small": self.num_small,
+                "substituted": self.substituted, "failed_after_verification": dict(self.failed)}
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch, self.start_step)
+        for images, labels, index, failed in self._loader:
+            if self.gpu_decode:
+                x = self._device_crops(images, labels, index, failed)
+            else:
+                x = images.to(self.device, non_blocking=True).float().div_(255)
+            self._count(failed)
+            yield normalize(x).to(self.dtype), labels.to(self.device, non_blocking=True)
+        self.start_step = 0
+
+    def _count(self, failed: torch.Tensor) -> None:
+        for i in failed[failed >= 0].tolist():
+            self.substituted += 1
+            name = describe(self.dataset.samples[i][0])
+            if name not in self.failed:
+                warnings.warn(f"{name} failed to load after verification; replaced by another sample", stacklevel=3)
+            self.failed[name] = self.failed.get(name, 0) + 1
+
+    def _device_crops(self, blobs, labels, index, failed) -> torch.Tensor:
+        """Decode ``blobs`` on the device and crop each with its sample's box; what nvJPEG refuses goes
+        through the PIL path (same box) with its substitution (``labels``/``failed`` updated in place)."""
+        out = []
+        for k, (img, i) in enumerate(zip(decode_images(blobs, self.device), index.tolist())):
+            if img is None:
+                img, labels[k], _, failed[k] = self.dataset.item(self.epoch, i, raw=False)
+                out.append(img.to(self.device, non_blocking=True).float().div_(255))
+                continue
+            box, flip = sample_params(self.seed, self.epoch, i, img.shape[1], img.shape[2], self.dataset.augment,
+                                      self.dataset.crop_scale)
+            out.append(resized_crop_tensor(img, box, flip, self.img_size))
+        return torch.stack(out)

@@ -1,0 +1,101 @@
+"""Which loader feeds a run: config -> (train loader, evaluation bank, validation loader).
+
+``data.backend``: ``dali`` (pipelines/dali.py), ``torch`` (pipelines/torch_loader.py, PIL or nvJPEG),
+``synthetic`` (the embedded scenes drawn in memory, no files), ``auto`` = DALI on a CUDA device when
+it is importable, else the torch loader. On CPU ``auto`` takes the torch loader: its randomness is a
+pure function of (seed, epoch, index), which makes a resumed run bitwise exact; DALI's CPU graph is
+there when asked for and is tested on its own.
+
+With ``data.path`` unset the embedded dataset is written once as JPEGs (ImageFolder layout, cached
+under ``$MIXEDAE_CACHE``) and read through the chosen loader like any other folder.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
+from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader
+
+EVAL_BANK = 2000  # kNN / probe training images (from the train split, unaugmented)
+
+
+@dataclass
+class Loaders:
+    train: object
+    bank: object | None      # evaluation: labelled features to fit kNN / the probe on
+    val: object | None
+    backend: str
+    train_path: str | None
+    val_path: str | None
+    skipped: list            # (file, reason) for unreadable images, as found by verification
+
+
+def dali_importable() -> bool:
+    try:
+        from mixedae_fast.pipelines.dali import dali_available
+    except ImportError:
+        return False
+    return dali_available()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "dali" if device.type == "cuda" and dali_importable() else "torch"
+    return backend
+
+
+def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int = 5000, num_val: int = 1000,
+                  shard_id: int = 0, num_shards: int = 1, progress: bool = True) -> Loaders:
+    d, S, seed = cfg.data, cfg.model.img_size, cfg.run.seed
+    backend = resolve_backend(d.backend, device)
+    common = dict(batch_size=d.batch_size, img_size=S, device=device, dtype=dtype)
+    if backend == "synthetic":
+        tx, ty = generate_images(num_train, size=S, seed=seed)
+        vx, vy = generate_images(num_val, size=S, seed=seed, split="val")
+        plain = dict(common, batch_size=500, augment=False, shuffle=False, drop_last=False)
+        n = min(EVAL_BANK, num_train)
+        return Loaders(TensorBatchLoader(tx, ty, augment=True, crop_scale=d.crop_scale, seed=seed, **common),
+                       TensorBatchLoader(tx[:n], ty[:n], **plain), TensorBatchLoader(vx, vy, **plain),
+                       backend, None, None, [])
+    if d.path is None:
+        root = write_image_folder(default_data_root(S, num_train, num_val, seed), num_train, num_val, size=S,
+                                  seed=seed, progress=progress)
+        train_path, val_path, fmt = str(root / "train"), str(root / "val"), "imagefolder"
+    else:
+        train_path, val_path, fmt = d.path, d.val_path, d.format
+    train = _loader(backend, train_path, fmt, d, common, augment=True, shard_id=shard_id, num_shards=num_shards,
+                    seed=seed)
+    bank = val = None
+    if val_path is not None:
+        plain = dict(common, batch_size=250)
+        val = _loader(backend, val_path, fmt, d, plain, augment=False, seed=seed)
+        bank = _loader(backend, train_path, fmt, d, plain, augment=False, seed=seed, limit=EVAL_BANK)
+    return Loaders(train, bank, val, backend, train_path, val_path, list(getattr(train, "bad", [])))
+
+
+def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards=1, limit=None):
+    shuffle = augment
+    if backend == "dali":
+        from mixedae_fast.pipelines.dali import DaliLoader
+
+        return DaliLoader(path, fmt, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
+                          drop_last=augment, shard_id=shard_id, num_shards=num_shards,
+                          num_threads=max(d.num_workers, 1), limit=limit, **common)
+    if backend == "torch":
+        return FileImageLoader(path, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
+                               drop_last=augment, fmt=fmt, num_workers=d.num_workers, shard_id=shard_id,
+                               num_shards=num_shards, limit=limit, **common)
+    raise ValueError(f"data.backend = {backend!r} is not one of auto, dali, torch, synthetic")
+
+
+def write_data_report(loaders: Loaders, run_dir: Path) -> Path | None:
+    """Unreadable images found while loading, one per line with the reason (``skipped_images.json``)."""
+    if not loaders.skipped:
+        return None
+    path = Path(run_dir) / "skipped_images.json"
+    path.write_text(json.dumps([{"file": str(f), "reason": r} for f, r in loaders.skipped], indent=1))
+    return path

@@ -1,0 +1,331 @@
+"""Image sources on disk, and checking them before training.
+
+Three layouts (``data.format``), each read into one list of samples ``(source, label)``, where a
+source is a file path (``str``) or a ``TarMember`` (an uncompressed tar's byte range):
+
+    imagefolder   root/<class>/**/<image>        classes = sorted subfolder names (torchvision order)
+    filelist      lines "<path> <int label>"     paths relative to the list file's folder
+    webdataset    *.tar with <key>.jpg|jpeg|png + <key>.cls (text integer), grouped by key
+
+    samples, classes = open_source("data/train", "imagefolder")
+    good, bad = verify_images([s for s, _ in samples])    # bad: [(path, reason)]; cached by (path, size, mtime)
+
+``verify_images`` decodes every image once (PIL ``verify()`` then a full ``load()``, which is what
+catches truncated JPEGs) so a bad file is skipped up front instead of failing mid-epoch. It runs
+PIL in threads (its decoders release the GIL), decodes JPEGs at 1/8 scale (``draft``: the entropy
+decoding, where truncation shows, still runs in full), and caches each result in
+``$MIXEDAE_CACHE/verified/<digest of the data root>.json`` keyed by (path, size, mtime), so the next
+run only stats the files.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+FORMATS = ("imagefolder", "filelist", "webdataset")
+_CACHE_VERSION = 1
+_MAKE_DATA_HINT = ("create the default dataset with `mixedae-fast make-data`, or set data.path to an existing "
+                   "ImageFolder root, file list or webdataset tar")
+
+
+class TarMember(NamedTuple):
+    """One member of an uncompressed tar: ``size`` bytes at ``offset`` of file ``tar``."""
+    tar: str
+    name: str
+    offset: int
+    size: int
+
+
+Source = str | TarMember
+
+
+def read_bytes(source: Source) -> bytes:
+    """The encoded image: a whole file, or a byte range of a tar (one seek, no tar parsing)."""
+    if isinstance(source, TarMember):
+        with open(source.tar, "rb") as f:
+            f.seek(source.offset)
+            data = f.read(source.size)
+        if len(data) != source.size:
+            raise OSError(f"{source.tar} is shorter than when it was indexed (member {source.name})")
+        return data
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def describe(source: Source) -> str:
+    return f"{source.tar}:{source.name}" if isinstance(source, TarMember) else str(source)
+
+
+def _require(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist; {_MAKE_DATA_HINT}")
+    return path
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
+    """``(paths, labels, classes)`` of an ImageFolder tree, in torchvision ``ImageFolder`` order: classes
+    are the sorted subfolder names, files are walked per class in sorted order (subfolders included).
+    Extensions ``IMAGE_EXTENSIONS``, any case; hidden files and folders are ignored."""
+    root = _require(root, "image folder")
+    if not root.is_dir():
+        raise ValueError(f"{str(root)!r} is a file, not an ImageFolder root (root/<class>/<image>); "
+                         "for a file list or a tar set data.format to filelist or webdataset")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
+    if not classes:
+        raise ValueError(f"{str(root)!r} has no class subfolders; an ImageFolder root holds one folder per "
+                         f"class with the images inside (root/<class>/<image>); {_MAKE_DATA_HINT}")
+    if set(classes) <= {"train", "val", "test"}:
+        split = root / ("train" if "train" in classes else classes[0])
+        warnings.warn(f"the classes of {str(root)!r} are {classes}: did you mean {str(split)!r}?", stacklevel=2)
+    paths, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        before = len(paths)
+        for folder, dirs, files in sorted(os.walk(root / name, followlinks=True)):
+            dirs[:] = [d for d in dirs if _visible(d)]
+            for f in sorted(files):
+                if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(folder, f))
+                    labels.append(label)
+        if len(paths) == before:
+            empty.append(name)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the {len(classes)} class folders "
+                         f"of {str(root)!r}; {_MAKE_DATA_HINT}")
+    if empty:
+        warnings.warn(f"{len(empty)} class folders of {str(root)!r} hold no images: {empty[:5]}; their labels "
+                      "stay reserved", stacklevel=2)
+    return paths, labels, classes
+
+
+def read_file_list(path: str | Path) -> tuple[list[str], list[int]]:
+    """``(paths, labels)`` from a text file of ``<path> <integer label>`` lines (the path may contain
+    spaces; relative paths are relative to the list file's folder). Blank lines and ``#`` comments
+    are skipped; any other line that does not parse raises ``ValueError`` with its line number."""
+    path = _require(path, "file list")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; a file list is a text file of '<path> <label>' lines "
+                         "(for an ImageFolder root set data.format=imagefolder)")
+    base, paths, labels = path.parent, [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            label = int(parts[1])
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}") from None
+        if label < 0:
+            raise ValueError(f"{path}:{number}: labels must be >= 0, got {label}")
+        paths.append(str(base / Path(parts[0]).expanduser()))
+        labels.append(label)
+    if not paths:
+        raise ValueError(f"file list {str(path)!r} lists no images; expected '<path> <integer label>' lines")
+    return paths, labels
+
+
+def _tar_paths(paths) -> list[Path]:
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    out = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            out += sorted(q for q in p.glob("*.tar") if _visible(q.name))
+        elif any(c in str(p) for c in "*?["):
+            out += sorted(Path(q) for q in glob.glob(str(p)))
+        else:
+            out.append(_require(p, "webdataset tar"))
+    if not out:
+        raise ValueError(f"no .tar files in {[str(p) for p in paths]}; {_MAKE_DATA_HINT}")
+    return out
+
+
+def read_webdataset(paths) -> list[tuple[TarMember, int]]:
+    """Samples ``(TarMember, label)`` of webdataset tars (a tar, a folder of ``*.tar``, a glob, or a
+    list of those). Members are grouped by key (the name up to the first dot of its base name); a
+    sample is an image (jpg/jpeg/png) plus a ``cls`` member holding an integer. Tars must be
+    uncompressed (the webdataset convention) so workers can read a member with one seek."""
+    samples = []
+    for tar_path in _tar_paths(paths):
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(tar_path, mode="r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    folder, base = os.path.split(m.name)
+                    key, _, ext = base.partition(".")
+                    if _visible(base):
+                        groups.setdefault(os.path.join(folder, key), {})[ext.lower()] = m
+                labels = {k: tar.extractfile(g["cls"]).read() for k, g in groups.items() if "cls" in g}
+        except tarfile.ReadError as e:
+            raise ValueError(f"{tar_path} is not an uncompressed tar ({e}); webdataset shards must be plain "
+                             ".tar files (recompress with `tar -cf`)") from None
+        unlabelled = []
+        for key, g in groups.items():
+            image = next((g[e] for e in WEBDATASET_IMAGE_EXTENSIONS if e in g), None)
+            if image is None:
+                continue
+            if key not in labels:
+                unlabelled.append(key)
+                continue
+            try:
+                label = int(labels[key].decode().strip())
+            except ValueError:
+                raise ValueError(f"{tar_path}: {key}.cls holds {labels[key][:20]!r}, not an integer label") from None
+            samples.append((TarMember(str(tar_path), image.name, image.offset_data, image.size), label))
+        if unlabelled:
+            raise ValueError(f"{tar_path}: {len(unlabelled)} samples have an image but no .cls label "
+                             f"(first: {unlabelled[:3]}); each sample needs <key>.cls holding its integer class")
+    if not samples:
+        raise ValueError(f"no samples (<key>.jpg|jpeg|png + <key>.cls) in {[str(p) for p in _tar_paths(paths)]}")
+    return samples
+
+
+def open_source(path: str | Path, fmt: str = "imagefolder") -> tuple[list[tuple[Source, int]], list[str] | None]:
+    """``(samples, classes)``: the samples ``(source, label)`` of ``path`` read as ``fmt`` (one of
+    ``FORMATS``); ``classes`` are the ImageFolder class names, None for the other formats."""
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "webdataset":
+        return read_webdataset(path), None
+    _require(path, "data.path")
+    if fmt == "filelist":
+        paths, labels = read_file_list(path)
+        return list(zip(paths, labels)), None
+    paths, labels, classes = scan_image_folder(path)
+    return list(zip(paths, labels)), classes
+
+
+# -- verification ----------------------------------------------------------------------------------
+
+def check_image(source: Source) -> tuple[str, int, int]:
+    """``(reason, width, height)``: reason is "" for an image PIL decodes in full, else why not."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = read_bytes(source)
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}", 0, 0
+    if not data:
+        return "empty file (0 bytes)", 0, 0
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()           # structure and checksums (PNG CRCs); does not decode
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (1, 1))   # IDCT at 1/8 scale: the whole stream is still decoded
+            im.load()
+    except UnidentifiedImageError:
+        return "not an image PIL can read", 0, 0
+    except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
+        return f"corrupt: {type(e).__name__}: {e}", 0, 0
+    return "", width, height
+
+
+def _default_cache(sources: Sequence[Source]) -> Path:
+    files = {s.tar if isinstance(s, TarMember) else s for s in sources}
+    root = os.path.commonpath([os.path.abspath(f) for f in files])
+    digest = hashlib.sha1(root.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MIXEDAE_CACHE", "~/.cache/mixedae_fast")).expanduser()
+    return cache / "verified" / f"{digest}.json"
+
+
+def _stats(sources: Sequence[Source]) -> list[tuple[str, int, int] | None]:
+    """Per source ``(key, size, mtime_ns)`` of the file that holds it, or None if it cannot be stat'ed."""
+    seen: dict[str, tuple[int, int] | None] = {}
+    out = []
+    for s in sources:
+        f = os.path.abspath(s.tar if isinstance(s, TarMember) else s)
+        if f not in seen:
+            try:
+                st = os.stat(f)
+                seen[f] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                seen[f] = None
+        key = f"{f}::{s.name}" if isinstance(s, TarMember) else f
+        out.append(None if seen[f] is None else (key, *seen[f]))
+    return out
+
+
+def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
+                   cache: str | Path | bool | None = True) -> list[tuple[str, int, int]]:
+    """``check_image`` of every source, in order, reusing and updating the cache (see the module
+    docstring; ``cache`` True = the default file, a path = that file, False/None = none)."""
+    sources = list(sources)
+    stats = _stats(sources)
+    cache_file = None if not cache or not sources else (_default_cache(sources) if cache is True else Path(cache))
+    entries: dict = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            found = json.loads(cache_file.read_text())
+            entries = found["entries"] if found.get("version") == _CACHE_VERSION else {}
+        except (ValueError, KeyError, TypeError):
+            entries = {}      # a damaged cache is only a lost speed-up
+    results: list = [None] * len(sources)
+    todo = []
+    for i, st in enumerate(stats):
+        if st is None:
+            results[i] = ("file not found", 0, 0)
+            continue
+        hit = entries.get(st[0])
+        if hit is not None and hit[0] == st[1] and hit[1] == st[2]:
+            results[i] = (hit[2], hit[3], hit[4])
+        else:
+            todo.append(i)
+    if todo:
+        workers = num_workers or len(os.sched_getaffinity(0))
+        chunks = [todo[k:k + 64] for k in range(0, len(todo), 64)]
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            for chunk, res in zip(chunks, pool.map(lambda c: [check_image(sources[i]) for i in c], chunks)):
+                for i, r in zip(chunk, res):
+                    results[i] = r
+                    entries[stats[i][0]] = [stats[i][1], stats[i][2], *r]
+        if cache_file is not None:
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_name(f"{cache_file.name}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, separators=(",", ":")))
+                os.replace(tmp, cache_file)
+            except OSError as e:
+                warnings.warn(f"could not write the verification cache {cache_file}: {e}", stacklevel=2)
+    return results
+
+
+def split_results(sources: Sequence[Source], results) -> tuple[list[int], list[tuple[str, str]]]:
+    """``(good_indices, bad)`` from ``inspect_images`` results, warning with the count and the first few."""
+    good = [i for i, r in enumerate(results) if not r[0]]
+    bad = [(describe(sources[i]), r[0]) for i, r in enumerate(results) if r[0]]
+    if bad:
+        first = "; ".join(f"{p}: {why}" for p, why in bad[:3])
+        warnings.warn(f"skipping {len(bad)} of {len(results)} images that cannot be decoded ({first}"
+                      f"{'; ...' if len(bad) > 3 else ''})", stacklevel=3)
+    return good, bad
+
+
+def verify_images(paths: Sequence[Source], num_workers: int | None = None,
+                  cache: str | Path | bool | None = True) -> tuple[list[int], list[tuple[str, str]]]:
+    """``(good_indices, bad)`` where ``bad`` lists ``(path, reason)`` for every file that is missing,
+    empty, not an image or corrupt (truncated included). Warns with the count and the first few;
+    the caller gets the full list (e.g. to write into the run folder)."""
+    return split_results(paths, inspect_images(paths, num_workers, cache))

@@ -1,0 +1,83 @@
+"""The command line: the main job end to end at a tiny size, its outputs, resume, and bad input."""
+import json
+
+import pytest
+from PIL import Image
+
+from mixedae_fast.cli import main
+
+TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
+        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
+        "--model.decoder_num_heads=2", "--data.batch_size=8", "--optim.epochs=2", "--optim.warmup_epochs=1",
+        "--run.log_every=2", "--run.ckpt_every=3"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+
+
+def _pretrain(tmp_path, *extra):
+    return main(["pretrain", "--no-progress", "--num-train", "40", "--num-val", "20", *TINY,
+                 f"--run.out_dir={tmp_path}/runs", *extra])
+
+
+def test_main_job_writes_report_pictures_and_config(tmp_path, capsys):
+    assert _pretrain(tmp_path) == 0
+    run = tmp_path / "runs" / "cpu_tiny"
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 10  # 40 images / batch 8 = 5 steps an epoch, 2 epochs
+    assert set(report["eval"]) == {"pretrained", "random_init"}
+    assert set(report["eval"]["pretrained"]) == {"knn", "linear_probe"}
+    for name in ("loss_curve.png", "reconstruction.png"):
+        with Image.open(run / name) as im:
+            assert im.format == "PNG"
+    assert (run / "config.yaml").read_text().startswith("model:")
+    out = capsys.readouterr().out
+    assert "knn acc %" in out and "report:" in out
+    # the embedded data was written once as JPEGs and is reused
+    roots = list((tmp_path / "cache").glob("synthetic-*"))
+    assert len(roots) == 1 and (roots[0] / "train").is_dir() and (roots[0] / "DONE.json").exists()
+
+
+def test_resume_auto_finishes_an_interrupted_run(tmp_path):
+    assert _pretrain(tmp_path, "--max-steps", "3", "--run.eval=false") == 0
+    run = tmp_path / "runs" / "cpu_tiny"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000003.pt"]
+    assert _pretrain(tmp_path, "--run.resume=auto", "--run.eval=false") == 0
+    assert json.loads((run / "report.json").read_text())["steps"] == 10
+
+
+def test_batch_size_not_a_multiple_of_group_size(tmp_path, capsys):
+    assert _pretrain(tmp_path, "--data.batch_size=10") == 2
+    assert "data.batch_size" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir_names_the_fix(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit, match="cannot write to the run directory .*--run.out_dir"):
+        main(["pretrain", "--no-progress", *TINY, f"--run.out_dir={blocker}"])
+
+
+def test_missing_data_path(tmp_path, capsys):
+    assert _pretrain(tmp_path, f"--data.path={tmp_path}/nowhere") == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "make-data" in err
+
+
+def test_unknown_override_and_malformed_argument(tmp_path, capsys):
+    assert _pretrain(tmp_path, "--mixing.hca=1") == 2
+    assert "did you mean" in capsys.readouterr().err
+    assert main(["pretrain", "stray"]) == 2
+    assert "--section.key=value" in capsys.readouterr().err
+
+
+def test_make_data_is_cached(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["make-data", "--out", str(out), "--num-train", "20", "--num-val", "10", "--size", "16"]) == 0
+    stamp = (out / "DONE.json").stat().st_mtime_ns
+    assert main(["make-data", "--out", str(out), "--num-train", "20", "--num-val", "10", "--size", "16"]) == 0
+    assert (out / "DONE.json").stat().st_mtime_ns == stamp
+    assert main(["make-data", "--out", str(out), "--num-train", "30", "--num-val", "10", "--size", "16"]) == 2
+    assert "delete" in capsys.readouterr().err.lower()
