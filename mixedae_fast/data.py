@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from mixedae_fast.pipelines.files import scan_image_folder, verify_images
 from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
-from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader
+from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader, spread_subset
 
 EVAL_BANK = 2000  # kNN / probe training images (from the train split, unaugmented)
 
@@ -82,9 +83,19 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
     if backend == "dali":
         from mixedae_fast.pipelines.dali import DaliLoader
 
-        return DaliLoader(path, fmt, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
-                          drop_last=augment, shard_id=shard_id, num_shards=num_shards,
-                          num_threads=max(d.num_workers, 1), limit=limit, **common)
+        # DALI stops on an undecodable file: verify once (cached) and hand it the good ones
+        files = labels = None
+        bad = []
+        if fmt == "imagefolder":
+            paths, labs, _ = scan_image_folder(path)
+            good, bad = verify_images(paths)
+            pairs = spread_subset([(paths[i], labs[i]) for i in good], limit)
+            files, labels = [p for p, _ in pairs], [lab for _, lab in pairs]
+        loader = DaliLoader(path, fmt, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
+                            drop_last=augment, shard_id=shard_id, num_shards=num_shards,
+                            num_threads=max(d.num_workers, 1), files=files, labels=labels, **common)
+        loader.bad = bad
+        return loader
     if backend == "torch":
         return FileImageLoader(path, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
                                drop_last=augment, fmt=fmt, num_workers=d.num_workers, shard_id=shard_id,

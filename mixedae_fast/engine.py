@@ -71,6 +71,21 @@ def lr_at(progress_epochs: float, peak: float, warmup_epochs: float, epochs: flo
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
+def _rng_states() -> dict:
+    """The global generators' states. Training draws nothing from them (its randomness is keyed by
+    seed and step), but user code and dropout might; saved so a resume restores them too."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+
+
 class StopRequested(Exception):
     pass
 
@@ -88,6 +103,8 @@ class Trainer:
         self.derived = derive(cfg, world_size)
         self.amp_dtype = resolve_precision(cfg.runtime.precision, device)
         self.optimizer, self.device_skip = build_optimizer(model, cfg, self.derived.lr, device)
+        # fp16 needs loss scaling (bf16 does not); GradScaler skips overflowing steps itself
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.accum = cfg.optim.accum_steps
         self.micro_per_epoch = len(loader)
         if self.micro_per_epoch < self.accum:
@@ -116,6 +133,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _rng_states(),
                 "config": config_to_dict(self.cfg), "world_size": self.world_size}
 
     def save(self) -> Path:
@@ -132,6 +150,10 @@ class Trainer:
                              + ". Resume with the same settings or start a new run (run.name)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("rng"):
+            _set_rng_states(state["rng"])
         self.step = int(state["step"])
         return path
 
@@ -182,17 +204,23 @@ class Trainer:
                                         enabled=self.amp_dtype is not None):
                         out = model(images, seed=cfg.run.seed, step=micro, first_group=first_group,
                                     collect_stats=log_now and a == self.accum - 1)
-                    (out["loss"] / self.accum).backward()
+                    loss = out["loss"] / self.accum
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
                     for k in sums:
                         sums[k] += out[k].detach() / self.accum
                     n_log += images.shape[0]
                     if "stats" in out:
                         stats_last = out["stats"]
+                if self.scaler:
+                    self.scaler.unscale_(opt)
                 params = [p for p in model.parameters() if p.grad is not None]
                 clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
                 norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 found_inf = (~torch.isfinite(norm)).float()
-                if self.device_skip:
+                if self.scaler:
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                elif self.device_skip:
                     opt.found_inf = found_inf
                     opt.step()
                 elif not bool(found_inf):  # apex: one host sync per step

@@ -1,5 +1,6 @@
 """The command line: the main job end to end at a tiny size, its outputs, resume, and bad input."""
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -81,3 +82,27 @@ def test_make_data_is_cached(tmp_path, capsys):
     assert (out / "DONE.json").stat().st_mtime_ns == stamp
     assert main(["make-data", "--out", str(out), "--num-train", "30", "--num-val", "10", "--size", "16"]) == 2
     assert "delete" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
+def test_main_job_runs_on_every_backend(tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (the [dali] extra)")
+    assert _pretrain(tmp_path, f"--data.backend={backend}", "--optim.epochs=1", "--run.eval=true") == 0
+    report = json.loads((tmp_path / "runs" / "cpu_tiny" / "report.json").read_text())
+    assert report["steps"] == 5 and report["eval"]["pretrained"]["knn"] >= 0
+
+
+def test_corrupt_images_are_skipped_and_listed(tmp_path, capsys):
+    from mixedae_fast.pipelines.synthetic import write_image_folder
+
+    root = write_image_folder(tmp_path / "d", 40, 20, size=16, progress=False)
+    cls = sorted((root / "train").iterdir())[0]
+    (cls / "zero.jpg").write_bytes(b"")
+    (cls / "text.jpg").write_text("not an image")
+    with pytest.warns(UserWarning, match="2 .*(unreadable|corrupt|skipped|bad)"):
+        code = _pretrain(tmp_path, f"--data.path={root}/train", f"--data.val_path={root}/val", "--optim.epochs=1")
+    assert code == 0
+    listed = json.loads((tmp_path / "runs" / "cpu_tiny" / "skipped_images.json").read_text())
+    assert sorted(Path(e["file"]).name for e in listed) == ["text.jpg", "zero.jpg"]
+    assert "2 unreadable images skipped" in capsys.readouterr().out

@@ -168,3 +168,14 @@ def test_sigterm_saves_and_stops_at_a_step_boundary(tmp_path):
     assert tr.step == 1
     assert [p.name for p in list_checkpoints(tr.ckpt_dir)] == ["ckpt-00000001.pt"]
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the trainer's handler is removed
+
+
+def test_fp16_uses_a_grad_scaler_and_resumes_it(tmp_path):
+    tr = _trainer(tmp_path, ["--runtime.precision=fp16"], max_steps=4)
+    assert tr.scaler is not None
+    hist = tr.fit()
+    assert all(math.isfinite(r["loss"]) for r in hist)
+    scale = tr.scaler.get_scale()
+    resumed = _trainer(tmp_path, ["--runtime.precision=fp16", "--run.resume=auto"])
+    resumed.maybe_resume()
+    assert resumed.scaler.get_scale() == scale and resumed.step == 4

@@ -1,0 +1,445 @@
+"""NVIDIA DALI loaders with the contract of ``torch_loader`` (images ``[B, 3, S, S]`` normalised on the
+training device, int64 labels ``[B]``), decoding and augmenting on the GPU (``device="cuda:N"``) or CPU.
+
+Layers, top to bottom: the augmentation graphs (``train_graph``, ``eval_graph``) are plain functions
+of DataNodes; the three pipelines (``image_folder_pipeline``, ``file_list_pipeline``,
+``webdataset_pipeline``) add a reader and take batch size, threads, device and seed at call time, as
+``@pipeline_def`` functions do; ``DaliLoader`` iterates one of them.
+
+    loader = DaliLoader("data/train", batch_size=256, img_size=224, device="cuda:0", dtype=torch.bfloat16)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch, start_step)      # start_step only on the epoch a run resumes in
+        for images, labels in loader: ...
+
+What is exact. One pipeline serves consecutive epochs: building and starting one with GPU decoding
+took about 2 s on an H200, too much to pay every epoch. It is (re)built, seeded with ``hash((seed,
+e0))`` (the same on every shard, so the shards stay a partition), for the first epoch iterated, and
+again whenever ``set_epoch`` does not name the epoch that follows a finished one (a resume, a jump, an
+epoch left unfinished). Exact are: the epoch boundary (each epoch is one pass over the shard: the
+reader pads its shard, so an epoch never runs into the next; with ``drop_last`` the tail of the pass
+is decoded and dropped) and the number of batches, ``len``, the same on every shard. Epoch ``e``'s
+order and augmentation are a function of ``(seed, e0, e - e0, data, shard_id, num_shards,
+batch_size)`` and the DALI version: bitwise on the CPU whatever ``num_threads`` (tested), and bitwise
+with GPU decoding in our H200 check (which DALI does not promise). So
+``set_epoch(e, start_step=k)`` rebuilds at ``e0 = e`` and consumes (decodes and drops) ``k`` batches:
+a resumed run continues at the same data position and for the same number of batches, but not with
+the same samples or augmentation as the interrupted run (unless that run had started at ``e``). This
+is not ``TensorBatchLoader``'s stream either: DALI draws its own numbers, and ``random_shuffle`` is no
+uniform permutation: the reader shuffles the file list once with a fixed seed (which splits it into
+shards) and mixes each epoch through a buffer of 1024 samples.
+
+Corrupt files. DALI cannot skip a sample: a file that does not decode (text named ``.jpg``, a JPEG
+cut short by more than its end marker; the same files PIL rejects) or an empty file stops the
+pipeline with a RuntimeError (``Failed to decode sample #i : path`` for a cut JPEG, only
+``nvImageCodec failure`` for a non-image). ``DaliLoader`` re-raises it with the remedy: verify the
+files once (the torch loader does) and pass the good ones as ``files=[...], labels=[...]``.
+
+bf16: DALI 2.4 has no bfloat16 type (``types.DALIDataType`` lists none), so for bf16 the graph
+emits fp32 and torch casts it: one correctly rounded cast, the same numbers as
+``torch_loader.normalize(x).to(torch.bfloat16)``. fp16 is emitted by DALI directly.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import math
+import os
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+
+FORMATS = ("imagefolder", "filelist", "webdataset")
+# torchvision's IMG_EXTENSIONS, so an ImageFolder lists the same files here and there (case-insensitive).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+WDS_EXT = ("jpg;jpeg;png", "cls")
+INSTALL_HINT = "pip install nvidia-dali-cuda130  (or: pip install -e '.[dali]')"
+_DATA_HINT = "create data with `mixedae-fast make-data` or fix data.path"
+_CLS_BYTES = 12          # longest .cls text read (digits plus whitespace)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _dali():
+    """The ``nvidia.dali`` module, or an ImportError that says how to install it."""
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn  # noqa: F401
+        import nvidia.dali.types  # noqa: F401
+    except (ImportError, OSError) as e:
+        raise ImportError(f"the DALI loader needs NVIDIA DALI: {INSTALL_HINT} ({e})") from e
+    return dali
+
+
+def _dali_dtype(dtype: torch.dtype):
+    types = _dali().types
+    if dtype == torch.float16:
+        return types.FLOAT16
+    if dtype in (torch.float32, torch.bfloat16):     # no BFLOAT16 in DALI 2.4: fp32, cast in torch
+        return types.FLOAT
+    raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
+def _decoder_args(decode_device: str) -> dict:
+    # "mixed": the A100/H100 hardware JPEG decoder takes 75% of each batch, CUDA the rest (DESIGN §4).
+    return {"hw_decoder_load": 0.75} if decode_device == "mixed" else {}
+
+
+def _op_device(decode_device: str) -> str:
+    return "gpu" if decode_device == "mixed" else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation graphs: encoded images (DataNode) -> normalised [3, S, S] images (DataNode)
+
+def train_graph(jpegs, *, decode_device: str = "cpu", img_size: int = 224, crop_scale=(0.2, 1.0),
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32):
+    """RandomResizedCrop(crop_scale, ratio 3/4-4/3) fused into the decoder (only the crop is decoded),
+    resize to ``img_size``², horizontal flip with probability 1/2, normalise, CHW."""
+    dali = _dali()
+    fn, types = dali.fn, dali.types
+    images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
+                                           random_area=list(crop_scale), random_aspect_ratio=[3 / 4, 4 / 3],
+                                           num_attempts=10, **_decoder_args(decode_device))
+    images = fn.resize(images, device=_op_device(decode_device), resize_x=img_size, resize_y=img_size)
+    return fn.crop_mirror_normalize(images, device=_op_device(decode_device), mirror=fn.random.coin_flip(),
+                                    mean=[255 * m for m in mean], std=[255 * s for s in std],
+                                    output_layout="CHW", dtype=_dali_dtype(dtype))
+
+
+def eval_graph(jpegs, *, decode_device: str = "cpu", img_size: int = 224, crop_pct: float = 1.0,
+               mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32):
+    """Resize the shorter side to ``floor(img_size / crop_pct)``, center-crop ``img_size``², normalise,
+    CHW; no randomness. ``crop_pct=1.0`` keeps the whole of a square image (as the torch loader's eval
+    does); 0.875 is the classic ImageNet evaluation."""
+    dali = _dali()
+    fn, types = dali.fn, dali.types
+    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **_decoder_args(decode_device))
+    images = fn.resize(images, device=_op_device(decode_device), resize_shorter=math.floor(img_size / crop_pct))
+    return fn.crop_mirror_normalize(images, device=_op_device(decode_device), crop=(img_size, img_size),
+                                    crop_pos_x=0.5, crop_pos_y=0.5,
+                                    mean=[255 * m for m in mean], std=[255 * s for s in std],
+                                    output_layout="CHW", dtype=_dali_dtype(dtype))
+
+
+def cls_to_label(raw):
+    """Webdataset ``.cls`` bytes (ASCII decimal, e.g. ``b"417\\n"``) -> int64 scalar, in the graph:
+    Horner's rule over the first 12 bytes, skipping non-digits."""
+    dali = _dali()
+    fn, types = dali.fn, dali.types
+    digits = fn.cast(fn.pad(raw, axes=[0], shape=[_CLS_BYTES], fill_value=32), dtype=types.INT64) - 48
+    label = None
+    for i in range(_CLS_BYTES):
+        d = digits[i]
+        is_digit = (d >= 0) & (d <= 9)
+        label = is_digit * d if label is None else label * (1 + 9 * is_digit) + is_digit * d
+    return label
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipelines: a reader + a graph. Each takes pipeline arguments (batch_size, num_threads, device_id,
+# seed, prefetch_queue_depth) at call time, like any @pipeline_def function, and returns a Pipeline.
+
+def _pipeline_def(fn):
+    """``nvidia.dali.pipeline_def``, applied at call time so that this module imports without DALI."""
+    @functools.wraps(fn)
+    def make(*args, **kwargs):
+        return _dali().pipeline_def(fn, enable_conditionals=False)(*args, **kwargs)
+    return make
+
+
+def _reader_args(shard_id: int, num_shards: int, shuffle: bool, pad_last_batch: bool, reader_seed: int) -> dict:
+    return {"name": "Reader", "shard_id": shard_id, "num_shards": num_shards, "random_shuffle": shuffle,
+            "pad_last_batch": pad_last_batch, "stick_to_shard": True, "seed": reader_seed}
+
+
+def _outputs(images, labels):
+    return images, (labels.gpu() if images.device == "gpu" else labels)
+
+
+@_pipeline_def
+def image_folder_pipeline(root, graph, files=None, labels=None, shard_id=0, num_shards=1, shuffle=True,
+                          pad_last_batch=False, reader_seed=0):
+    """``root/<class>/<image>``: labels are the sorted class folder names' indices (byte order, as
+    torchvision's ImageFolder; empty class folders keep their index); only files directly inside a
+    class folder with an ``IMG_EXTENSIONS`` suffix. With ``files`` (paths relative to ``root``, or
+    absolute) and ``labels``, exactly those files."""
+    fn = _dali().fn
+    reader = _reader_args(shard_id, num_shards, shuffle, pad_last_batch, reader_seed)
+    if files is None:
+        jpegs, labels = fn.readers.file(file_root=str(root), file_filters=[f"*{e}" for e in IMG_EXTENSIONS],
+                                        **reader)
+    else:
+        jpegs, labels = fn.readers.file(files=[str(Path(root, f)) for f in files], labels=list(labels), **reader)
+    return _outputs(graph(jpegs), labels)
+
+
+@_pipeline_def
+def file_list_pipeline(list_path, graph, shard_id=0, num_shards=1, shuffle=True, pad_last_batch=False,
+                       reader_seed=0):
+    """A text file of ``relative/path label`` lines, paths relative to the list's folder."""
+    fn = _dali().fn
+    jpegs, labels = fn.readers.file(file_list=str(list_path),
+                                    **_reader_args(shard_id, num_shards, shuffle, pad_last_batch, reader_seed))
+    return _outputs(graph(jpegs), labels)
+
+
+@_pipeline_def
+def webdataset_pipeline(tars, graph, index_paths=None, shard_id=0, num_shards=1, shuffle=True,
+                        pad_last_batch=False, reader_seed=0):
+    """Webdataset tars of ``<key>.jpg|jpeg|png`` + ``<key>.cls`` samples. ``index_paths`` default:
+    ``wds_index_paths(tars)``, written once and cached."""
+    fn = _dali().fn
+    tars = [str(t) for t in tars]
+    jpegs, raw = fn.readers.webdataset(paths=tars, index_paths=index_paths or wds_index_paths(tars),
+                                       ext=list(WDS_EXT), missing_component_behavior="error",
+                                       **_reader_args(shard_id, num_shards, shuffle, pad_last_batch, reader_seed))
+    return _outputs(graph(jpegs), cls_to_label(raw))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Webdataset index files (DALI's `wds2idx` format), so users can pass plain tars.
+
+def write_wds_index(tar_path, index_path) -> int:
+    """Write the index ``fn.readers.webdataset`` reads, in the format of DALI's ``wds2idx`` tool:
+    ``v1.2 <num_samples>``, then per sample ``<ext> <data offset> <size> <member name>`` for each
+    component. A sample is a run of consecutive members sharing the name up to the first dot of the
+    file name; hidden files and non-regular members are skipped. Returns the number of samples."""
+    samples, last = [], None
+    try:
+        tar = tarfile.open(tar_path, mode="r:")      # DALI reads plain tars only
+    except tarfile.ReadError as e:
+        raise ValueError(f"{tar_path} is not an uncompressed tar archive, which DALI needs ({e})") from e
+    with tar:
+        for m in tar:
+            if not m.isreg():
+                continue
+            slash = m.name.rfind("/") + 1
+            dot = m.name.find(".", slash)
+            if dot <= slash:                         # no extension, or a hidden file
+                continue
+            if any(c.isspace() for c in m.name):
+                raise ValueError(f"{tar_path}: member name {m.name!r} has whitespace, which DALI's index cannot hold")
+            key, ext = m.name[:dot], m.name[dot + 1:]
+            if key != last:
+                samples.append([])
+                last = key
+            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    if not samples:
+        raise ValueError(f"{tar_path} holds no webdataset samples")
+    tmp = Path(f"{index_path}.tmp-{os.getpid()}")
+    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
+    os.replace(tmp, index_path)
+    return len(samples)
+
+
+def wds_index_paths(tars: Sequence, cache_dir=None) -> list[str]:
+    """Index files for ``tars``, written when missing or older than their tar: ``<name>.idx`` beside
+    ``<name>.tar`` (where ``wds2idx`` puts it), else — read-only data — under ``cache_dir`` (default
+    ``$MIXEDAE_CACHE/wds_index``) named by the tar's path, size and mtime."""
+    out = []
+    for tar in map(Path, tars):
+        st = tar.stat()
+        beside = tar.with_suffix(".idx")
+        if beside.is_file() and beside.stat().st_mtime >= st.st_mtime:
+            out.append(str(beside))
+            continue
+        try:
+            write_wds_index(tar, beside)
+            out.append(str(beside))
+            continue
+        except PermissionError:
+            pass
+        cache = Path(cache_dir or Path(os.environ.get("MIXEDAE_CACHE", "~/.cache/mixedae_fast")) / "wds_index")
+        cache = cache.expanduser()
+        key = hashlib.sha1(f"{tar.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        cached = cache / f"{tar.stem}-{key}.idx"
+        if not cached.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            write_wds_index(tar, cached)
+        out.append(str(cached))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources: check the data once, up front, with errors that name the path and the fix.
+
+def _check_image_folder(root: Path) -> None:
+    classes = sorted(d for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class folders; an ImageFolder is {root}/<class>/<image> ({_DATA_HINT})")
+    for d in classes:
+        if any(f.suffix.lower() in IMG_EXTENSIONS and f.is_file() for f in d.iterdir()):
+            return
+    raise ValueError(f"no images directly inside the class folders of {root} (DALI does not descend further; "
+                     f"for a dataset root with train/ and val/, point at one split) ({_DATA_HINT})")
+
+
+def _check_file_list(path: Path) -> None:
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"file list {path} is empty ({_DATA_HINT})")
+    for i, ln in enumerate(lines[:1000]):
+        parts = ln.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"{path}:{i + 1}: expected 'relative/path label', got {ln!r}")
+
+
+def find_tars(path: Path) -> list[Path]:
+    """A tar, a folder of ``*.tar`` or a glob pattern (``shards/train-*.tar``) -> sorted tar paths."""
+    if path.is_file():
+        return [path]
+    tars = sorted(path.glob("*.tar")) if path.is_dir() else sorted(map(Path, glob.glob(str(path))))
+    if tars:
+        return tars
+    if path.is_dir():
+        raise ValueError(f"no *.tar files in {path} ({_DATA_HINT})")
+    raise FileNotFoundError(f"data path {path} does not exist ({_DATA_HINT})")
+
+
+class DaliLoader:
+    """Batches ``(images [B, 3, S, S] in dtype on device, labels int64 [B] on device)`` from a DALI
+    pipeline; the contract and API of ``torch_loader.TensorBatchLoader`` (see the module docstring for
+    what is exact on resume).
+
+    ``fmt``: ``imagefolder`` (``path`` = folder of class folders), ``filelist`` (``path`` = text file
+    of ``relative/path label`` lines) or ``webdataset`` (``path`` = a tar, a folder of tars or a glob;
+    index files are written beside the tars on first use). ``files``/``labels``: read exactly these
+    files (relative to ``path`` or absolute) — a list verified up front, so that a corrupt file cannot
+    stop the pipeline. ``device``: ``"cpu"`` decodes on the CPU; ``"cuda:N"`` decodes with nvJPEG
+    (``"mixed"``) and augments on GPU N. ``drop_last``: every shard yields ``(n // num_shards) //
+    batch_size`` full batches (equal on all ranks); else every sample once, the last batch partial.
+    """
+
+    def __init__(self, path, fmt: str = "imagefolder", *, batch_size: int, img_size: int, device="cpu",
+                 dtype: torch.dtype = torch.float32, augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, shard_id: int = 0, num_shards: int = 1,
+                 num_threads: int = 2, prefetch: int = 2, files: Sequence | None = None,
+                 labels: Sequence[int] | None = None):
+        self._plugin = _plugin()
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id must be in [0, num_shards={num_shards}), got {shard_id}")
+        self.device, self.dtype = torch.device(device), dtype
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        self.path, self.fmt = Path(path).expanduser(), fmt
+        self.batch_size, self.img_size, self.augment, self.crop_scale = batch_size, img_size, augment, crop_scale
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.shard_id, self.num_shards, self.num_threads, self.prefetch = shard_id, num_shards, num_threads, prefetch
+        self._source = self._resolve_source(files, labels)
+        self.epoch, self.start_step = 0, 0
+        self._open(0)
+        self.num_samples = self._pipe.reader_meta("Reader")["epoch_size"]
+        # The iterator runs PARTIAL over a padded shard: ceil(padded shard / B) batches, the same on every
+        # shard; drop_last keeps the full batches that every shard has.
+        full = (self.num_samples // num_shards) // batch_size
+        self._len = full if drop_last else len(self._it)
+        if self._len == 0:
+            raise ValueError(f"{self.num_samples} images in {num_shards} shard(s) are fewer than one batch "
+                             f"of {batch_size}")
+
+    def _resolve_source(self, files, labels):
+        if files is not None:
+            if self.fmt == "webdataset":
+                raise ValueError("files= lists image files; it does not combine with fmt='webdataset'")
+            if labels is None or len(labels) != len(files) or not files:
+                raise ValueError("files= needs a non-empty list and labels= of the same length")
+            return image_folder_pipeline, {"root": self.path, "files": [str(f) for f in files],
+                                           "labels": [int(x) for x in labels]}
+        if self.fmt == "webdataset":
+            tars = find_tars(self.path)
+            return webdataset_pipeline, {"tars": tars, "index_paths": wds_index_paths(tars)}
+        if not self.path.exists():
+            raise FileNotFoundError(f"data path {self.path} does not exist ({_DATA_HINT})")
+        if self.fmt == "filelist":
+            if not self.path.is_file():
+                raise ValueError(f"fmt='filelist' needs a text file, {self.path} is not one")
+            _check_file_list(self.path)
+            return file_list_pipeline, {"list_path": self.path}
+        if not self.path.is_dir():
+            raise ValueError(f"fmt='imagefolder' needs a folder, {self.path} is not one")
+        _check_image_folder(self.path)
+        return image_folder_pipeline, {"root": self.path}
+
+    def _open(self, epoch: int) -> None:
+        """Build the pipeline seeded for ``epoch`` and its iterator (which starts decoding)."""
+        self._pipe = self._it = self._next_epoch = None     # free the old one first (GPU memory)
+        decode = "mixed" if self.device.type == "cuda" else "cpu"
+        common = {"decode_device": decode, "img_size": self.img_size, "dtype": self.dtype}
+        graph = (functools.partial(train_graph, crop_scale=self.crop_scale, **common) if self.augment
+                 else functools.partial(eval_graph, **common))
+        seed = hash((self.seed, epoch)) & 0x7FFF_FFFF     # one seed for all shards: they stay a partition
+        device_id = None if decode == "cpu" else (
+            torch.cuda.current_device() if self.device.index is None else self.device.index)
+        pipeline, source = self._source
+        pipe = pipeline(**source, graph=graph, shard_id=self.shard_id, num_shards=self.num_shards,
+                        shuffle=self.shuffle, pad_last_batch=True, reader_seed=seed,
+                        batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id, seed=seed,
+                        prefetch_queue_depth=self.prefetch)
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise RuntimeError(f"DALI could not open the data at {self.path}: {_first_error(e)}") from e
+        try:
+            self._it = self._plugin.DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                                        last_batch_policy=self._plugin.LastBatchPolicy.PARTIAL,
+                                                        auto_reset=True)
+        except RuntimeError as e:
+            raise self._read_error(e) from e
+        self._pipe, self._next_epoch = pipe, epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
+        self.epoch, self.start_step = epoch, start_step
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed}
+
+    def __iter__(self):
+        if self._next_epoch != self.epoch:
+            self._open(self.epoch)
+        self._next_epoch = None          # mid-epoch until the pass is finished
+        try:
+            for step, (batch,) in enumerate(self._it):
+                if self.start_step <= step < len(self):
+                    yield batch["images"].to(self.dtype), batch["labels"].reshape(-1).to(torch.int64)
+        except RuntimeError as e:
+            self._pipe = self._it = None
+            raise self._read_error(e) from e
+        self._next_epoch, self.start_step = self.epoch + 1, 0
+
+    def _read_error(self, e: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"DALI stopped reading {self.path} (epoch {self.epoch}): {_first_error(e)}. A corrupt or non-image "
+            "file stops a DALI pipeline (it cannot skip samples): verify the files once and pass the good ones "
+            "as DaliLoader(..., files=[...], labels=[...])")
+
+
+def _plugin():
+    _dali()
+    import nvidia.dali.plugin.pytorch as plugin
+    return plugin
+
+
+def _first_error(e: Exception) -> str:
+    """The informative line of a DALI error (its message starts with a traceback of the graph)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Critical error", "Error in", "which was", "File ",
+                                                       "encountered", "C++ context", "Current pipeline"))]
+    return (useful or lines or [type(e).__name__])[0][:300]
