@@ -187,7 +187,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="pretrain",
                    unit="step", dynamic_ncols=True)
         batches = self._batches()
-        t_log, n_log, wait_log = time.perf_counter(), 0, 0.0
+        t_log, n_log, wait_log, step_log = time.perf_counter(), 0, 0.0, self.step
         model.train()
         try:
             while self.step < self.total_steps:
@@ -233,7 +233,8 @@ class Trainer:
                 bar.update(1)
                 if log_now:
                     elapsed = time.perf_counter() - t_log
-                    row = self._log_row(sums, lr, n_log, elapsed, wait_log, bad_total, stats_last)
+                    row = self._log_row(sums, self.step - step_log, lr, n_log, elapsed, wait_log, bad_total,
+                                        stats_last)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", hc=f"{row['loss_hc']:.3f}",
                                     img_s=f"{row['img_per_s']:.0f}")
                     if bad_max.item() >= cfg.optim.max_nan_steps:
@@ -245,7 +246,7 @@ class Trainer:
                     bad_max.zero_()
                     for v in sums.values():
                         v.zero_()
-                    t_log, n_log, wait_log = time.perf_counter(), 0, 0.0
+                    t_log, n_log, wait_log, step_log = time.perf_counter(), 0, 0.0, self.step
                 if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
                     self.save()
                 if self._stop_signal:
@@ -263,9 +264,8 @@ class Trainer:
             self.save()
         return self.history
 
-    def _log_row(self, sums, lr, n_images, elapsed, wait, bad_total, stats) -> dict:
-        steps = self.cfg.run.log_every if self.step % self.cfg.run.log_every == 0 else \
-            self.step % self.cfg.run.log_every
+    def _log_row(self, sums, steps, lr, n_images, elapsed, wait, bad_total, stats) -> dict:
+        """One metrics row: loss parts averaged over the ``steps`` since the last row."""
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr}
         row.update({k: v.item() / steps for k, v in sums.items()})
         row.update(img_per_s=n_images / max(elapsed, 1e-9), data_wait=wait / max(elapsed, 1e-9),
