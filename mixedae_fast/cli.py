@@ -39,11 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--num-val", type=int, default=1000, help="embedded data: validation images")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("config", parents=[common], help="print the resolved config and derived values")
-    md = sub.add_parser("make-data", help="write the embedded dataset as JPEGs (ImageFolder layout), cached")
-    md.add_argument("--out", default=None, help="target folder (default: $MIXEDAE_CACHE/synthetic-v1-...)")
+    md = sub.add_parser("make-data", help="write a dataset as JPEGs (ImageFolder layout, train/ and val/), cached")
+    md.add_argument("--dataset", default="synthetic", choices=("synthetic", "digits", "lfw", "photos"),
+                    help="the embedded scenes (default), or real images shipped with scikit-learn/-image")
+    md.add_argument("--out", default=None, help="target folder (default: under $MIXEDAE_CACHE)")
     md.add_argument("--size", type=int, default=32, help="image side in pixels")
-    md.add_argument("--num-train", type=int, default=5000)
-    md.add_argument("--num-val", type=int, default=1000)
+    md.add_argument("--num-train", type=int, default=5000, help="synthetic only")
+    md.add_argument("--num-val", type=int, default=1000, help="synthetic only")
     md.add_argument("--seed", type=int, default=0)
     return p
 
@@ -154,6 +156,11 @@ def cmd_make_data(args, overrides) -> int:
     if overrides:
         print(f"error: make-data takes no config overrides (got {overrides})", file=sys.stderr)
         return 2
+    if args.dataset != "synthetic":
+        from mixedae_fast.pipelines.offline import write_offline_folder
+
+        print(write_offline_folder(args.dataset, args.out, size=args.size, seed=args.seed))
+        return 0
     root = args.out or default_data_root(args.size, args.num_train, args.num_val, args.seed)
     path = write_image_folder(root, args.num_train, args.num_val, size=args.size, seed=args.seed)
     print(path)

@@ -106,3 +106,10 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path, capsys):
     listed = json.loads((tmp_path / "runs" / "cpu_tiny" / "skipped_images.json").read_text())
     assert sorted(Path(e["file"]).name for e in listed) == ["text.jpg", "zero.jpg"]
     assert "2 unreadable images skipped" in capsys.readouterr().out
+
+
+def test_make_data_offline_digits(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="scikit-learn is not installed (the [dev] extra)")
+    assert main(["make-data", "--dataset", "digits", "--out", str(tmp_path / "dg"), "--size", "16"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "dg")
+    assert len(list((tmp_path / "dg" / "val").iterdir())) == 10
