@@ -14,11 +14,27 @@ Equivalent PyTorch (what :func:`patch_mix_reference` computes)::
     loss_mask[b, p] = p not in ids[g, j*n:(j+1)*n]        # [B, N] bool, True = reconstruct
     targets = norm_pix(patches.float())                    # [B, N, 3P²] fp32
 
-The images are data: nothing here needs a backward pass for them.
+The images are data: nothing here needs a backward pass for them. The Triton path
+(:func:`patch_mix_forward`) returns tensors without autograd history; the reference inherits
+``images.requires_grad`` like any torch op.
+
+Backends (:func:`patch_mix`, also used by ``unmix``): ``auto`` = Triton when the tensors are on CUDA,
+the reference otherwise; ``triton`` forces the kernel (on CPU only through ``TRITON_INTERPRET=1``);
+``torch`` = the reference.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only (setup.py); the reference path must import without it
+    triton, tl = SimpleNamespace(jit=lambda fn: fn), None
+
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 _M32 = 0xFFFFFFFF
 # odd 32-bit constants (murmur3's finaliser and the golden ratio) for the counter-based hash
@@ -42,6 +58,10 @@ def _fold64(v: int) -> int:
     return _fmix32((v & _M32) ^ _fmix32((v >> 32) ^ _GOLDEN))
 
 
+def _stream_base(seed: int, step: int) -> int:
+    return _fmix32(_fold64(seed) ^ ((_fold64(step) * _GOLDEN) & _M32))
+
+
 def assignment_keys(num_groups: int, num_patches: int, seed: int, step: int, first_group: int = 0,
                     device: torch.device | str | None = None) -> torch.Tensor:
     """Random sort keys ``int64 [G, N]``: a pure function of (seed, step, global group, position).
@@ -50,7 +70,7 @@ def assignment_keys(num_groups: int, num_patches: int, seed: int, step: int, fir
     ranks draw bitwise the same assignment. The position sits in the low 32 bits, which makes every
     key of a row distinct and the sort order unique.
     """
-    base = _fmix32(_fold64(seed) ^ ((_fold64(step) * _GOLDEN) & _M32))
+    base = _stream_base(seed, step)
     groups = torch.arange(first_group, first_group + num_groups, device=device, dtype=torch.int64)
     pos = torch.arange(num_patches, device=device, dtype=torch.int64)
     h_group = _fmix32((groups & _M32) ^ base)                      # [G]
@@ -59,14 +79,18 @@ def assignment_keys(num_groups: int, num_patches: int, seed: int, step: int, fir
 
 
 def draw_assignment(num_groups: int, num_patches: int, group_size: int, n_visible: int, seed: int,
-                    step: int, first_group: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+                    step: int, first_group: int = 0, device: torch.device | str | None = None,
+                    backend: str = "auto") -> torch.Tensor:
     """Draw ``ids: int32 [G, r*n]`` on ``device``: per group a uniform random permutation of the
     positions, whose j-th block of ``n`` belongs to source ``j`` (sorted ascending); positions past
     ``r*n`` are dropped. Keyed by ``(seed, step, first_group + g)``, never by rank or device.
+    ``backend`` as :func:`patch_mix`: the Triton path (one kernel) is bitwise this torch code.
     """
     r, n = group_size, n_visible
     if r * n > num_patches or n < 1:
         raise ValueError(f"need 1 <= n and r*n <= N, got r={r}, n={n}, N={num_patches}")
+    if use_triton(backend, torch.device("cpu") if device is None else torch.device(device)):
+        return assignment_forward(num_groups, num_patches, r, n, seed, step, first_group, device)
     keys = assignment_keys(num_groups, num_patches, seed, step, first_group, device)
     perm = keys.argsort(dim=1)[:, : r * n]
     ids = perm.view(num_groups, r, n).sort(dim=2).values
@@ -124,6 +148,172 @@ def patch_mix_reference(images: torch.Tensor, ids: torch.Tensor, group_size: int
     return mixed, targets, loss_mask.view(B, N)
 
 
-def patch_mix(images, ids, group_size, n_visible, patch_size, norm_pix=True):
-    """The op the model calls; today the reference (the Triton path drops in beside it)."""
+
+
+# -- Triton ----------------------------------------------------------------------------------------
+@triton.jit
+def _patch_mix_kernel(img_ptr, ids_ptr, mixed_ptr, tgt_ptr, mask_ptr,
+                      s_b, s_c, s_h, s_w, N, GRID_W, NV,
+                      P: tl.constexpr, PATCH_DIM: tl.constexpr, NORM_PIX: tl.constexpr, EPS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program: image ``b`` (axis 0) x ``BLOCK_N`` positions (axis 1), each patch a
+    ``[BLOCK_P*BLOCK_P, 4]`` tile in ``((p, q), c)`` order (``c`` padded 3 -> 4, ``P`` to a power of two).
+    ``q`` runs along the image row, so loads are contiguous per patch row; ``(q, c)`` runs along the
+    output vector, so stores are contiguous too (Triton's coalescing pass picks each access's layout
+    and converts in between). Targets use every loaded value, so the image is read once."""
+    b = tl.program_id(0)
+    pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BLOCK_N]
+    pos_ok = pos < N
+    hi = pos // GRID_W
+    wi = pos - hi * GRID_W
+    pq = tl.arange(0, BLOCK_P * BLOCK_P)
+    p = (pq // BLOCK_P)[None, :, None]
+    q = (pq % BLOCK_P)[None, :, None]
+    c = tl.arange(0, 4)[None, None, :]
+    ok = pos_ok[:, None, None] & (p < P) & (q < P) & (c < 3)                # [BLOCK_N, BLOCK_P², 4]
+    b64 = b.to(tl.int64)  # B * image size can pass 2**31
+    src = (img_ptr + b64 * s_b + c * s_c + (hi[:, None, None] * P + p) * s_h
+           + (wi[:, None, None] * P + q) * s_w)
+    x = tl.load(src, mask=ok, other=0.0)
+    elem = (p * P + q) * 3 + c                                               # MAE's (p, q, c) order
+
+    xf = x.to(tl.float32)  # statistics in fp32 whatever the image dtype
+    if NORM_PIX:
+        mean = tl.sum(tl.sum(xf, axis=2), axis=1) / PATCH_DIM
+        dev = tl.where(ok, xf - mean[:, None, None], 0.0)
+        var = tl.sum(tl.sum(dev * dev, axis=2), axis=1) / (PATCH_DIM - 1)  # unbiased, as MAE
+        xf = dev / tl.sqrt(var + EPS)[:, None, None]
+    row = b64 * N + pos                                                      # [BLOCK_N] in [B, N]
+    tl.store(tgt_ptr + row[:, None, None] * PATCH_DIM + elem, xf, mask=ok)
+
+    # Is the position one of source b's n visible ones, and at which slot? ids[g, j*n:(j+1)*n] is
+    # row b of ids viewed as [B, n]; mixed viewed as [B*n, 3P²] puts slot t of source b at row b*n + t.
+    v = tl.arange(0, BLOCK_V)
+    sel = tl.load(ids_ptr + b64 * NV + v, mask=v < NV, other=0)
+    hit = (pos[:, None] == sel[None, :]) & (v < NV)[None, :]                 # [BLOCK_N, BLOCK_V]
+    visible = tl.max(hit.to(tl.int32), axis=1)                               # 0 or 1
+    slot = tl.sum(tl.where(hit, v[None, :], 0), axis=1)
+    tl.store(mask_ptr + row, (1 - visible).to(tl.uint8), mask=pos_ok)
+    dst = mixed_ptr + (b64 * NV + slot)[:, None, None] * PATCH_DIM + elem
+    tl.store(dst, x, mask=ok & (visible > 0)[:, None, None])  # a copy: the image dtype, bit for bit
+
+
+@triton.jit
+def _fmix32_tl(x):
+    """:func:`_fmix32` on uint32 values held in int64 (products wrap; the mask keeps the low 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _sort_key(pos, group_hash):
+    """The high word of :func:`assignment_keys`, as the signed int32 that ``(h << 32) | pos`` sorts by."""
+    h = _fmix32_tl(group_hash ^ ((pos.to(tl.int64) * 0x9E3779B9 + 0xC2B2AE35) & 0xFFFFFFFF))
+    return tl.where(h >= 0x80000000, h - 0x100000000, h)
+
+
+@triton.jit
+def _assignment_kernel(ids_ptr, base, first_group, N, NV, R: tl.constexpr, BLOCK_N: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    """One program a group: rank its N keys (ties impossible: the position breaks them), give the
+    first r*n to sources by rank // n, place each in its source ascending by position (a cumsum)."""
+    g = tl.program_id(0)
+    group_hash = _fmix32_tl(((g.to(tl.int64) + first_group) & 0xFFFFFFFF) ^ base)
+    i = tl.arange(0, BLOCK_N)
+    key_i = _sort_key(i, group_hash)
+    rank = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, BLOCK_N, CHUNK):  # [BLOCK_N, CHUNK] comparisons at a time
+        k = k0 + tl.arange(0, CHUNK)
+        key_k = _sort_key(k, group_hash)
+        before = (key_k[None, :] < key_i[:, None]) | ((key_k[None, :] == key_i[:, None]) & (k[None, :] < i[:, None]))
+        rank += tl.sum((before & (k < N)[None, :]).to(tl.int32), axis=1)
+    src = tl.where((rank < R * NV) & (i < N), rank // NV, R)                 # R = dropped
+    slot = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for j in tl.static_range(R):
+        mine = src == j
+        slot = tl.where(mine, tl.cumsum(mine.to(tl.int32), axis=0) - 1, slot)
+    tl.store(ids_ptr + g.to(tl.int64) * (R * NV) + src * NV + slot, i, mask=src < R)
+
+
+def assignment_forward(num_groups: int, num_patches: int, group_size: int, n_visible: int, seed: int,
+                       step: int, first_group: int = 0, device=None) -> torch.Tensor:
+    """The Triton path of :func:`draw_assignment` (arguments checked there): bitwise the same ids."""
+    r, n = group_size, n_visible
+    ids = torch.empty(num_groups, r * n, dtype=torch.int32, device=device)
+    block_n = triton.next_power_of_2(num_patches)
+    _assignment_kernel[(num_groups,)](ids, _stream_base(seed, step), first_group, num_patches, n, R=r,
+                                      BLOCK_N=block_n, CHUNK=min(block_n, 16), num_warps=8)  # ~80 registers
+    return ids
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+# The kernels pass every test through Triton's interpreter and compile for sm_90, but have not yet
+# run on a GPU: until they have, `auto` keeps the reference and `kernels=triton` is the opt-in.
+AUTO_USES_TRITON = False
+
+
+def use_triton(backend: str, *where: torch.Tensor | torch.device) -> bool:
+    """Resolve ``auto | triton | torch`` for an op on these tensors or devices (True = the kernel).
+
+    ``auto`` takes the torch reference until the kernels have been verified compiled on a GPU
+    (``AUTO_USES_TRITON``); ``triton`` opts in (on CUDA, or on CPU under Triton's interpreter).
+    """
+    on_cuda = all(w.type == "cuda" if isinstance(w, torch.device) else w.is_cuda for w in where)
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return AUTO_USES_TRITON and on_cuda and tl is not None
+    if backend == "triton":
+        if tl is None:
+            raise RuntimeError("kernels='triton' needs the triton package, which is not installed")
+        if not on_cuda and not _interpreted(_patch_mix_kernel):
+            raise RuntimeError("kernels='triton' on CPU tensors needs Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before mixedae_fast.kernels is imported, or use "
+                               "kernels='auto' (the torch reference on CPU)")
+        return True
+    raise ValueError(f"kernels={backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+
+
+def patch_mix_forward(images: torch.Tensor, ids: torch.Tensor, group_size: int, n_visible: int,
+                      patch_size: int, norm_pix: bool = True):
+    """The Triton path of :func:`patch_mix_reference` (same arguments, same return): one pass that
+    reads each image once, straight from its strides. No autograd: the images are data."""
+    B, C, H, W = images.shape
+    r, n, P = group_size, n_visible, patch_size
+    if C != 3 or H != W or H % P:
+        raise ValueError(f"images of shape {tuple(images.shape)}: need [B, 3, S, S] with S % {P} == 0")
+    if B % r:
+        raise ValueError(f"batch of {B} images is not a multiple of the group size {r}")
+    G, grid_w = B // r, W // P
+    N, D = grid_w * grid_w, 3 * P * P
+    if tuple(ids.shape) != (G, r * n):
+        raise ValueError(f"ids has shape {tuple(ids.shape)}, expected (G, r*n) = ({G}, {r * n})")
+    ids = ids.to(device=images.device, dtype=torch.int32).contiguous()
+    mixed = torch.empty(G, r * n, D, dtype=images.dtype, device=images.device)
+    targets = torch.empty(B, N, D, dtype=torch.float32, device=images.device)
+    loss_mask = torch.empty(B, N, dtype=torch.bool, device=images.device)
+    block_p = triton.next_power_of_2(P)
+    # 1K-element tiles: one 16 px patch a program (sm_90 TTGIR then stores 24 contiguous target floats a
+    # warp instruction; two patches a tile interleave them), several small ones; the interpreter runs
+    # the same blocks
+    block_n = max(1, min(triton.next_power_of_2(N), 1024 // (4 * block_p * block_p)))
+    grid = (B, triton.cdiv(N, block_n))
+    _patch_mix_kernel[grid](images, ids, mixed, targets, loss_mask.view(torch.uint8),
+                            *images.stride(), N, grid_w, n,
+                            P=P, PATCH_DIM=D, NORM_PIX=bool(norm_pix), EPS=1e-6,
+                            BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_V=triton.next_power_of_2(n),
+                            num_warps=4)
+    return mixed, targets, loss_mask
+
+
+def patch_mix(images, ids, group_size, n_visible, patch_size, norm_pix=True, backend="auto"):
+    """The op the model calls: :func:`patch_mix_forward` or :func:`patch_mix_reference` by ``backend``."""
+    if use_triton(backend, images, ids):
+        return patch_mix_forward(images, ids, group_size, n_visible, patch_size, norm_pix)
     return patch_mix_reference(images, ids, group_size, n_visible, patch_size, norm_pix)

@@ -25,7 +25,7 @@ import yaml
 
 # Allowed values of the enum-like fields; a new backend is one more entry in its tuple.
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager")  # to come: xformers, flex, triton
-KERNEL_BACKENDS = ("auto", "torch")  # to come: triton
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 CHOICES: dict[str, tuple[str, ...]] = {
     "mixing.ha": ("topk", "oracle", "none"),
     "mixing.hc_on": ("attention", "head", "tokens", "both"),

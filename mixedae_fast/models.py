@@ -23,7 +23,7 @@ from torch import nn
 
 from mixedae_fast._compat import import_timm
 from mixedae_fast.attention import BACKENDS, HA_MODES, HomologousAttention, MixLayout
-from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix, patchify
+from mixedae_fast.kernels.patch_mix import KERNEL_BACKENDS, draw_assignment, patch_mix, patchify
 from mixedae_fast.kernels.unmix import unmix as unmix_op
 from mixedae_fast.losses import hc_attention_loss, reconstruction_loss, supcon_loss
 
@@ -79,7 +79,8 @@ class MixedAutoencoderViT(nn.Module):
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, group_size: int = 4,
                  mask_ratio: float = 0.75, ha: str = "topk", ha_layers=None, topk: int | None = None,
                  hc_on: str = "attention", hc_weight: float = 1.0, hc_tau: float = 0.2,
-                 segment_embed: str = "none", norm_pix_loss: bool = True, attention_backend: str = "auto"):
+                 segment_embed: str = "none", norm_pix_loss: bool = True, attention_backend: str = "auto",
+                 kernels: str = "auto"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -96,6 +97,7 @@ class MixedAutoencoderViT(nn.Module):
         self.hc_on = _choice("hc_on", hc_on, HC_ON)
         self.segment_embed = _choice("segment_embed", segment_embed, SEGMENT_EMBED)
         _choice("attention_backend", attention_backend, BACKENDS)
+        self.kernels = _choice("kernels", kernels, KERNEL_BACKENDS)  # patch_mix / unmix: auto | triton | torch
         self.topk = n if topk is None else topk
         if not 1 <= self.topk <= r * n:
             raise ValueError(f"topk={self.topk} must lie in [1, r*n = {r * n}]")
@@ -153,11 +155,12 @@ class MixedAutoencoderViT(nn.Module):
         """``ids: int32 [G, r*n]`` (DESIGN §1.1), keyed by (seed, step, global group index)."""
         device = self.pos_embed.device if device is None else device
         return draw_assignment(num_groups, self.num_patches, self.group_size, self.n_visible, seed, step,
-                               first_group, device)
+                               first_group, device, backend=self.kernels)
 
     def mix(self, images: torch.Tensor, ids: torch.Tensor):
         """``images [B, C, S, S]`` -> ``(mixed [G, r*n, 3P²], targets [B, N, 3P²] fp32, loss_mask [B, N])``."""
-        return patch_mix(images, ids, self.group_size, self.n_visible, self.patch_size, self.norm_pix_loss)
+        return patch_mix(images, ids, self.group_size, self.n_visible, self.patch_size, self.norm_pix_loss,
+                         backend=self.kernels)
 
     def make_layout(self, hc: bool | None = None, collect_stats: bool = False) -> MixLayout:
         return MixLayout(self.group_size, self.n_visible, self.ha, self.topk,
@@ -180,7 +183,7 @@ class MixedAutoencoderViT(nn.Module):
     def unmix(self, latent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``latent [G, 1 + r*n, D]`` -> decoder input ``[B, N + 1, Dd]`` (DESIGN §1.5)."""
         return unmix_op(self.decoder_embed(latent), ids, self.mask_token, self.decoder_pos_embed,
-                        self.group_size)
+                        self.group_size, backend=self.kernels)
 
     def forward_decoder(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N + 1, Dd]`` -> pixel predictions ``[B, N, 3P²]`` (global attention)."""
@@ -268,4 +271,5 @@ def build_model(cfg) -> MixedAutoencoderViT:
         group_size=x.group_size, mask_ratio=x.mask_ratio, ha=x.ha, ha_layers=x.ha_layers, topk=x.topk,
         hc_on=x.hc_on, hc_weight=x.hc_weight, hc_tau=x.hc_tau, segment_embed=x.segment_embed,
         norm_pix_loss=x.norm_pix_loss, attention_backend=cfg.runtime.attention_backend,
+        kernels=cfg.runtime.kernels,
     )

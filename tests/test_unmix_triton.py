@@ -1,0 +1,172 @@
+"""The Triton unmix kernels (issue 4): ``UnmixFunction`` against ``unmix_reference``, and the model's
+``kernels`` switch.
+
+Runs compiled on CUDA and through Triton's interpreter on CPU: odd shapes (B = r, r*n < N, r = 1, D
+not a power of two and over one channel block, N + 1 over several row blocks) in fp32, bf16 and
+fp16; outputs and every gradient; a bitwise-reproducible backward; the model's loss and gradients with
+``kernels=triton`` vs ``torch`` (and from ``--runtime.kernels=triton``); ViT-B/16 shapes on a GPU.
+"""
+import warnings
+
+import pytest
+import torch
+
+from mixedae_fast.config import load_config
+from mixedae_fast.kernels.patch_mix import draw_assignment
+from mixedae_fast.kernels.unmix import UnmixFunction, unmix, unmix_reference
+from mixedae_fast.models import MixedAutoencoderViT, build_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Against the reference in the same dtype. Inputs are randn, so |values| < 8.
+# - out: fp32 is the same single fp32 add (exact). In bf16/fp16 the reference rounds mask_token and
+#   dec_pos to the dtype before the add and the kernel rounds once after it: up to 2 ulps of an
+#   input below 8 (bf16 ulp there 2^-5, fp16 2^-8) on values that cancel, a rounding elsewhere.
+# - grad: token gradients are copies, the CLS a sum of r rows (fixed order vs torch's), the mask-token
+#   gradient an fp32 sum (order differs: ~1e-7 relative on sums of ~100 unit values, so an atol);
+#   in bf16/fp16 the reference rounds the CLS and mask-token sums to the dtype (half an ulp, relative).
+TOL = {
+    torch.float32: dict(out=dict(rtol=0, atol=0), grad=dict(rtol=1e-6, atol=1e-5)),
+    torch.bfloat16: dict(out=dict(rtol=1.6e-2, atol=2 ** -4), grad=dict(rtol=1.6e-2, atol=1e-5)),
+    torch.float16: dict(out=dict(rtol=2e-3, atol=2 ** -7), grad=dict(rtol=2e-3, atol=1e-5)),
+}
+# Independent of the dtype: the kernel's mask-token gradient is an fp32 sum of exactly-upcast values,
+# held against a float64 sum (bounded by fp32 accumulation over ~100 terms)
+MASK_GRAD_FP64 = dict(rtol=1e-5, atol=1e-5)
+
+# (G, r, n, N, D)
+SHAPES = [
+    (1, 4, 6, 25, 24),     # B = r (G = 1); r*n = 24 < N = 25; D not a power of two
+    (2, 3, 2, 9, 40),      # r*n = 6 < N = 9
+    (3, 1, 4, 16, 32),     # r = 1 (MAE)
+    (2, 2, 12, 49, 160),   # 50 rows: 16-row blocks, the last ragged; D = 160: 128 + 32 fwd, 64+64+32 bwd
+]
+
+
+def _inputs(G, r, n, N, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dec_tokens = torch.randn(G, 1 + r * n, D, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    mask_token = torch.randn(1, 1, D, generator=g).to(DEVICE).requires_grad_(True)  # fp32, as the model's
+    dec_pos = torch.randn(1, N + 1, D, generator=g).to(DEVICE)
+    upstream = torch.randn(G * r, N + 1, D, generator=g).to(dtype).to(DEVICE)
+    ids = draw_assignment(G, N, r, n, seed=seed, step=1, device=DEVICE)
+    return dec_tokens, ids, mask_token, dec_pos, upstream
+
+
+def _run(fn, dec_tokens, ids, mask_token, dec_pos, upstream, r):
+    dec_tokens.grad = mask_token.grad = None
+    out = fn(dec_tokens, ids, mask_token, dec_pos, r)
+    out.backward(upstream)
+    return out.detach(), dec_tokens.grad.clone(), mask_token.grad.clone()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("G,r,n,N,D", SHAPES)
+def test_kernel_matches_reference(G, r, n, N, D, dtype):
+    args = _inputs(G, r, n, N, D, dtype)
+    dec_tokens, ids, mask_token, dec_pos, upstream = args
+    out, g_tok, g_mask = _run(UnmixFunction.apply, *args, r)
+    ref_out, ref_tok, ref_mask = _run(unmix_reference, *args, r)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and g_tok.dtype == dtype and g_mask.dtype == torch.float32
+    assert g_mask.shape == mask_token.shape
+    torch.testing.assert_close(out, ref_out, **tol["out"])
+    torch.testing.assert_close(g_tok, ref_tok, **tol["grad"])
+    torch.testing.assert_close(g_mask, ref_mask, **tol["grad"])
+    # exact: one fp32 add, rounded once to the dtype
+    with torch.no_grad():
+        assert torch.equal(out, unmix_reference(dec_tokens.float(), ids, mask_token, dec_pos, r).to(dtype))
+    # the mask-token gradient: every masked row's gradient, summed (float64 oracle)
+    masked = torch.ones(G, r, N, dtype=torch.bool, device=DEVICE)
+    masked.scatter_(2, ids.view(G, r, n).long(), False)
+    want = upstream[:, 1:].double()[masked.view(G * r, N)].sum(0)
+    torch.testing.assert_close(g_mask.reshape(D).double(), want, **MASK_GRAD_FP64)
+
+
+def test_no_gradient_to_dec_pos_and_flat_mask_token():
+    dec_tokens, ids, mask_token, dec_pos, upstream = _inputs(2, 3, 2, 9, 40, torch.float32)
+    dec_pos.requires_grad_(True)
+    flat = mask_token.detach().reshape(-1).requires_grad_(True)
+    UnmixFunction.apply(dec_tokens, ids, flat, dec_pos, 3).backward(upstream)
+    assert dec_pos.grad is None and flat.grad.shape == flat.shape
+
+
+def test_backward_is_bitwise_reproducible():
+    args = _inputs(2, 2, 12, 49, 160, torch.bfloat16)
+    first = _run(UnmixFunction.apply, *args, 2)
+    second = _run(UnmixFunction.apply, *args, 2)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_backend_switch_and_errors():
+    dec_tokens, ids, mask_token, dec_pos, _ = _inputs(1, 4, 6, 25, 24, torch.float32)
+    with torch.no_grad():
+        want = unmix_reference(dec_tokens, ids, mask_token, dec_pos, 4)
+        for backend in ("auto", "triton", "torch"):
+            assert torch.equal(unmix(dec_tokens, ids, mask_token, dec_pos, 4, backend=backend), want)
+        with pytest.raises(ValueError, match="kernels='fast' is not one of"):
+            unmix(dec_tokens, ids, mask_token, dec_pos, 4, backend="fast")
+        with pytest.raises(ValueError, match="do not fit group_size"):
+            UnmixFunction.apply(dec_tokens[:, :-1], ids, mask_token, dec_pos, 4)
+
+
+# -- the model's kernels switch -------------------------------------------------------------------
+def _tiny(**kw):
+    cfg = dict(img_size=20, patch_size=4, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=40,
+               decoder_depth=1, decoder_num_heads=4, mlp_ratio=2.0, group_size=2, mask_ratio=0.7)
+    cfg.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MixedAutoencoderViT(**cfg).to(DEVICE)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(group_size=1, ha="none", hc_weight=0.0), dict(norm_pix_loss=False)],
+                         ids=["mixed", "mae", "raw_pixels"])
+def test_model_loss_and_grads_same_on_both_backends(kw):
+    """One flag, the same module: kernels=triton gives the loss and gradients of kernels=torch (fp32)."""
+    torch.manual_seed(0)
+    model = _tiny(kernels="torch", **kw)
+    with torch.no_grad():
+        model.mask_token.normal_()  # unequal mask-token entries, so its gradient is checked entrywise
+    images = torch.randn(4, 3, 20, 20, device=DEVICE)
+    results = {}
+    for kernels in ("torch", "triton"):
+        model.kernels = kernels
+        model.zero_grad(set_to_none=True)
+        out = model(images, seed=1, step=2)
+        out["loss"].backward()
+        results[kernels] = (out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    (ref, ref_grads), (got, got_grads) = results["torch"], results["triton"]
+    assert torch.equal(got["ids"], ref["ids"]) and torch.equal(got["loss_mask"], ref["loss_mask"])
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["pred"], ref["pred"], rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_config_threads_kernels_into_the_model():
+    cfg = load_config("cpu_tiny", ["--runtime.kernels=triton"])
+    assert cfg.runtime.kernels == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_model(cfg).kernels == "triton"
+    with pytest.raises(ValueError, match="kernels='cuda' is not one of auto, triton, torch"):
+        _tiny(kernels="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_vit_base_shapes_on_gpu(dtype):
+    """ViT-B/16 decoder input: B = 256 sources, r = 4, N = 196, n = 49, D = 512."""
+    G, r, n, N, D = 64, 4, 49, 196, 512
+    args = _inputs(G, r, n, N, D, dtype)
+    out, g_tok, g_mask = _run(UnmixFunction.apply, *args, r)
+    ref_out, ref_tok, ref_mask = _run(unmix_reference, *args, r)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, ref_out, **tol["out"])
+    torch.testing.assert_close(g_tok, ref_tok, **tol["grad"])
+    # ~37K masked rows summed: fp32 ordering error grows with the count
+    torch.testing.assert_close(g_mask, ref_mask, rtol=max(tol["grad"]["rtol"], 1e-5), atol=1e-3)
