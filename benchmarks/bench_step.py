@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
+from mixedae_fast.benchmarks.common import device_name, git_sha
 from mixedae_fast.config import load_config
 from mixedae_fast.engine import build_optimizer, resolve_precision
 from mixedae_fast.models import build_model
@@ -32,21 +30,6 @@ MODES = {
     "oracle": ["--mixing.ha=oracle", "--mixing.hc_weight=0"],
     "topk": [],
 }
-
-
-def git_sha() -> str:
-    """The checkout's short SHA; ``MIXEDAE_GIT_SHA`` where the copy has no .git (the lent GPU machine)."""
-    if os.environ.get("MIXEDAE_GIT_SHA"):
-        return os.environ["MIXEDAE_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def time_steps(config: str, overrides: list[str], batch: int, warmup: int, iters: int, device: torch.device) -> dict:
