@@ -1,11 +1,19 @@
-"""The embedded default dataset: procedurally drawn scenes whose class is a shape or texture, never a colour.
+"""The embedded default dataset: procedurally drawn scenes whose class is a texture or shape, never a colour.
 
-Each image is one object on a textured background. The class (``CLASSES``, ten scene types) fixes
-the object's outline and its fill pattern; everything else varies inside a class: position (anywhere,
-with a margin), extent (30-70% of the image), a small rotation where the shape allows one, the hues
-and lightness of background, object and pattern, a low-frequency background texture, pixel noise,
-and (half the time) a small soft blob as a distractor behind the object. Colours are drawn
-independently of the class, so a model has to learn shape and texture to tell classes apart.
+Each image is one large object on a plain background. The class (``CLASSES``, ten scene types) fixes
+the object's outline and its fill pattern: nine classes are textures (stripes in three orientations,
+checks, concentric rings, dots, a mesh, random cells, zigzags) and one is a flat disc, so most
+patches of an image show its class. Everything else varies inside a class: extent (60-100% of the
+image) and position (inside the image), a small rotation where the pattern allows one, the band
+width and phase of the pattern, the hue and lightness of background, object and pattern, a
+low-frequency background texture and pixel noise. Colours are muted (saturation <= 0.15) and drawn
+independently of the class; lightness contrast, not hue, makes the pattern visible. So colour tells
+nothing about the class, and, in mixed pretraining, little about which image a patch came from:
+patches are told apart by their texture, which is what the class is.
+
+Why so (a measured choice, ``configs/cpu_tiny.yaml``): with small objects on saturated random-hue
+backgrounds (version 1) mean-pooled features of a pretrained tiny ViT were dominated by colour and
+kNN stayed at chance; MixedAE's homologous recognition then learned to match patches by colour.
 
 Reproducibility: image ``i`` is a pure function of ``(seed, split, i, size)``. Its parameters come
 from ``np.random.default_rng([seed, split, 0, i])`` and do not depend on ``size`` (only the pixel
@@ -29,28 +37,31 @@ from pathlib import Path
 import numpy as np
 
 # Alphabetical, so torchvision's ImageFolder (which sorts folder names) gives the same label indices.
+# Nine of the ten classes are a texture that fills a large object, so most patches of an image show
+# its class; the tenth ("disc") is the one flat object. Outline and texture go together per class.
 CLASSES: tuple[str, ...] = (
-    "checkerboard",   # square patch, checkerboard fill
-    "concentric",     # disc of concentric bands
-    "cross",          # solid plus sign, rotated up to 15 degrees
-    "diagonal",       # disc filled with +-45 degree stripes
+    "checkerboard",   # square of checks, rotated up to 10 degrees
+    "diagonal",       # disc of +-45 degree stripes
     "disc",           # solid disc
-    "hstripes",       # square patch, horizontal stripes
-    "ring",           # hollow annulus
-    "square",         # solid square, rotated up to 20 degrees
-    "triangle",       # solid equilateral triangle pointing up, rotated up to 20 degrees
-    "vstripes",       # square patch, vertical stripes
+    "dots",           # square of dots on a square lattice, rotated up to 10 degrees
+    "grid",           # square of thin lines on a square lattice (a mesh), rotated up to 10 degrees
+    "hstripes",       # square of horizontal stripes, rotated up to 10 degrees
+    "mosaic",         # square of random two-colour cells, rotated up to 10 degrees
+    "ring",           # disc of concentric rings (bands around its centre)
+    "vstripes",       # square of vertical stripes, rotated up to 10 degrees
+    "zigzag",         # square of zigzag (chevron) stripes, rotated up to 10 degrees
 )
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VERSION = 1
+VERSION = 2
 DEFAULT_NUM_TRAIN = 5000
 DEFAULT_NUM_VAL = 1000
 SPLITS = {"train": 0, "val": 1}
 
 _NUM_UNIFORMS = 32     # per-image uniform draws; their meaning is fixed by _render
 _GRID = 4              # background texture: a 4x4 grid of normals per channel, bilinearly upsampled
-_MIN_BAND = 0.07       # narrowest stripe, in image widths (2.2 px at 32 px), so patterns survive patch 4
+_MOSAIC = 16           # mosaic: a 16x16 grid of uniforms per image, for the cells' two colours
+_MIN_BAND, _MAX_BAND = 0.065, 0.11   # stripe / check width in image widths (2.1-3.5 px at 32 px)
 _PIXEL_NOISE = 0.02
 _CHUNK_PIXELS = 1 << 20
 
@@ -79,8 +90,8 @@ def _hsv(h, s, v):
 
 def _contrast(v, d, u):
     """A lightness ``d`` away from ``v``: up or down at random (``u``), the other way if out of range."""
-    up = ((u < 0.5) & (v + d <= 1.0)) | (v - d < 0.05)
-    return np.clip(np.where(up, v + d, v - d), 0.05, 1.0)
+    up = ((u < 0.5) & (v + d <= 0.95)) | (v - d < 0.05)
+    return np.clip(np.where(up, v + d, v - d), 0.05, 0.95)
 
 
 def _bands(t, width, phase):
@@ -90,15 +101,23 @@ def _bands(t, width, phase):
     return (0.25 - np.abs(h)) * (2.0 * width)
 
 
+def _lattice(t, period, phase):
+    """Distance (image widths) along ``t`` to the nearest point of a lattice with this period."""
+    x = t / period + phase
+    return np.abs(x - np.floor(x + 0.5)) * period
+
+
 def _upsample_weights(size: int):
     pos = (np.arange(size) + 0.5) / size * (_GRID - 1)
     i0 = np.minimum(np.floor(pos).astype(np.int64), _GRID - 2)
     return i0, i0 + 1, (pos - i0).astype(np.float32)
 
 
-def _render(cls: str, u: np.ndarray, grid: np.ndarray, noise: np.ndarray, size: int) -> np.ndarray:
-    """Draw ``b`` scenes of one class. ``u [b, 32]`` uniforms, ``grid [b, 3, 4, 4]`` and ``noise
-    [b, size, size, 3]`` normals. Lengths are in image widths; returns float32 [b, size, size, 3] in [0, 1].
+def _render(cls: str, u: np.ndarray, grid: np.ndarray, cells: np.ndarray, noise: np.ndarray,
+            size: int) -> np.ndarray:
+    """Draw ``b`` scenes of one class. ``u [b, 32]`` and ``cells [b, 16, 16]`` uniforms, ``grid
+    [b, 3, 4, 4]`` and ``noise [b, size, size, 3]`` normals. Lengths are in image widths; returns
+    float32 [b, size, size, 3] in [0, 1].
     """
     b = len(u)
     col = lambda k: u[:, k].astype(np.float32)[:, None, None]   # noqa: E731 - per-image scalar, broadcast
@@ -106,64 +125,48 @@ def _render(cls: str, u: np.ndarray, grid: np.ndarray, noise: np.ndarray, size: 
     xs, ys = coord[None, None, :], coord[None, :, None]
     aa = np.float32(size)   # coverage = clip(sd * size + 1/2): a one-pixel linear edge
 
-    # Colours: background, object (hue far from the background's, lightness contrasting), pattern.
-    vb = 0.15 + 0.75 * u[:, 9]
-    bg_rgb = _hsv(u[:, 7], 0.25 + 0.6 * u[:, 8], vb)
-    h1 = np.mod(u[:, 7] + 0.2 + 0.6 * u[:, 10], 1.0)
-    v1 = _contrast(vb, 0.35 + 0.35 * u[:, 12], u[:, 13])
-    c1 = _hsv(h1, 0.4 + 0.6 * u[:, 11], v1)
-    v2 = _contrast(v1, 0.3 + 0.3 * u[:, 16], u[:, 17])
-    c2 = _hsv(np.mod(h1 + 0.25 + 0.5 * u[:, 14], 1.0), 0.4 + 0.6 * u[:, 15], v2)
+    # Colours, muted: a greyish background; the object's two colours contrast in lightness with the
+    # background and with each other, so the texture (not the hue) is what stands out.
+    vb = 0.35 + 0.3 * u[:, 9]
+    bg_rgb = _hsv(u[:, 7], 0.12 * u[:, 8], vb)
+    h1 = u[:, 10]
+    v1 = _contrast(vb, 0.15 + 0.15 * u[:, 12], u[:, 13])
+    c1 = _hsv(h1, 0.15 * u[:, 11], v1)
+    v2 = _contrast(v1, 0.45 + 0.15 * u[:, 16], u[:, 17])
+    c2 = _hsv(np.mod(h1 + 0.5 * (u[:, 14] - 0.5), 1.0), 0.15 * u[:, 15], v2)
 
     # Background: flat colour + low-frequency texture (bilinear 4x4 grid per channel).
     i0, i1, w = _upsample_weights(size)
     g = grid.astype(np.float32)
     g = g[:, :, i0, :] * (1 - w)[:, None] + g[:, :, i1, :] * w[:, None]          # [b, 3, S, 4]
     g = g[..., i0] * (1 - w) + g[..., i1] * w                                      # [b, 3, S, S]
-    amp = (0.04 + 0.08 * u[:, 18]).astype(np.float32)[:, None, None, None]
+    amp = (0.03 + 0.05 * u[:, 18]).astype(np.float32)[:, None, None, None]
     img = bg_rgb.astype(np.float32)[:, None, None, :] + amp * g.transpose(0, 2, 3, 1)
 
-    # Distractor: a soft polynomial blob, half the time, behind the object.
-    dx, dy = xs - (0.05 + 0.9 * col(19)), ys - (0.05 + 0.9 * col(20))
-    rho = 0.06 + 0.06 * col(21)
-    blob = np.clip(1.0 - (dx * dx + dy * dy) / (rho * rho), 0.0, 1.0)
-    blob = 0.85 * blob * blob * (col(22) < 0.5)
-    blob_rgb = _hsv(u[:, 23], 0.5 + 0.5 * u[:, 24], 0.2 + 0.8 * u[:, 25]).astype(np.float32)
-    img += blob[..., None] * (blob_rgb[:, None, None, :] - img)
-
-    # Object frame: extent s, centre with margin s/2, rotation (radians; cos/sin per image only).
-    s = 0.3 + 0.4 * col(2)
+    # Object frame: extent s (60-100% of the image), centre with margin s/2, rotation (radians;
+    # cos/sin per image only).
+    s = 0.6 + 0.4 * col(2)
     cx, cy = s / 2 + (1 - s) * col(0), s / 2 + (1 - s) * col(1)
-    max_rot = {"square": 20, "triangle": 20, "cross": 15, "hstripes": 10, "vstripes": 10,
-               "checkerboard": 10}.get(cls, 0)
+    max_rot = 0 if cls in ("diagonal", "disc", "ring") else 10
     theta = np.deg2rad(max_rot * (2 * u[:, 3] - 1))
     ct, st = np.cos(theta).astype(np.float32)[:, None, None], np.sin(theta).astype(np.float32)[:, None, None]
     x, y = xs - cx, ys - cy
     xr, yr = ct * x + st * y, ct * y - st * x
     r = np.sqrt(x * x + y * y)
-    width = np.maximum(s / (5.0 + 3.0 * col(4)), _MIN_BAND)
+    width = _MIN_BAND + (_MAX_BAND - _MIN_BAND) * col(4)
     phase = col(5)
 
-    half = 0.425 * s   # half side of squares: the rotated square stays about inside the margin
+    half = 0.5 * s
     square = np.minimum(half - np.abs(xr), half - np.abs(yr))
+    disc = 0.55 * s - r
     pattern = None
     if cls == "disc":
-        sd = s / 2 - r
+        sd = disc
     elif cls == "ring":
-        thick = (0.3 + 0.15 * col(6)) * s / 2
-        sd = thick / 2 - np.abs(r - (s / 2 - thick / 2))
-    elif cls == "square":
-        sd = square
-    elif cls == "cross":
-        arm = (0.28 + 0.12 * col(6)) * s / 2
-        sd = np.maximum(np.minimum(s / 2 - np.abs(xr), arm - np.abs(yr)),
-                        np.minimum(arm - np.abs(xr), s / 2 - np.abs(yr)))
-    elif cls == "triangle":
-        circum = 1.05 * s / np.sqrt(np.float32(3.0))
-        yt = yr - circum / 4          # centre the bounding box, not the centroid
-        k = np.float32(np.sqrt(3.0) / 2)
-        sd = np.minimum(np.minimum(circum / 2 - yt, circum / 2 - (k * xr - 0.5 * yt)),
-                        circum / 2 - (-k * xr - 0.5 * yt))
+        sd, pattern = disc, _bands(r, width, phase)
+    elif cls == "diagonal":
+        sign = np.where(col(6) < 0.5, 1.0, -1.0).astype(np.float32)
+        sd, pattern = disc, _bands((x + sign * y) * np.float32(np.sqrt(0.5)), width, phase)
     elif cls == "hstripes":
         sd, pattern = square, _bands(yr, width, phase)
     elif cls == "vstripes":
@@ -171,12 +174,26 @@ def _render(cls: str, u: np.ndarray, grid: np.ndarray, noise: np.ndarray, size: 
     elif cls == "checkerboard":
         bx, by = _bands(xr, width, phase), _bands(yr, width, col(6))
         sd, pattern = square, np.where(bx * by >= 0, 1, -1) * np.minimum(np.abs(bx), np.abs(by))
-    elif cls == "diagonal":
-        sign = np.where(col(6) < 0.5, 1.0, -1.0).astype(np.float32)
-        sd = s / 2 - r
-        pattern = _bands((x + sign * y) * np.float32(np.sqrt(0.5)), width, phase)
-    elif cls == "concentric":
-        sd, pattern = s / 2 - r, _bands(r, width, 0.0)
+    elif cls == "dots":
+        period = 3.0 * width
+        dx, dy = _lattice(xr, period, phase), _lattice(yr, period, col(6))
+        sd, pattern = square, (0.3 + 0.06 * col(26)) * period - np.sqrt(dx * dx + dy * dy)
+    elif cls == "grid":
+        period = 3.0 * width
+        line = (0.1 + 0.04 * col(26)) * period
+        dx, dy = _lattice(xr, period, phase), _lattice(yr, period, col(6))
+        sd, pattern = square, line - np.minimum(dx, dy)
+    elif cls == "zigzag":
+        wave = 2.5 * width                                       # zigzag wavelength along x
+        t = xr / wave + col(6)
+        tri = np.abs(t - np.floor(t + 0.5)) * 2.0                # triangle wave in [0, 1]
+        sd, pattern = square, _bands(yr + (0.9 + 0.4 * col(26)) * width * tri, width, phase)
+    elif cls == "mosaic":
+        cell = 2.0 * width
+        ix = np.clip(np.floor(xr / cell + _MOSAIC / 2), 0, _MOSAIC - 1).astype(np.int64)
+        iy = np.clip(np.floor(yr / cell + _MOSAIC / 2), 0, _MOSAIC - 1).astype(np.int64)
+        v = cells[np.arange(b)[:, None, None], iy, ix]
+        sd, pattern = square, np.where(v < 0.5, 1.0, -1.0).astype(np.float32)   # hard cell edges
     else:
         raise ValueError(f"unknown class {cls!r}")
 
@@ -227,15 +244,17 @@ def _draw(start: int, stop: int, size: int, seed: int, split: int, classes: np.n
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     u = np.empty((n, _NUM_UNIFORMS))
     grid = np.empty((n, 3, _GRID, _GRID))
+    cells = np.empty((n, _MOSAIC, _MOSAIC))
     noise = np.empty((n, size, size, 3), dtype=np.float32)
     for k in range(n):
         rng = np.random.default_rng([seed, split, 0, start + k])
         u[k] = rng.random(_NUM_UNIFORMS)
         grid[k] = rng.standard_normal((3, _GRID, _GRID))
+        cells[k] = rng.random((_MOSAIC, _MOSAIC))
         noise[k] = rng.standard_normal((size, size, 3), dtype=np.float32)
     for c in np.unique(labels):
         sel = np.flatnonzero(labels == c)
-        img = _render(CLASSES[c], u[sel], grid[sel], noise[sel], size)
+        img = _render(CLASSES[c], u[sel], grid[sel], cells[sel], noise[sel], size)
         images[sel] = np.floor(np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return images, labels
 
@@ -243,7 +262,7 @@ def _draw(start: int, stop: int, size: int, seed: int, split: int, classes: np.n
 def default_data_root(size: int = 32, num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL,
                       seed: int = 0) -> Path:
     """``$MIXEDAE_CACHE`` (default ``~/.cache/mixedae_fast``) /
-    ``synthetic-v1-<size>px-<num_train>-<num_val>-s<seed>``."""
+    ``synthetic-v<VERSION>-<size>px-<num_train>-<num_val>-s<seed>``."""
     cache = Path(os.environ.get("MIXEDAE_CACHE", "~/.cache/mixedae_fast")).expanduser()
     return cache / f"synthetic-v{VERSION}-{size}px-{num_train}-{num_val}-s{seed}"
 
