@@ -36,9 +36,10 @@ def test_default_config_is_valid():
 
 
 def test_cpu_tiny_shapes():
-    d = derive(load_config("cpu_tiny"))
+    cfg = load_config("cpu_tiny")
+    d = derive(cfg)
     assert (d.grid, d.num_patches, d.n_visible, d.encoder_len, d.patch_dim) == (8, 64, 16, 65, 48)
-    assert d.ha_layers == tuple(range(6))
+    assert d.ha_layers == tuple(range(cfg.model.depth))
 
 
 def test_vit_base_derived():
@@ -79,7 +80,7 @@ def test_overrides_yaml_parsing():
         "--runtime.device=cuda:1",
         "--data.path=/data/imagenet/train",
     ])
-    assert cfg.mixing.ha_layers == [0, -1] and derive(cfg).ha_layers == (0, 5)
+    assert cfg.mixing.ha_layers == [0, -1] and derive(cfg).ha_layers == (0, cfg.model.depth - 1)
     assert cfg.mixing.topk == 8 and derive(cfg).topk == 8
     assert cfg.optim.clip_grad is None and cfg.optim.lr == 1e-3
     assert cfg.data.crop_scale == (0.3, 1.0) and isinstance(cfg.data.crop_scale, tuple)
@@ -118,7 +119,7 @@ def test_mae_special_case_has_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = load_config("cpu_tiny", ["mixing.group_size=1", "mixing.ha=none", "mixing.hc_weight=0"])
-    assert derive(cfg).num_groups_per_rank == 64
+    assert derive(cfg).num_groups_per_rank == cfg.data.batch_size
 
 
 def test_unknown_key_suggests():
@@ -181,10 +182,11 @@ def test_bad_ha_lists_allowed():
 def test_ha_layers_out_of_range():
     pattern = r"mixing.ha_layers = \[0, 6\]: indices \[6\] out of range .*\[-6, 6\)"
     with pytest.raises(ConfigError, match=pattern):
-        load_config("cpu_tiny", ["mixing.ha_layers=[0,6]"])
+        load_config("cpu_tiny", ["model.depth=6", "mixing.ha_layers=[0,6]"])
     with pytest.raises(ConfigError, match=r"indices \[-7\]"):
-        load_config("cpu_tiny", ["mixing.ha_layers=[-7]"])
-    assert derive(load_config("cpu_tiny", ["mixing.ha_layers=[-6, 0, 5]"])).ha_layers == (0, 5)
+        load_config("cpu_tiny", ["model.depth=6", "mixing.ha_layers=[-7]"])
+    cfg = load_config("cpu_tiny", ["model.depth=6", "mixing.ha_layers=[-6, 0, 5]"])
+    assert derive(cfg).ha_layers == (0, 5)
 
 
 @pytest.mark.parametrize("k", [0, 65])
