@@ -11,14 +11,12 @@ layout, for ``mixedae-fast eval`` and the loaders. The folder appears atomically
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from mixedae_fast.pipelines.synthetic import _check_marker
+from mixedae_fast.pipelines.synthetic import atomic_dataset_folder
 
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "immunohistochemistry", "coins", "horse", "moon", "brick", "grass", "gravel")
@@ -99,24 +97,16 @@ def write_offline_folder(name: str, root: str | Path | None = None, size: int = 
     """Write ``root/{train,val}/<class>/<index:06d>.jpg`` for the offline dataset ``name``."""
     from PIL import Image
 
-    root = Path(root).expanduser() if root is not None else default_offline_root(name, size)
+    root = root if root is not None else default_offline_root(name, size)
     params = {"dataset": name, "size": size, "val_fraction": val_fraction, "seed": seed, "quality": quality}
-    if _check_marker(root, params):
-        return root
-    images, labels, classes = load_offline(name)
-    splits = dict(zip(("train", "val"), stratified_split(labels, val_fraction, seed)))
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for split, idx in splits.items():
+
+    def fill(tmp: Path) -> None:
+        images, labels, classes = load_offline(name)
+        for split, idx in zip(("train", "val"), stratified_split(labels, val_fraction, seed)):
             for c in classes:
                 (tmp / split / c).mkdir(parents=True, exist_ok=True)
             for i in idx:
                 img = Image.fromarray(images[i]).convert("RGB").resize((size, size), Image.BICUBIC)
                 img.save(tmp / split / classes[labels[i]] / f"{i:06d}.jpg", quality=quality)
-        (tmp / "DONE.json").write_text(json.dumps(params, indent=1))
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return atomic_dataset_folder(root, params, fill)

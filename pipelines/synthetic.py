@@ -273,12 +273,12 @@ def _check_marker(root: Path, params: dict) -> bool:
     if not root.exists():
         return False
     if not marker.is_file():
-        raise FileExistsError(f"{root} exists but is not a finished synthetic dataset (no DONE.json); "
+        raise FileExistsError(f"{root} exists but is not a finished dataset folder (no DONE.json); "
                               "delete it or choose another root")
     found = json.loads(marker.read_text())
     if found != params:
         diff = {k: (found.get(k), v) for k, v in params.items() if found.get(k) != v}
-        raise FileExistsError(f"{root} holds a synthetic dataset with other parameters "
+        raise FileExistsError(f"{root} holds a dataset with other parameters "
                               f"(found, wanted: {diff}); delete it or choose another root")
     return True
 
@@ -291,15 +291,10 @@ def write_image_folder(root: str | Path, num_train: int, num_val: int, size: int
     it is written to ``<root>.tmp-<pid>`` and renamed, with ``DONE.json`` (the parameters) inside. If
     ``root`` already holds the same parameters this returns at once; other contents raise.
     """
-    root = Path(root).expanduser()
     params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "size": size, "seed": seed,
               "quality": quality, "classes": list(CLASSES)}
-    if _check_marker(root, params):
-        return root
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    if tmp.exists():     # left by an earlier process with our pid that died mid-write
-        shutil.rmtree(tmp)
-    try:
+
+    def fill(tmp: Path) -> None:
         from PIL import Image
         from tqdm import tqdm
 
@@ -316,6 +311,23 @@ def write_image_folder(root: str | Path, num_train: int, num_val: int, size: int
                         path = tmp / split / CLASSES[lab] / f"{start + k:06d}.jpg"
                         Image.fromarray(img).save(path, quality=quality)
                     bar.update(len(images))
+
+    return atomic_dataset_folder(root, params, fill)
+
+
+def atomic_dataset_folder(root: str | Path, params: dict, fill) -> Path:
+    """Make ``root`` appear whole: ``fill(tmp)`` writes into ``<root>.tmp-<pid>``, ``DONE.json``
+    (``params``) goes beside it, then one rename. A ``root`` that already holds ``params`` is returned
+    at once; other contents raise (:func:`_check_marker`)."""
+    root = Path(root).expanduser()
+    if _check_marker(root, params):
+        return root
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    if tmp.exists():     # left by an earlier process with our pid that died mid-write
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
         (tmp / "DONE.json").write_text(json.dumps(params, indent=1))
         try:
             tmp.rename(root)
