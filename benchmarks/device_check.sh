@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks on a lent machine (shared/device/README.md), one call: install offline, run the whole
 # test suite (CPU tests + the GPU-marked ones; the only place torch 2.11 / CUDA meets the code), then the
-# model-step benchmark for ViT-B/16. Full logs and JSON under $OUT (or ./device-out).
+# model-step and mixing-kernel benchmarks for ViT-B/16. Full logs and JSON under $OUT (or ./device-out).
 set -uo pipefail
 out=${OUT:-device-out}
 mkdir -p "$out"
@@ -12,3 +12,5 @@ python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'trito
 timeout 300 python3 -m pytest -q -rs ${TESTS:-tests} 2>&1 | tee "$out/pytest.log" | tail -15
 timeout 200 python3 -m mixedae_fast.benchmarks.bench_step --config vit_base --batch ${BENCH_BATCH:-256} \
   --out "$out/bench_step.json" 2>&1 | tee "$out/bench.log"
+timeout 200 python3 -m mixedae_fast.benchmarks.bench_kernels --config vit_base --batch 256,1024 \
+  --step-json "$out/bench_step.json" --out "$out/bench_kernels.json" 2>&1 | tee "$out/bench_kernels.log"

@@ -18,12 +18,15 @@ The images are data: nothing here needs a backward pass for them. The Triton pat
 (:func:`patch_mix_forward`) returns tensors without autograd history; the reference inherits
 ``images.requires_grad`` like any torch op.
 
-Backends (:func:`patch_mix`, also used by ``unmix``): ``auto`` = Triton when the tensors are on CUDA,
-the reference otherwise; ``triton`` forces the kernel (on CPU only through ``TRITON_INTERPRET=1``);
+Backends (:func:`patch_mix`, also used by ``unmix``): ``auto`` = Triton when the tensors are on CUDA and
+the kernels passed their once-per-device self-check there (:func:`kernels_verified`), the reference
+otherwise; ``triton`` forces the kernel (on CPU only through ``TRITON_INTERPRET=1``);
 ``torch`` = the reference.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -253,22 +256,82 @@ def _interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-# The kernels pass every test through Triton's interpreter and compile for sm_90, but have not yet
-# run on a GPU: until they have, `auto` keeps the reference and `kernels=triton` is the opt-in.
-AUTO_USES_TRITON = False
+# `auto` takes the kernels on CUDA only after they pass a small self-check on that device (once per process
+# and device, ~1 s): they pass every test through Triton's interpreter and compile for sm_90, so the check
+# guards against a compiler or driver that miscompiles them, falling back to the reference with a warning.
+# MIXEDAE_KERNEL_SELFCHECK=0 skips it (trust the kernels).
+_VERIFIED: dict[str, bool] = {}
+
+
+def _self_check(device: torch.device) -> str | None:
+    """Run the assignment, patch_mix and unmix kernels (forward and backward) against their references at
+    small odd shapes on ``device``. Returns None when they agree, else what differed."""
+    from mixedae_fast.kernels.unmix import UnmixFunction, unmix_reference
+
+    gen = torch.Generator().manual_seed(0)
+    r, n, P, S, D = 4, 6, 8, 40, 24                                  # 5x5 grid: N = 25, r*n = 24 < N
+    N = (S // P) ** 2
+    ids = draw_assignment(2, N, r, n, seed=1, step=2, device=device, backend="torch")
+    if not torch.equal(assignment_forward(2, N, r, n, 1, 2, device=device), ids):
+        return "assignment ids differ from the torch draw"
+    images = torch.randn(2 * r, 3, S, S, generator=gen).to(device=device, dtype=torch.bfloat16)
+    got, want = patch_mix_forward(images, ids, r, n, P), patch_mix_reference(images, ids, r, n, P)
+    if not (torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])):
+        return "patch_mix: mixed patches or loss mask differ"
+    if not torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-4):
+        return "patch_mix: targets differ"
+    tokens = torch.randn(2, 1 + r * n, D, generator=gen).to(device).requires_grad_()
+    mask_token = torch.randn(1, 1, D, generator=gen).to(device).requires_grad_()
+    pos = torch.randn(1, N + 1, D, generator=gen).to(device)
+    grad = torch.randn(2 * r, N + 1, D, generator=gen).to(device)
+    outs = []
+    for fn in (lambda: UnmixFunction.apply(tokens, ids, mask_token, pos, r),
+               lambda: unmix_reference(tokens, ids, mask_token, pos, r)):
+        out = fn()
+        outs.append((out.detach(), *torch.autograd.grad(out, (tokens, mask_token), grad)))
+    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(*outs)):
+        return "unmix: output or gradients differ"
+    return None
+
+
+def kernels_verified(device: torch.device) -> bool:
+    """Whether ``kernels=auto`` may take the Triton kernels on ``device`` (the self-check, cached)."""
+    key = str(device)
+    if key not in _VERIFIED:
+        if os.environ.get("MIXEDAE_KERNEL_SELFCHECK", "1") == "0":
+            _VERIFIED[key] = True
+        else:
+            try:
+                problem = _self_check(device)
+            except Exception as e:  # a compiler or launch failure: same treatment as a wrong result
+                problem = f"{type(e).__name__}: {e}"
+            if problem:
+                warnings.warn(f"the Triton kernels failed their self-check on {device} ({problem}); "
+                              "kernels=auto uses the torch reference there. Please report this with your "
+                              "torch/triton versions; kernels=torch silences this check.", RuntimeWarning,
+                              stacklevel=3)
+            _VERIFIED[key] = problem is None
+    return _VERIFIED[key]
 
 
 def use_triton(backend: str, *where: torch.Tensor | torch.device) -> bool:
     """Resolve ``auto | triton | torch`` for an op on these tensors or devices (True = the kernel).
 
-    ``auto`` takes the torch reference until the kernels have been verified compiled on a GPU
-    (``AUTO_USES_TRITON``); ``triton`` opts in (on CUDA, or on CPU under Triton's interpreter).
+    ``auto`` takes the kernels on CUDA once they passed :func:`kernels_verified` there (under
+    ``torch.compile`` tracing, only if the check already ran eagerly); ``triton`` forces them (on CUDA,
+    or on CPU under Triton's interpreter); ``torch`` takes the reference.
     """
-    on_cuda = all(w.type == "cuda" if isinstance(w, torch.device) else w.is_cuda for w in where)
+    devices = {w if isinstance(w, torch.device) else w.device for w in where}
+    on_cuda = all(d.type == "cuda" for d in devices)
     if backend == "torch":
         return False
     if backend == "auto":
-        return AUTO_USES_TRITON and on_cuda and tl is not None
+        if not on_cuda or tl is None or len(devices) != 1:
+            return False
+        (device,) = devices
+        if torch.compiler.is_compiling():
+            return _VERIFIED.get(str(device), False)
+        return kernels_verified(device)
     if backend == "triton":
         if tl is None:
             raise RuntimeError("kernels='triton' needs the triton package, which is not installed")

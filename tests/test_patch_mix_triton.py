@@ -122,7 +122,7 @@ def test_backend_switch():
     want = patch_mix_reference(images, ids, 2, n, 4)
     for backend in ("auto", "triton", "torch"):
         _assert_matches(patch_mix(images, ids, 2, n, 4, backend=backend), want, torch.float32)
-    assert pm.use_triton("auto", images, ids) == (images.is_cuda and pm.AUTO_USES_TRITON)
+    assert pm.use_triton("auto", images, ids) == (images.is_cuda and pm.kernels_verified(images.device))
     assert pm.use_triton("triton", images, ids) and not pm.use_triton("torch", images, ids)
     with pytest.raises(ValueError, match="kernels='cuda' is not one of auto, triton, torch"):
         patch_mix(images, ids, 2, n, 4, backend="cuda")
@@ -135,6 +135,34 @@ def test_triton_on_cpu_without_interpreter_fails_clearly(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         patch_mix(images, ids, 2, n, 4, backend="triton")
     assert pm.use_triton("auto", images, ids) is False  # auto never needs the interpreter
+
+
+def test_self_check_passes_on_this_device():
+    device = torch.device(DEVICE)
+    assert pm._self_check(device) is None
+
+
+def test_auto_takes_the_kernels_on_cuda_only_after_the_self_check(monkeypatch):
+    asked = []
+    monkeypatch.setattr(pm, "kernels_verified", lambda device: asked.append(device) or len(asked) > 1)
+    cuda = torch.device("cuda", 0)
+    assert pm.use_triton("auto", cuda) is False and asked == [cuda]   # check failed: the reference
+    assert pm.use_triton("auto", cuda) is True                         # check passed: the kernels
+    assert pm.use_triton("auto", torch.device("cpu")) is False and len(asked) == 2  # CPU: never asked
+
+
+def test_failed_self_check_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(pm, "_VERIFIED", {})
+    broken = lambda images, ids, r, n, P, norm_pix=True: [t + 1 for t in pm.patch_mix_reference(images, ids, r, n, P)]
+    monkeypatch.setattr(pm, "patch_mix_forward", broken)
+    with pytest.warns(RuntimeWarning, match=r"failed their self-check on cpu \(patch_mix: mixed patches"):
+        assert pm.kernels_verified(torch.device("cpu")) is False
+    assert pm.kernels_verified(torch.device("cpu")) is False             # cached: no second check or warning
+    monkeypatch.setattr(pm, "_self_check", lambda device: 1 / 0)
+    with pytest.warns(RuntimeWarning, match="ZeroDivisionError"):
+        assert pm.kernels_verified(torch.device("meta")) is False
+    monkeypatch.setenv("MIXEDAE_KERNEL_SELFCHECK", "0")
+    assert pm.kernels_verified(torch.device("cuda", 1)) is True
 
 
 def test_launcher_errors():

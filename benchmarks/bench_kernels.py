@@ -1,0 +1,180 @@
+"""Effective bandwidth of the mixing kernels against their references and a device copy.
+
+    python -m mixedae_fast.benchmarks.bench_kernels --config vit_base --batch 256,1024 --out kernels.json
+
+For each batch it times, on synthetic tensors of the config's shapes (images in the autocast dtype,
+decoder tokens of ``decoder_embed_dim``):
+
+* ``copy``: a device-to-device copy of the image batch, the bandwidth ceiling of this run;
+* ``assignment``: ``draw_assignment`` (Triton kernel vs the torch draw);
+* ``patch_mix``: images -> mixed patches, fp32 norm-pix targets and loss mask;
+* ``unmix_fwd`` and ``unmix_fwd_bwd``: encoder tokens -> per-source decoder input, and its backward;
+
+each as ``triton``, ``reference`` (eager) and ``compiled`` (``torch.compile`` of the reference; CUDA
+only unless ``--compile``). Effective bandwidth = the bytes the op must move (every input read once,
+every output written once; listed in ``bytes``) / median time. CUDA events on a GPU, the wall clock on
+CPU; untimed warm-up. The Triton rows run on CUDA only (``--triton`` forces them, e.g. under
+``TRITON_INTERPRET=1`` for a smoke test). ``--step-json`` takes a ``bench_step`` result of the same run
+and reports the kernels' share of a training step.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from mixedae_fast.benchmarks.common import device_name, git_sha
+from mixedae_fast.config import derive, load_config
+from mixedae_fast.engine import resolve_precision
+from mixedae_fast.kernels.patch_mix import (
+    assignment_forward,
+    draw_assignment,
+    patch_mix_forward,
+    patch_mix_reference,
+)
+from mixedae_fast.kernels.unmix import UnmixFunction, unmix_reference
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _unmix_step(unmix_fn):
+    """Forward and backward of an unmix implementation (the gradients of the tokens and mask token)."""
+    def run(tokens, ids, mask_token, pos, r, grad):
+        return torch.autograd.grad(unmix_fn(tokens, ids, mask_token, pos, r), (tokens, mask_token), grad)
+    return run
+
+
+def bench_batch(cfg, batch: int, device: torch.device, dtype: torch.dtype, variants: list[str],
+                warmup: int, iters: int) -> dict:
+    d = derive(cfg)
+    r, n, N, P = cfg.mixing.group_size, d.n_visible, d.num_patches, cfg.model.patch_size
+    S, Dd, G = cfg.model.img_size, cfg.model.decoder_embed_dim, batch // cfg.mixing.group_size
+    e = torch.tensor([], dtype=dtype).element_size()
+    images = torch.randn(batch, 3, S, S, device=device).to(dtype)
+    ids = draw_assignment(G, N, r, n, seed=0, step=0, device=device, backend="torch")
+    tokens = torch.randn(G, 1 + r * n, Dd, device=device).to(dtype).requires_grad_()
+    mask_token = torch.randn(1, 1, Dd, device=device).to(dtype).requires_grad_()
+    pos = torch.randn(1, N + 1, Dd, device=device).to(dtype)
+    grad = torch.randn(batch, N + 1, Dd, device=device).to(dtype)
+    copy_dst = torch.empty_like(images)
+
+    ids_bytes, dec_in_bytes, tokens_bytes = G * r * n * 4, batch * (N + 1) * Dd * e, tokens.numel() * e
+    unmix_fwd_bytes = tokens_bytes + ids_bytes + (Dd + (N + 1) * Dd) * e + dec_in_bytes
+    unmix_args = (tokens.detach(), ids, mask_token.detach(), pos, r)
+    # op: (bytes that must move, {variant: function}, its arguments); `compiled` = torch.compile(reference)
+    ops = {
+        "copy": (2 * images.numel() * e, {"reference": copy_dst.copy_}, (images,)),
+        "assignment": (ids_bytes, {"triton": assignment_forward,
+                                   "reference": partial(draw_assignment, backend="torch")},
+                       (G, N, r, n, 0, 0, 0, device)),
+        "patch_mix": (images.numel() * e + ids_bytes + G * r * n * 3 * P * P * e + batch * N * 3 * P * P * 4
+                      + batch * N, {"triton": patch_mix_forward, "reference": patch_mix_reference},
+                      (images, ids, r, n, P)),
+        # forward: tokens, ids, mask token, pos embed in; the decoder input out. backward: grad out in,
+        # grad tokens (and the mask token's) out
+        "unmix_fwd": (unmix_fwd_bytes, {"triton": UnmixFunction.apply, "reference": unmix_reference}, unmix_args),
+        "unmix_fwd_bwd": (unmix_fwd_bytes + dec_in_bytes + tokens_bytes + ids_bytes + Dd * e,
+                          {"triton": _unmix_step(UnmixFunction.apply), "reference": _unmix_step(unmix_reference)},
+                          (tokens, ids, mask_token, pos, r, grad)),
+    }
+    rows = {}
+    for op, (nbytes, impls, op_args) in ops.items():
+        if "compiled" in variants and op not in ("copy", "assignment"):
+            impls = {**impls, "compiled": torch.compile(impls["reference"], dynamic=False)}
+        for variant, fn in impls.items():
+            if variant not in variants:
+                continue
+            ms = median_ms(partial(fn, *op_args), device, warmup, iters)
+            rows[f"{op}/{variant}"] = {"op": op, "variant": variant, "ms": ms, "bytes": nbytes,
+                                       "gb_per_s": nbytes / ms / 1e6}
+    return {"shapes": {"batch": batch, "groups": G, "r": r, "N": N, "n": n, "patch": P, "img_size": S,
+                       "decoder_dim": Dd, "dtype": str(dtype).removeprefix("torch.")}, "rows": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="vit_base")
+    p.add_argument("--batch", default="256,1024", help="comma-separated source-image batch sizes")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--triton", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the Triton kernels (default: on CUDA only)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="time torch.compile of the references (default: on CUDA only)")
+    p.add_argument("--step-json", default=None, help="a bench_step result of the same run: report the share")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args, overrides = p.parse_known_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = load_config(args.config, overrides)
+    dtype = resolve_precision(cfg.runtime.precision, device) or torch.float32
+    on_cuda = device.type == "cuda"
+    variants = ["reference"]
+    if args.triton if args.triton is not None else on_cuda:
+        variants.append("triton")
+    if args.compile if args.compile is not None else on_cuda:
+        variants.append("compiled")
+    batches = [int(b) for b in args.batch.split(",") if b]
+    bad = [b for b in batches if b % cfg.mixing.group_size]
+    if bad:
+        p.error(f"batch sizes {bad} are not multiples of the group size {cfg.mixing.group_size}")
+    import triton
+
+    result = {
+        "benchmark": "kernels", "config": args.config, "device": device_name(device),
+        "torch": torch.__version__, "triton": triton.__version__, "git_sha": git_sha(),
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "mixedae_fast.benchmarks.bench_kernels",
+                             *(argv if argv is not None else sys.argv[1:])]),
+        "batches": [],
+    }
+    step = None
+    if args.step_json:
+        with open(args.step_json) as f:
+            step = json.load(f)
+    print(f"{'batch':>6} {'op':<15}{'variant':<11}{'ms':>9}{'GB/s':>9}{'of copy':>9}", flush=True)
+    for batch in batches:
+        res = bench_batch(cfg, batch, device, dtype, variants, args.warmup, args.iters)
+        copy_bw = res["rows"]["copy/reference"]["gb_per_s"]
+        for row in res["rows"].values():
+            row["of_copy"] = row["gb_per_s"] / copy_bw
+            print(f"{batch:>6} {row['op']:<15}{row['variant']:<11}{row['ms']:>9.3f}{row['gb_per_s']:>9.1f}"
+                  f"{row['of_copy']:>9.2f}", flush=True)
+        if step and step.get("batch") == batch and "triton" in variants:
+            ms = sum(res["rows"][f"{op}/triton"]["ms"] for op in ("assignment", "patch_mix", "unmix_fwd_bwd"))
+            step_ms = step["rows"]["topk"]["ms_per_step"] if "topk" in step["rows"] else None
+            if step_ms:
+                res["share_of_step"] = {"kernels_ms": ms, "step_ms": step_ms, "fraction": ms / step_ms}
+                print(f"{batch:>6} kernels {ms:.3f} ms = {ms / step_ms:.2%} of a {step_ms:.1f} ms TopK step")
+        result["batches"].append(res)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
