@@ -39,7 +39,7 @@ from mixedae_fast.kernels.patch_mix import (
     patch_mix_forward,
     patch_mix_reference,
 )
-from mixedae_fast.kernels.unmix import UnmixFunction, unmix_reference
+from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
@@ -96,9 +96,9 @@ def bench_batch(cfg, batch: int, device: torch.device, dtype: torch.dtype, varia
                       (images, ids, r, n, P)),
         # forward: tokens, ids, mask token, pos embed in; the decoder input out. backward: grad out in,
         # grad tokens (and the mask token's) out
-        "unmix_fwd": (unmix_fwd_bytes, {"triton": UnmixFunction.apply, "reference": unmix_reference}, unmix_args),
+        "unmix_fwd": (unmix_fwd_bytes, {"triton": unmix_triton, "reference": unmix_reference}, unmix_args),
         "unmix_fwd_bwd": (unmix_fwd_bytes + dec_in_bytes + tokens_bytes + ids_bytes + Dd * e,
-                          {"triton": _unmix_step(UnmixFunction.apply), "reference": _unmix_step(unmix_reference)},
+                          {"triton": _unmix_step(unmix_triton), "reference": _unmix_step(unmix_reference)},
                           (tokens, ids, mask_token, pos, r, grad)),
     }
     rows = {}

@@ -266,7 +266,7 @@ _VERIFIED: dict[str, bool] = {}
 def _self_check(device: torch.device) -> str | None:
     """Run the assignment, patch_mix and unmix kernels (forward and backward) against their references at
     small odd shapes on ``device``. Returns None when they agree, else what differed."""
-    from mixedae_fast.kernels.unmix import UnmixFunction, unmix_reference
+    from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
 
     gen = torch.Generator().manual_seed(0)
     r, n, P, S, D = 4, 6, 8, 40, 24                                  # 5x5 grid: N = 25, r*n = 24 < N
@@ -285,7 +285,7 @@ def _self_check(device: torch.device) -> str | None:
     pos = torch.randn(1, N + 1, D, generator=gen).to(device)
     grad = torch.randn(2 * r, N + 1, D, generator=gen).to(device)
     outs = []
-    for fn in (lambda: UnmixFunction.apply(tokens, ids, mask_token, pos, r),
+    for fn in (lambda: unmix_triton(tokens, ids, mask_token, pos, r),
                lambda: unmix_reference(tokens, ids, mask_token, pos, r)):
         out = fn()
         outs.append((out.detach(), *torch.autograd.grad(out, (tokens, mask_token), grad)))
@@ -375,8 +375,25 @@ def patch_mix_forward(images: torch.Tensor, ids: torch.Tensor, group_size: int, 
     return mixed, targets, loss_mask
 
 
+# The Triton path as a torch.library custom op: torch.compile keeps it whole (no graph break) and takes
+# its output shapes from the fake implementation.
+@torch.library.custom_op("mixedae_fast::patch_mix", mutates_args=())
+def _patch_mix_op(images: torch.Tensor, ids: torch.Tensor, group_size: int, n_visible: int, patch_size: int,
+                  norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return patch_mix_forward(images, ids, group_size, n_visible, patch_size, norm_pix)
+
+
+@_patch_mix_op.register_fake
+def _(images, ids, group_size, n_visible, patch_size, norm_pix):
+    B, C, S, _ = images.shape
+    N, D = (S // patch_size) ** 2, C * patch_size * patch_size
+    return (images.new_empty(B // group_size, group_size * n_visible, D),
+            images.new_empty(B, N, D, dtype=torch.float32), images.new_empty(B, N, dtype=torch.bool))
+
+
 def patch_mix(images, ids, group_size, n_visible, patch_size, norm_pix=True, backend="auto"):
-    """The op the model calls: :func:`patch_mix_forward` or :func:`patch_mix_reference` by ``backend``."""
+    """The op the model calls: :func:`patch_mix_forward` (as the custom op ``torch.ops.mixedae_fast.
+    patch_mix``) or :func:`patch_mix_reference` by ``backend``."""
     if use_triton(backend, images, ids):
-        return patch_mix_forward(images, ids, group_size, n_visible, patch_size, norm_pix)
+        return _patch_mix_op(images, ids, group_size, n_visible, patch_size, bool(norm_pix))
     return patch_mix_reference(images, ids, group_size, n_visible, patch_size, norm_pix)

@@ -14,7 +14,7 @@ Gradients reach ``dec_tokens`` (visible tokens, and the CLS summed over the grou
 assignment (distinct positions per group), as :func:`~mixedae_fast.kernels.patch_mix.draw_assignment`
 draws it.
 
-The Triton path (:class:`UnmixFunction`) adds in fp32 and rounds once to the dtype: bitwise the
+The Triton path (:func:`unmix_triton`) adds in fp32 and rounds once to the dtype: bitwise the
 reference computed in fp32 and rounded (the reference in bf16/fp16 rounds ``mask_token`` and
 ``dec_pos`` to the dtype before the add, so the two differ there by up to a rounding of each input;
 in fp32 they agree exactly). Its backward is deterministic (no atomics: bitwise reproducible) and
@@ -145,7 +145,7 @@ def _blocks(rows: int, D: int, max_d: int, tile: int):
 
 def unmix_forward(dec_tokens: torch.Tensor, ids: torch.Tensor, mask_token: torch.Tensor,
                   dec_pos: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``[B, N+1, D]`` in ``dec_tokens``' dtype: the forward of :class:`UnmixFunction`."""
+    """``[B, N+1, D]`` in ``dec_tokens``' dtype: the forward of :func:`unmix_triton`."""
     G, r, n, N, D = _shapes(dec_tokens, ids, dec_pos, group_size)
     dtype, dev = dec_tokens.dtype, dec_tokens.device
     tokens = dec_tokens.contiguous()
@@ -180,27 +180,57 @@ def unmix_backward(grad_out: torch.Tensor, ids: torch.Tensor, group_size: int, d
     return grad_tokens.to(dtype), grad_mask
 
 
-class UnmixFunction(torch.autograd.Function):
-    """:func:`unmix_reference` with Triton kernels; ``dec_pos`` gets no gradient (it is fixed)."""
+# The Triton path as torch.library custom ops with an autograd formula: torch.compile treats them as
+# opaque nodes (no graph break; shapes from the fake implementations) and eager autograd works as usual.
+@torch.library.custom_op("mixedae_fast::unmix", mutates_args=())
+def _unmix_op(dec_tokens: torch.Tensor, ids: torch.Tensor, mask_token: torch.Tensor, dec_pos: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    return unmix_forward(dec_tokens, ids, mask_token, dec_pos, group_size)
 
-    @staticmethod
-    def forward(ctx, dec_tokens, ids, mask_token, dec_pos, group_size):
-        out = unmix_forward(dec_tokens, ids, mask_token, dec_pos, group_size)
-        ctx.save_for_backward(ids)
-        ctx.group_size, ctx.dtype = group_size, dec_tokens.dtype
-        ctx.mask_shape, ctx.mask_dtype = mask_token.shape, mask_token.dtype
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (ids,) = ctx.saved_tensors
-        grad_tokens, grad_mask = unmix_backward(grad_out, ids, ctx.group_size, ctx.dtype, ctx.mask_shape,
-                                                ctx.mask_dtype)
-        return grad_tokens, None, grad_mask, None, None
+@_unmix_op.register_fake
+def _(dec_tokens, ids, mask_token, dec_pos, group_size):
+    G, _, D = dec_tokens.shape
+    return dec_tokens.new_empty(G * group_size, dec_pos.shape[-2], D)
+
+
+@torch.library.custom_op("mixedae_fast::unmix_backward", mutates_args=())
+def _unmix_backward_op(grad_out: torch.Tensor, ids: torch.Tensor, mask_token: torch.Tensor,
+                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return unmix_backward(grad_out, ids, group_size, grad_out.dtype, mask_token.shape, mask_token.dtype)
+
+
+@_unmix_backward_op.register_fake
+def _(grad_out, ids, mask_token, group_size):
+    G, D = ids.shape[0], grad_out.shape[-1]
+    return grad_out.new_empty(G, 1 + ids.shape[1], D), torch.empty_like(mask_token)
+
+
+def _unmix_setup_context(ctx, inputs, output):
+    _, ids, mask_token, _, group_size = inputs
+    ctx.save_for_backward(ids, mask_token.detach())
+    ctx.group_size = group_size
+
+
+def _unmix_grad(ctx, grad_out):
+    ids, mask_token = ctx.saved_tensors
+    grad_tokens, grad_mask = _unmix_backward_op(grad_out.contiguous(), ids, mask_token, ctx.group_size)
+    return grad_tokens, None, grad_mask, None, None
+
+
+_unmix_op.register_autograd(_unmix_grad, setup_context=_unmix_setup_context)
+
+
+def unmix_triton(dec_tokens: torch.Tensor, ids: torch.Tensor, mask_token: torch.Tensor, dec_pos: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """:func:`unmix_reference` through the Triton kernels, forward and backward (``dec_pos`` gets no
+    gradient: it is fixed). A custom op (``torch.ops.mixedae_fast.unmix``): ``torch.compile`` keeps it
+    whole."""
+    return _unmix_op(dec_tokens, ids, mask_token, dec_pos, group_size)
 
 
 def unmix(dec_tokens, ids, mask_token, dec_pos, group_size, backend="auto"):
-    """The op the model calls: :class:`UnmixFunction` or :func:`unmix_reference` by ``backend``."""
+    """The op the model calls: :func:`unmix_triton` or :func:`unmix_reference` by ``backend``."""
     if use_triton(backend, dec_tokens, ids):
-        return UnmixFunction.apply(dec_tokens, ids, mask_token, dec_pos, group_size)
+        return unmix_triton(dec_tokens, ids, mask_token, dec_pos, group_size)
     return unmix_reference(dec_tokens, ids, mask_token, dec_pos, group_size)

@@ -1,4 +1,4 @@
-"""The Triton unmix kernels (issue 4): ``UnmixFunction`` against ``unmix_reference``, and the model's
+"""The Triton unmix kernels (issue 4): ``unmix_triton`` against ``unmix_reference``, and the model's
 ``kernels`` switch.
 
 Runs compiled on CUDA and through Triton's interpreter on CPU: odd shapes (B = r, r*n < N, r = 1, D
@@ -13,7 +13,7 @@ import torch
 
 from mixedae_fast.config import load_config
 from mixedae_fast.kernels.patch_mix import draw_assignment
-from mixedae_fast.kernels.unmix import UnmixFunction, unmix, unmix_reference
+from mixedae_fast.kernels.unmix import unmix, unmix_reference, unmix_triton
 from mixedae_fast.models import MixedAutoencoderViT, build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,7 +66,7 @@ def _run(fn, dec_tokens, ids, mask_token, dec_pos, upstream, r):
 def test_kernel_matches_reference(G, r, n, N, D, dtype):
     args = _inputs(G, r, n, N, D, dtype)
     dec_tokens, ids, mask_token, dec_pos, upstream = args
-    out, g_tok, g_mask = _run(UnmixFunction.apply, *args, r)
+    out, g_tok, g_mask = _run(unmix_triton, *args, r)
     ref_out, ref_tok, ref_mask = _run(unmix_reference, *args, r)
     tol = TOL[dtype]
     assert out.dtype == dtype and g_tok.dtype == dtype and g_mask.dtype == torch.float32
@@ -88,14 +88,14 @@ def test_no_gradient_to_dec_pos_and_flat_mask_token():
     dec_tokens, ids, mask_token, dec_pos, upstream = _inputs(2, 3, 2, 9, 40, torch.float32)
     dec_pos.requires_grad_(True)
     flat = mask_token.detach().reshape(-1).requires_grad_(True)
-    UnmixFunction.apply(dec_tokens, ids, flat, dec_pos, 3).backward(upstream)
+    unmix_triton(dec_tokens, ids, flat, dec_pos, 3).backward(upstream)
     assert dec_pos.grad is None and flat.grad.shape == flat.shape
 
 
 def test_backward_is_bitwise_reproducible():
     args = _inputs(2, 2, 12, 49, 160, torch.bfloat16)
-    first = _run(UnmixFunction.apply, *args, 2)
-    second = _run(UnmixFunction.apply, *args, 2)
+    first = _run(unmix_triton, *args, 2)
+    second = _run(unmix_triton, *args, 2)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -109,7 +109,7 @@ def test_backend_switch_and_errors():
         with pytest.raises(ValueError, match="kernels='fast' is not one of"):
             unmix(dec_tokens, ids, mask_token, dec_pos, 4, backend="fast")
         with pytest.raises(ValueError, match="do not fit group_size"):
-            UnmixFunction.apply(dec_tokens[:, :-1], ids, mask_token, dec_pos, 4)
+            unmix_triton(dec_tokens[:, :-1], ids, mask_token, dec_pos, 4)
 
 
 # -- the model's kernels switch -------------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_vit_base_shapes_on_gpu(dtype):
     """ViT-B/16 decoder input: B = 256 sources, r = 4, N = 196, n = 49, D = 512."""
     G, r, n, N, D = 64, 4, 49, 196, 512
     args = _inputs(G, r, n, N, D, dtype)
-    out, g_tok, g_mask = _run(UnmixFunction.apply, *args, r)
+    out, g_tok, g_mask = _run(unmix_triton, *args, r)
     ref_out, ref_tok, ref_mask = _run(unmix_reference, *args, r)
     tol = TOL[dtype]
     torch.testing.assert_close(out, ref_out, **tol["out"])
