@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 # Allowed values of the enum-like fields; a new backend is one more entry in its tuple.
-ATTENTION_BACKENDS = ("auto", "sdpa", "eager")  # to come: xformers, flex, triton
+ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "flex", "eager")  # mixedae_fast.attention.BACKENDS
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 CHOICES: dict[str, tuple[str, ...]] = {
     "mixing.ha": ("topk", "oracle", "none"),
