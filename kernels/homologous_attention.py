@@ -298,17 +298,24 @@ def _check(q, k, v, src, topk):
     return G, H, L, d
 
 
-def _blocks(L: int, d: int):
-    """(BLOCK_N, BLOCK_D, BLOCK_M): keys in one power-of-two tile of >= 32 (whole bit words), query
-    rows so that a score tile stays near 8K values. Untuned."""
+def _blocks(L: int, d: int, ieee: bool):
+    """(BLOCK_N, BLOCK_D, BLOCK_M, key block of the dK/dV kernel): every key in one power-of-two tile
+    of >= 32 (whole bit words), 32 query rows. Untuned (no GPU yet); checked with sm_90 ptxas, 8 warps:
+    at L = 197, d = 64 bf16 the forward takes 195 registers, dQ 240, dK/dV 200, none spills (64-row
+    blocks spill at L = 65). Compiled fp32 (IEEE dots, no tensor cores) takes 16 rows, and spills a
+    little even so (30-80 KB at 32 rows)."""
     block_n = max(32, triton.next_power_of_2(L))
-    return block_n, max(16, triton.next_power_of_2(d)), max(16, min(64, 8192 // block_n))
+    return block_n, max(16, triton.next_power_of_2(d)), 16 if ieee else 32, 32 if ieee else min(64, block_n)
+
+
+NUM_WARPS = 8
 
 
 def homologous_attention_forward(q, k, v, src, topk: int, hc: bool):
     """``(out [G,H,L,d], lse fp32 [G*H, L], hc fp32 [G*H, L-1, 2] | None, bits int32 [G*H, L, L/32])``."""
     G, H, L, d = _check(q, k, v, src, topk)
-    block_n, block_d, block_m = _blocks(L, d)
+    interpreted = _interpreted(_fwd_kernel)
+    block_n, block_d, block_m, _ = _blocks(L, d, q.dtype == torch.float32 and not interpreted)
     (q, *sq), (k, *sk), (v, *sv) = _strides(q), _strides(k), _strides(v)
     dev = q.device
     src = src.to(device=dev, dtype=torch.int32).contiguous()
@@ -316,17 +323,18 @@ def homologous_attention_forward(q, k, v, src, topk: int, hc: bool):
     lse = torch.empty(G * H, L, dtype=torch.float32, device=dev)
     hc_rows = torch.empty(G * H, L - 1, 2, dtype=torch.float32, device=dev) if hc else lse
     bits = torch.empty(G * H, L, block_n // 32, dtype=torch.int32, device=dev)
-    fp32 = q.dtype == torch.float32 or _interpreted(_fwd_kernel)
     grid = (G * H, triton.cdiv(L, block_m))
     _fwd_kernel[grid](q, k, v, src, out, lse, hc_rows, bits, *sq, *sk, *sv, H, L, d, topk, d ** -0.5, HC=hc,
-                      FP32=fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+                      FP32=q.dtype == torch.float32 or interpreted, BLOCK_M=block_m, BLOCK_N=block_n,
+                      BLOCK_D=block_d, num_warps=NUM_WARPS)
     return out.to(q.dtype), lse, hc_rows if hc else None, bits
 
 
 def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
     """``(dq, dk, dv)`` in q's dtype; ``grad_hc`` (``[G*H, L-1, 2]`` or None) is the HC rows' gradient."""
     G, H, L, d = q.shape
-    block_n, block_d, block_m = _blocks(L, d)
+    interpreted = _interpreted(_bwd_dq_kernel)
+    block_n, block_d, block_m, key_block = _blocks(L, d, q.dtype == torch.float32 and not interpreted)
     (q, *sq), (k, *sk), (v, *sv), (do, *sd) = _strides(q), _strides(k), _strides(v), _strides(do)
     dev = q.device
     delta = (do.float() * out.float()).sum(-1).reshape(G * H, L)
@@ -336,9 +344,8 @@ def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, 
     src = src.to(device=dev, dtype=torch.int32).contiguous()
     buf = _buffer_dtype(q.dtype, _bwd_dq_kernel)
     dq, dk, dv = (torch.empty(G, H, L, d, dtype=buf, device=dev) for _ in range(3))
-    fp32 = q.dtype == torch.float32 or _interpreted(_bwd_dq_kernel)
-    common = dict(HC=hc, FP32=fp32, BLOCK_D=block_d, WORDS=block_n // 32, num_warps=4)
-    key_block = min(64, block_n)
+    common = dict(HC=hc, FP32=q.dtype == torch.float32 or interpreted, BLOCK_D=block_d, WORDS=block_n // 32,
+                  num_warps=NUM_WARPS)
     _bwd_dkdv_kernel[(G * H, triton.cdiv(L, key_block))](
         q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, d ** -0.5,
         M_BLOCKS=triton.cdiv(L, block_m), BLOCK_M=block_m, BLOCK_N=key_block, **common)

@@ -12,6 +12,11 @@ whatever the summation order, so the kernel and the reference make the *same* se
 "tests that compare paths use well-separated scores or share the selection"), and ties at the K-th
 value are common — every case exercises the tie rule.
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -202,6 +207,60 @@ def test_errors():
         HomologousAttentionFunction.apply(q, q, q, src[:7], 2, False)
     with pytest.raises(ValueError, match="share one shape"):
         HomologousAttentionFunction.apply(q, q[..., :8], q, src[:8], 2, False)
+
+
+# -- compiled for a GPU without one ---------------------------------------------------------------
+_AOT = textwrap.dedent("""
+    import inspect, os, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import mixedae_fast.kernels.homologous_attention as ha
+
+    DTYPE_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+
+    def signature(fn, dtype, consts):
+        sig = {}
+        for name in inspect.signature(fn.fn).parameters:
+            sig[name] = ("constexpr" if name in consts else "*" + dtype if name in DTYPE_PTRS
+                         else "*i32" if name in ("src_ptr", "bits_ptr") else "*fp32" if name.endswith("_ptr")
+                         else "fp32" if name == "scale" else "i32")
+        return sig
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    for dtype, L in (("bf16", 197), ("fp16", 65), ("fp32", 197)):
+        ieee = dtype == "fp32"
+        bn, bd, bm, kb = ha._blocks(L, 64, ieee)
+        words = bn // 32
+        m_blocks = triton.cdiv(L, bm)
+        for fn, consts in ((ha._fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn)),
+                           (ha._bwd_dkdv_kernel, dict(M_BLOCKS=m_blocks, BLOCK_M=bm, BLOCK_N=kb, WORDS=words)),
+                           (ha._bwd_dq_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, WORDS=words))):
+            consts = dict(consts, HC=True, FP32=ieee, BLOCK_D=bd)
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts),
+                                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=ha.NUM_WARPS))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(kernel.asm["ptx"])
+            info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                                  capture_output=True, text=True, check=True).stderr
+            spills = [line for line in info.splitlines() if "spill stores" in line][0]
+            print(dtype, L, fn.fn.__name__, spills.split(":")[-1].strip())
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton ships ptxas for Linux only")
+def test_kernels_compile_for_sm90_without_spills_in_bf16():
+    """The interpreter runs Python: it cannot tell whether a kernel lowers for a GPU. Triton compiles
+    for a target without one (its bundled ptxas): every kernel at ViT-B's L = 197, d = 64 for sm_90, in
+    bf16 / fp16 without register spills (fp32's IEEE dots spill a little; they are not the training path)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 9, run.stdout
+    for line in lines:
+        if not line.startswith("fp32"):
+            assert line.endswith("0 bytes spill stores, 0 bytes spill loads"), line
 
 
 # -- GPU: the shapes that matter --------------------------------------------------------------------
