@@ -93,6 +93,13 @@ def _mm(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, g, h, s_g, s_h, s_l, idx, dd, L, D):
+    """Rows ``idx`` x channels ``dd`` of a ``[G, H, L, d]`` tensor (head ``g, h``), zeros outside."""
+    return tl.load(ptr + g * s_g + h * s_h + idx[:, None] * s_l + dd[None, :],
+                   mask=(idx < L)[:, None] & (dd < D)[None, :], other=0.0)
+
+
+@triton.jit
 def _kth_largest(key, K):
     """``key: int32 [BM, BN]`` (ordered bit patterns) -> the K-th largest per row, exactly.
 
@@ -146,12 +153,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
     cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     d_ok = (dd < D)[None, :]
-    q = tl.load(q_ptr + g * sqg + h * sqh + rows[:, None] * sql + dd[None, :], mask=(rows < L)[:, None] & d_ok,
-                other=0.0)
-    k = tl.load(k_ptr + g * skg + h * skh + cols[:, None] * skl + dd[None, :], mask=(cols < L)[:, None] & d_ok,
-                other=0.0)
-    v = tl.load(v_ptr + g * svg + h * svh + cols[:, None] * svl + dd[None, :], mask=(cols < L)[:, None] & d_ok,
-                other=0.0)
+    q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
+    k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
+    v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
     s = _mm(q, tl.trans(k), FP32) * scale                      # [BM, BN] fp32, the reference's rounding
     s = tl.where(s == 0.0, 0.0, s)                             # -0 -> +0: the bit order then matches >=
     col_patch = (cols >= 1) & (cols < L)
@@ -220,19 +224,16 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, h
     g, h = bh // H, bh % H
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
-    d_ok = (dd < D)[None, :]
-    c_ok = (cols < L)[:, None] & d_ok
-    k = tl.load(k_ptr + g * skg + h * skh + cols[:, None] * skl + dd[None, :], mask=c_ok, other=0.0)
-    v = tl.load(v_ptr + g * svg + h * svh + cols[:, None] * svl + dd[None, :], mask=c_ok, other=0.0)
+    c_ok = (cols < L)[:, None] & (dd < D)[None, :]
+    k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
+    v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i in range(M_BLOCKS):  # constexpr trip count: the interpreter rejects runtime ones
         rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
         r_ok = rows < L
-        q = tl.load(q_ptr + g * sqg + h * sqh + rows[:, None] * sql + dd[None, :], mask=r_ok[:, None] & d_ok,
-                    other=0.0)
-        do = tl.load(do_ptr + g * sdg + h * sdh + rows[:, None] * sdl + dd[None, :], mask=r_ok[:, None] & d_ok,
-                     other=0.0)
+        q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
+        do = _load_tile(do_ptr, g, h, sdg, sdh, sdl, rows, dd, L, D)
         lse = tl.load(lse_ptr + bh * L + rows, mask=r_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * L + rows, mask=r_ok, other=0.0)
         p, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, rows, cols, L,
@@ -259,13 +260,10 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
-    d_ok = (dd < D)[None, :]
-    r_ok = (rows < L)[:, None] & d_ok
-    c_ok = (cols < L)[:, None] & d_ok
-    q = tl.load(q_ptr + g * sqg + h * sqh + rows[:, None] * sql + dd[None, :], mask=r_ok, other=0.0)
-    do = tl.load(do_ptr + g * sdg + h * sdh + rows[:, None] * sdl + dd[None, :], mask=r_ok, other=0.0)
-    k = tl.load(k_ptr + g * skg + h * skh + cols[:, None] * skl + dd[None, :], mask=c_ok, other=0.0)
-    v = tl.load(v_ptr + g * svg + h * svh + cols[:, None] * svl + dd[None, :], mask=c_ok, other=0.0)
+    q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
+    do = _load_tile(do_ptr, g, h, sdg, sdh, sdl, rows, dd, L, D)
+    k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
+    v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
     lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
     delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
     _, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, rows, cols, L, scale,
@@ -275,7 +273,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_
     else:
         dq = _mm(ds.to(k.dtype), k, FP32)
     tl.store(dq_ptr + (bh * L + rows)[:, None] * D + dd[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=r_ok)
+             mask=(rows < L)[:, None] & (dd < D)[None, :])
 
 
 def _strides(t: torch.Tensor):
