@@ -309,6 +309,18 @@ def test_model_runs_with_each_backend(ha):
             step("xformers")
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (["--runtime.device=cpu", "--runtime.attention_backend=xformers"], "xformers has no CPU operators"),
+    (["--runtime.device=cpu", "--runtime.attention_backend=flex"], "no FlexAttention backward on CPU"),
+    (["--runtime.attention_backend=triton", "--model.img_size=224", "--model.patch_size=14",
+      "--mixing.mask_ratio=0.75", "--mixing.group_size=4"], r"<= 256 tokens, .* = 257"),
+])
+def test_config_refuses_impossible_backends(overrides, match):
+    from mixedae_fast.config import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        load_config("cpu_tiny", overrides)
+
+
 def test_config_flag_reaches_every_block():
     cfg = load_config("cpu_tiny", ["--runtime.attention_backend=triton"])
     with warnings.catch_warnings():
