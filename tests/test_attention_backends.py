@@ -281,8 +281,8 @@ def _tiny(**kw):
 def test_model_runs_with_each_backend(ha):
     """One flag flipped on the same model: loss and every gradient as with eager (fp32); flex runs
     its forward (CPU: no backward); xformers is refused on CPU with the reason."""
-    torch.manual_seed(0)
-    model = _tiny(ha=ha, attention_backend="eager")
+    torch.manual_seed(0)  # head dims of 16 (flex's kernels on a GPU want >= 16)
+    model = _tiny(ha=ha, embed_dim=64, decoder_embed_dim=64, attention_backend="eager")
     images = torch.randn(4, 3, 16, 16, device=DEVICE)
 
     def step(backend, grad=True):
