@@ -16,10 +16,35 @@ log-sum-exps of the homologous contrastive loss over the *full* (pre-TopK) patch
     L_hc = mean(hc_rows[..., 0] - hc_rows[..., 1])
 
 whose gradient flows in the same backward. Returns ``(out [G, H, L, d] in q's dtype, hc_rows | None)``.
+
+Equivalent PyTorch (:func:`homologous_attention_reference`)::
+
+    s = (q.float() @ k.float().mT) * d**-0.5
+    keep = s[..., 1:, 1:] >= s[..., 1:, 1:].topk(K).values[..., -1:]      # + CLS key, CLS row all
+    out = softmax(s.masked_fill(~keep_full, -inf)) @ v.float()
+
+The fused kernel (:class:`HomologousAttentionFunction`, ``L <= 256``): one program per (group·head,
+``BLOCK_M`` query rows) holds the row's scores against every key in one tile (``L`` padded to a power
+of two), finds the K-th largest patch score *exactly* by a 32-step radix select on the scores' ordered
+bit patterns (``count(key >= t) >= K``, greedy from the top bit: ties at the K-th value are kept, as
+``topk_keep_mask``), masks, softmaxes, multiplies by V, and in the same pass writes the two HC
+log-sum-exps, the row's log-sum-exp and the keep mask as bits (``L/32`` words a row). The backward
+(flash-attention style: ``Δ = rowsum(dO∘O)``, P recomputed from the saved LSE) reads those bits, so it
+uses the forward's selection exactly whatever its own rounding; one kernel accumulates dK, dV per key
+block, one dQ per query block (no atomics: bitwise reproducible). The HC terms add
+``g0·softmax_{k≠q}(s) + g1·softmax_{same}(s)`` to dS. On a GPU the dots run in the input dtype
+(bf16/fp16) with fp32 accumulation, fp32 inputs in IEEE fp32; under Triton's interpreter every dot is
+fp32 (the interpreter miscomputes bf16 math). Block sizes are untuned: not yet run on a GPU.
 """
 from __future__ import annotations
 
 import torch
+
+from mixedae_fast.kernels.patch_mix import _interpreted, tl, triton
+from mixedae_fast.kernels.unmix import _buffer_dtype
+
+MAX_SEQ = 256  # the fused kernel keeps every key of a row in one tile
+_FP32_MIN = torch.finfo(torch.float32).min  # the reference's fill for an empty HC set
 
 
 def topk_keep_mask(scores_pp: torch.Tensor, topk: int) -> torch.Tensor:
@@ -54,6 +79,320 @@ def homologous_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return out, hc_rows
 
 
-def homologous_attention(q, k, v, src, topk, hc=False):
-    """The op the model calls; today the reference (the fused Triton kernel drops in beside it)."""
+# -- Triton ----------------------------------------------------------------------------------------
+# below every score's ordered key (that bit pattern is a NaN): marks the keys that are not patches
+INT_MIN = tl.constexpr(-2147483648) if tl is not None else None
+
+
+@triton.jit
+def _mm(a, b, FP32: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; ``FP32``: operands in IEEE fp32 (fp32 inputs, interpreter)."""
+    if FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_tile(ptr, g, h, s_g, s_h, s_l, idx, dd, L, D):
+    """Rows ``idx`` x channels ``dd`` of a ``[G, H, L, d]`` tensor (head ``g, h``), zeros outside."""
+    return tl.load(ptr + g * s_g + h * s_h + idx[:, None] * s_l + dd[None, :],
+                   mask=(idx < L)[:, None] & (dd < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _kth_largest(key, K):
+    """``key: int32 [BM, BN]`` (ordered bit patterns) -> the K-th largest per row, exactly.
+
+    The largest ``t`` with ``count(key >= t) >= K``: the sign bit first, then bits 30..0 greedily
+    (with the sign fixed, setting a lower bit raises a two's-complement value)."""
+    t = tl.where(tl.sum((key >= 0).to(tl.int32), axis=1) >= K, 0, INT_MIN)
+    for i in tl.static_range(31):
+        cand = t | (1 << (30 - i))
+        t = tl.where(tl.sum((key >= cand[:, None]).to(tl.int32), axis=1) >= K, cand, t)
+    return t
+
+
+@triton.jit
+def _hc_lse(s, mask):
+    """Row log-sum-exp of ``s`` over ``mask``; the fp32 minimum for an empty set (as the reference)."""
+    z = tl.where(mask, s, float("-inf"))
+    m = tl.max(z, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(z - m[:, None]), axis=1)
+    return tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), -3.4028234663852886e38)
+
+
+@triton.jit
+def _hc_masks(src_ptr, rows, cols, L):
+    """(k ≠ q over patch keys, same source k ≠ q) for patch query rows, both ``[BM, BN]``."""
+    row_patch = (rows >= 1) & (rows < L)
+    col_patch = (cols >= 1) & (cols < L)
+    other = row_patch[:, None] & col_patch[None, :] & (rows[:, None] != cols[None, :])
+    src_r = tl.load(src_ptr + rows - 1, mask=row_patch, other=-1)
+    src_c = tl.load(src_ptr + cols - 1, mask=col_patch, other=-2)
+    return other, other & (src_r[:, None] == src_c[None, :])
+
+
+@triton.jit
+def _keep_bits(bits_ptr, bh, rows, cols, L, WORDS: tl.constexpr):
+    """The forward's keep mask for ``rows x cols`` from its bit words (False outside the sequence)."""
+    ok = (rows < L)[:, None] & (cols < L)[None, :]
+    w = tl.load(bits_ptr + (bh * L + rows)[:, None] * WORDS + (cols // 32)[None, :], mask=ok, other=0)
+    return ((w >> (cols % 32)[None, :]) & 1) != 0
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
+                sqg, sqh, sql, skg, skh, skl, svg, svh, svl, H, L, D, TOPK, scale,
+                HC: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """One program: group·head ``bh`` (axis 0) x ``BLOCK_M`` query rows (axis 1), all keys at once."""
+    bh = tl.program_id(0).to(tl.int64)
+    g, h = bh // H, bh % H
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = (dd < D)[None, :]
+    q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
+    k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
+    v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
+    s = _mm(q, tl.trans(k), FP32) * scale                      # [BM, BN] fp32, the reference's rounding
+    s = tl.where(s == 0.0, 0.0, s)                             # -0 -> +0: the bit order then matches >=
+    col_patch = (cols >= 1) & (cols < L)
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(col_patch[None, :], tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), INT_MIN)
+    kth = _kth_largest(key, TOPK)
+    keep = (key >= kth[:, None]) | (cols == 0)[None, :]
+    keep = tl.where((rows == 0)[:, None], (cols < L)[None, :], keep)   # the CLS query sees every key
+
+    z = tl.where(keep, s, float("-inf"))
+    m = tl.max(z, axis=1)                                      # finite: the CLS key is always kept
+    p = tl.exp(z - m[:, None])
+    total = tl.sum(p, axis=1)
+    if FP32:
+        acc = _mm(p, v, FP32)
+    else:
+        acc = _mm(p.to(v.dtype), v, FP32)
+    out = acc / total[:, None]
+    row_ok = rows < L
+    tl.store(o_ptr + (bh * L + rows)[:, None] * D + dd[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok)
+    tl.store(lse_ptr + bh * L + rows, m + tl.log(total), mask=row_ok)
+    WORDS: tl.constexpr = BLOCK_N // 32
+    packed = tl.sum(tl.reshape(keep.to(tl.int32), [BLOCK_M, WORDS, 32]) << tl.arange(0, 32)[None, None, :], axis=2)
+    tl.store(bits_ptr + (bh * L + rows)[:, None] * WORDS + tl.arange(0, WORDS)[None, :], packed,
+             mask=row_ok[:, None])
+    if HC:
+        other, same = _hc_masks(src_ptr, rows, cols, L)
+        hc_row = (bh * (L - 1) + rows - 1) * 2
+        patch = (rows >= 1) & row_ok
+        tl.store(hc_ptr + hc_row, _hc_lse(s, other), mask=patch)
+        tl.store(hc_ptr + hc_row + 1, _hc_lse(s, same), mask=patch)
+
+
+@triton.jit
+def _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, rows, cols, L, scale,
+                 HC: tl.constexpr, FP32: tl.constexpr, WORDS: tl.constexpr):
+    """``(P, dS)`` of a ``rows x cols`` tile: P from the saved LSE and the forward's keep bits, dS
+    through the softmax plus, with ``HC``, through the two HC log-sum-exps (dS is w.r.t. the scaled
+    logits; the caller multiplies by ``scale``)."""
+    s = _mm(q, tl.trans(k), FP32) * scale
+    keep = _keep_bits(bits_ptr, bh, rows, cols, L, WORDS)
+    p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+    dp = _mm(do, tl.trans(v), FP32)
+    ds = p * (dp - delta[:, None])
+    if HC:
+        other, same = _hc_masks(src_ptr, rows, cols, L)
+        patch = (rows >= 1) & (rows < L)
+        hc_row = (bh * (L - 1) + rows - 1) * 2
+        lse0 = tl.load(hc_ptr + hc_row, mask=patch, other=0.0)
+        lse1 = tl.load(hc_ptr + hc_row + 1, mask=patch, other=0.0)
+        g0 = tl.load(ghc_ptr + hc_row, mask=patch, other=0.0)
+        g1 = tl.load(ghc_ptr + hc_row + 1, mask=patch, other=0.0)
+        ds += tl.where(other, g0[:, None] * tl.exp(s - lse0[:, None]), 0.0)
+        ds += tl.where(same, g1[:, None] * tl.exp(s - lse1[:, None]), 0.0)
+    return p, ds
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_ptr, ghc_ptr, bits_ptr,
+                     dk_ptr, dv_ptr, sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, scale,
+                     HC: tl.constexpr, FP32: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORDS: tl.constexpr):
+    """One program: group·head ``bh`` x ``BLOCK_N`` keys, looping over every query block."""
+    bh = tl.program_id(0).to(tl.int64)
+    g, h = bh // H, bh % H
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    c_ok = (cols < L)[:, None] & (dd < D)[None, :]
+    k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
+    v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(M_BLOCKS):  # constexpr trip count: the interpreter rejects runtime ones
+        rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_ok = rows < L
+        q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
+        do = _load_tile(do_ptr, g, h, sdg, sdh, sdl, rows, dd, L, D)
+        lse = tl.load(lse_ptr + bh * L + rows, mask=r_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh * L + rows, mask=r_ok, other=0.0)
+        p, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, rows, cols, L,
+                             scale, HC, FP32, WORDS)
+        if FP32:
+            dv += _mm(tl.trans(p), do, FP32)
+            dk += _mm(tl.trans(ds), q, FP32)
+        else:
+            dv += _mm(tl.trans(p.to(do.dtype)), do, FP32)
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32)
+    out = (bh * L + cols)[:, None] * D + dd[None, :]
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_ptr, ghc_ptr, bits_ptr, dq_ptr,
+                   sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, scale,
+                   HC: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, WORDS: tl.constexpr):
+    """One program: group·head ``bh`` x ``BLOCK_M`` query rows, all keys at once."""
+    bh = tl.program_id(0).to(tl.int64)
+    g, h = bh // H, bh % H
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
+    do = _load_tile(do_ptr, g, h, sdg, sdh, sdl, rows, dd, L, D)
+    k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
+    v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
+    lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
+    delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
+    _, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, rows, cols, L, scale,
+                         HC, FP32, WORDS)
+    if FP32:
+        dq = _mm(ds, k, FP32)
+    else:
+        dq = _mm(ds.to(k.dtype), k, FP32)
+    tl.store(dq_ptr + (bh * L + rows)[:, None] * D + dd[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=(rows < L)[:, None] & (dd < D)[None, :])
+
+
+def _strides(t: torch.Tensor):
+    """``(t, its G, H, L strides)``; a copy only when the last dimension is not unit-stride."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0), t.stride(1), t.stride(2)
+
+
+def _check(q, k, v, src, topk):
+    G, H, L, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one shape [G, H, L, d]: {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not 2 <= L <= MAX_SEQ or d > 128:
+        raise ValueError(f"the fused TopK kernel takes 2 <= L <= {MAX_SEQ} tokens and head_dim <= 128, got "
+                         f"L={L}, d={d}: use attention_backend=flex, sdpa or eager")
+    if src.numel() != L - 1 or not 1 <= topk <= L - 1:
+        raise ValueError(f"src has {src.numel()} entries and topk={topk}; need L-1 = {L - 1} and 1 <= topk <= L-1")
+    return G, H, L, d
+
+
+def _blocks(L: int, d: int, ieee: bool):
+    """(BLOCK_N, BLOCK_D, BLOCK_M, key block of the dK/dV kernel): every key in one power-of-two tile
+    of >= 32 (whole bit words), 32 query rows. Untuned (no GPU yet); checked with sm_90 ptxas, 8 warps:
+    at L = 197, d = 64 bf16 the forward takes 195 registers, dQ 240, dK/dV 200, none spills (64-row
+    blocks spill at L = 65). Compiled fp32 (IEEE dots, no tensor cores) takes 16 rows, and spills a
+    little even so (30-80 KB at 32 rows)."""
+    block_n = max(32, triton.next_power_of_2(L))
+    return block_n, max(16, triton.next_power_of_2(d)), 16 if ieee else 32, 32 if ieee else min(64, block_n)
+
+
+NUM_WARPS = 8
+
+
+def homologous_attention_forward(q, k, v, src, topk: int, hc: bool):
+    """``(out [G,H,L,d], lse fp32 [G*H, L], hc fp32 [G*H, L-1, 2] | None, bits int32 [G*H, L, L/32])``."""
+    G, H, L, d = _check(q, k, v, src, topk)
+    interpreted = _interpreted(_fwd_kernel)
+    block_n, block_d, block_m, _ = _blocks(L, d, q.dtype == torch.float32 and not interpreted)
+    (q, *sq), (k, *sk), (v, *sv) = _strides(q), _strides(k), _strides(v)
+    dev = q.device
+    src = src.to(device=dev, dtype=torch.int32).contiguous()
+    out = torch.empty(G, H, L, d, dtype=_buffer_dtype(q.dtype, _fwd_kernel), device=dev)
+    lse = torch.empty(G * H, L, dtype=torch.float32, device=dev)
+    hc_rows = torch.empty(G * H, L - 1, 2, dtype=torch.float32, device=dev) if hc else lse
+    bits = torch.empty(G * H, L, block_n // 32, dtype=torch.int32, device=dev)
+    grid = (G * H, triton.cdiv(L, block_m))
+    _fwd_kernel[grid](q, k, v, src, out, lse, hc_rows, bits, *sq, *sk, *sv, H, L, d, topk, d ** -0.5, HC=hc,
+                      FP32=q.dtype == torch.float32 or interpreted, BLOCK_M=block_m, BLOCK_N=block_n,
+                      BLOCK_D=block_d, num_warps=NUM_WARPS)
+    return out.to(q.dtype), lse, hc_rows if hc else None, bits
+
+
+def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
+    """``(dq, dk, dv)`` in q's dtype; ``grad_hc`` (``[G*H, L-1, 2]`` or None) is the HC rows' gradient."""
+    G, H, L, d = q.shape
+    interpreted = _interpreted(_bwd_dq_kernel)
+    block_n, block_d, block_m, key_block = _blocks(L, d, q.dtype == torch.float32 and not interpreted)
+    (q, *sq), (k, *sk), (v, *sv), (do, *sd) = _strides(q), _strides(k), _strides(v), _strides(do)
+    dev = q.device
+    delta = (do.float() * out.float()).sum(-1).reshape(G * H, L)
+    hc = grad_hc is not None
+    ghc = grad_hc.float().contiguous() if hc else delta
+    hc_rows = hc_rows if hc else delta
+    src = src.to(device=dev, dtype=torch.int32).contiguous()
+    buf = _buffer_dtype(q.dtype, _bwd_dq_kernel)
+    dq, dk, dv = (torch.empty(G, H, L, d, dtype=buf, device=dev) for _ in range(3))
+    common = dict(HC=hc, FP32=q.dtype == torch.float32 or interpreted, BLOCK_D=block_d, WORDS=block_n // 32,
+                  num_warps=NUM_WARPS)
+    _bwd_dkdv_kernel[(G * H, triton.cdiv(L, key_block))](
+        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, d ** -0.5,
+        M_BLOCKS=triton.cdiv(L, block_m), BLOCK_M=block_m, BLOCK_N=key_block, **common)
+    _bwd_dq_kernel[(G * H, triton.cdiv(L, block_m))](
+        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dq, *sq, *sk, *sv, *sd, H, L, d, d ** -0.5,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+class HomologousAttentionFunction(torch.autograd.Function):
+    """:func:`homologous_attention_reference` with the fused kernels; returns ``(out, hc_rows)``
+    (``hc_rows`` an empty tensor when ``hc`` is False). ``src`` and ``topk`` get no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, src, topk, hc):
+        out, lse, hc_rows, bits = homologous_attention_forward(q, k, v, src, topk, hc)
+        ctx.save_for_backward(q, k, v, out, src, lse, bits, *(() if hc_rows is None else (hc_rows,)))
+        G, H, L, _ = q.shape
+        if hc_rows is None:
+            empty = q.new_empty(0, dtype=torch.float32)
+            ctx.mark_non_differentiable(empty)
+            return out, empty
+        return out, hc_rows.view(G, H, L - 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hc):
+        q, k, v, out, src, lse, bits, *hc_rows = ctx.saved_tensors
+        G, H, L, _ = q.shape
+        grad_hc = grad_hc.reshape(G * H, L - 1, 2) if hc_rows and grad_hc is not None else None
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = homologous_attention_backward(grad_out, q, k, v, out, src, lse,
+                                                   hc_rows[0] if hc_rows else None, grad_hc, bits)
+        return dq, dk, dv, None, None, None
+
+
+def check_triton(device: torch.device) -> None:
+    """Raise unless the fused kernel can run on ``device``: CUDA, or CPU under Triton's interpreter."""
+    if tl is None:
+        raise RuntimeError("attention_backend='triton' needs the triton package, which is not installed")
+    if torch.device(device).type != "cuda" and not _interpreted(_fwd_kernel):
+        raise RuntimeError("attention_backend='triton' on CPU tensors needs Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before mixedae_fast imports, or use auto / eager on CPU")
+
+
+def homologous_attention(q, k, v, src, topk, hc=False, backend="auto"):
+    """The TopK op: ``triton`` = :class:`HomologousAttentionFunction`, anything else the reference
+    (``mixedae_fast.attention`` routes the other backends)."""
+    if backend == "triton":
+        out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, topk, hc)
+        return out, (hc_rows if hc else None)
     return homologous_attention_reference(q, k, v, src, topk, hc)

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 # Allowed values of the enum-like fields; a new backend is one more entry in its tuple.
-ATTENTION_BACKENDS = ("auto", "sdpa", "eager")  # to come: xformers, flex, triton
+ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "flex", "eager")  # mixedae_fast.attention.BACKENDS
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 CHOICES: dict[str, tuple[str, ...]] = {
     "mixing.ha": ("topk", "oracle", "none"),
@@ -423,6 +423,14 @@ def validate(cfg: Config) -> Config:
     if x.topk is not None and n >= 1 and not 1 <= x.topk <= r * n:
         errors.append(f"mixing.topk = {x.topk!r}: must be in [1, group_size * n_visible] = [1, {r * n}], "
                       f"or null (= n_visible = {n})")
+    backend, device = cfg.runtime.attention_backend, cfg.runtime.device
+    if device == "cpu" and backend in ("xformers", "flex"):
+        errors.append(f"runtime.attention_backend = {backend!r} with runtime.device = 'cpu': "
+                      + ("xformers has no CPU operators" if backend == "xformers" else
+                         "torch has no FlexAttention backward on CPU") + "; use auto, sdpa or eager on CPU")
+    if backend == "triton" and x.ha == "topk" and 1 + r * n > 256:
+        errors.append(f"runtime.attention_backend = 'triton': the fused TopK kernel takes sequences of <= 256 "
+                      f"tokens, this config makes 1 + group_size * n_visible = {1 + r * n}; use flex, sdpa or eager")
     if errors:
         raise ConfigError(_join(errors))
 

@@ -222,7 +222,7 @@ def test_hc_needs_two_visible():
     ("optim.epochs=0", r"optim.epochs = 0: must be >= 1"),
     ("run.keep_last=0", r"run.keep_last = 0: must be >= 1"),
     ("runtime.precision=fp64", r"runtime.precision = 'fp64': must be one of auto, fp32, bf16, fp16"),
-    ("runtime.attention_backend=magic", r"must be one of auto, sdpa, eager"),
+    ("runtime.attention_backend=magic", r"must be one of auto, triton, xformers, sdpa, flex, eager"),
     ("runtime.device=gpu", r"runtime.device = 'gpu'"),
     ("data.num_workers=-1", r"data.num_workers = -1: must be >= 0"),
 ])

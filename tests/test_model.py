@@ -374,7 +374,7 @@ def test_input_errors():
 @pytest.mark.parametrize("kw,match", [
     (dict(ha="global"), "ha='global' is not one of topk, oracle, none"),
     (dict(hc_on="proj"), "hc_on='proj' is not one of attention, head, tokens, both"),
-    (dict(attention_backend="flash"), "attention_backend='flash' is not one of auto, sdpa, eager"),
+    (dict(attention_backend="flash"), "attention_backend='flash' is not one of auto, triton, xformers, sdpa, "),
     (dict(segment_embed="decoder"), "is not one of none, encoder"),
     (dict(topk=0), r"topk=0 must lie in \[1, r\*n = 8\]"),
     (dict(topk=9), r"topk=9 must lie in \[1, r\*n = 8\]"),

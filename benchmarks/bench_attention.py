@@ -1,0 +1,199 @@
+"""Attention backends: forward, backward and forward+backward times per homologous-attention mode.
+
+    python -m mixedae_fast.benchmarks.bench_attention --shapes vit_b,vit_b_256,vit_l --dtype bf16 \\
+        --out benchmarks/results/<date>_<card>/bench_attention.json      # also writes the .csv beside
+
+Rows: ``baseline`` (plain SDPA on the full sequence, no mask: the row every ratio divides by, measured
+in the same run), then every (mode, backend) of :mod:`mixedae_fast.attention`: ``none`` and ``oracle``
+through sdpa / xformers / flex / eager, ``topk`` (K = n, with the HC row terms and their gradient, as
+the model trains) through triton / xformers / sdpa / flex / eager. Inputs ``q, k, v: [G, H, 1+r*n, d]``
+need gradients; the backward is ``autograd.grad`` of the outputs against random upstream gradients.
+Untimed warm-up (compiles flex and the Triton kernels), then the median of ``--iters`` runs timed
+with CUDA events (wall clock on CPU). A backend that cannot run here gets a row with the reason
+(xformers on CPU; flex's backward on CPU). The result carries device, versions, git SHA, date, command.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mixedae_fast.attention import (
+    HomologousMask,
+    global_attention,
+    oracle_attention,
+    resolve_backend,
+    topk_attention,
+    xformers_problem,
+)
+from mixedae_fast.benchmarks.common import device_name, git_sha
+
+# name -> (G groups, H heads, r, n, head dim): L = 1 + r*n = 197 for ViT-B/16 and ViT-L/16 at 224 px
+SHAPES = {
+    "vit_b": (64, 12, 4, 49, 64),
+    "vit_b_256": (256, 12, 4, 49, 64),
+    "vit_l": (64, 16, 4, 49, 64),
+    "tiny": (2, 2, 4, 4, 16),  # the CPU smoke test
+}
+ROWS = [("none", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
+       [("oracle", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
+       [("topk", b) for b in ("triton", "xformers", "sdpa", "flex", "eager")]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _median_ms(fn, warmup: int, iters: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _forward(mode: str, backend: str, q, k, v, r: int, n: int):
+    """The outputs that carry gradient: ``(out,)`` or ``(out, hc_rows)``."""
+    if backend == "baseline":
+        return (F.scaled_dot_product_attention(q, k, v),)
+    if mode == "none":
+        return (global_attention(q, k, v, backend),)
+    if mode == "oracle":
+        return (oracle_attention(q, k, v, r, n, backend),)
+    out, hc_rows = topk_attention(q, k, v, HomologousMask(r, n, n, "topk"), True, backend)
+    return out, hc_rows
+
+
+def _unavailable(mode: str, backend: str, device: torch.device) -> str | None:
+    if backend == "xformers":
+        return xformers_problem(str(device))
+    if backend in ("baseline", "flex"):
+        return None
+    try:
+        resolve_backend(backend, str(device), mode)
+    except (RuntimeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: torch.device, warmup: int,
+            iters: int) -> dict:
+    G, H, r, n, d = shape
+    row = {"mode": mode, "backend": backend, "G": G, "H": H, "L": 1 + r * n, "d": d, "K": n if mode == "topk" else None}
+    reason = _unavailable(mode, backend, device)
+    if reason:
+        return {**row, "skipped": reason}
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(G, H, 1 + r * n, d, generator=gen, device=device, dtype=dtype).requires_grad_(True)
+               for _ in range(3))
+    fwd = lambda: _forward(mode, backend, q, k, v, r, n)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if device.type == "cpu" and backend == "flex":  # forward only, without autograd
+                with torch.no_grad():
+                    row["fwd_ms"] = _median_ms(fwd, warmup, iters, device)
+                return {**row, "skipped_bwd": "FlexAttention has no CPU backward"}
+            row["fwd_ms"] = _median_ms(fwd, warmup, iters, device)
+            outs = fwd()
+            ups = [torch.randn_like(o) for o in outs]
+            bwd = lambda: torch.autograd.grad(outs, (q, k, v), ups, retain_graph=True)
+            row["bwd_ms"] = _median_ms(bwd, warmup, iters, device)
+            outs = None  # frees the retained graph
+            both = lambda: torch.autograd.grad(fwd(), (q, k, v), ups)
+            row["fwd_bwd_ms"] = _median_ms(both, warmup, iters, device)
+            if device.type == "cuda":
+                row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    except Exception as e:  # noqa: BLE001 - one backend failing must not end the run: record why
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+    return row
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__}
+    for name in ("triton", "xformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - not installed or broken: say so
+            out[name] = None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="vit_b,vit_b_256,vit_l", help=f"comma-separated, from {', '.join(SHAPES)}")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--rows", default=None, help="comma-separated mode:backend pairs (default: all)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default=None, help="write the results as JSON here, and as CSV beside it")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    rows = ROWS if args.rows is None else [tuple(item.split(":")) for item in args.rows.split(",") if item]
+    bad = [row for row in rows if row not in ROWS]
+    if bad:
+        p.error(f"unknown row(s) {bad}; choose mode:backend from {', '.join(f'{m}:{b}' for m, b in ROWS)}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the eager rows in fp32: true fp32 matmuls
+    result = {
+        "benchmark": "attention", "device": device_name(device), **_versions(), "git_sha": git_sha(),
+        "date": datetime.date.today().isoformat(), "dtype": str(dtype).removeprefix("torch."),
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "mixedae_fast.benchmarks.bench_attention",
+                             *(argv if argv is not None else sys.argv[1:])]),
+        "warmup": args.warmup, "iters": args.iters, "rows": [],
+    }
+    for shape_name in shapes:
+        shape = SHAPES[shape_name]
+        base = measure("none", "baseline", shape, dtype, device, args.warmup, args.iters)
+        for mode, backend in [("none", "baseline"), *rows]:
+            row = base if backend == "baseline" else measure(mode, backend, shape, dtype, device, args.warmup,
+                                                             args.iters)
+            row = {"shape": shape_name, **row}
+            if "fwd_bwd_ms" in row and "fwd_bwd_ms" in base:
+                row["vs_baseline"] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+            result["rows"].append(row)
+            times = "  ".join(f"{key} {row[key]:8.3f}" for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms") if key in row)
+            note = row.get("skipped") or row.get("error") or row.get("skipped_bwd") or ""
+            ratio = f"  x{row['vs_baseline']:.2f}" if "vs_baseline" in row else ""
+            print(f"{shape_name:<10}{mode:<7}{backend:<9}{times}{ratio}  {note}"[:200], flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        fields = ["shape", "mode", "backend", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
+                  "vs_baseline", "peak_mem_mib", "skipped", "skipped_bwd", "error"]
+        header = {k: result[k] for k in ("device", "torch", "triton", "xformers", "git_sha", "date", "dtype")}
+        with open(out.with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*header, *fields], extrasaction="ignore")
+            writer.writeheader()
+            for row in result["rows"]:
+                writer.writerow({**header, **row})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The fused TopK kernel (issue 5): ``HomologousAttentionFunction`` against
+``homologous_attention_reference``.
+
+Runs compiled on CUDA and through Triton's interpreter on CPU: odd L (13, 17, 65, 66, one 197), head
+dims that are not a power of two, K = 1 and K = r*n, r = 1; fp32, bf16 and fp16; the output, the HC
+row terms and every q/k/v gradient (through both at once, and through the HC rows alone); ties at the
+K-th value; the CLS rows and column; rows whose scores are all equal (no NaN); strided q/k/v views;
+a bitwise-reproducible forward and backward; errors; ViT-B/16 and ViT-L shapes on a GPU.
+
+Inputs are multiples of 1/4 of size < 4 (exact in bf16 and fp16): every score is then exact in fp32
+whatever the summation order, so the kernel and the reference make the *same* selection (DESIGN §1.3:
+"tests that compare paths use well-separated scores or share the selection"), and ties at the K-th
+value are common — every case exercises the tie rule.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mixedae_fast.kernels.homologous_attention import (
+    HomologousAttentionFunction,
+    homologous_attention,
+    homologous_attention_reference,
+    topk_keep_mask,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Against the fp32 reference (which rounds its output to the input dtype once):
+# - fp32: same exact scores; the softmax sums, P·V and the gradient matmuls accumulate in another
+#   order (tiles vs one matmul): ~1e-6 relative on values of size ~1-10.
+# - bf16 / fp16: the reference rounds its fp32 output once (2^-8 / 2^-11 relative). On a GPU the
+#   kernel also rounds P (forward) and dS, P (backward) to the input dtype before the tensor-core dots,
+#   as flash attention does: a few more roundings of that size, summed over <= 256 keys; gradients are
+#   rounded to the dtype at the end. Under the interpreter every dot is fp32 and only the final
+#   rounding differs.
+# - hc_rows are fp32 in every dtype (fp32 math on the exactly-upcast inputs): fp32 tolerance.
+TOL = {
+    torch.float32: dict(out=dict(rtol=1e-5, atol=1e-5), grad=dict(rtol=1e-5, atol=1e-5)),
+    torch.bfloat16: dict(out=dict(rtol=2e-2, atol=2e-2), grad=dict(rtol=3e-2, atol=3e-2)),
+    torch.float16: dict(out=dict(rtol=4e-3, atol=4e-3), grad=dict(rtol=5e-3, atol=5e-3)),
+}
+HC_TOL = dict(rtol=1e-5, atol=1e-5)
+DTYPES = tuple(TOL)
+
+# (G, H, r, n, d, K): L = 1 + r*n
+SHAPES = [
+    (2, 2, 4, 4, 16, 4),     # L = 17: one query block, keys padded to 32
+    (1, 2, 4, 16, 24, 16),   # L = 65: keys padded to 128 (two backward key blocks), d = 24 padded to 32
+    (2, 1, 3, 4, 8, 1),      # K = 1, d = 8 (below tl.dot's 16: padded)
+    (1, 3, 5, 13, 16, 65),   # L = 66, K = r*n: every patch key (global attention)
+    (2, 2, 1, 12, 16, 5),    # r = 1 (MAE's sequence; HC has no positives)
+]
+
+
+def _quantised(shape, gen, scale=4):
+    return (torch.randn(shape, generator=gen) * scale).round().div(scale).clamp(-3.75, 3.75)
+
+
+def _case(G, H, r, n, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    L = 1 + r * n
+    q, k, v = (_quantised((G, H, L, d), gen).to(dtype).to(DEVICE).requires_grad_(True) for _ in range(3))
+    up_out = torch.randn(G, H, L, d, generator=gen).to(DEVICE)
+    up_hc = torch.randn(G, H, L - 1, 2, generator=gen).to(DEVICE)
+    return q, k, v, torch.arange(r, device=DEVICE).repeat_interleave(n), up_out, up_hc
+
+
+def _grads(fn, q, k, v, src, K, up_out, up_hc, hc=True):
+    out, hc_rows = fn(q, k, v, src, K, hc)
+    loss = (out.float() * up_out).sum() + ((hc_rows * up_hc).sum() if hc else 0)
+    return out.detach(), (hc_rows.detach() if hc else None), torch.autograd.grad(loss, (q, k, v))
+
+
+def _kernel(q, k, v, src, K, hc):
+    out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, K, hc)
+    return out, hc_rows if hc else None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("G,H,r,n,d,K", SHAPES)
+def test_kernel_matches_reference(G, H, r, n, d, K, dtype):
+    q, k, v, src, up_out, up_hc = _case(G, H, r, n, d, dtype)
+    out, hc_rows, grads = _grads(_kernel, q, k, v, src, K, up_out, up_hc)
+    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, K, up_out, up_hc)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and hc_rows.dtype == torch.float32 and tuple(hc_rows.shape) == (G, H, r * n, 2)
+    torch.testing.assert_close(out, ref, **tol["out"])
+    torch.testing.assert_close(hc_rows, ref_hc, **HC_TOL)
+    for name, a, b in zip("qkv", grads, ref_grads, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol["grad"], msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_one_sequence_of_197_tokens():
+    """ViT-B/16's mixed sequence (r = 4, n = 49): keys padded to 256 in one tile, 7 query blocks."""
+    q, k, v, src, up_out, up_hc = _case(1, 1, 4, 49, 16, torch.float32, seed=3)
+    out, hc_rows, grads = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
+    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32]["out"])
+    torch.testing.assert_close(hc_rows, ref_hc, **HC_TOL)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float32]["grad"])
+
+
+def test_gradient_through_the_hc_rows_alone_and_without_hc():
+    q, k, v, src, up_out, up_hc = _case(2, 2, 3, 4, 16, torch.float32, seed=1)
+    _, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, 3, True)
+    got = torch.autograd.grad((hc_rows * up_hc).sum(), (q, k, v), allow_unused=True)
+    _, ref_hc = homologous_attention_reference(q, k, v, src, 3, True)
+    want = torch.autograd.grad((ref_hc * up_hc).sum(), (q, k, v), allow_unused=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, torch.zeros_like(q) if b is None else b, **TOL[torch.float32]["grad"])
+    # hc=False: no HC rows, the gradient of the attention alone
+    out, none = homologous_attention(q, k, v, src, 3, hc=False, backend="triton")
+    assert none is None
+    ref, _, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 3, up_out, up_hc, hc=False)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32]["out"])
+    for a, b in zip(torch.autograd.grad((out * up_out).sum(), (q, k, v)), ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float32]["grad"])
+
+
+def test_ties_at_the_kth_value_are_kept_and_cls_handled():
+    """v = identity: the output rows are the attention weights, so the kept set is visible.
+    Integer q, k with every patch key twice: the K-th value of an odd K always has a tie beyond K."""
+    gen = torch.Generator().manual_seed(2)
+    G, H, r, n = 2, 2, 2, 4
+    L = 1 + r * n
+    distinct = torch.randint(-2, 3, (G, H, 4, 16), generator=gen).float()
+    k = torch.cat([torch.randint(-2, 3, (G, H, 1, 16), generator=gen).float(),
+                   distinct.repeat_interleave(2, dim=2)], dim=2)
+    q = torch.randint(-2, 3, (G, H, L, 16), generator=gen).float() / 4
+    v = torch.eye(L, 16).expand(G, H, L, 16).contiguous()
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    src = torch.arange(r, device=DEVICE).repeat_interleave(n)
+    for K in (1, 3, 5, 8):
+        w, _ = HomologousAttentionFunction.apply(q, k, v, src, K, False)
+        ref, _ = homologous_attention_reference(q, k, v, src, K)
+        torch.testing.assert_close(w, ref, **TOL[torch.float32]["out"])
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        keep = topk_keep_mask(s[..., 1:, 1:], K)
+        assert torch.equal(w[..., 1:, 1:L] > 0, keep), "kept patch keys differ from the tie rule"
+        if K % 2:  # the K-th value's duplicate sits at K + 1
+            assert (keep.sum(-1) >= K + 1).all(), "a duplicate of the K-th key was dropped"
+        assert (w[..., 1:, 0] > 0).all(), "every patch query keeps the CLS key"
+        assert (w[..., 0, :L] > 0).all(), "the CLS query sees every key"
+        torch.testing.assert_close(w[..., :L].sum(-1), torch.ones(G, H, L, device=DEVICE), **TOL[torch.float32]["out"])
+
+
+@pytest.mark.parametrize("which", ["q_zero", "k_constant"])
+def test_rows_of_equal_scores_give_no_nan(which):
+    """All of a row's scores equal: every patch key ties with the K-th, all are kept (the mean of v)."""
+    q, k, v, src, up_out, up_hc = _case(1, 2, 3, 5, 16, torch.float32, seed=4)
+    with torch.no_grad():
+        if which == "q_zero":
+            q.zero_()
+        else:
+            k.copy_(k[:, :, :1].expand_as(k))
+    out, hc_rows, grads = _grads(_kernel, q, k, v, src, 2, up_out, up_hc)
+    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 2, up_out, up_hc)
+    assert all(torch.isfinite(t).all() for t in (out, hc_rows, *grads))
+    torch.testing.assert_close(out, ref, **TOL[torch.float32]["out"])
+    torch.testing.assert_close(hc_rows, ref_hc, **HC_TOL)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float32]["grad"])
+
+
+def test_strided_views_as_the_module_makes_them():
+    """q, k, v as the attention module slices them out of one qkv projection (not contiguous)."""
+    gen = torch.Generator().manual_seed(5)
+    G, H, r, n, d = 2, 2, 3, 4, 16
+    L = 1 + r * n
+    qkv = _quantised((G, L, 3, H, d), gen).to(DEVICE).requires_grad_(True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    src = torch.arange(r, device=DEVICE).repeat_interleave(n)
+    up_out = torch.randn(G, H, L, d, generator=gen).to(DEVICE)
+    out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, 4, True)
+    grad = torch.autograd.grad((out * up_out).sum() + hc_rows.sum(), qkv)[0]
+    ref, ref_hc = homologous_attention_reference(q, k, v, src, 4, True)
+    ref_grad = torch.autograd.grad((ref * up_out).sum() + ref_hc.sum(), qkv)[0]
+    torch.testing.assert_close(out, ref, **TOL[torch.float32]["out"])
+    torch.testing.assert_close(grad, ref_grad, **TOL[torch.float32]["grad"])
+
+
+def test_forward_and_backward_are_bitwise_reproducible():
+    args = _case(2, 2, 4, 16, 16, torch.bfloat16, seed=6)
+    first = _grads(_kernel, *args[:4], 16, *args[4:])
+    second = _grads(_kernel, *args[:4], 16, *args[4:])
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for a, b in zip(first[2], second[2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_errors():
+    q = torch.zeros(1, 1, 258, 16, device=DEVICE)
+    src = torch.zeros(257, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="L <= 256"):
+        HomologousAttentionFunction.apply(q, q, q, src, 4, False)
+    q = torch.zeros(1, 1, 9, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="need L-1 = 8 and 1 <= topk"):
+        HomologousAttentionFunction.apply(q, q, q, src[:8], 9, False)
+    with pytest.raises(ValueError, match="need L-1 = 8"):
+        HomologousAttentionFunction.apply(q, q, q, src[:7], 2, False)
+    with pytest.raises(ValueError, match="share one shape"):
+        HomologousAttentionFunction.apply(q, q[..., :8], q, src[:8], 2, False)
+
+
+# -- compiled for a GPU without one ---------------------------------------------------------------
+_AOT = textwrap.dedent("""
+    import inspect, os, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import mixedae_fast.kernels.homologous_attention as ha
+
+    DTYPE_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+
+    def signature(fn, dtype, consts):
+        sig = {}
+        for name in inspect.signature(fn.fn).parameters:
+            sig[name] = ("constexpr" if name in consts else "*" + dtype if name in DTYPE_PTRS
+                         else "*i32" if name in ("src_ptr", "bits_ptr") else "*fp32" if name.endswith("_ptr")
+                         else "fp32" if name == "scale" else "i32")
+        return sig
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    for dtype, L in (("bf16", 197), ("fp16", 65), ("fp32", 197)):
+        ieee = dtype == "fp32"
+        bn, bd, bm, kb = ha._blocks(L, 64, ieee)
+        words = bn // 32
+        m_blocks = triton.cdiv(L, bm)
+        for fn, consts in ((ha._fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn)),
+                           (ha._bwd_dkdv_kernel, dict(M_BLOCKS=m_blocks, BLOCK_M=bm, BLOCK_N=kb, WORDS=words)),
+                           (ha._bwd_dq_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, WORDS=words))):
+            consts = dict(consts, HC=True, FP32=ieee, BLOCK_D=bd)
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts),
+                                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=ha.NUM_WARPS))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(kernel.asm["ptx"])
+            info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                                  capture_output=True, text=True, check=True).stderr
+            spills = [line for line in info.splitlines() if "spill stores" in line][0]
+            print(dtype, L, fn.fn.__name__, spills.split(":")[-1].strip())
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton ships ptxas for Linux only")
+def test_kernels_compile_for_sm90_without_spills_in_bf16():
+    """The interpreter runs Python: it cannot tell whether a kernel lowers for a GPU. Triton compiles
+    for a target without one (its bundled ptxas): every kernel at ViT-B's L = 197, d = 64 for sm_90, in
+    bf16 / fp16 without register spills (fp32's IEEE dots spill a little; they are not the training path)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 9, run.stdout
+    for line in lines:
+        if not line.startswith("fp32"):
+            assert line.endswith("0 bytes spill stores, 0 bytes spill loads"), line
+
+
+# -- GPU: the shapes that matter --------------------------------------------------------------------
+# At ViT scale the bf16 gradients sum ~200 products of bf16-rounded dS/P per entry: a looser bound.
+GPU_GRAD_TOL = {torch.bfloat16: dict(rtol=5e-2, atol=5e-2), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("G,H,K", [(64, 12, 49), (16, 16, 1), (16, 12, 196)], ids=["vit_b", "vit_l_k1", "k_all"])
+def test_vit_shapes_on_gpu(G, H, K, dtype):
+    """ViT-B/16 (and ViT-L's 16 heads): L = 197, d = 64, r = 4, n = 49."""
+    q, k, v, src, up_out, up_hc = _case(G, H, 4, 49, 64, dtype, seed=7)
+    out, hc_rows, grads = _grads(_kernel, q, k, v, src, K, up_out, up_hc)
+    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, K, up_out, up_hc)
+    torch.testing.assert_close(out, ref, **TOL[dtype]["out"])
+    torch.testing.assert_close(hc_rows, ref_hc, rtol=1e-4, atol=1e-4)  # exact scores; GPU exp/log approximations
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **GPU_GRAD_TOL[dtype])
