@@ -226,8 +226,14 @@ def xformers_problem(device: str) -> str | None:
     return None
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the string
 def resolve_backend(requested: str, device: str, mode: str) -> str:
+    """:func:`_resolve_backend`, cached; opaque to ``torch.compile`` (it reads the table file once)."""
+    return _resolve_backend(requested, device, mode)
+
+
+@functools.cache
+def _resolve_backend(requested: str, device: str, mode: str) -> str:
     """The backend a block runs for ``mode`` on ``device``: ``auto`` resolved, startup checks done
     (once per device: xformers falls back to SDPA with a warning). Raises for impossible requests."""
     dev = torch.device(device)
@@ -244,6 +250,9 @@ def resolve_backend(requested: str, device: str, mode: str) -> str:
     if backend == "triton" and mode == "topk":
         check_triton(dev)
     return backend
+
+
+resolve_backend.cache_clear = _resolve_backend.cache_clear
 
 
 # -- the backends ----------------------------------------------------------------------------------
