@@ -78,7 +78,11 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def config_mismatch(saved: dict, current: dict, ignore=("run", "data.num_workers", "runtime")) -> list[str]:
+# Config parts a resumed run may change (sections or ``section.key``).
+RESUMABLE = ("run", "data.num_workers", "runtime", "dist")
+
+
+def config_mismatch(saved: dict, current: dict, ignore=RESUMABLE) -> list[str]:
     """Keys whose values differ between two config dicts (``section.key: saved -> current``),
     leaving out what may change across a resume."""
     diffs = []

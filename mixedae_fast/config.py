@@ -1,10 +1,11 @@
 """Typed configuration for MixedAE pretraining: dataclasses, YAML presets, CLI overrides, validation.
 
 One schema (DESIGN.md §2): a YAML file with the sections ``model``, ``mixing``, ``runtime``, ``data``,
-``optim`` and ``run``, then ``--section.key=value`` overrides whose values are parsed as YAML. Every
-value that follows from the config (N, n, K, the HC switches, the learning rate) is computed once, in
-:func:`derive`. Invalid values fail at load with the field as ``section.key``, the value and what is
-allowed. No torch import here: the CLI checks a config before it pays for torch.
+``optim``, ``run`` and ``dist`` (several processes), then ``--section.key=value`` overrides whose
+values are parsed as YAML. Every value that follows from the config (N, n, K, the HC switches, the
+learning rate) is computed once, in :func:`derive`. Invalid values fail at load with the field as
+``section.key``, the value and what is allowed. No torch import here: the CLI checks a config
+before it pays for torch.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("auto", "dali", "torch", "synthetic"),
     "data.format": ("imagefolder", "filelist", "webdataset"),
     "optim.optimizer": ("auto", "torch", "apex"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.grad_comm": ("fp32", "bf16"),
 }
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # PyYAML (YAML 1.1) reads "1e-3" as a string; float fields accept such strings.
@@ -127,6 +130,18 @@ class RunConfig:
 
 
 @dataclass
+class DistConfig:
+    """Several processes (torchrun / SLURM; see mixedae_fast/distributed.py). No effect on one process."""
+
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    # a collective that waits longer fails the job (a dead or stalled rank); it must exceed the longest
+    # pause of rank 0 alone (a checkpoint save)
+    timeout_s: float = 600.0
+    grad_comm: str = "fp32"  # fp32 | bf16: gradients all-reduced in bf16 (a DDP comm hook), half the bytes
+    bucket_mb: float = 25.0  # DDP bucket size: each bucket is all-reduced while backward goes on
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
@@ -134,6 +149,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def derive(self, world_size: int = 1) -> Derived:
         return derive(self, world_size)
@@ -373,6 +389,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     **dict.fromkeys(["optim.epochs", "optim.accum_steps", "optim.max_nan_steps", "run.log_every",
                      "run.ckpt_every", "run.keep_last"], _GE1),
     "run.resume": (bool, "must be none, auto or a checkpoint path"),
+    "dist.timeout_s": _GT0, "dist.bucket_mb": _GT0,
 }
 
 

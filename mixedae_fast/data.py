@@ -59,8 +59,9 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
         vx, vy = generate_images(num_val, size=S, seed=seed, split="val")
         plain = dict(common, batch_size=500, augment=False, shuffle=False, drop_last=False)
         n = min(EVAL_BANK, num_train)
-        return Loaders(TensorBatchLoader(tx, ty, augment=True, crop_scale=d.crop_scale, seed=seed, **common),
-                       TensorBatchLoader(tx[:n], ty[:n], **plain), TensorBatchLoader(vx, vy, **plain),
+        train = TensorBatchLoader(tx, ty, augment=True, crop_scale=d.crop_scale, seed=seed, shard_id=shard_id,
+                                  num_shards=num_shards, **common)
+        return Loaders(train, TensorBatchLoader(tx[:n], ty[:n], **plain), TensorBatchLoader(vx, vy, **plain),
                        backend, None, None, [])
     if d.path is None:
         root = write_image_folder(default_data_root(S, num_train, num_val, seed), num_train, num_val, size=S,

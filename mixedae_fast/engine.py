@@ -2,8 +2,9 @@
 
 The loop never synchronises the host per step: losses accumulate in device tensors and are read at
 log steps; a non-finite step is skipped *on the device* (the fused optimiser's ``found_inf``), and
-the count of consecutive skips is checked at log steps. Randomness is keyed by (seed, micro-step)
-so that a run stopped and resumed continues exactly.
+the count of consecutive skips is checked at log steps. Randomness is keyed by (seed, step, global
+group index) so that a run stopped and resumed continues exactly, on any number of ranks
+(distributed.py: DDP, the stop vote, metrics averaged over ranks).
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mixedae_fast.checkpoint import config_mismatch, load_checkpoint, resolve_resume, save_checkpoint
+from mixedae_fast.checkpoint import RESUMABLE, config_mismatch, load_checkpoint, resolve_resume, save_checkpoint
 from mixedae_fast.config import Config, config_to_dict, derive
+from mixedae_fast.distributed import Dist, DistEnv, unwrap
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,17 +75,21 @@ def lr_at(progress_epochs: float, peak: float, warmup_epochs: float, epochs: flo
 
 def _rng_states() -> dict:
     """The global generators' states. Training draws nothing from them (its randomness is keyed by
-    seed and step), but user code and dropout might; saved so a resume restores them too."""
+    seed and step), but user code and dropout might; saved so a resume restores them too. CUDA: the
+    current device's only (touching every GPU would put a context of each rank on each of them)."""
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+        cuda = states["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per device
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 class StopRequested(Exception):
@@ -92,15 +98,19 @@ class StopRequested(Exception):
 
 class Trainer:
     """Pretrains ``model`` on ``loader`` for ``cfg.optim.epochs`` epochs, writing ``metrics.csv`` and
-    checkpoints under ``run_dir``. ``max_steps`` (optimizer steps) cuts the run short."""
+    checkpoints under ``run_dir``. ``max_steps`` (optimizer steps) cuts the run short. ``dist``: the
+    process group when there are several ranks (``model`` then in ``dist.wrap``, ``loader`` this rank's
+    shard); rank 0 writes the run folder."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader, run_dir: str | Path, device: torch.device,
-                 max_steps: int | None = None, progress: bool = True, rank: int = 0, world_size: int = 1):
+                 max_steps: int | None = None, progress: bool = True, dist: Dist | None = None):
         self.cfg, self.model, self.loader, self.device = cfg, model, loader, device
+        self.module = unwrap(model)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.rank, self.world_size = rank, world_size
-        self.derived = derive(cfg, world_size)
+        self.dist = dist or Dist(DistEnv(), device)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.derived = derive(cfg, self.world_size)
         self.amp_dtype = resolve_precision(cfg.runtime.precision, device)
         self.optimizer, self.device_skip = build_optimizer(model, cfg, self.derived.lr, device)
         # fp16 needs loss scaling (bf16 does not); GradScaler skips overflowing steps itself
@@ -110,10 +120,12 @@ class Trainer:
         if self.micro_per_epoch < self.accum:
             raise ValueError(f"one epoch has {self.micro_per_epoch} batches, fewer than optim.accum_steps="
                              f"{self.accum}; lower data.batch_size or accum_steps, or add data")
+        # An epoch is this many optimizer steps on any number of ranks (the global batch fixed); a tail
+        # of micro-batches that does not fill a step is left out.
         self.steps_per_epoch = self.micro_per_epoch // self.accum
         total = self.steps_per_epoch * cfg.optim.epochs
         self.total_steps = total if max_steps is None else min(total, max_steps)
-        self.progress = progress and rank == 0
+        self.progress = progress and self.rank == 0
         self.step = 0
         self.history: list[dict] = []
         self._stop_signal = None
@@ -132,7 +144,7 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _rng_states(),
                 "config": config_to_dict(self.cfg), "world_size": self.world_size}
 
@@ -144,11 +156,14 @@ class Trainer:
         if path is None:
             return None
         state = load_checkpoint(path, map_location=self.device)
-        diffs = config_mismatch(state["config"], config_to_dict(self.cfg))
+        # the split of the global batch (per-rank batch, ranks, accumulation) may change; the global batch not
+        diffs = config_mismatch(state["config"], config_to_dict(self.cfg),
+                                ignore=(*RESUMABLE, "data.batch_size", "optim.accum_steps"))
         if diffs:
             raise ValueError(f"checkpoint {path} was written under another config: " + "; ".join(diffs)
                              + ". Resume with the same settings or start a new run (run.name)")
-        self.model.load_state_dict(state["model"])
+        self._check_global_batch(state, path)
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -157,16 +172,35 @@ class Trainer:
         self.step = int(state["step"])
         return path
 
+    def _check_global_batch(self, state: dict, path) -> None:
+        """The schedule and the data position count optimizer steps of one global batch: a checkpoint
+        resumes on any number of ranks, per-rank batch or accumulation that keep it."""
+        saved, d = state["config"], self.derived
+        b, a, w = saved["data"]["batch_size"], saved["optim"]["accum_steps"], int(state.get("world_size", 1))
+        if b * a * w == d.global_batch:
+            return
+        per = self.cfg.data.batch_size * self.world_size
+        fix = (f"--optim.accum_steps={b * a * w // per}" if b * a * w % per == 0 else
+               f"data.batch_size x ranks x optim.accum_steps = {b * a * w}")
+        raise ValueError(f"checkpoint {path} was written with a global batch of {b * a * w} (data.batch_size {b} "
+                         f"x {w} ranks x optim.accum_steps {a}); this run has {d.global_batch} "
+                         f"({self.cfg.data.batch_size} x {self.world_size} x {self.accum}). Keep the global "
+                         f"batch to continue its schedule: {fix}")
+
     # -- the loop ------------------------------------------------------------------------------
     def _batches(self):
-        """Micro-batches from the current data position on, forever (epoch after epoch)."""
-        micro = self.step * self.accum
+        """Micro-batches from the current step on, forever. Epoch ``e`` starts at step
+        ``e * steps_per_epoch`` and gives ``steps_per_epoch * accum`` micro-batches; the rest of a pass
+        is read and dropped (DALI rebuilds a pipeline left mid-pass)."""
+        step = self.step
         while True:
-            epoch, start = divmod(micro, self.micro_per_epoch)
-            self.loader.set_epoch(epoch, start)
-            for images, _ in self.loader:
-                yield micro, images
-                micro += 1
+            epoch, k = divmod(step, self.steps_per_epoch)
+            self.loader.set_epoch(epoch, k * self.accum)
+            wanted = (self.steps_per_epoch - k) * self.accum
+            for i, (images, _) in enumerate(self.loader):
+                if i < wanted:
+                    yield images
+            step += self.steps_per_epoch - k
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signal.Signals(signum).name
@@ -175,7 +209,6 @@ class Trainer:
         cfg, model, opt, dev = self.cfg, self.model, self.optimizer, self.device
         d = self.derived
         G = cfg.data.batch_size // cfg.mixing.group_size
-        first_group = self.rank * G
         log_every = cfg.run.log_every
         zeros = lambda: torch.zeros((), device=dev)  # noqa: E731
         sums = {k: zeros() for k in ("loss", "loss_rec", "loss_hc")}
@@ -183,7 +216,7 @@ class Trainer:
         stats_last: dict = {}
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="pretrain",
                    unit="step", dynamic_ncols=True)
         batches = self._batches()
@@ -198,14 +231,17 @@ class Trainer:
                 log_now = (self.step + 1) % log_every == 0 or self.step + 1 == self.total_steps
                 for a in range(self.accum):
                     t0 = time.perf_counter()
-                    micro, images = next(batches)
+                    images = next(batches)
                     wait_log += time.perf_counter() - t0
-                    with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
-                                        enabled=self.amp_dtype is not None):
-                        out = model(images, seed=cfg.run.seed, step=micro, first_group=first_group,
-                                    collect_stats=log_now and a == self.accum - 1)
-                    loss = out["loss"] / self.accum
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    # the global index of this micro-batch's first group in the step (DESIGN §1.1)
+                    first_group = (a * self.world_size + self.rank) * G
+                    with self.dist.no_sync(model, a < self.accum - 1):
+                        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
+                                            enabled=self.amp_dtype is not None):
+                            out = model(images, seed=cfg.run.seed, step=self.step, first_group=first_group,
+                                        collect_stats=log_now and a == self.accum - 1)
+                        loss = out["loss"] / self.accum
+                        (self.scaler.scale(loss) if self.scaler else loss).backward()
                     for k in sums:
                         sums[k] += out[k].detach() / self.accum
                     n_log += images.shape[0]
@@ -249,12 +285,16 @@ class Trainer:
                     t_log, n_log, wait_log, step_log = time.perf_counter(), 0, 0.0, self.step
                 if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
                     self.save()
-                if self._stop_signal:
-                    raise StopRequested(self._stop_signal)
+                stop = self.dist.agree_stop(self._stop_signal)
+                if stop:
+                    raise StopRequested(stop)
+            self.dist.finish_votes()
         except StopRequested as e:
             if self.rank == 0:
                 path = self.save()
                 tqdm.write(f"{e}: saved {path} at step {self.step}; continue with --run.resume=auto")
+            self.dist.finish_votes()
+            self.dist.barrier()  # no rank leaves before the checkpoint is written (torchrun stops them all)
             raise
         finally:
             bar.close()
@@ -266,9 +306,10 @@ class Trainer:
 
     def _log_row(self, sums, steps, lr, n_images, elapsed, wait, bad_total, stats) -> dict:
         """One metrics row: loss parts averaged over the ``steps`` since the last row."""
+        sums, stats = self.dist.mean_over_ranks(sums, stats)
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr}
         row.update({k: v.item() / steps for k, v in sums.items()})
-        row.update(img_per_s=n_images / max(elapsed, 1e-9), data_wait=wait / max(elapsed, 1e-9),
+        row.update(img_per_s=n_images * self.world_size / max(elapsed, 1e-9), data_wait=wait / max(elapsed, 1e-9),
                    skipped_steps=int(bad_total.item()))
         if stats:
             names = sorted({k.split("/", 1)[1] for k in stats})

@@ -33,6 +33,29 @@ def spread_subset(items: list, limit: int | None) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
+def shard_batches(num: int, batch_size: int, shard_id: int = 0, num_shards: int = 1,
+                  drop_last: bool = True) -> list[tuple[int, slice]]:
+    """Shard ``shard_id``'s batches of an epoch of ``num`` samples: ``(global batch index, slice of the
+    epoch's order)``. Global batch ``j`` (positions ``[j*B, (j+1)*B)``) goes to shard ``j % num_shards``,
+    so the i-th batches of all shards are consecutive in the order and the samples of an optimizer step
+    (``accum_steps`` batches on each of ``num_shards`` ranks) are the same set however one global batch
+    is split. Shards are disjoint and equally long (as ``DistributedSampler``'s): only whole rounds of
+    ``num_shards`` batches are dealt; without ``drop_last`` the rest, cut to a multiple of
+    ``num_shards``, is dealt sample by sample as one last, partial batch."""
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+    rounds = num // (batch_size * num_shards)
+    out = []
+    for r in range(rounds):
+        j = r * num_shards + shard_id
+        out.append((j, slice(j * batch_size, (j + 1) * batch_size)))
+    start = rounds * num_shards * batch_size
+    tail = (num - start) // num_shards
+    if tail and not drop_last:
+        out.append((rounds * num_shards + shard_id, slice(start + shard_id, start + tail * num_shards, num_shards)))
+    return out
+
+
 def _generator(seed: int, *keys: int, device="cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(hash((seed, *keys)) & ((1 << 63) - 1))
@@ -77,15 +100,19 @@ class TensorBatchLoader:
     ``augment=True`` applies RandomResizedCrop(crop_scale) + flip, else a plain resize; batches are
     ``batch_size`` (the last partial batch is dropped when ``drop_last``). ``set_epoch`` /
     ``state_dict`` give the data position; iterating from ``start_step`` skips without loading.
+    ``shard_id`` of ``num_shards``: this rank's batches (:func:`shard_batches`); a batch's augmentation
+    is keyed by its global index, so the shards together draw what one unsharded loader draws.
     """
 
     def __init__(self, images, labels, batch_size: int, img_size: int, device="cpu", dtype=torch.float32,
                  augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, shard_id: int = 0, num_shards: int = 1):
         self.images = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()   # uint8 [M, 3, H, W]
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        if len(self.images) < batch_size and drop_last:
-            raise ValueError(f"{len(self.images)} images are fewer than one batch of {batch_size}")
+        self._batches = shard_batches(len(self.images), batch_size, shard_id, num_shards, drop_last)
+        if not self._batches:
+            raise ValueError(f"{len(self.images)} images are fewer than one batch of {batch_size}"
+                             + (f" for each of {num_shards} shards" if num_shards > 1 else ""))
         self.batch_size, self.img_size = batch_size, img_size
         self.device, self.dtype = torch.device(device), dtype
         self.augment, self.crop_scale, self.seed = augment, tuple(crop_scale), seed
@@ -93,8 +120,7 @@ class TensorBatchLoader:
         self.epoch, self.start_step = 0, 0
 
     def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return len(self._batches)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -108,9 +134,9 @@ class TensorBatchLoader:
             order = torch.randperm(n, generator=_generator(self.seed, self.epoch))
         else:
             order = torch.arange(n)
-        for i in range(self.start_step, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.load(idx, _generator(self.seed, self.epoch, i)), self.labels[idx].to(self.device)
+        for j, part in self._batches[self.start_step:]:
+            idx = order[part]
+            yield self.load(idx, _generator(self.seed, self.epoch, j)), self.labels[idx].to(self.device)
         self.start_step = 0
 
     def load(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -179,8 +205,9 @@ def resized_crop_tensor(image: torch.Tensor, box, flip: bool, size: int) -> torc
 
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Batches of ``(epoch, index)`` keys, a pure function of ``(seed, epoch)`` and the shard: the
-    epoch's ``randperm`` is cut to a multiple of ``num_shards`` and shard ``k`` takes every
-    ``num_shards``-th index from ``k`` (disjoint, equal lengths); iteration starts at ``start_step``."""
+    epoch's ``randperm`` dealt to ``num_shards`` shards a batch at a time (:func:`shard_batches`:
+    disjoint, equal lengths, the same samples per optimizer step however the global batch is split);
+    iteration starts at ``start_step``."""
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                  shard_id: int = 0, num_shards: int = 1):
@@ -193,19 +220,23 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(self.n)
+
     def indices(self, epoch: int) -> torch.Tensor:
-        """This shard's sample indices for ``epoch``, in order."""
-        order = torch.randperm(self.n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(self.n)
-        return order[:self.n - self.n % self.num_shards][self.shard_id::self.num_shards]
+        """This shard's sample indices for ``epoch``, in order (the partial last batch included)."""
+        order = self._order(epoch)
+        parts = shard_batches(self.n, self.batch_size, self.shard_id, self.num_shards, drop_last=False)
+        return torch.cat([order[p] for _, p in parts]) if parts else order[:0]
 
     def __len__(self) -> int:
-        per_shard = self.n // self.num_shards
-        return per_shard // self.batch_size if self.drop_last else math.ceil(per_shard / self.batch_size)
+        return len(shard_batches(self.n, self.batch_size, self.shard_id, self.num_shards, self.drop_last))
 
     def __iter__(self):
-        idx = self.indices(self.epoch).tolist()
-        for i in range(self.start_step, len(self)):
-            yield [(self.epoch, j) for j in idx[i * self.batch_size:(i + 1) * self.batch_size]]
+        order = self._order(self.epoch)
+        parts = shard_batches(self.n, self.batch_size, self.shard_id, self.num_shards, self.drop_last)
+        for _, part in parts[self.start_step:]:
+            yield [(self.epoch, j) for j in order[part].tolist()]
 
 
 class ImageFileDataset(torch.utils.data.Dataset):

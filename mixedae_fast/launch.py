@@ -1,0 +1,125 @@
+"""Launch commands for several processes: torchrun on one node, an sbatch script for SLURM.
+
+No torch import: the command line writes these before it pays for torch. The training itself is
+``mixedae-fast pretrain`` in every rank (distributed.py reads the environment torchrun sets).
+
+The SLURM script runs one torchrun per node (``srun --ntasks-per-node=1``); the torchruns meet at a
+c10d rendezvous on the job's first node and start one rank per GPU. Preemption: SLURM sends SIGUSR1
+to the batch shell ``signal_lead_s`` before the time limit (``--signal=B:USR1@...``); the shell passes
+SIGTERM to the step (srun hands it to torchrun, torchrun to the ranks, which agree on a step, save
+and exit), then runs ``scontrol requeue``: the job goes back to the queue and continues from the
+newest complete checkpoint, since the command carries ``--run.resume=auto``. A SIGTERM to the shell
+(``scancel``, or preemption, where SLURM requeues by itself) is passed on the same way, without the
+requeue. SIGTERM rather than SIGUSR1 goes to the ranks because torchrun stops its workers on SIGTERM
+whatever its version; ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` gives them time to save before it kills them.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+PRETRAIN = ["-m", "mixedae_fast.cli", "pretrain"]
+
+
+def with_resume_auto(args: list[str]) -> list[str]:
+    """``args`` with ``--run.resume=auto`` unless they choose a resume already."""
+    if any(a.lstrip("-").startswith("run.resume=") for a in args):
+        return list(args)
+    return [*args, "--run.resume=auto"]
+
+
+def local_command(nproc: int, pretrain_args: list[str]) -> list[str]:
+    """torchrun on this node: ``nproc`` ranks, a rendezvous on a free local port."""
+    if nproc < 1:
+        raise ValueError(f"--nproc = {nproc}: must be >= 1")
+    return [*TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *PRETRAIN, *pretrain_args]
+
+
+@dataclass
+class SlurmJob:
+    """What the sbatch script asks of SLURM."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_gpu: int = 8
+    time: str = "24:00:00"
+    job_name: str = "mixedae"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    mem: str | None = None  # --mem per node (e.g. 0 = all of it); None = the cluster's default
+    signal_lead_s: int = 300  # SIGUSR1 this long before the time limit: save and requeue
+    port: int = 29500  # the rendezvous port on the first node
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" options, e.g. --constraint=h100
+    setup: list[str] = field(default_factory=list)  # shell lines before training, e.g. module load ...
+
+    def check(self) -> None:
+        for name in ("nodes", "gpus_per_node", "cpus_per_gpu", "signal_lead_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 1")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port = {self.port}: must be in [1, 65535]")
+        if self.signal_lead_s < 60:
+            raise ValueError(f"--signal-lead = {self.signal_lead_s} s leaves too little time to save a checkpoint; "
+                             "use >= 60")
+
+
+def sbatch_script(job: SlurmJob, pretrain_args: list[str], log_dir: Path, workdir: Path, summary: str = "") -> str:
+    """The sbatch script: one torchrun per node, ranks save on SIGUSR1/SIGTERM, requeue on SIGUSR1."""
+    job.check()
+    world = job.nodes * job.gpus_per_node
+    sbatch = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
+              f"--gpus-per-node={job.gpus_per_node}", f"--cpus-per-task={job.cpus_per_gpu * job.gpus_per_node}",
+              f"--time={job.time}", f"--output={log_dir}/%x-%j.out", "--open-mode=append", "--requeue",
+              f"--signal=B:USR1@{job.signal_lead_s}", f"--chdir={workdir}"]
+    sbatch += [f"--{k}={v}" for k, v in (("partition", job.partition), ("account", job.account), ("qos", job.qos),
+                                          ("mem", job.mem)) if v is not None]
+    sbatch += [s if s.startswith("-") else f"--{s}" for s in job.extra_sbatch]
+    q = shlex.quote  # the script's own "$VARS" stay as written; everything else is quoted
+    command = " \\\n    ".join(" ".join(words) for words in (
+        ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"],
+        [*map(q, TORCHRUN), '--nnodes="$SLURM_JOB_NUM_NODES"', f"--nproc-per-node={job.gpus_per_node}"],
+        ["--rdzv-backend=c10d", f'--rdzv-endpoint="$head_node:{job.port}"', '--rdzv-id="$SLURM_JOB_ID"',
+         "--max-restarts=0"],
+        [*PRETRAIN, "--no-progress", *map(q, with_resume_auto(pretrain_args))]))
+    grace = max(job.signal_lead_s - 30, 30)
+    lines = [
+        "#!/bin/bash",
+        "# MixedAE pretraining on SLURM, written by `mixedae-fast launch slurm`. Submit: sbatch <this file>",
+        f"# {_count(job.nodes, 'node')} x {_count(job.gpus_per_node, 'GPU')} = {world} ranks. {summary}".rstrip(),
+        "# One torchrun per node starts one rank per GPU; the ranks meet at a c10d rendezvous on the first",
+        f"# node. SIGUSR1 {job.signal_lead_s} s before the time limit: the ranks save a checkpoint at a step they",
+        "# agree on, then the job requeues itself and resumes from it (--run.resume=auto). SIGTERM",
+        "# (scancel, preemption): they save and stop, no requeue.",
+        *[f"#SBATCH {s}" for s in sbatch],
+        "",
+        "set -u",
+        *job.setup,
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}  # torchrun's wait for the ranks to save after SIGTERM",
+        "requeue=0",
+        'on_usr1() { echo "[mixedae] SIGUSR1: time limit near; the ranks save, then the job requeues"; requeue=1;'
+        ' kill -TERM "$step" 2>/dev/null; }',
+        'on_term() { echo "[mixedae] SIGTERM: the ranks save and stop"; kill -TERM "$step" 2>/dev/null; }',
+        "trap on_usr1 USR1",
+        "trap on_term TERM",
+        f"{command} &",
+        "step=$!",
+        "# a trapped signal interrupts `wait`: wait again until the step has ended, for its exit status",
+        'wait "$step"; rc=$?',
+        'while kill -0 "$step" 2>/dev/null; do wait "$step"; rc=$?; done',
+        'if [[ $requeue == 1 && $rc != 0 ]]; then',
+        '  echo "[mixedae] requeueing job $SLURM_JOB_ID"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$rc"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("s" if n != 1 else "")
