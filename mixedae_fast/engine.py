@@ -220,6 +220,9 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="pretrain",
                    unit="step", dynamic_ncols=True)
         batches = self._batches()
+        # runtime.compile: the model's forward compiled (the assignment is drawn outside, so the step
+        # number never enters the graph; log steps, which collect stats, compile a second graph)
+        forward = torch.compile(model) if cfg.runtime.compile else model
         t_log, n_log, wait_log, step_log = time.perf_counter(), 0, 0.0, self.step
         model.train()
         try:
@@ -238,8 +241,8 @@ class Trainer:
                     with self.dist.no_sync(model, a < self.accum - 1):
                         with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
                                             enabled=self.amp_dtype is not None):
-                            out = model(images, seed=cfg.run.seed, step=self.step, first_group=first_group,
-                                        collect_stats=log_now and a == self.accum - 1)
+                            ids = self.module.assign(G, cfg.run.seed, self.step, first_group, images.device)
+                            out = forward(images, ids, collect_stats=log_now and a == self.accum - 1)
                         loss = out["loss"] / self.accum
                         (self.scaler.scale(loss) if self.scaler else loss).backward()
                     for k in sums:

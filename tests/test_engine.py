@@ -179,3 +179,24 @@ def test_fp16_uses_a_grad_scaler_and_resumes_it(tmp_path):
     resumed = _trainer(tmp_path, ["--runtime.precision=fp16", "--run.resume=auto"])
     resumed.maybe_resume()
     assert resumed.scaler.get_scale() == scale and resumed.step == 4
+
+
+def test_runtime_compile_trains_like_eager(tmp_path, monkeypatch):
+    """``runtime.compile`` compiles the model's forward (here with the ``aot_eager`` backend: the wiring
+    and the graph, not inductor's code generation, which is slow on CPU) and trains as eager does."""
+    real_compile, compiled = torch.compile, []
+
+    def aot_eager_compile(model, **kw):
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    torch._dynamo.reset()
+    eager = _trainer(tmp_path / "eager", max_steps=4).fit()
+    comp_trainer = _trainer(tmp_path / "compiled", ["--runtime.compile=true"], max_steps=4)
+    comp = comp_trainer.fit()
+    assert compiled == [comp_trainer.model]
+    assert [r["step"] for r in comp] == [r["step"] for r in eager]
+    for a, b in zip(comp, eager, strict=True):   # same ops; AOTAutograd may reorder sums: fp32 rounding
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["recognition"] == pytest.approx(b["recognition"], abs=1e-6)
