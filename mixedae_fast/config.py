@@ -124,6 +124,7 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept
     resume: str = "none"  # none | auto (latest in the run directory) | <checkpoint path>
     eval: bool = True  # kNN / probe evaluation at the end
+    vis_every: int = 0  # steps between pictures (TensorBoard, else PNGs in pictures/); 0 = none
 
 
 @dataclass
@@ -373,6 +374,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     **dict.fromkeys(["optim.epochs", "optim.accum_steps", "optim.max_nan_steps", "run.log_every",
                      "run.ckpt_every", "run.keep_last"], _GE1),
     "run.resume": (bool, "must be none, auto or a checkpoint path"),
+    "run.vis_every": (lambda v: v >= 0, "must be >= 0 (0 = no pictures during training)"),
 }
 
 
