@@ -81,7 +81,9 @@ def _downstream_parsers(sub) -> None:
     ft = sub.add_parser("finetune", parents=[run, data], help="full fine-tuning with layer-wise lr decay")
     # unset options take FinetuneConfig's defaults (mixedae_fast/finetune.py; no torch import here)
     for name, tp, what in (("epochs", int, "epochs"), ("batch_size", int, "images a step"),
-                           ("blr", float, "base lr: lr = blr * batch_size / 256"), ("lr", float, "absolute peak lr"),
+                           ("blr", float, "base lr: lr = blr * batch_size / 256 (default by depth: MAE's 5e-4 "
+                                                  "for ViT-B, 1e-3 for ViT-L; 1.6e-2 below 12 blocks)"),
+                           ("lr", float, "absolute peak lr"),
                            ("layer_decay", float, "layer-wise lr decay (default by depth: MAE's 0.65 for ViT-B, "
                                                   "0.75 for ViT-L)"),
                            ("weight_decay", float, "AdamW weight decay"), ("warmup_epochs", float, "linear warm-up"),

@@ -27,9 +27,9 @@ PRETRAIN_ONLY = ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_bl
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 8
+    epochs: int = 4  # cpu_tiny on the embedded set: ~50 s on 2 cores (MAE: 100 for ViT-B, 50 for ViT-L)
     batch_size: int = 64
-    blr: float = 4e-3  # lr = blr * batch_size / 256 (MAE: 5e-4 for ViT-B, 1e-3 for ViT-L at batch 1024)
+    blr: float | None = None  # lr = blr * batch_size / 256; None = default_blr(depth)
     lr: float | None = None  # absolute peak lr; overrides blr
     layer_decay: float | None = None  # None: MAE's 0.65 below 24 blocks (ViT-B), 0.75 from 24 (ViT-L)
     weight_decay: float = 0.05
@@ -46,7 +46,7 @@ class FinetuneConfig:
         if self.epochs < 1 or self.batch_size < 2:
             errors.append(f"epochs = {self.epochs} and batch_size = {self.batch_size}: need epochs >= 1, "
                           "batch_size >= 2")
-        if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
+        if (self.blr is not None and self.blr <= 0) or (self.lr is not None and self.lr <= 0):
             errors.append(f"blr = {self.blr}, lr = {self.lr}: must be > 0")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             errors.append(f"layer_decay = {self.layer_decay}: must be in (0, 1] (1 = no decay)")
@@ -59,12 +59,23 @@ class FinetuneConfig:
         if errors:
             raise ValueError("fine-tune settings: " + "; ".join(errors))
 
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+    def peak_lr(self, depth: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return (self.blr if self.blr is not None else default_blr(depth)) * self.batch_size / 256
 
 
 def default_layer_decay(depth: int) -> float:
+    """MAE's: 0.65 for ViT-B (12 blocks), 0.75 for ViT-L (24)."""
     return 0.75 if depth >= 24 else 0.65
+
+
+def default_blr(depth: int) -> float:
+    """MAE's 5e-4 for ViT-B and 1e-3 for ViT-L (at batch 1024); below 12 blocks 1.6e-2, measured on
+    cpu_tiny (4 epochs on the embedded set: blr 4e-3 / 8e-3 / 1.6e-2 gave val top-1 90.4 / 94.0 / 96.5)."""
+    if depth >= 24:
+        return 1e-3
+    return 5e-4 if depth >= 12 else 1.6e-2
 
 
 class ViTClassifier(nn.Module):
@@ -139,7 +150,7 @@ def finetune(model: nn.Module, train_loader, val_loader, num_classes: int, devic
     clf = ViTClassifier(model, num_classes, fcfg.drop_path).to(device)
     depth = len(clf.encoder.blocks)
     decay = fcfg.layer_decay if fcfg.layer_decay is not None else default_layer_decay(depth)
-    peak = fcfg.peak_lr()
+    peak = fcfg.peak_lr(depth)
     opt = torch.optim.AdamW(layer_decay_groups(clf, depth, fcfg.weight_decay, decay), lr=peak,
                             betas=tuple(fcfg.betas))
     steps_per_epoch = len(train_loader)

@@ -8,6 +8,7 @@ from mixedae_fast.config import load_config
 from mixedae_fast.finetune import (
     FinetuneConfig,
     ViTClassifier,
+    default_blr,
     default_layer_decay,
     finetune,
     layer_decay_groups,
@@ -26,6 +27,7 @@ def test_layer_ids_and_defaults():
              "encoder.blocks.11.mlp.fc2.bias", "encoder.norm.weight", "head.weight")
     assert [layer_id(n, 12) for n in names] == [0, 0, 1, 12, 13, 13]
     assert default_layer_decay(12) == 0.65 and default_layer_decay(24) == 0.75
+    assert default_blr(12) == 5e-4 and default_blr(24) == 1e-3
 
 
 def test_groups_decay_the_lr_by_depth_and_skip_weight_decay_on_norms_biases_and_cls():
@@ -64,8 +66,10 @@ def test_settings_are_checked():
         FinetuneConfig(layer_decay=1.5)
     with pytest.raises(ValueError, match="epochs = 0"):
         FinetuneConfig(epochs=0)
-    assert FinetuneConfig(blr=1e-3, batch_size=128).peak_lr() == pytest.approx(5e-4)
-    assert FinetuneConfig(lr=0.1).peak_lr() == 0.1
+    assert FinetuneConfig(blr=1e-3, batch_size=128).peak_lr(depth=12) == pytest.approx(5e-4)
+    assert FinetuneConfig(lr=0.1).peak_lr(depth=12) == 0.1
+    assert FinetuneConfig(batch_size=1024).peak_lr(depth=12) == pytest.approx(5e-4 * 4)   # MAE ViT-B
+    assert FinetuneConfig(batch_size=1024).peak_lr(depth=24) == pytest.approx(1e-3 * 4)   # MAE ViT-L
 
 
 def _stripes(num, seed):
