@@ -227,14 +227,14 @@ def cmd_make_data(args, overrides) -> int:
 # -- eval, finetune, export, visualize: they read a trained run ------------------------------------
 
 def _bad_input(fn):
-    """Errors in what the user passed (a run, a checkpoint, a dataset) end as ``error: ...``, exit 2."""
+    """Errors in what the user passed (a run, a checkpoint, a dataset, a setting) end as ``error: ...``,
+    exit 2: they raise ValueError (CheckpointError and ConfigError are ValueErrors) or FileNotFoundError
+    (which ``main`` reports)."""
     @functools.wraps(fn)
     def wrapper(args, overrides):
-        from mixedae_fast.checkpoint import CheckpointError
-
         try:
             return fn(args, overrides)
-        except (CheckpointError, ValueError) as e:
+        except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     return wrapper
