@@ -5,12 +5,21 @@
     mixedae-fast bench    [--config vit_base] [--source synthetic,files] [--compile both] [--out DIR]
     mixedae-fast launch local --nproc N [pretrain options]               # torchrun: N ranks on this node
     mixedae-fast launch slurm --nodes N --gpus-per-node G [--submit] [pretrain options]   # sbatch script
+    mixedae-fast eval      RUN [--dataset run|digits|lfw|photos | --data-dir DIR] [--pool avg|cls|both]
+    mixedae-fast finetune  RUN [--dataset ... | --data-dir DIR] [--epochs N] [--layer-decay D] [--baseline]
+    mixedae-fast export    RUN [--out DIR] [--pool avg|cls]                # timm VisionTransformer, safetensors
+    mixedae-fast visualize RUN [--dataset ... | --data-dir DIR] [--query T] [--block B]
+
+RUN is a run directory (runs/<name>, its newest checkpoint) or a checkpoint file; its config.yaml
+gives the architecture. eval / finetune / visualize take only --runtime.key=value overrides.
 
 Overrides take YAML values: ``--mixing.ha=oracle --optim.clip_grad=3.0 --mixing.ha_layers=[0,1]``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -53,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     md.add_argument("--num-val", type=int, default=1000, help="synthetic only")
     md.add_argument("--seed", type=int, default=0)
     _launch_parser(sub, [common, pretrain_opts])
+    _downstream_parsers(sub)
     return p
 
 
@@ -91,6 +101,49 @@ def _launch_parser(sub, parents) -> None:
                     help="a shell line run before training, e.g. --setup='module load cuda' (repeatable)")
     sl.add_argument("--script", default=None, help="where to write it (default: <run dir>/slurm/pretrain.sbatch)")
     sl.add_argument("--submit", action="store_true", help="submit it with sbatch")
+
+
+def _downstream_parsers(sub) -> None:
+    """eval, finetune, export, visualize: they read a trained run."""
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("run", help="a run directory (runs/<name>: its newest checkpoint) or a checkpoint file")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--dataset", default="run", choices=("run", "digits", "lfw", "photos"),
+                      help="run = the run's own data (the embedded set by default); digits / lfw / photos = real "
+                           "images shipped with scikit-learn/-image, written at the model's image size")
+    data.add_argument("--data-dir", default=None, help="any folder with train/ and val/ in ImageFolder layout")
+    data.add_argument("--max-train", type=int, default=None, help="use at most this many training images")
+    data.add_argument("--out", default=None, help="output file or folder (default: in the run directory)")
+    ev = sub.add_parser("eval", parents=[run, data], help="kNN and linear probe on frozen features vs random init")
+    ev.add_argument("--pool", default="avg", choices=("avg", "cls", "both"),
+                    help="features: mean-pooled patch tokens after the final norm (default), the CLS token, both")
+    ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    ev.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    ev.add_argument("--probe-epochs", type=int, default=100)
+    ev.add_argument("--no-probe", action="store_true", help="kNN only")
+    ft = sub.add_parser("finetune", parents=[run, data], help="full fine-tuning with layer-wise lr decay")
+    # unset options take FinetuneConfig's defaults (mixedae_fast/finetune.py; no torch import here)
+    for name, tp, what in (("epochs", int, "epochs"), ("batch_size", int, "images a step"),
+                           ("blr", float, "base lr: lr = blr * batch_size / 256 (default by depth: MAE's 5e-4 "
+                                                  "for ViT-B, 1e-3 for ViT-L; 1.6e-2 below 12 blocks)"),
+                           ("lr", float, "absolute peak lr"),
+                           ("layer_decay", float, "layer-wise lr decay (default by depth: MAE's 0.65 for ViT-B, "
+                                                  "0.75 for ViT-L)"),
+                           ("weight_decay", float, "AdamW weight decay"), ("warmup_epochs", float, "linear warm-up"),
+                           ("min_lr", float, "end of the cosine"), ("drop_path", float, "stochastic depth"),
+                           ("label_smoothing", float, "label smoothing"), ("seed", int, "seed")):
+        ft.add_argument("--" + name.replace("_", "-"), type=tp, default=argparse.SUPPRESS, help=what)
+    ft.add_argument("--baseline", action="store_true", help="also fine-tune the random-init encoder, same recipe")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ex = sub.add_parser("export", parents=[run], help="the encoder as a timm VisionTransformer (safetensors)")
+    ex.add_argument("--out", default=None, help="folder (default RUN/export_timm)")
+    ex.add_argument("--pool", default="avg", choices=("avg", "cls"), help="timm global_pool: avg (default) or token")
+    ex.add_argument("--no-check", action="store_true", help="skip loading it back through timm to compare features")
+    vi = sub.add_parser("visualize", parents=[run, data], help="reconstruction and homologous-attention pictures")
+    vi.add_argument("--query", type=int, default=None, help="query patch: index among the group's r*n tokens")
+    vi.add_argument("--block", type=int, default=None, help="encoder block (default: the last homologous one)")
+    vi.add_argument("--seed", type=int, default=0, help="assignment seed")
+    vi.add_argument("--step", type=int, default=0, help="assignment step")
 
 
 def _writable_run_dir(cfg) -> Path:
@@ -169,7 +222,8 @@ def cmd_pretrain(args, overrides) -> int:
     model = unwrap(model)
     report = {"run_dir": str(run_dir), "device": str(device), "ranks": dist.world_size,
               "global_batch": d.global_batch, "steps": trainer.step, "train_seconds": train_s,
-              "final": history[-1] if history else None, "config": config_to_dict(cfg)}
+              "final": history[-1] if history else None, "config": config_to_dict(cfg),
+              "data": {"train_path": data.train_path, "val_path": data.val_path}}
     if cfg.run.eval and val is None:
         print("no validation data (data.val_path): evaluation skipped", flush=True)
     elif cfg.run.eval:
@@ -186,13 +240,16 @@ def cmd_pretrain(args, overrides) -> int:
 
 
 def _pictures(model, val_loader, run_dir: Path, seed: int) -> dict:
-    from mixedae_fast.visualize import plot_loss_curve, reconstruction_figure
+    from mixedae_fast.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
 
     out = {}
     if (run_dir / "metrics.csv").exists():
         out["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png"))
-    images, _ = next(iter(val_loader))
-    out["reconstruction"] = str(reconstruction_figure(model, images, run_dir / "reconstruction.png", seed=seed))
+    images, labels = next(iter(val_loader))
+    group = pick_group(images, labels, model.group_size)
+    out["reconstruction"] = str(reconstruction_figure(model, group, run_dir / "reconstruction.png", seed=seed))
+    if model.group_size > 1:
+        out["homologous"] = str(homologous_figure(model, group, run_dir / "homologous.png", seed=seed)[0])
     return out
 
 
@@ -288,6 +345,182 @@ def cmd_launch(args, overrides) -> int:
     return done.returncode
 
 
+# -- eval, finetune, export, visualize: they read a trained run ------------------------------------
+
+def _bad_input(fn):
+    """Errors in what the user passed (a run, a checkpoint, a dataset, a setting) end as ``error: ...``,
+    exit 2: they raise ValueError (CheckpointError and ConfigError are ValueErrors) or FileNotFoundError
+    (which ``main`` reports)."""
+    @functools.wraps(fn)
+    def wrapper(args, overrides):
+        try:
+            return fn(args, overrides)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+def _load_run(args, overrides):
+    from mixedae_fast.engine import resolve_precision
+    from mixedae_fast.evaluate import load_encoder
+
+    model, cfg, pre = load_encoder(args.run, overrides=overrides)
+    device = next(model.parameters()).device
+    print(f"{args.run}: {pre.checkpoint.name} (step {pre.step}), ViT {cfg.model.embed_dim} wide x "
+          f"{cfg.model.depth} deep, patch {cfg.model.patch_size}, {cfg.model.img_size} px, on {device}", flush=True)
+    return model, cfg, pre, device, resolve_precision(cfg.runtime.precision, device)
+
+
+def _data(args, cfg, pre, device, **kw):
+    from mixedae_fast.evaluate import eval_folders, image_loaders
+
+    if args.max_train is not None and args.max_train < 1:
+        raise ValueError(f"--max-train {args.max_train}: must be >= 1")
+    train_dir, val_dir, name = eval_folders(args.dataset, cfg, args.data_dir, run_dir=pre.run_dir)
+    train, val = image_loaders(train_dir, val_dir, cfg.model.img_size, device, max_train=args.max_train,
+                               num_workers=cfg.data.num_workers, **kw)
+    print(f"data {name}: {len(train.dataset)} train / {len(val.dataset)} val images, {len(train.classes)} classes "
+          f"({train_dir})", flush=True)
+    return train, val, name
+
+
+def _stamp() -> dict:
+    import platform
+
+    from mixedae_fast.benchmarks.common import git_sha
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": git_sha(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+
+
+def _baseline_model(cfg, device):
+    import torch
+
+    from mixedae_fast.models import build_model
+
+    torch.manual_seed(cfg.run.seed + 1)  # as the main job's random-init row
+    return build_model(cfg).to(device).eval()
+
+
+@_bad_input
+def cmd_eval(args, overrides) -> int:
+    from mixedae_fast.checkpoint import atomic_write_json
+    from mixedae_fast.evaluate import evaluate_encoder
+
+    if args.k < 1 or args.temperature <= 0 or args.probe_epochs < 1:
+        raise ValueError(f"--k {args.k}, --temperature {args.temperature}, --probe-epochs {args.probe_epochs}: "
+                         "need k >= 1, temperature > 0, probe epochs >= 1")
+    model, cfg, pre, device, amp = _load_run(args, overrides)
+    train, val, name = _data(args, cfg, pre, device)
+    pools = ["avg", "cls"] if args.pool == "both" else [args.pool]
+    t0 = time.perf_counter()
+    kw = dict(pool=pools, amp_dtype=amp, probe=not args.no_probe, k=args.k, temperature=args.temperature,
+              probe_epochs=args.probe_epochs)
+    results = {"pretrained": evaluate_encoder(model, train, val, device, **kw),
+               "random_init": evaluate_encoder(_baseline_model(cfg, device), train, val, device, **kw)}
+    report = {"run": str(args.run), "checkpoint": str(pre.checkpoint), "step": pre.step, "dataset": name,
+              "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
+              "k": args.k, "temperature": args.temperature,
+              "probe_epochs": None if args.no_probe else args.probe_epochs,
+              "results": results, "seconds": time.perf_counter() - t0, "device": str(device), **_stamp()}
+    out = atomic_write_json(report, args.out or pre.run_dir / f"eval_{name}.json")
+    print(f"\n{'val accuracy %':<26}{'pretrained':>12}{'random init':>14}")
+    for pool in pools:
+        for metric, label in (("knn", f"kNN k={args.k}"), ("linear_probe", "linear probe")):
+            if metric in results["pretrained"][pool]:
+                print(f"{label + f' ({pool})':<26}{results['pretrained'][pool][metric]:>12.1f}"
+                      f"{results['random_init'][pool][metric]:>14.1f}")
+    print(f"\nresults: {out}")
+    return 0
+
+
+@_bad_input
+def cmd_finetune(args, overrides) -> int:
+    from mixedae_fast.checkpoint import atomic_write_json
+    from mixedae_fast.finetune import FinetuneConfig, finetune
+
+    fcfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+                             if hasattr(args, f.name)})
+    model, cfg, pre, device, amp = _load_run(args, overrides)
+    train, val, name = _data(args, cfg, pre, device, batch_size=fcfg.batch_size, augment_train=True,
+                             crop_scale=fcfg.crop_scale, seed=fcfg.seed)
+    runs = {"pretrained": model}
+    if args.baseline:
+        runs["random_init"] = _baseline_model(cfg, device)
+    results = {}
+    for label, m in runs.items():
+        results[label] = finetune(m, train, val, len(train.classes), device, fcfg, amp, not args.no_progress,
+                                  desc=f"finetune {label}")
+    report = {"run": str(args.run), "checkpoint": str(pre.checkpoint), "step": pre.step, "dataset": name,
+              "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
+              "results": results, "device": str(device), **_stamp()}
+    out = atomic_write_json(report, args.out or pre.run_dir / f"finetune_{name}.json")
+    print(f"\n{'fine-tune, val top-1 %':<26}" + "".join(f"{k.replace('_', ' '):>14}" for k in results))
+    for key, label in (("val_top1", "last epoch"), ("best_val_top1", "best epoch"), ("seconds", "time, s")):
+        print(f"{label:<26}" + "".join(f"{r[key]:>14.1f}" for r in results.values()))
+    print(f"({fcfg.epochs} epochs, peak lr {results['pretrained']['peak_lr']:.3g}, layer decay "
+          f"{results['pretrained']['layer_decay']})\nresults: {out}")
+    return 0
+
+
+@_bad_input
+def cmd_export(args, overrides) -> int:
+    import torch
+
+    from mixedae_fast.checkpoint import create_timm_model, export_timm, load_pretrained
+
+    if overrides:
+        raise ValueError(f"export takes no config overrides (got {overrides})")
+    pre = load_pretrained(args.run)
+    out_dir = Path(args.out) if args.out else pre.run_dir / "export_timm"
+    weights, spec_file = export_timm(pre, out_dir, args.pool)
+    spec = json.loads(spec_file.read_text())
+    print(f"{weights}\n{spec_file}\ntimm.create_model({spec['model_name']!r}, pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file={str(weights)!r}), "
+          + ", ".join(f"{k}={v!r}" for k, v in spec["model_kwargs"].items()) + ")")
+    if not args.no_check:
+        from mixedae_fast.evaluate import load_encoder
+
+        ours = load_encoder(args.run, device="cpu")[0]
+        theirs = create_timm_model(out_dir).eval()
+        S = ours.img_size
+        images = torch.randn(4, ours.in_chans, S, S, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            a, b = ours.extract_features(images, args.pool), theirs(images)
+        rel = ((a - b).abs().max() / a.abs().max()).item()
+        print(f"check: timm loaded it strictly; features ({args.pool}) of 4 random images differ by {rel:.2e} "
+              "(max |ours - timm| / max |ours|)")
+        if rel > 1e-5:
+            print(f"error: the exported model does not reproduce the encoder (relative difference {rel:.2e} > 1e-5)",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+@_bad_input
+def cmd_visualize(args, overrides) -> int:
+    from mixedae_fast.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
+
+    model, cfg, pre, device, _ = _load_run(args, overrides)
+    _, val, _ = _data(args, cfg, pre, device)
+    images, labels = next(iter(val))
+    group = pick_group(images, labels, model.group_size)
+    out_dir = Path(args.out) if args.out else pre.run_dir / "pictures"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(reconstruction_figure(model, group, out_dir / "reconstruction.png", args.seed, args.step))
+    if model.group_size > 1:
+        path, sel = homologous_figure(model, group, out_dir / "homologous.png", args.query, args.block, args.seed,
+                                      args.step)
+        print(f"{path}\nblock {sel['block']}, query token {sel['query']}: of its top-{sel['topk']} keys (itself "
+              f"excluded) {sel['query_recognition']:.3f} come from its own source, per head "
+              f"{', '.join(f'{v:.2f}' for v in sel['query_recognition_per_head'])}; this block's recognition "
+              f"accuracy over the group {sel['block_recognition']:.3f} (chance {sel['chance']:.3f})")
+    if (pre.run_dir / "metrics.csv").is_file():
+        print(plot_loss_curve(pre.run_dir / "metrics.csv", out_dir / "loss_curve.png"))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser (benchmarks/bench_train.py)
@@ -301,7 +534,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        commands = {"pretrain": cmd_pretrain, "config": cmd_config, "make-data": cmd_make_data, "launch": cmd_launch}
+        commands = {"pretrain": cmd_pretrain, "config": cmd_config, "make-data": cmd_make_data, "launch": cmd_launch,
+                    "eval": cmd_eval, "finetune": cmd_finetune, "export": cmd_export, "visualize": cmd_visualize}
         return commands[args.command](args, overrides)
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

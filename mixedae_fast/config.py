@@ -127,6 +127,7 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept
     resume: str = "none"  # none | auto (latest in the run directory) | <checkpoint path>
     eval: bool = True  # kNN / probe evaluation at the end
+    vis_every: int = 0  # steps between pictures (TensorBoard, else PNGs in pictures/); 0 = none
 
 
 @dataclass
@@ -390,6 +391,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
                      "run.ckpt_every", "run.keep_last"], _GE1),
     "run.resume": (bool, "must be none, auto or a checkpoint path"),
     "dist.timeout_s": _GT0, "dist.bucket_mb": _GT0,
+    "run.vis_every": (lambda v: v >= 0, "must be >= 0 (0 = no pictures during training)"),
 }
 
 

@@ -130,6 +130,7 @@ class Trainer:
         self.history: list[dict] = []
         self._stop_signal = None
         self._tb = None
+        self._vis_images = None
 
     def _tensorboard(self):
         """A SummaryWriter in the run directory when tensorboard is installed (else None, once)."""
@@ -286,6 +287,8 @@ class Trainer:
                     for v in sums.values():
                         v.zero_()
                     t_log, n_log, wait_log, step_log = time.perf_counter(), 0, 0.0, self.step
+                if cfg.run.vis_every and self.step % cfg.run.vis_every == 0 and self.rank == 0:
+                    self._log_pictures(images)
                 if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
                     self.save()
                 stop = self.dist.agree_stop(self._stop_signal)
@@ -329,6 +332,29 @@ class Trainer:
                         tb.add_scalar(f"train/{key}", value, self.step)
                 tb.flush()
         return row
+
+    def _log_pictures(self, images: torch.Tensor) -> None:
+        """The reconstruction and homologous-attention pictures of one fixed group (the first this run
+        saw, with the assignment of step 0, so that pictures compare across steps) to TensorBoard, or
+        as ``pictures/<name>-<step>.png`` when TensorBoard is not installed."""
+        from PIL import Image
+
+        from mixedae_fast.checkpoint import atomic_write
+        from mixedae_fast.visualize import training_pictures
+
+        model = getattr(self.model, "module", self.model)  # DDP keeps the model in .module
+        if self._vis_images is None:
+            self._vis_images = images[:model.group_size].detach().float().clone()
+        pictures = training_pictures(model, self._vis_images, seed=self.cfg.run.seed, step=0)
+        tb = self._tensorboard()
+        for name, array in pictures.items():
+            if tb is not None:
+                tb.add_image(f"pictures/{name}", array, self.step, dataformats="HWC")
+            else:
+                atomic_write(self.run_dir / "pictures" / f"{name}-{self.step:08d}.png",
+                             lambda f, a=array: Image.fromarray(a).save(f, format="PNG"))
+        if tb is not None:
+            tb.flush()
 
     def _append_csv(self, row: dict) -> None:
         path = self.run_dir / "metrics.csv"

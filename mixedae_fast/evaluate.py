@@ -1,32 +1,62 @@
 """Frozen-encoder evaluation: weighted kNN and a linear probe on encoder features.
 
 Features are mean-pooled patch tokens after the final norm by default (DESIGN §1.8: in mixed
-pretraining the CLS token is a group token); ``pool="cls"`` takes the CLS token.
+pretraining the CLS token is a group token); ``pool="cls"`` takes the CLS token. The encoder runs
+as a plain ViT: unmasked, unmixed images, global attention.
+
+``mixedae-fast eval RUN`` loads a run directory or checkpoint (:func:`load_encoder`), reads a labelled
+ImageFolder (``train/`` and ``val/``: the run's own data, an offline real set or any folder; see
+:func:`eval_folders`) and reports kNN and probe accuracy beside the same architecture at random init.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+POOLS = ("avg", "cls")
+EVAL_DATASETS = ("run", "digits", "lfw", "photos")
+
+
+# -- features -------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def extract_features(model, loader, device, pool: str = "avg", amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All of ``loader``'s images through ``model.extract_features``: ``(features fp32 [M, D], labels [M])``."""
+def extract_pooled(model, loader, device, pools: Sequence[str] = ("avg",),
+                   amp_dtype=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """All of ``loader``'s images through the encoder once: ``({pool: features fp32 [M, D]}, labels [M])``."""
+    bad = [p for p in pools if p not in POOLS]
+    if bad:
+        raise ValueError(f"pool {bad[0]!r} is not one of {', '.join(POOLS)}")
     was_training = model.training
     model.eval()
-    feats, labels = [], []
+    feats: dict[str, list] = {p: [] for p in pools}
+    labels = []
     for images, y in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            feats.append(model.extract_features(images.to(device), pool=pool).float())
+            tokens = model.forward_features(images.to(device))
+        for p in pools:  # as model.extract_features, one forward for both poolings
+            feats[p].append((tokens[:, 1:].mean(dim=1) if p == "avg" else tokens[:, 0]).float())
         labels.append(y.to(device))
     model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
 
+
+def extract_features(model, loader, device, pool: str = "avg", amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``loader``'s images through ``model.extract_features``: ``(features fp32 [M, D], labels [M])``."""
+    feats, labels = extract_pooled(model, loader, device, (pool,), amp_dtype)
+    return feats[pool], labels
+
+
+# -- the two evaluations --------------------------------------------------------------------------
 
 @torch.no_grad()
 def knn_accuracy(train_x, train_y, val_x, val_y, k: int = 20, temperature: float = 0.07,
                  num_classes: int | None = None, chunk: int = 1024) -> float:
     """Cosine kNN with temperature-weighted votes (as DINO's evaluation): percent correct on val."""
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"kNN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     tx, vx = F.normalize(train_x.float(), dim=1), F.normalize(val_x.float(), dim=1)
     k = min(k, len(tx))
@@ -69,11 +99,116 @@ def linear_probe_accuracy(train_x, train_y, val_x, val_y, epochs: int = 100, lr:
         return 100.0 * (probe(val_x.float()).argmax(dim=1) == val_y).float().mean().item()
 
 
-def evaluate_encoder(model, train_loader, val_loader, device, pool: str = "avg", amp_dtype=None,
-                     probe: bool = True) -> dict:
-    tx, ty = extract_features(model, train_loader, device, pool, amp_dtype)
-    vx, vy = extract_features(model, val_loader, device, pool, amp_dtype)
-    out = {"knn": knn_accuracy(tx, ty, vx, vy)}
+def evaluate_features(train_x, train_y, val_x, val_y, k: int = 20, temperature: float = 0.07,
+                      probe: bool = True, probe_epochs: int = 100) -> dict:
+    out = {"knn": knn_accuracy(train_x, train_y, val_x, val_y, k, temperature)}
     if probe:
-        out["linear_probe"] = linear_probe_accuracy(tx, ty, vx, vy)
+        out["linear_probe"] = linear_probe_accuracy(train_x, train_y, val_x, val_y, epochs=probe_epochs)
     return out
+
+
+def evaluate_encoder(model, train_loader, val_loader, device, pool: str | Sequence[str] = "avg", amp_dtype=None,
+                     probe: bool = True, k: int = 20, temperature: float = 0.07, probe_epochs: int = 100) -> dict:
+    """kNN (and probe) accuracy on val: ``{"knn": .., "linear_probe": ..}`` for one pool, or
+    ``{pool: {...}}`` when ``pool`` is a list."""
+    pools = (pool,) if isinstance(pool, str) else tuple(pool)
+    tx, ty = extract_pooled(model, train_loader, device, pools, amp_dtype)
+    vx, vy = extract_pooled(model, val_loader, device, pools, amp_dtype)
+    out = {p: evaluate_features(tx[p], ty, vx[p], vy, k, temperature, probe, probe_epochs) for p in pools}
+    return out[pool] if isinstance(pool, str) else out
+
+
+# -- a run's encoder and labelled data ------------------------------------------------------------
+
+def load_encoder(path, device=None, overrides: Sequence[str] = ()):
+    """``(model, cfg, pretrained)``: the MixedAE model of a run directory or checkpoint with its
+    weights, on ``device`` (default: ``runtime.device`` of the run), in eval mode. ``overrides``
+    (``--runtime.key=value``) may change how it runs, not what it is."""
+    from mixedae_fast.checkpoint import CheckpointError, load_pretrained
+    from mixedae_fast.config import ConfigError, apply_override, config_from_dict
+    from mixedae_fast.engine import resolve_device
+    from mixedae_fast.models import build_model
+
+    pre = load_pretrained(path)
+    d = {s: dict(v or {}) for s, v in pre.config.items()}
+    for item in overrides:
+        if not item.lstrip("-").startswith("runtime."):
+            raise ConfigError(f"override {item!r}: only runtime.* settings can change for a trained model "
+                              "(the architecture comes from the run's config)")
+        apply_override(d, item)
+    cfg = config_from_dict(d)
+    device = resolve_device(cfg.runtime.device) if device is None else torch.device(device)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(pre.model_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in {pre.checkpoint} do not fit the model its config describes: "
+                              f"{str(e).splitlines()[0]} ...") from e
+    return model.to(device).eval(), cfg, pre
+
+
+def eval_folders(dataset: str = "run", cfg=None, data_dir: str | None = None, run_dir: str | Path | None = None,
+                 progress: bool = False) -> tuple[str, str, str]:
+    """``(train_dir, val_dir, name)`` of a labelled ImageFolder pair.
+
+    ``data_dir``: any folder with ``train/`` and ``val/`` (class subfolders). Else ``dataset``: ``run``
+    = the run's data (``data.path`` / ``data.val_path``; else the folders its ``report.json`` names;
+    else the embedded default set at the main job's default size), or an offline real set
+    (``digits``, ``lfw``, ``photos``; written once at the model's image size, pipelines/offline.py).
+    """
+    import json
+
+    S = cfg.model.img_size
+    if data_dir is not None:
+        root = Path(data_dir)
+        missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{root} has no {' or '.join(missing)}/ folder; an eval folder holds train/ and "
+                                    "val/, each with one subfolder per class (ImageFolder layout)")
+        return str(root / "train"), str(root / "val"), root.name
+    if dataset == "run":
+        if cfg.data.path is not None:
+            if cfg.data.val_path is None:
+                raise FileNotFoundError(f"the run trained on {cfg.data.path} without data.val_path: nothing "
+                                        "labelled to evaluate on; pass --data-dir DIR or --dataset digits|lfw|photos")
+            return cfg.data.path, cfg.data.val_path, "run"
+        report = Path(run_dir or "", "report.json")
+        used = json.loads(report.read_text()).get("data", {}) if run_dir and report.is_file() else {}
+        if used.get("val_path") and Path(used["val_path"]).is_dir() and Path(used["train_path"]).is_dir():
+            return used["train_path"], used["val_path"], "embedded"
+        from mixedae_fast.pipelines.synthetic import (
+            DEFAULT_NUM_TRAIN,
+            DEFAULT_NUM_VAL,
+            default_data_root,
+            write_image_folder,
+        )
+
+        # the main job's embedded set at its default size (mixedae-fast pretrain --num-train/--num-val)
+        root = write_image_folder(default_data_root(S, seed=cfg.run.seed), DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL,
+                                  size=S, seed=cfg.run.seed, progress=progress)
+        return str(root / "train"), str(root / "val"), "embedded"
+    if dataset in EVAL_DATASETS:
+        from mixedae_fast.pipelines.offline import write_offline_folder
+
+        root = write_offline_folder(dataset, size=S)
+        return str(root / "train"), str(root / "val"), dataset
+    raise ValueError(f"dataset {dataset!r} is not one of {', '.join(EVAL_DATASETS)}")
+
+
+def image_loaders(train_dir: str, val_dir: str, img_size: int, device, batch_size: int = 250,
+                  max_train: int | None = None, augment_train: bool = False, crop_scale=(0.2, 1.0),
+                  seed: int = 0, num_workers: int = 0):
+    """``(train, val)`` FileImageLoaders over two ImageFolders with the same classes: val unaugmented,
+    in order; train the same unless ``augment_train`` (RandomResizedCrop + flip, shuffled, full batches).
+    ``max_train`` keeps that many train images, spread over the classes."""
+    from mixedae_fast.pipelines.torch_loader import FileImageLoader
+
+    common = dict(img_size=img_size, device=device, seed=seed, num_workers=num_workers)
+    train = FileImageLoader(train_dir, batch_size=batch_size, augment=augment_train, crop_scale=crop_scale,
+                            shuffle=augment_train, drop_last=augment_train, limit=max_train, **common)
+    val = FileImageLoader(val_dir, batch_size=batch_size, augment=False, shuffle=False, drop_last=False, **common)
+    if train.classes != val.classes:
+        raise ValueError(f"{train_dir} and {val_dir} have different class folders ({train.classes} vs "
+                         f"{val.classes}); labels would not match")
+    return train, val
+

@@ -30,7 +30,7 @@ def test_main_job_writes_report_pictures_and_config(tmp_path, capsys):
     assert report["steps"] == 10  # 40 images / batch 8 = 5 steps an epoch, 2 epochs
     assert set(report["eval"]) == {"pretrained", "random_init"}
     assert set(report["eval"]["pretrained"]) == {"knn", "linear_probe"}
-    for name in ("loss_curve.png", "reconstruction.png"):
+    for name in ("loss_curve.png", "reconstruction.png", "homologous.png"):
         with Image.open(run / name) as im:
             assert im.format == "PNG"
     assert (run / "config.yaml").read_text().startswith("model:")

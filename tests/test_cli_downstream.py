@@ -1,0 +1,93 @@
+"""eval, finetune, export and visualize on a tiny trained run, through the command line: their result
+files and pictures, and the errors bad input gives."""
+import json
+
+import pytest
+from PIL import Image
+
+from mixedae_fast.cli import main
+
+TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
+        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
+        "--model.decoder_num_heads=2", "--data.batch_size=8", "--optim.epochs=1", "--optim.warmup_epochs=1",
+        "--run.log_every=2", "--run.ckpt_every=3", "--run.eval=false"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """runs/cpu_tiny after 5 steps on 40 embedded images (the cache in a temporary folder)."""
+    root = tmp_path_factory.mktemp("downstream")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIXEDAE_CACHE", str(root / "cache"))
+        assert main(["pretrain", "--no-progress", "--num-train", "40", "--num-val", "20", *TINY,
+                     f"--run.out_dir={root}/runs"]) == 0
+        yield root / "runs" / "cpu_tiny"
+
+
+@pytest.fixture(autouse=True)
+def _cache(run, monkeypatch):
+    monkeypatch.setenv("MIXEDAE_CACHE", str(run.parent.parent / "cache"))
+
+
+def test_eval_reports_pretrained_beside_random_init(run, capsys):
+    assert main(["eval", str(run), "--pool", "both", "--probe-epochs", "3", "--k", "5"]) == 0
+    report = json.loads((run / "eval_embedded.json").read_text())
+    assert report["dataset"] == "embedded" and (report["num_train"], report["num_val"]) == (40, 20)
+    assert report["step"] == 5 and report["k"] == 5 and report["git_sha"]
+    for model in ("pretrained", "random_init"):
+        assert set(report["results"][model]) == {"avg", "cls"}
+        assert set(report["results"][model]["avg"]) == {"knn", "linear_probe"}
+    out = capsys.readouterr().out
+    assert "kNN k=5 (avg)" in out and "linear probe (cls)" in out and "random init" in out
+
+
+def test_eval_of_a_checkpoint_file_to_a_chosen_file(run, tmp_path):
+    ckpt = sorted((run / "checkpoints").iterdir())[0]
+    assert main(["eval", str(ckpt), "--no-probe", "--out", str(tmp_path / "e.json")]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["step"] == 3 and set(report["results"]["pretrained"]["avg"]) == {"knn"}
+
+
+def test_finetune_writes_its_results(run, capsys):
+    assert main(["finetune", str(run), "--epochs", "2", "--batch-size", "8", "--baseline", "--no-progress"]) == 0
+    report = json.loads((run / "finetune_embedded.json").read_text())
+    for model in ("pretrained", "random_init"):
+        r = report["results"][model]
+        assert len(r["history"]) == 2 and 0 <= r["val_top1"] <= 100 and r["steps"] == 2 * 5
+    assert report["results"]["pretrained"]["settings"]["batch_size"] == 8
+    assert "val top-1" in capsys.readouterr().out
+
+
+def test_export_loads_back_in_timm(run, capsys):
+    assert main(["export", str(run)]) == 0
+    spec = json.loads((run / "export_timm" / "timm_model.json").read_text())
+    assert spec["model_kwargs"]["embed_dim"] == 32 and spec["model_kwargs"]["global_pool"] == "avg"
+    assert "check: timm loaded it strictly" in capsys.readouterr().out
+
+
+def test_visualize_writes_pictures(run, tmp_path, capsys):
+    assert main(["visualize", str(run), "--out", str(tmp_path), "--query", "2"]) == 0
+    sizes = {"reconstruction.png": (800, 830), "homologous.png": (750, 300), "loss_curve.png": (700, 400)}
+    for name, size in sizes.items():
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.size == size, name
+    assert "query token 2" in capsys.readouterr().out
+
+
+def test_bad_input_names_the_problem(run, tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "no such run directory or checkpoint" in capsys.readouterr().err
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert main(["export", str(tmp_path / "fresh")]) == 2
+    assert "config.yaml but no checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(run), "--model.depth=3"]) == 2
+    assert "only runtime" in capsys.readouterr().err
+    assert main(["eval", str(run), "--k", "0"]) == 2
+    assert "--k 0" in capsys.readouterr().err
+    assert main(["visualize", str(run), "--data-dir", str(tmp_path)]) == 2
+    assert "no train or val/ folder" in capsys.readouterr().err
+    assert main(["finetune", str(run), "--layer-decay", "2"]) == 2
+    assert "layer_decay = 2.0" in capsys.readouterr().err
+    assert main(["visualize", str(run), "--query", "99"]) == 2
+    assert "query 99 out of range" in capsys.readouterr().err

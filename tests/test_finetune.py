@@ -1,0 +1,103 @@
+"""Fine-tuning: layer-wise lr decay as MAE sets it, the classifier drops the pretraining-only parts,
+settings are checked, and a short run learns an easy task."""
+import numpy as np
+import pytest
+import torch
+
+from mixedae_fast.config import load_config
+from mixedae_fast.finetune import (
+    FinetuneConfig,
+    ViTClassifier,
+    default_blr,
+    default_layer_decay,
+    finetune,
+    layer_decay_groups,
+    layer_id,
+)
+from mixedae_fast.models import build_model
+from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
+
+TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=3",
+        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
+        "--model.decoder_num_heads=2", "--mixing.hc_on=both"]
+
+
+def test_layer_ids_and_defaults():
+    names = ("encoder.cls_token", "encoder.patch_embed.weight", "encoder.blocks.0.norm1.weight",
+             "encoder.blocks.11.mlp.fc2.bias", "encoder.norm.weight", "head.weight")
+    assert [layer_id(n, 12) for n in names] == [0, 0, 1, 12, 13, 13]
+    assert default_layer_decay(12) == 0.65 and default_layer_decay(24) == 0.75
+    assert default_blr(12) == 5e-4 and default_blr(24) == 1e-3
+
+
+def test_groups_decay_the_lr_by_depth_and_skip_weight_decay_on_norms_biases_and_cls():
+    clf = ViTClassifier(build_model(load_config("cpu_tiny", TINY)), num_classes=5)
+    groups = layer_decay_groups(clf, depth=3, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = dict(clf.named_parameters())
+    assert len(scale) == len(params)                                  # every parameter in exactly one group
+    assert sum(len(g["params"]) for g in groups) == len(params)
+    assert scale[id(params["encoder.patch_embed.weight"])] == 0.5 ** 4
+    assert scale[id(params["encoder.blocks.0.attn.qkv.weight"])] == 0.5 ** 3
+    assert scale[id(params["encoder.blocks.2.mlp.fc1.weight"])] == 0.5
+    assert scale[id(params["head.weight"])] == scale[id(params["encoder.norm.weight"])] == 1.0
+    assert wd[id(params["encoder.blocks.1.mlp.fc1.weight"])] == 0.05
+    for name in ("encoder.cls_token", "encoder.blocks.1.norm2.weight", "encoder.blocks.1.attn.qkv.bias", "head.bias"):
+        assert wd[id(params[name])] == 0.0, name
+
+
+def test_classifier_is_the_encoder_and_a_head():
+    model = build_model(load_config("cpu_tiny", TINY))
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        feats = model.eval().extract_features(images)
+    clf = ViTClassifier(model, num_classes=4, drop_path=0.2).eval()
+    names = [n for n, _ in clf.named_parameters()]
+    assert not any(k in n for n in names for k in ("decoder", "mask_token", "hc_head"))
+    with torch.no_grad():
+        torch.testing.assert_close(clf(images), clf.head(feats))
+    rates = [blk.drop_path1.drop_prob if hasattr(blk.drop_path1, "drop_prob") else 0.0 for blk in model.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="layer_decay = 1.5"):
+        FinetuneConfig(layer_decay=1.5)
+    with pytest.raises(ValueError, match="epochs = 0"):
+        FinetuneConfig(epochs=0)
+    assert FinetuneConfig(blr=1e-3, batch_size=128).peak_lr(depth=12) == pytest.approx(5e-4)
+    assert FinetuneConfig(lr=0.1).peak_lr(depth=12) == 0.1
+    assert FinetuneConfig(batch_size=1024).peak_lr(depth=12) == pytest.approx(5e-4 * 4)   # MAE ViT-B
+    assert FinetuneConfig(batch_size=1024).peak_lr(depth=24) == pytest.approx(1e-3 * 4)   # MAE ViT-L
+
+
+def _stripes(num, seed):
+    """Two classes: horizontal or vertical stripes of random colour and phase."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, num)
+    t = np.arange(16)
+    images = np.empty((num, 16, 16, 3), np.uint8)
+    for i in range(num):
+        wave = (np.sin(t * np.pi / 2 + rng.uniform(0, 6.3)) > 0)
+        mask = wave[:, None] if y[i] == 0 else wave[None, :]
+        mask = np.broadcast_to(mask, (16, 16))[..., None]
+        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        images[i] = np.where(mask, a, b)
+    return images, y
+
+
+def test_a_short_finetune_learns(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(load_config("cpu_tiny", TINY))
+    train = TensorBatchLoader(*_stripes(256, 0), batch_size=16, img_size=16, crop_scale=(0.5, 1.0))
+    val = TensorBatchLoader(*_stripes(64, 1), batch_size=64, img_size=16, augment=False, shuffle=False,
+                            drop_last=False)
+    fcfg = FinetuneConfig(epochs=15, batch_size=16, lr=4e-3, warmup_epochs=1, label_smoothing=0.0)
+    result = finetune(model, train, val, 2, torch.device("cpu"), fcfg, progress=False)
+    history = result["history"]
+    assert [r["epoch"] for r in history] == list(range(1, 16))
+    assert result["steps"] == 15 * 16 and result["layer_decay"] == 0.65
+    assert history[-1]["lr"] < 0.01 * 4e-3                                # the cosine has come down
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[0]["val_top1"] < 70 and result["val_top1"] >= 90, history   # seeds 0-2: 50 -> 95-100
