@@ -18,9 +18,7 @@ import argparse
 import csv
 import datetime
 import json
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from mixedae_fast.attention import (
     topk_attention,
     xformers_problem,
 )
-from mixedae_fast.benchmarks.common import device_name, git_sha
+from mixedae_fast.benchmarks.common import device_name, git_sha, median_ms
 
 # name -> (G groups, H heads, r, n, head dim): L = 1 + r*n = 197 for ViT-B/16 and ViT-L/16 at 224 px
 SHAPES = {
@@ -48,25 +46,6 @@ ROWS = [("none", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
        [("oracle", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
        [("topk", b) for b in ("triton", "xformers", "sdpa", "flex", "eager")]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _median_ms(fn, warmup: int, iters: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _forward(mode: str, backend: str, q, k, v, r: int, n: int):
@@ -111,16 +90,16 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
                 torch.cuda.reset_peak_memory_stats(device)
             if device.type == "cpu" and backend == "flex":  # forward only, without autograd
                 with torch.no_grad():
-                    row["fwd_ms"] = _median_ms(fwd, warmup, iters, device)
+                    row["fwd_ms"] = median_ms(fwd, device, warmup, iters)
                 return {**row, "skipped_bwd": "FlexAttention has no CPU backward"}
-            row["fwd_ms"] = _median_ms(fwd, warmup, iters, device)
+            row["fwd_ms"] = median_ms(fwd, device, warmup, iters)
             outs = fwd()
             ups = [torch.randn_like(o) for o in outs]
             bwd = lambda: torch.autograd.grad(outs, (q, k, v), ups, retain_graph=True)
-            row["bwd_ms"] = _median_ms(bwd, warmup, iters, device)
+            row["bwd_ms"] = median_ms(bwd, device, warmup, iters)
             outs = None  # frees the retained graph
             both = lambda: torch.autograd.grad(fwd(), (q, k, v), ups)
-            row["fwd_bwd_ms"] = _median_ms(both, warmup, iters, device)
+            row["fwd_bwd_ms"] = median_ms(both, device, warmup, iters)
             if device.type == "cuda":
                 row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     except Exception as e:  # noqa: BLE001 - one backend failing must not end the run: record why

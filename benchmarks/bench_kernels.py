@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 
-from mixedae_fast.benchmarks.common import device_name, git_sha
+from mixedae_fast.benchmarks.common import device_name, git_sha, median_ms
 from mixedae_fast.config import derive, load_config
 from mixedae_fast.engine import resolve_precision
 from mixedae_fast.kernels.patch_mix import (
@@ -40,25 +37,6 @@ from mixedae_fast.kernels.patch_mix import (
     patch_mix_reference,
 )
 from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _unmix_step(unmix_fn):

@@ -116,11 +116,14 @@ class StepRunner:
         ids = self.model.assign(self.groups(images.shape[0]), self.cfg.run.seed, step, device=images.device)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             loss = self.forward(images, ids)["loss"]
-        self._backward_and_update(loss)
+        self._backward(loss)
+        self._update()
         return loss
 
-    def _backward_and_update(self, loss):
+    def _backward(self, loss):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _update(self):
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -156,15 +159,10 @@ class StepRunner:
                 loss = m.forward_loss(pred, targets, loss_mask) + m.hc_weight * m.forward_hc(latent, layout)
             done()
         with _range("backward", cuda):
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self._backward(loss)
         done()
         with _range("optimizer", cuda):
-            if self.scaler:
-                self.scaler.step(self.opt)
-                self.scaler.update()
-            else:
-                self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            self._update()
         done()
         return loss, {name: clock.ms(a, b) for name, a, b in zip(PHASES, marks, marks[1:])}
 

@@ -1,9 +1,12 @@
-"""What every benchmark result file carries: the checkout's SHA and the device's name."""
+"""What every benchmark shares: the checkout's SHA and the device's name for its result file, and a timer."""
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -21,3 +24,24 @@ def git_sha() -> str:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn()`` after ``warmup`` untimed calls: CUDA events on a GPU (each call
+    timed on the device's timeline), the wall clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
