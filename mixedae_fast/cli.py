@@ -162,6 +162,7 @@ def _writable_run_dir(cfg) -> Path:
 def cmd_pretrain(args, overrides) -> int:
     import torch
 
+    from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.data import build_loaders, write_data_report
     from mixedae_fast.distributed import failure_message, init_distributed, requeue_slurm_job, unwrap
     from mixedae_fast.engine import StopRequested, Trainer, resolve_precision
@@ -232,9 +233,7 @@ def cmd_pretrain(args, overrides) -> int:
         baseline = build_model(cfg).to(device)
         report["eval"]["random_init"] = evaluate_encoder(baseline, eval_train, val, device, amp_dtype=amp_dtype)
     report["pictures"] = _pictures(model, val or train, run_dir, cfg.run.seed)
-    tmp = run_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(run_dir / "report.json")
+    atomic_write_json(report, run_dir / "report.json")
     _print_summary(report)
     return 0
 
