@@ -8,7 +8,8 @@
 #   attention  every attention backend at ViT-B/16 (64 and 256 groups) and ViT-L, plain SDPA baseline
 #   triton     the model step with the fused TopK kernel (MIXEDAE_ATTENTION_BACKEND=triton)
 #   train      mixedae-fast bench: official-recipe MAE / MAE mode / MixedAE, eager and compiled
-# Full logs and JSON under $OUT (or ./device-out). Each stage has its own timeout.
+# Full logs and JSON under $OUT (or ./device-out). Each stage has its own timeout; together they exceed
+# one 10-minute device call, so split them: STAGES=tests, then 'step kernels triton', then 'attention train'.
 set -uo pipefail
 out=${OUT:-device-out}
 stages=" ${STAGES:-tests step kernels attention triton train} "
