@@ -229,9 +229,8 @@ def cmd_pretrain(args, overrides) -> int:
         print("no validation data (data.val_path): evaluation skipped", flush=True)
     elif cfg.run.eval:
         report["eval"] = {"pretrained": evaluate_encoder(model, eval_train, val, device, amp_dtype=amp_dtype)}
-        torch.manual_seed(cfg.run.seed + 1)
-        baseline = build_model(cfg).to(device)
-        report["eval"]["random_init"] = evaluate_encoder(baseline, eval_train, val, device, amp_dtype=amp_dtype)
+        report["eval"]["random_init"] = evaluate_encoder(_baseline_model(cfg, device), eval_train, val, device,
+                                                         amp_dtype=amp_dtype)
     report["pictures"] = _pictures(model, val or train, run_dir, cfg.run.seed)
     atomic_write_json(report, run_dir / "report.json")
     _print_summary(report)
@@ -398,7 +397,7 @@ def _baseline_model(cfg, device):
 
     from mixedae_fast.models import build_model
 
-    torch.manual_seed(cfg.run.seed + 1)  # as the main job's random-init row
+    torch.manual_seed(cfg.run.seed + 1)  # the random-init row of pretrain's report and of eval / finetune
     return build_model(cfg).to(device).eval()
 
 
