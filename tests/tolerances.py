@@ -1,0 +1,50 @@
+"""The one tolerance table of the test suite: ``tol(dtype, device, kind)`` -> ``dict(rtol=, atol=)``.
+
+Every entry says why it is as loose as it is. Keys are ``(kind, dtype, device type)``:
+
+- ``out``: a fast path's output against its reference (same inputs, same selection);
+- ``grad``: gradients of the same comparison (summed over more terms, so looser on a GPU);
+- ``hc``: the HC loss's row terms (log-sum-exps of fp32 scores in every path).
+
+Use it as ``torch.testing.assert_close(a, b, **tol(a.dtype, a.device))``. A test that needs a
+tolerance not here adds a row with its reason rather than a literal at the call site.
+"""
+from __future__ import annotations
+
+import torch
+
+# (kind, dtype, device type) -> (rtol, atol, reason)
+TABLE: dict[tuple[str, torch.dtype, str], tuple[float, float, str]] = {
+    ("out", torch.float64, "cpu"): (1e-10, 1e-10, "float64 on both sides: only the summation order differs"),
+    ("grad", torch.float64, "cpu"): (1e-10, 1e-10, "float64 on both sides: only the summation order differs"),
+    ("out", torch.float32, "cpu"): (1e-5, 1e-5, "fp32 on both sides; blocked vs. whole-row sums differ by a few "
+                                               "ulps, amplified through softmax and a 64-wide dot to ~1e-6"),
+    ("grad", torch.float32, "cpu"): (1e-5, 1e-5, "as out: fp32, only the summation order differs"),
+    ("hc", torch.float32, "cpu"): (1e-5, 1e-5, "log-sum-exp of fp32 scores; summation order only"),
+    ("out", torch.float32, "cuda"): (1e-4, 1e-4, "GPU exp/log are approximations (a few ulps) and the kernel's "
+                                                "fp32 dots may run in another order than cuBLAS"),
+    ("grad", torch.float32, "cuda"): (1e-4, 1e-4, "as out, and gradients sum over every query row"),
+    ("hc", torch.float32, "cuda"): (1e-4, 1e-4, "fp32 scores; GPU exp/log approximations"),
+    # Triton's interpreter miscomputes native bf16/fp16 math, so on CPU the kernels compute in fp32 and
+    # round once at the end: one rounding of the output's dtype (bf16 eps 2**-8, fp16 eps 2**-11).
+    ("out", torch.bfloat16, "cpu"): (1e-2, 1e-2, "one bf16 rounding of each side (eps 3.9e-3), twice over"),
+    ("grad", torch.bfloat16, "cpu"): (1e-2, 1e-2, "one bf16 rounding of each side (eps 3.9e-3), twice over"),
+    ("out", torch.float16, "cpu"): (2e-3, 2e-3, "one fp16 rounding of each side (eps 4.9e-4), twice over"),
+    ("grad", torch.float16, "cpu"): (2e-3, 2e-3, "one fp16 rounding of each side (eps 4.9e-4), twice over"),
+    # On a GPU the operands of every dot are bf16/fp16 (tensor cores, fp32 accumulation): P = softmax is
+    # rounded to the input dtype before P @ V, and backward recomputes P and rounds dS as well.
+    ("out", torch.bfloat16, "cuda"): (2e-2, 2e-2, "bf16 operands in both dots (P rounded before P@V)"),
+    ("grad", torch.bfloat16, "cuda"): (5e-2, 5e-2, "bf16 P and dS recomputed and rounded in the backward"),
+    ("out", torch.float16, "cuda"): (4e-3, 4e-3, "fp16 operands in both dots (P rounded before P@V)"),
+    ("grad", torch.float16, "cuda"): (5e-3, 5e-3, "fp16 P and dS recomputed and rounded in the backward"),
+}
+
+
+def tol(dtype: torch.dtype, device: torch.device | str = "cpu", kind: str = "out") -> dict[str, float]:
+    """``dict(rtol=, atol=)`` for comparing a ``dtype`` result on ``device`` (``kind``: out | grad | hc)."""
+    dev = torch.device(device).type
+    key = (kind, dtype, dev)
+    if key not in TABLE:
+        raise KeyError(f"no tolerance for {key}: add a row with its reason to tests/tolerances.py")
+    rtol, atol, _ = TABLE[key]
+    return dict(rtol=rtol, atol=atol)
