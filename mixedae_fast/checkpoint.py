@@ -3,10 +3,8 @@
 A checkpoint holds everything a run needs to continue exactly: model, optimiser, the step, the data
 position and the resolved config (a resume under another config fails, naming the difference).
 
-Downstream (DESIGN §1.8): :func:`load_pretrained` finds the weights and the architecture of a run
-directory or a checkpoint file; :func:`export_timm` writes the encoder as a timm
-``VisionTransformer`` state dict (safetensors) with the model name and kwargs beside it, and
-:func:`create_timm_model` loads such an export back through ``timm.create_model``.
+Downstream: :func:`load_pretrained` finds the weights and the architecture of a run directory or
+a checkpoint file (mixedae_fast/export.py turns them into a timm model).
 """
 from __future__ import annotations
 
@@ -193,85 +191,3 @@ def load_pretrained(path: str | os.PathLike, map_location="cpu") -> Pretrained:
         raise CheckpointError(f"no config for {ckpt}: no config.yaml beside it or in its run directory, and none "
                               "inside it; copy the run's config.yaml next to the checkpoint")
     return Pretrained(config, model_state, ckpt, run_dir, state.get("step"))
-
-
-# -- export to timm -------------------------------------------------------------------------------
-
-# (embed_dim, depth, num_heads) of timm's named ViT sizes (mlp_ratio 4)
-TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large",
-              (1280, 32, 16): "huge"}
-TIMM_POOLS = {"avg": "avg", "cls": "token"}
-EXPORT_JSON, EXPORT_WEIGHTS = "timm_model.json", "model.safetensors"
-
-
-def timm_model_spec(model_cfg: dict, pool: str = "avg") -> tuple[str, dict]:
-    """``(model_name, kwargs)`` for ``timm.create_model``: the timm name of this ViT where one exists
-    (``vit_base_patch16_224``), else ``vit_base_patch16_224`` with the sizes in kwargs. Kwargs always
-    spell the whole architecture; mean pooling after the final norm is ``global_pool='avg',
-    fc_norm=False``, the CLS token ``global_pool='token'``; no head (``num_classes=0``)."""
-    from mixedae_fast._compat import import_timm
-
-    if pool not in TIMM_POOLS:
-        raise ValueError(f"pool={pool!r} is not one of {', '.join(TIMM_POOLS)}")
-    m = model_cfg
-    size = TIMM_SIZES.get((m["embed_dim"], m["depth"], m["num_heads"])) if m["mlp_ratio"] == 4.0 else None
-    name = f"vit_{size}_patch{m['patch_size']}_{m['img_size']}"
-    if size is None or not import_timm().is_model(name):
-        name = "vit_base_patch16_224"
-    kwargs = dict(img_size=m["img_size"], patch_size=m["patch_size"], in_chans=m.get("in_chans", 3),
-                  embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"], mlp_ratio=m["mlp_ratio"],
-                  qkv_bias=True, class_token=True, global_pool=TIMM_POOLS[pool], fc_norm=False, num_classes=0)
-    return name, kwargs
-
-
-def timm_state_dict(model_state: dict, patch_size: int, in_chans: int = 3) -> dict[str, torch.Tensor]:
-    """Our encoder's weights under timm ``VisionTransformer`` names: the patch embedding (a Linear on
-    ``(p, q, c)`` patch vectors) becomes the conv weight ``[D, C, P, P]``; ``pos_embed`` (fixed sin-cos,
-    zero CLS row), ``cls_token``, the blocks (already timm's names) and the final norm carry over; the
-    decoder and other pretraining-only parts are left out."""
-    w = model_state["patch_embed.weight"]
-    P, C = patch_size, in_chans
-    out = {"cls_token": model_state["cls_token"], "pos_embed": model_state["pos_embed"],
-           "patch_embed.proj.weight": w.reshape(w.shape[0], P, P, C).permute(0, 3, 1, 2),
-           "patch_embed.proj.bias": model_state["patch_embed.bias"],
-           "norm.weight": model_state["norm.weight"], "norm.bias": model_state["norm.bias"]}
-    out.update({k: v for k, v in model_state.items() if k.startswith("blocks.")})
-    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
-
-
-def export_timm(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "avg") -> tuple[Path, Path]:
-    """Write ``out_dir/model.safetensors`` (the encoder as a timm state dict) and ``out_dir/timm_model.json``
-    (model name, kwargs, the pretrained-cfg overlay with our normalisation, where it came from).
-    Returns both paths."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
-
-    m = pretrained.config["model"]
-    name, kwargs = timm_model_spec(m, pool)
-    tensors = timm_state_dict(pretrained.model_state, m["patch_size"], m.get("in_chans", 3))
-    out_dir = Path(out_dir)
-    weights = atomic_write(out_dir / EXPORT_WEIGHTS, lambda f: f.write(safetensors_bytes(tensors, {"format": "pt"})))
-    spec = {"model_name": name, "model_kwargs": kwargs, "weights": EXPORT_WEIGHTS, "pool": pool,
-            "pretrained_cfg_overlay": {"num_classes": 0, "input_size": [m.get("in_chans", 3), m["img_size"],
-                                                                         m["img_size"]],
-                                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_pct": 1.0},
-            "source": {"checkpoint": str(pretrained.checkpoint), "step": pretrained.step},
-            "usage": "timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict("
-                     "pretrained_cfg_overlay, file=<folder>/weights), **model_kwargs)"}
-    return weights, atomic_write_json(spec, out_dir / EXPORT_JSON)
-
-
-def create_timm_model(export_dir: str | os.PathLike, **kwargs) -> torch.nn.Module:
-    """The exported encoder as a timm model, loaded strictly by ``timm.create_model`` from the files
-    :func:`export_timm` wrote (``kwargs`` override the saved ones)."""
-    from mixedae_fast._compat import import_timm
-
-    export_dir = Path(export_dir)
-    spec_file = export_dir / EXPORT_JSON
-    if not spec_file.is_file():
-        raise FileNotFoundError(f"{spec_file}: no such file; write an export with `mixedae-fast export`")
-    spec = json.loads(spec_file.read_text())
-    overlay = dict(spec["pretrained_cfg_overlay"], file=str(export_dir / spec["weights"]))
-    return import_timm().create_model(spec["model_name"], pretrained=True, pretrained_cfg_overlay=overlay,
-                                      **{**spec["model_kwargs"], **kwargs})

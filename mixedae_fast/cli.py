@@ -7,7 +7,7 @@
     mixedae-fast launch slurm --nodes N --gpus-per-node G [--submit] [pretrain options]   # sbatch script
     mixedae-fast eval      RUN [--dataset run|digits|lfw|photos | --data-dir DIR] [--pool avg|cls|both]
     mixedae-fast finetune  RUN [--dataset ... | --data-dir DIR] [--epochs N] [--layer-decay D] [--baseline]
-    mixedae-fast export    RUN [--out DIR] [--pool avg|cls]                # timm VisionTransformer, safetensors
+    mixedae-fast export    RUN [--out DIR] [--pool avg|cls] [--push-to-hub REPO_ID]  # timm, hub layout
     mixedae-fast visualize RUN [--dataset ... | --data-dir DIR] [--query T] [--block B]
 
 RUN is a run directory (runs/<name>, its newest checkpoint) or a checkpoint file; its config.yaml
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import shlex
 import subprocess
@@ -135,10 +134,13 @@ def _downstream_parsers(sub) -> None:
         ft.add_argument("--" + name.replace("_", "-"), type=tp, default=argparse.SUPPRESS, help=what)
     ft.add_argument("--baseline", action="store_true", help="also fine-tune the random-init encoder, same recipe")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ex = sub.add_parser("export", parents=[run], help="the encoder as a timm VisionTransformer (safetensors)")
+    ex = sub.add_parser("export", parents=[run], help="the encoder as a timm VisionTransformer, in the hub layout")
     ex.add_argument("--out", default=None, help="folder (default RUN/export_timm)")
     ex.add_argument("--pool", default="avg", choices=("avg", "cls"), help="timm global_pool: avg (default) or token")
     ex.add_argument("--no-check", action="store_true", help="skip loading it back through timm to compare features")
+    ex.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                    help="also upload the folder to the Hugging Face Hub as model repo REPO_ID (user/name)")
+    ex.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     vi = sub.add_parser("visualize", parents=[run, data], help="reconstruction and homologous-attention pictures")
     vi.add_argument("--query", type=int, default=None, help="query patch: index among the group's r*n tokens")
     vi.add_argument("--block", type=int, default=None, help="encoder block (default: the last homologous one)")
@@ -464,35 +466,21 @@ def cmd_finetune(args, overrides) -> int:
 
 @_bad_input
 def cmd_export(args, overrides) -> int:
-    import torch
-
-    from mixedae_fast.checkpoint import create_timm_model, export_timm, load_pretrained
+    from mixedae_fast.checkpoint import load_pretrained
+    from mixedae_fast.export import PARITY_LIMIT, export_run, push_to_hub
 
     if overrides:
         raise ValueError(f"export takes no config overrides (got {overrides})")
     pre = load_pretrained(args.run)
-    out_dir = Path(args.out) if args.out else pre.run_dir / "export_timm"
-    weights, spec_file = export_timm(pre, out_dir, args.pool)
-    spec = json.loads(spec_file.read_text())
-    print(f"{weights}\n{spec_file}\ntimm.create_model({spec['model_name']!r}, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file={str(weights)!r}), "
-          + ", ".join(f"{k}={v!r}" for k, v in spec["model_kwargs"].items()) + ")")
-    if not args.no_check:
-        from mixedae_fast.evaluate import load_encoder
-
-        ours = load_encoder(args.run, device="cpu")[0]
-        theirs = create_timm_model(out_dir).eval()
-        S = ours.img_size
-        images = torch.randn(4, ours.in_chans, S, S, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            a, b = ours.extract_features(images, args.pool), theirs(images)
-        rel = ((a - b).abs().max() / a.abs().max()).item()
-        print(f"check: timm loaded it strictly; features ({args.pool}) of 4 random images differ by {rel:.2e} "
-              "(max |ours - timm| / max |ours|)")
-        if rel > 1e-5:
-            print(f"error: the exported model does not reproduce the encoder (relative difference {rel:.2e} > 1e-5)",
-                  file=sys.stderr)
-            return 1
+    out = export_run(pre, Path(args.out) if args.out else pre.run_dir / "export_timm", args.pool,
+                     check=not args.no_check)
+    print(f"{out['dir']}: config.json, model.safetensors, README.md (timm's hub layout)\n"
+          f"load: timm.create_model({'local-dir:' + str(out['dir'])!r}, pretrained=True)")
+    if out["parity"] is not None:
+        print(f"check: timm loaded it strictly; features ({args.pool}) of 4 random images differ by "
+              f"{out['parity']:.2e} (max |ours - timm| / max |ours|, limit {PARITY_LIMIT:g})")
+    if args.push_to_hub:
+        print(f"pushed to the Hugging Face Hub: {push_to_hub(out['dir'], args.push_to_hub, args.private)}")
     return 0
 
 

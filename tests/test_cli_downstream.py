@@ -60,8 +60,8 @@ def test_finetune_writes_its_results(run, capsys):
 
 def test_export_loads_back_in_timm(run, capsys):
     assert main(["export", str(run)]) == 0
-    spec = json.loads((run / "export_timm" / "timm_model.json").read_text())
-    assert spec["model_kwargs"]["embed_dim"] == 32 and spec["model_kwargs"]["global_pool"] == "avg"
+    config = json.loads((run / "export_timm" / "config.json").read_text())
+    assert config["model_args"]["embed_dim"] == 32 and config["model_args"]["global_pool"] == "avg"
     assert "check: timm loaded it strictly" in capsys.readouterr().out
 
 
