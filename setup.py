@@ -47,6 +47,8 @@ setup(
         # torchrun / DDP come with torch, and `mixedae-fast launch slurm` writes a plain sbatch script:
         # the extra stays (DESIGN's list) but needs nothing
         "dist": [],
+        # run.loggers beyond metrics.csv: TensorBoard event files, Weights & Biases
+        "log": ["tensorboard", "wandb"],
         "dev": ["pytest", "ruff", "scikit-learn", "scikit-image"],
     },
     entry_points={"console_scripts": ["mixedae-fast = mixedae_fast.cli:main"]},

@@ -129,7 +129,14 @@ def _downstream_parsers(sub) -> None:
                            ("layer_decay", float, "layer-wise lr decay (default by depth: MAE's 0.65 for ViT-B, "
                                                   "0.75 for ViT-L)"),
                            ("weight_decay", float, "AdamW weight decay"), ("warmup_epochs", float, "linear warm-up"),
-                           ("min_lr", float, "end of the cosine"), ("drop_path", float, "stochastic depth"),
+                           ("min_lr", float, "end of the cosine"),
+                           ("recipe", str, "mae (RandAugment, Mixup/CutMix, random erasing, drop path: MAE's "
+                                           "recipe; default from 12 blocks) or light (crop + flip; default below)"),
+                           ("drop_path", float, "stochastic depth (mae recipe 0.1)"),
+                           ("mixup", float, "Mixup alpha (mae recipe 0.8; 0 = off)"),
+                           ("cutmix", float, "CutMix alpha (mae recipe 1.0; 0 = off)"),
+                           ("auto_augment", str, "timm RandAugment spec (mae recipe rand-m9-mstd0.5-inc1; none = off)"),
+                           ("reprob", float, "random erasing probability (mae recipe 0.25)"),
                            ("label_smoothing", float, "label smoothing"), ("seed", int, "seed")):
         ft.add_argument("--" + name.replace("_", "-"), type=tp, default=argparse.SUPPRESS, help=what)
     ft.add_argument("--baseline", action="store_true", help="also fine-tune the random-init encoder, same recipe")
@@ -437,30 +444,45 @@ def cmd_eval(args, overrides) -> int:
 
 @_bad_input
 def cmd_finetune(args, overrides) -> int:
+    """Under torchrun (``torchrun --nproc-per-node=N -m mixedae_fast.cli finetune RUN``) every rank
+    trains its shard in DDP; rank 0 prints and writes the results."""
     from mixedae_fast.checkpoint import atomic_write_json
-    from mixedae_fast.finetune import FinetuneConfig, finetune
+    from mixedae_fast.distributed import init_distributed
+    from mixedae_fast.finetune import FinetuneConfig, RandAugmentPIL, finetune
 
     fcfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
                              if hasattr(args, f.name)})
     model, cfg, pre, device, amp = _load_run(args, overrides)
+    dist = init_distributed(cfg)
+    if dist.active:
+        device = dist.device
+        model = model.to(device)
+    spec = fcfg.regularisation(cfg.model.depth)["auto_augment"]
     train, val, name = _data(args, cfg, pre, device, batch_size=fcfg.batch_size, augment_train=True,
-                             crop_scale=fcfg.crop_scale, seed=fcfg.seed)
+                             crop_scale=fcfg.crop_scale, seed=fcfg.seed, shard_id=dist.rank, num_shards=dist.world_size,
+                             pil_transform=RandAugmentPIL(spec, cfg.model.img_size, fcfg.seed) if spec else None)
     runs = {"pretrained": model}
     if args.baseline:
         runs["random_init"] = _baseline_model(cfg, device)
     results = {}
     for label, m in runs.items():
-        results[label] = finetune(m, train, val, len(train.classes), device, fcfg, amp, not args.no_progress,
-                                  desc=f"finetune {label}")
+        results[label] = finetune(m, train, val, len(train.classes), device, fcfg, amp,
+                                  not args.no_progress and dist.is_main, desc=f"finetune {label}",
+                                  dist=dist if dist.active else None)
+    dist.close()
+    if not dist.is_main:
+        return 0
     report = {"run": str(args.run), "checkpoint": str(pre.checkpoint), "step": pre.step, "dataset": name,
               "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
-              "results": results, "device": str(device), **_stamp()}
+              "ranks": dist.world_size, "results": results, "device": str(device), **_stamp()}
     out = atomic_write_json(report, args.out or pre.run_dir / f"finetune_{name}.json")
     print(f"\n{'fine-tune, val top-1 %':<26}" + "".join(f"{k.replace('_', ' '):>14}" for k in results))
     for key, label in (("val_top1", "last epoch"), ("best_val_top1", "best epoch"), ("seconds", "time, s")):
         print(f"{label:<26}" + "".join(f"{r[key]:>14.1f}" for r in results.values()))
-    print(f"({fcfg.epochs} epochs, peak lr {results['pretrained']['peak_lr']:.3g}, layer decay "
-          f"{results['pretrained']['layer_decay']})\nresults: {out}")
+    reg = results["pretrained"]["regularisation"]
+    print(f"({fcfg.epochs} epochs x {dist.world_size} rank(s), peak lr {results['pretrained']['peak_lr']:.3g}, "
+          f"layer decay {results['pretrained']['layer_decay']}, recipe {reg['recipe']}: "
+          + ", ".join(f"{k} {v}" for k, v in reg.items() if k != "recipe") + f")\nresults: {out}")
     return 0
 
 

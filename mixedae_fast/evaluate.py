@@ -197,15 +197,18 @@ def eval_folders(dataset: str = "run", cfg=None, data_dir: str | None = None, ru
 
 def image_loaders(train_dir: str, val_dir: str, img_size: int, device, batch_size: int = 250,
                   max_train: int | None = None, augment_train: bool = False, crop_scale=(0.2, 1.0),
-                  seed: int = 0, num_workers: int = 0):
+                  seed: int = 0, num_workers: int = 0, pil_transform=None, shard_id: int = 0, num_shards: int = 1):
     """``(train, val)`` FileImageLoaders over two ImageFolders with the same classes: val unaugmented,
-    in order; train the same unless ``augment_train`` (RandomResizedCrop + flip, shuffled, full batches).
-    ``max_train`` keeps that many train images, spread over the classes."""
+    in order; train the same unless ``augment_train`` (RandomResizedCrop + flip, then ``pil_transform``
+    if given, shuffled, full batches; shard ``shard_id`` of ``num_shards`` under DDP). ``max_train`` keeps that
+    many train images, spread over the classes."""
     from mixedae_fast.pipelines.torch_loader import FileImageLoader
 
     common = dict(img_size=img_size, device=device, seed=seed, num_workers=num_workers)
     train = FileImageLoader(train_dir, batch_size=batch_size, augment=augment_train, crop_scale=crop_scale,
-                            shuffle=augment_train, drop_last=augment_train, limit=max_train, **common)
+                            shuffle=augment_train, drop_last=augment_train, limit=max_train,
+                            pil_transform=pil_transform if augment_train else None, shard_id=shard_id,
+                            num_shards=num_shards, **common)
     val = FileImageLoader(val_dir, batch_size=batch_size, augment=False, shuffle=False, drop_last=False, **common)
     if train.classes != val.classes:
         raise ValueError(f"{train_dir} and {val_dir} have different class folders ({train.classes} vs "

@@ -1,18 +1,28 @@
-"""Full fine-tuning of the pretrained encoder, as MAE's fine-tuning recipe does it.
+"""Full fine-tuning of the pretrained encoder, as MAE's fine-tuning recipe does it, with timm's parts.
 
 The encoder runs as a plain ViT (global attention, every block trained) with a Linear head on the
-mean-pooled patch tokens after the final norm (the probe features, DESIGN §1.8). Layer-wise lr decay:
-block ``i`` of ``depth`` gets ``lr · decay^(depth - i)``, the patch embedding and CLS token
+mean-pooled patch tokens after the final norm (the probe features, docs/method.md §8). Layer-wise lr
+decay: block ``i`` of ``depth`` gets ``lr · decay^(depth - i)``, the patch embedding and CLS token
 ``lr · decay^(depth + 1)``, the final norm and head the full ``lr`` (MAE: 0.65 for ViT-B, 0.75 for
 ViT-L). AdamW without weight decay on biases, norms and the CLS token; linear warm-up then a
-half-cycle cosine per step (``engine.lr_at``); label smoothing; optional stochastic depth.
+half-cycle cosine per step (``engine.lr_at``).
+
+The regularisation is MAE's, through timm: RandAugment ``rand-m9-mstd0.5-inc1`` (per sample, in the
+loader's workers), Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (``timm.data.Mixup`` and
+``SoftTargetCrossEntropy``), random erasing 0.25 (``timm.data.RandomErasing``), stochastic depth 0.1.
+``recipe="mae"`` turns all of it on; ``recipe="light"`` keeps RandomResizedCrop + flip and label
+smoothing only. The default is by depth: ``mae`` from 12 blocks (ViT-B and up, what MAE fine-tunes
+for 100 epochs), ``light`` for the small CPU models, where a few epochs of mixed labels learn little.
+Each part can be set on its own and overrides the recipe.
 """
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,8 +46,13 @@ class FinetuneConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
-    drop_path: float = 0.0  # stochastic depth, rising linearly to this in the last block (MAE: 0.1 ViT-B)
+    drop_path: float | None = None  # stochastic depth, rising linearly to this in the last block (MAE: 0.1 ViT-B)
     label_smoothing: float = 0.1
+    recipe: str | None = None  # "mae" | "light"; None: "mae" from 12 blocks, "light" below (see the module doc)
+    mixup: float | None = None  # Mixup alpha (MAE 0.8); 0 = off
+    cutmix: float | None = None  # CutMix alpha (MAE 1.0); 0 = off
+    auto_augment: str | None = None  # timm RandAugment spec (MAE "rand-m9-mstd0.5-inc1"); "none" = off
+    reprob: float | None = None  # random erasing probability (MAE 0.25); 0 = off
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (+ flip)
     seed: int = 0
 
@@ -50,8 +65,16 @@ class FinetuneConfig:
             errors.append(f"blr = {self.blr}, lr = {self.lr}: must be > 0")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             errors.append(f"layer_decay = {self.layer_decay}: must be in (0, 1] (1 = no decay)")
-        if not 0 <= self.drop_path < 1 or not 0 <= self.label_smoothing < 1:
+        if not 0 <= (self.drop_path or 0) < 1 or not 0 <= self.label_smoothing < 1:
             errors.append(f"drop_path = {self.drop_path}, label_smoothing = {self.label_smoothing}: each in [0, 1)")
+        if self.recipe not in (None, *RECIPES):
+            errors.append(f"recipe = {self.recipe!r}: one of {', '.join(RECIPES)}")
+        if (self.mixup or 0) < 0 or (self.cutmix or 0) < 0 or not 0 <= (self.reprob or 0) <= 1:
+            errors.append(f"mixup = {self.mixup}, cutmix = {self.cutmix}, reprob = {self.reprob}: mixup and cutmix "
+                          ">= 0, reprob in [0, 1]")
+        if self.auto_augment not in (None, "none") and not self.auto_augment.startswith("rand"):
+            errors.append(f"auto_augment = {self.auto_augment!r}: a timm RandAugment spec such as "
+                          "'rand-m9-mstd0.5-inc1', or 'none'")
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
             errors.append("warmup_epochs, weight_decay and min_lr must be >= 0")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -59,10 +82,55 @@ class FinetuneConfig:
         if errors:
             raise ValueError("fine-tune settings: " + "; ".join(errors))
 
-    def peak_lr(self, depth: int) -> float:
+    def regularisation(self, depth: int) -> dict:
+        """The recipe's settings for a ``depth``-block encoder, each explicitly set field winning."""
+        recipe = self.recipe or ("mae" if depth >= 12 else "light")
+        out = dict(RECIPES[recipe], recipe=recipe)
+        for key in ("drop_path", "mixup", "cutmix", "auto_augment", "reprob"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if out["auto_augment"] == "none":
+            out["auto_augment"] = None
+        return out
+
+    def peak_lr(self, depth: int, world_size: int = 1) -> float:
+        """``lr``, else ``blr`` x global batch / 256 (``batch_size`` is per rank, as MAE's)."""
         if self.lr is not None:
             return self.lr
-        return (self.blr if self.blr is not None else default_blr(depth)) * self.batch_size / 256
+        return (self.blr if self.blr is not None else default_blr(depth)) * self.batch_size * world_size / 256
+
+
+RECIPES = {
+    "mae": dict(drop_path=0.1, mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25),
+    "light": dict(drop_path=0.0, mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0),
+}
+
+
+class RandAugmentPIL:
+    """timm's RandAugment for the torch loader's workers: a picklable ``(image, epoch, index) -> image``
+    whose draws are keyed by (seed, epoch, index), so a sample's augmentation does not depend on the
+    worker, the order or a resume. timm draws from the global ``random`` (magnitudes, probabilities)
+    and ``numpy.random`` (which ops): both are seeded per sample and restored afterwards."""
+
+    def __init__(self, spec: str, img_size: int, seed: int = 0):
+        from timm.data.auto_augment import rand_augment_transform
+
+        from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN
+
+        self.seed = seed
+        self.transform = rand_augment_transform(spec, {"translate_const": int(img_size * 0.45),
+                                                       "img_mean": tuple(round(255 * x) for x in IMAGENET_MEAN)})
+
+    def __call__(self, image, epoch: int, index: int):
+        key = ((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 32
+        state, np_state = random.getstate(), np.random.get_state()
+        random.seed(key)
+        np.random.seed(key)
+        try:
+            return self.transform(image)
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
 
 
 def default_layer_decay(depth: int) -> float:
@@ -143,31 +211,51 @@ def top1_accuracy(model: nn.Module, loader, device, amp_dtype=None) -> float:
 
 
 def finetune(model: nn.Module, train_loader, val_loader, num_classes: int, device, fcfg: FinetuneConfig,
-             amp_dtype=None, progress: bool = True, desc: str = "finetune") -> dict:
+             amp_dtype=None, progress: bool = True, desc: str = "finetune", dist=None) -> dict:
     """Fine-tune ``model``'s encoder (taken over, see :class:`ViTClassifier`) on ``train_loader``;
-    val top-1 after every epoch. Returns the figures and the per-epoch history."""
+    val top-1 after every epoch. Returns the figures and the per-epoch history.
+
+    ``dist`` (a :class:`~mixedae_fast.distributed.Dist` of several ranks, under torchrun): the
+    classifier trains in DDP, ``train_loader`` is this rank's shard, the lr follows the global batch,
+    the train loss is averaged over ranks; every rank scores the whole val set (the same weights give
+    the same figure), so only rank 0 needs to report."""
     torch.manual_seed(fcfg.seed)
-    clf = ViTClassifier(model, num_classes, fcfg.drop_path).to(device)
-    depth = len(clf.encoder.blocks)
+    np.random.seed(fcfg.seed)  # timm's Mixup draws from numpy's global generator
+    depth = len(model.blocks)
+    reg = fcfg.regularisation(depth)
+    clf = ViTClassifier(model, num_classes, reg["drop_path"]).to(device)
+    mix, criterion = _mixing(reg, fcfg.label_smoothing, num_classes)
+    if mix is not None and fcfg.batch_size % 2:
+        raise ValueError(f"batch_size = {fcfg.batch_size}: Mixup/CutMix pair the images of a batch and need an even "
+                         "batch size; pass an even --batch-size or --mixup 0 --cutmix 0")
+    erase = _random_erasing(reg["reprob"], device)
     decay = fcfg.layer_decay if fcfg.layer_decay is not None else default_layer_decay(depth)
-    peak = fcfg.peak_lr(depth)
+    world = dist.world_size if dist is not None else 1
+    peak = fcfg.peak_lr(depth, world)
     opt = torch.optim.AdamW(layer_decay_groups(clf, depth, fcfg.weight_decay, decay), lr=peak,
                             betas=tuple(fcfg.betas))
+    train_clf = dist.wrap(clf) if dist is not None else clf
     steps_per_epoch = len(train_loader)
     history, step, t0 = [], 0, time.perf_counter()
     bar = tqdm(total=fcfg.epochs * steps_per_epoch, disable=not progress, desc=desc, unit="step", dynamic_ncols=True)
     try:
         for epoch in range(fcfg.epochs):
             train_loader.set_epoch(epoch)
-            clf.train()
+            train_clf.train()
             loss_sum, seen = torch.zeros((), device=device), 0
             for images, labels in train_loader:
                 lr = lr_at(step / steps_per_epoch, peak, fcfg.warmup_epochs, fcfg.epochs, fcfg.min_lr)
                 for group in opt.param_groups:
                     group["lr"] = lr * group["lr_scale"]
+                if mix is not None:
+                    images, targets = mix(images, labels)
+                else:
+                    targets = labels
+                if erase is not None:
+                    images = erase(images)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    logits = clf(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=fcfg.label_smoothing)
+                    logits = train_clf(images)
+                loss = criterion(logits.float(), targets)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -175,7 +263,10 @@ def finetune(model: nn.Module, train_loader, val_loader, num_classes: int, devic
                 seen += len(labels)
                 step += 1
                 bar.update(1)
-            row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(seen, 1), "lr": lr,
+            mean_loss = loss_sum / max(seen, 1)
+            if dist is not None:
+                mean_loss = dist.mean_over_ranks({"loss": mean_loss})[0]["loss"]
+            row = {"epoch": epoch + 1, "train_loss": mean_loss.item(), "lr": lr,
                    "val_top1": top1_accuracy(clf, val_loader, device, amp_dtype)}
             history.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_top1=f"{row['val_top1']:.1f}")
@@ -183,4 +274,25 @@ def finetune(model: nn.Module, train_loader, val_loader, num_classes: int, devic
         bar.close()
     return {"val_top1": history[-1]["val_top1"], "best_val_top1": max(r["val_top1"] for r in history),
             "seconds": time.perf_counter() - t0, "steps": step, "peak_lr": peak, "layer_decay": decay,
-            "history": history, "settings": dataclasses.asdict(fcfg)}
+            "history": history, "settings": dataclasses.asdict(fcfg), "regularisation": reg}
+
+
+def _mixing(reg: dict, label_smoothing: float, num_classes: int):
+    """``(mixup or None, loss)``: timm's Mixup/CutMix with soft targets when either alpha is > 0, else a
+    plain label-smoothed cross entropy."""
+    if reg["mixup"] > 0 or reg["cutmix"] > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        mix = Mixup(mixup_alpha=reg["mixup"], cutmix_alpha=reg["cutmix"], prob=1.0, switch_prob=0.5, mode="batch",
+                    label_smoothing=label_smoothing, num_classes=num_classes)
+        return mix, SoftTargetCrossEntropy()
+    return None, lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def _random_erasing(prob: float, device):
+    if prob <= 0:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability=prob, mode="pixel", max_count=1, num_splits=0, device=str(device))

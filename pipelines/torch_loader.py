@@ -251,9 +251,10 @@ class ImageFileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples, img_size: int, augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0,
-                 raw: bool = False, jpeg_draft: bool = True):
+                 raw: bool = False, jpeg_draft: bool = True, pil_transform=None):
         self.samples, self.img_size, self.augment = list(samples), img_size, augment
         self.crop_scale, self.seed, self.raw, self.jpeg_draft = tuple(crop_scale), seed, raw, jpeg_draft
+        self.pil_transform = pil_transform  # (image, epoch, index) -> image after crop + flip (fine-tune RandAugment)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -291,6 +292,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
             im = im.convert("RGB").resize((S, S), Image.BILINEAR, box=box)
         if flip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.pil_transform is not None:
+            im = self.pil_transform(im, epoch, index)
         # numpy's transposing copy: torch's strided uint8 copy is ~50x slower on CPU
         return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
 
@@ -345,10 +348,12 @@ class FileImageLoader:
                  augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, *, fmt: str = "imagefolder", num_workers: int = 0, shard_id: int = 0,
                  num_shards: int = 1, gpu_decode: bool = False, verify: bool = True, cache=True,
-                 jpeg_draft: bool = True, prefetch_factor: int = 2, limit: int | None = None):
+                 jpeg_draft: bool = True, prefetch_factor: int = 2, limit: int | None = None, pil_transform=None):
         self.device, self.dtype = torch.device(device), dtype
         if gpu_decode and self.device.type != "cuda":
             raise ValueError(f"gpu_decode=True decodes with nvJPEG and needs a CUDA device, got {self.device}")
+        if gpu_decode and pil_transform is not None:
+            raise ValueError("pil_transform runs on PIL images in the workers; it cannot follow gpu_decode=True")
         samples, self.classes = open_source(path, fmt)
         self.bad: list[tuple[str, str]] = []
         self.num_small: int | None = None
@@ -369,7 +374,8 @@ class FileImageLoader:
         if len(self.sampler) == 0:
             raise ValueError(f"{len(samples)} usable images in {str(path)!r} give shard {shard_id} of {num_shards} "
                              f"no batch of {batch_size}")
-        self.dataset = ImageFileDataset(samples, img_size, augment, crop_scale, seed, gpu_decode, jpeg_draft)
+        self.dataset = ImageFileDataset(samples, img_size, augment, crop_scale, seed, gpu_decode, jpeg_draft,
+                                        pil_transform)
         self.batch_size, self.img_size, self.seed, self.gpu_decode = batch_size, img_size, seed, gpu_decode
         self.epoch, self.start_step, self.substituted = 0, 0, 0
         self.failed: dict[str, int] = {}

@@ -15,6 +15,6 @@ python=${PYTHON:-python3}
 echo "[env] creating $venv with $($python --version 2>&1) (pins: ${pins#"$root"/})" >&2
 [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel >&2
-"$venv/bin/python" -m pip install -q -c "$pins" -e "$root[dev,dali]" >&2
+"$venv/bin/python" -m pip install -q -c "$pins" -e "$root[dev,dali,log]" >&2
 echo "$want" > "$stamp"
 echo "[env] ready" >&2

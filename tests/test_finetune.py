@@ -101,3 +101,91 @@ def test_a_short_finetune_learns(tmp_path):
     assert history[-1]["lr"] < 0.01 * 4e-3                                # the cosine has come down
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert history[0]["val_top1"] < 70 and result["val_top1"] >= 90, history   # seeds 0-2: 50 -> 95-100
+
+
+def test_the_recipe_is_maes_from_12_blocks_and_each_part_overrides_it():
+    mae = FinetuneConfig().regularisation(depth=12)
+    assert mae == dict(recipe="mae", drop_path=0.1, mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1",
+                       reprob=0.25)
+    light = FinetuneConfig().regularisation(depth=4)
+    assert light["recipe"] == "light" and light["mixup"] == light["cutmix"] == light["reprob"] == 0.0
+    assert light["auto_augment"] is None
+    mixed = FinetuneConfig(recipe="mae", mixup=0.0, auto_augment="none", drop_path=0.2).regularisation(depth=4)
+    assert (mixed["mixup"], mixed["cutmix"], mixed["auto_augment"], mixed["drop_path"]) == (0.0, 1.0, None, 0.2)
+    with pytest.raises(ValueError, match="recipe = 'deit'"):
+        FinetuneConfig(recipe="deit")
+    with pytest.raises(ValueError, match="auto_augment = 'autoaug'"):
+        FinetuneConfig(auto_augment="autoaug")
+
+
+def test_mixup_makes_soft_targets_and_the_loss_reads_them():
+    from mixedae_fast.finetune import _mixing
+
+    mix, loss = _mixing(dict(mixup=0.8, cutmix=0.0), 0.1, num_classes=4)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    xm, t = mix(x.clone(), y)
+    assert t.shape == (6, 4) and torch.allclose(t.sum(1), torch.ones(6))
+    # batch mode: x_i = lam x_i + (1 - lam) x_flip(i); targets likewise from smoothed one-hots (0.925 / 0.025)
+    lam = (t[0, 0].item() - 0.025) / 0.9                               # y[0] = 0, its partner y[5] = 1
+    assert 0 < lam < 1
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0), atol=1e-5, rtol=1e-5)
+    logits = torch.randn(6, 4)
+    torch.testing.assert_close(loss(logits, t), (-t * logits.log_softmax(-1)).sum(-1).mean())
+    none, plain = _mixing(dict(mixup=0.0, cutmix=0.0), 0.1, num_classes=4)
+    assert none is None
+    torch.testing.assert_close(plain(logits, y), torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1))
+
+
+def test_an_odd_batch_with_mixup_is_refused():
+    model = build_model(load_config("cpu_tiny", TINY))
+    train = TensorBatchLoader(*_stripes(14, 0), batch_size=7, img_size=16)
+    with pytest.raises(ValueError, match="even batch size"):
+        finetune(model, train, train, 2, torch.device("cpu"), FinetuneConfig(batch_size=7, recipe="mae"),
+                 progress=False)
+
+
+def test_randaugment_is_keyed_by_sample_and_reaches_the_loader(tmp_path):
+    import random
+
+    from PIL import Image, ImageOps
+
+    from mixedae_fast.finetune import RandAugmentPIL
+    from mixedae_fast.pipelines.torch_loader import FileImageLoader
+
+    images, labels = _stripes(8, 3)
+    for i, (im, y) in enumerate(zip(images, labels)):
+        (tmp_path / str(y)).mkdir(exist_ok=True)
+        Image.fromarray(im).save(tmp_path / str(y) / f"{i}.png")
+    aug = RandAugmentPIL("rand-m9-mstd0.5-inc1", 16, seed=1)
+    pic = Image.fromarray(images[0])
+    state, np_state = random.getstate(), np.random.get_state()[1].copy()
+    a, b, c = aug(pic, 0, 5), aug(pic, 0, 5), aug(pic, 1, 5)
+    assert random.getstate() == state and np.array_equal(np.random.get_state()[1], np_state)   # left as they were
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(aug(pic, 0, i)), np.asarray(a)) for i in range(6, 12)) or \
+        not np.array_equal(np.asarray(c), np.asarray(a))
+
+    def load(transform):
+        loader = FileImageLoader(tmp_path, batch_size=8, img_size=16, augment=True, shuffle=False, verify=False,
+                                 pil_transform=transform)
+        return next(iter(loader))[0]
+
+    plain, inverted = load(None), load(lambda im, epoch, index: ImageOps.invert(im))
+    from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(inverted * std + mean, 1 - (plain * std + mean), atol=1e-5, rtol=0)
+
+
+def test_random_erasing_replaces_one_box_per_image_with_noise():
+    from mixedae_fast.finetune import _random_erasing
+
+    assert _random_erasing(0.0, "cpu") is None
+    erase = _random_erasing(1.0, "cpu")
+    x = torch.zeros(4, 3, 16, 16)
+    out = erase(x.clone())
+    for img in out:
+        changed = (img != 0).any(0)
+        rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+        assert changed.sum() > 0 and changed.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)

@@ -1,0 +1,103 @@
+"""Where a run's scalars and pictures go (``run.loggers``): ``csv``, ``tensorboard``, ``wandb``.
+
+``metrics.csv`` is the run's own record (resume truncates it, the loss-curve picture reads it), so
+the trainer always writes it; ``csv`` in the list is accepted for clarity. The other sinks receive
+every metrics row and every training picture:
+
+- ``tensorboard``: event files in ``runs/<name>/tb`` (``pip install 'mixedae_fast[log]'``);
+- ``wandb``: Weights & Biases, in ``runs/<name>/wandb``. The mode is wandb's own ``WANDB_MODE``
+  when set, else ``online`` with credentials (``WANDB_API_KEY``) and ``offline`` without (sync
+  later with ``wandb sync``). A resumed run continues the same wandb run (its id is kept in the run
+  folder). ``WANDB_PROJECT`` names the project (default ``mixedae_fast``).
+
+Without any picture sink, pictures are written as ``pictures/<name>-<step>.png``.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+class MissingLogger(ValueError):
+    """A sink in ``run.loggers`` whose package is not installed; the message names the extra."""
+
+
+class Loggers:
+    """The sinks of one run (rank 0 only). ``scalars(row, step)`` and ``image(name, array, step)`` go to
+    every sink; ``close()`` flushes them."""
+
+    def __init__(self, names, run_dir: str | os.PathLike, config: dict | None = None, run_name: str | None = None):
+        unknown = [n for n in names if n not in LOGGERS]
+        if unknown:
+            raise ValueError(f"run.loggers: {unknown} not among {', '.join(LOGGERS)}")
+        self.run_dir = Path(run_dir)
+        self.names = tuple(dict.fromkeys(names))
+        self._tb = self._tensorboard() if "tensorboard" in self.names else None
+        self._wandb = self._wandb_run(config or {}, run_name or self.run_dir.name) if "wandb" in self.names else None
+
+    @property
+    def has_picture_sink(self) -> bool:
+        return self._tb is not None or self._wandb is not None
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise MissingLogger("run.loggers has tensorboard but it is not installed: pip install "
+                                "'mixedae_fast[log]' (or tensorboard), or drop it from run.loggers") from None
+        return SummaryWriter(str(self.run_dir / "tb"))
+
+    def _wandb_run(self, config: dict, run_name: str):
+        try:
+            import wandb
+        except ImportError:
+            raise MissingLogger("run.loggers has wandb but it is not installed: pip install 'mixedae_fast[log]' "
+                                "(or wandb), or drop it from run.loggers") from None
+        id_file = self.run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        if not id_file.is_file():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "mixedae_fast"), name=run_name, id=run_id,
+                          resume="allow", dir=str(self.run_dir), mode=mode, config=config)
+
+    def scalars(self, row: dict, step: int) -> None:
+        values = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(f"train/{key}", value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def image(self, name: str, array: np.ndarray, step: int) -> None:
+        """``array``: uint8 ``[H, W, 3]``."""
+        if self._tb is not None:
+            self._tb.add_image(f"pictures/{name}", array, step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({f"pictures/{name}": wandb.Image(array)}, step=step)
+        if not self.has_picture_sink:
+            from PIL import Image
+
+            from mixedae_fast.checkpoint import atomic_write
+
+            atomic_write(self.run_dir / "pictures" / f"{name}-{step:08d}.png",
+                         lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

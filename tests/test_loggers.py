@@ -1,0 +1,60 @@
+"""run.loggers: every metrics row and picture reaches each sink (TensorBoard events read back,
+wandb offline files), a resumed run keeps its wandb id, a missing package is named with its extra."""
+import sys
+
+import numpy as np
+import pytest
+
+from mixedae_fast.loggers import Loggers, MissingLogger
+
+
+def _scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_row_and_picture(tmp_path):
+    log = Loggers(["csv", "tensorboard"], tmp_path)
+    log.scalars({"step": 10, "loss": 0.5, "lr": 1e-3, "note": "x"}, 10)
+    log.scalars({"step": 20, "loss": 0.25, "lr": 2e-3}, 20)
+    log.image("reconstruction", np.full((8, 12, 3), 7, np.uint8), 20)
+    log.close()
+    acc, scalars = _scalars(tmp_path / "tb")
+    assert scalars["train/loss"] == [(10, 0.5), (20, 0.25)]
+    assert [s for s, _ in scalars["train/lr"]] == [10, 20] and "train/note" not in scalars
+    assert [e.step for e in acc.Images("pictures/reconstruction")] == [20]
+    assert not (tmp_path / "pictures").exists()                 # a picture sink exists: no PNG files
+
+
+def test_without_a_picture_sink_pictures_are_png_files(tmp_path):
+    log = Loggers(["csv"], tmp_path)
+    log.image("homologous", np.zeros((4, 4, 3), np.uint8), 300)
+    assert (tmp_path / "pictures" / "homologous-00000300.png").is_file()
+
+
+def test_wandb_offline_logs_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = Loggers(["wandb"], tmp_path, config={"model": {"depth": 2}}, run_name="t")
+    run_id = log._wandb.id
+    assert log._wandb.config["model"] == {"depth": 2}
+    log.scalars({"step": 1, "loss": 0.75}, 1)
+    log.image("reconstruction", np.zeros((4, 4, 3), np.uint8), 1)
+    log.close()
+    offline = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline and list(offline[0].glob("*.wandb"))            # the run's records, to `wandb sync` later
+    again = Loggers(["wandb"], tmp_path, run_name="t")
+    assert again._wandb.id == run_id
+    again.close()
+
+
+def test_unknown_and_missing_sinks_are_named(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"\['mlflow'\] not among csv, tensorboard, wandb"):
+        Loggers(["csv", "mlflow"], tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)               # as if not installed
+    with pytest.raises(MissingLogger, match=r"pip install 'mixedae_fast\[log\]'"):
+        Loggers(["wandb"], tmp_path)
