@@ -58,14 +58,14 @@ class ConfigWarning(UserWarning):
 class ModelConfig:
     img_size: int = 224  # S, input side in pixels
     patch_size: int = 16  # P; S % P == 0
-    in_chans: int = 3
+    in_chans: int = 3  # image channels
     embed_dim: int = 768  # encoder width D (ViT-B)
     depth: int = 12  # encoder blocks
-    num_heads: int = 12
+    num_heads: int = 12  # encoder attention heads; embed_dim % num_heads == 0
     decoder_embed_dim: int = 512  # MAE decoder: 8 blocks, 512 wide, 16 heads
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
+    decoder_depth: int = 8  # decoder blocks (global attention)
+    decoder_num_heads: int = 16  # decoder attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim, encoder and decoder
 
 
 @dataclass
@@ -84,8 +84,8 @@ class MixingConfig:
 
 @dataclass
 class RuntimeConfig:
-    attention_backend: str = "auto"  # see ATTENTION_BACKENDS
-    kernels: str = "auto"  # fused ops: see KERNEL_BACKENDS
+    attention_backend: str = "auto"  # how attention computes; auto = the measured table attention_backends.json
+    kernels: str = "auto"  # mixing kernels: auto = Triton on CUDA after a self-check, else the PyTorch references
     compile: bool = False  # torch.compile the model
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -98,7 +98,7 @@ class DataConfig:
     format: str = "imagefolder"  # imagefolder | filelist | webdataset
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     batch_size: int = 256  # images per rank and micro-step; a multiple of mixing.group_size
-    num_workers: int = 4
+    num_workers: int = 4  # loader processes decoding images (torch loader) / DALI CPU threads
     val_path: str | None = None  # evaluation images; None = the embedded default val set
 
 
@@ -108,10 +108,10 @@ class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256 unless lr is set
     lr: float | None = None  # absolute peak lr; overrides base_lr
     min_lr: float = 0.0  # floor of the cosine schedule
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = 40.0
-    epochs: int = 400
+    weight_decay: float = 0.05  # AdamW decoupled weight decay; none on biases and norms
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE's)
+    warmup_epochs: float = 40.0  # linear warm-up from 0 to the peak lr, per step
+    epochs: int = 400  # schedule length: the cosine reaches min_lr at the end of the last epoch
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
     clip_grad: float | None = None  # max grad norm; None = no clipping
     max_nan_steps: int = 10  # consecutive non-finite steps before the run stops
@@ -120,10 +120,10 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     name: str = "mixedae"  # run directory: <out_dir>/<name>
-    out_dir: str = "runs"
-    seed: int = 0
-    log_every: int = 50  # steps
-    ckpt_every: int = 1000  # steps
+    out_dir: str = "runs"  # parent folder of the run directories
+    seed: int = 0  # keys the assignment, the augmentation and the init: same seed, same run
+    log_every: int = 50  # optimizer steps between metrics rows (metrics.csv, loggers, the log line)
+    ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept
     resume: str = "none"  # none | auto (latest in the run directory) | <checkpoint path>
     eval: bool = True  # kNN / probe evaluation at the end
