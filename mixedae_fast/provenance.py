@@ -1,0 +1,71 @@
+"""Where a result came from: one helper for every result file and report (benchmarks, report.json,
+eval / fine-tune results), so they all carry the same fields in the same formats.
+
+    {"date": "2026-11-29T23:39:51Z", "git_sha": "239a069", "host": ..., "machine": ..., "python": ...,
+     "command": "mixedae-fast pretrain ...", "device": "NVIDIA H200" | "cpu (x86_64, 2 cores)",
+     "torch": "2.13.0", "triton": ..., "timm": ..., "xformers": ..., "nvidia-dali-cuda130": ...}
+
+Dates are UTC, ISO 8601 to the second. Package versions come from the installed distributions'
+metadata (nothing is imported); a package that is not installed is left out.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+
+PACKAGES = ("torch", "triton", "timm", "xformers", "nvidia-dali-cuda130", "numpy")
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def git_sha() -> str:
+    """The checkout's short SHA (``+dirty`` with uncommitted changes to tracked files);
+    ``MIXEDAE_GIT_SHA`` where the copy has no .git (the lent GPU machine); else ``unknown``."""
+    if os.environ.get("MIXEDAE_GIT_SHA"):
+        return os.environ["MIXEDAE_GIT_SHA"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=here, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=here, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def device_name(device=None) -> str:
+    """The GPU's name for a CUDA device, else ``cpu (<arch>, <n> cores)``."""
+    if device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def package_versions(names=PACKAGES) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def provenance(device=None, command: list[str] | None = None) -> dict:
+    """The fields every result file and report carries (see the module doc)."""
+    argv = sys.argv if command is None else command
+    prog = os.path.basename(argv[0]) if argv else "python"
+    return {"date": utc_now(), "git_sha": git_sha(), "host": socket.gethostname(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+            "python": platform.python_version(), "command": shlex.join([prog, *argv[1:]]),
+            "device": device_name(device), **package_versions()}
