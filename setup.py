@@ -40,6 +40,7 @@ setup(
         "tqdm",
         "safetensors",
         "matplotlib",
+        "webdataset",  # streaming tar shards (local, URL, pipe:) for the torch loader
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.4"],

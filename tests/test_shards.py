@@ -1,0 +1,93 @@
+"""Webdataset shards through the webdataset library: local, brace and pipe: specs, .webp, unlabelled
+shards, ranks on disjoint shards, a seeded per-epoch order, exact resume, full epochs from short shards."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixedae_fast.pipelines.shards import ShardLoader, count_local_samples, expand_spec
+from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _png(value, fmt="PNG", size=(12, 10)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (value, 255 - value, (7 * value) % 256)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _write_shards(root, shards=4, per=6, labels=True, fmt="PNG", ext="png"):
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with tarfile.open(root / f"train-{s:03d}.tar", "w") as tar:
+            for k in range(per):
+                i = s * per + k
+                files = {ext: _png(i * 9 % 256, fmt)}
+                if labels:
+                    files["cls"] = str(i % 3).encode()
+                for suffix, data in files.items():
+                    info = tarfile.TarInfo(f"{i:05d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def _values(images):
+    """Each image's red channel value (the images are flat colours): identifies the sample."""
+    x = images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    return [round(v) for v in (x[:, 0].mean((1, 2)) * 255).tolist()]
+
+
+def test_specs(tmp_path):
+    root = _write_shards(tmp_path / "d")
+    names = [str(root / f"train-{s:03d}.tar") for s in range(4)]
+    assert expand_spec(str(root / "train-{000..003}.tar")) == names
+    assert expand_spec(root) == names and expand_spec(str(root / "*.tar")) == names
+    assert expand_spec(f"pipe:cat {names[0]},{names[1]}") == [f"pipe:cat {names[0]}", names[1]]
+    assert count_local_samples(names) == 24
+    with pytest.raises(ValueError, match="no such file"):
+        expand_spec(str(root / "nope-{0..1}.tar"))
+    with pytest.raises(ValueError, match="pass epoch_size"):
+        ShardLoader(f"pipe:cat {names[0]}", batch_size=4, img_size=8)
+
+
+def test_an_epoch_covers_the_rank_shards_in_a_seeded_order(tmp_path):
+    root = _write_shards(tmp_path / "d")
+    kw = dict(batch_size=4, img_size=8, augment=False, seed=3)
+    ranks = [ShardLoader(str(root), shard_id=r, num_shards=2, **kw) for r in range(2)]
+    assert [len(r) for r in ranks] == [3, 3]                           # 24 samples / (4 x 2 ranks)
+    seen = [[v for x, _ in r for v in _values(x)] for r in ranks]
+    assert all(len(s) == 12 for s in seen) and not set(seen[0]) & set(seen[1])   # disjoint shards
+    again = [v for x, _ in ShardLoader(str(root), shard_id=0, num_shards=2, **kw) for v in _values(x)]
+    assert again == seen[0]                                            # same seed, same order
+    ranks[0].set_epoch(1)
+    assert [v for x, _ in ranks[0] for v in _values(x)] != seen[0]     # another epoch, another order
+    labels = torch.cat([y for _, y in ShardLoader(str(root), **kw)])
+    assert labels.tolist() and set(labels.tolist()) == {0, 1, 2}
+
+
+def test_resume_skips_to_the_same_batches(tmp_path):
+    root = _write_shards(tmp_path / "d")
+    loader = ShardLoader(str(root), batch_size=4, img_size=8, seed=1)
+    loader.set_epoch(2)
+    full = [x for x, _ in loader]
+    loader.set_epoch(2, 4)
+    rest = [x for x, _ in loader]
+    assert len(full) == 6 and len(rest) == 2
+    for a, b in zip(full[4:], rest):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pipe_webp_unlabelled_and_short_shards(tmp_path):
+    root = _write_shards(tmp_path / "d", shards=2, per=3, labels=False, fmt="WEBP", ext="webp")
+    spec = ",".join(f"pipe:cat {p}" for p in sorted(root.glob("*.tar")))
+    with pytest.raises(ValueError, match="data.labels=none"):
+        next(iter(ShardLoader(spec, batch_size=2, img_size=8, epoch_size=6)))
+    loader = ShardLoader(spec, batch_size=2, img_size=8, epoch_size=10, labels=False)   # more than the 6 there
+    batches = list(loader)
+    assert len(batches) == 5 and all(y.tolist() == [-1, -1] for _, y in batches)     # a second pass fills it
+    assert np.isfinite(torch.cat([x for x, _ in batches]).numpy()).all()
+    with pytest.raises(ValueError, match="every rank needs a shard"):
+        ShardLoader(spec, batch_size=1, img_size=8, epoch_size=6, shard_id=0, num_shards=3)
