@@ -5,7 +5,8 @@ those >= the K-th, ties included, always the CLS key; the CLS query sees all), o
 gradients (the selection is not differentiated: the gradient is that of a softmax over a fixed mask);
 K = r*n is global attention; ``hc_rows`` and ``hc_attention_loss`` by hand; ``oracle_attention``
 against running each source as its own sequence; ``topk_stats`` against brute-force counts; the
-``sdpa`` and ``eager`` backends of one ``HomologousAttention`` module agree; bf16 inputs.
+``sdpa`` and ``eager`` backends of one ``HomologousAttention`` module agree; bf16 inputs and their
+gradients against float64.
 """
 import math
 
@@ -285,7 +286,7 @@ def test_homologous_attention_backends_agree(mode):
     def run(backend):
         attn.backend = backend
         layout = None if mode == "global" else MixLayout(r, n, mode=mode)
-        out = attn(x, layout)
+        out = attn(x, layout)[0]
         grads = torch.autograd.grad(out.pow(2).sum(), [x, *attn.parameters()])
         return out, grads
 
@@ -297,17 +298,25 @@ def test_homologous_attention_backends_agree(mode):
     # oracle is not global attention
     if mode == "oracle":
         attn.backend = "sdpa"
-        assert not torch.allclose(attn(x, None), out_sdpa, atol=1e-3)
+        assert not torch.allclose(attn(x, None)[0], out_sdpa, atol=1e-3)
 
 
-def test_homologous_attention_module_topk_collects_rows_and_stats():
+def test_homologous_attention_module_topk_returns_rows_and_stats():
+    """A TopK block returns its HC rows and stats as values (nothing is stored on the layout), the
+    rows those of the reference on the block's own q, k."""
     r, n, dim = 2, 3, 16
     attn = HomologousAttention(dim, num_heads=2)
     layout = MixLayout(r, n, mode="topk", topk=2, hc=True, collect_stats=True)
-    attn(torch.randn(3, 1 + r * n, dim), layout)
-    attn(torch.randn(3, 1 + r * n, dim), layout)
-    assert len(layout.hc_rows) == 2 and tuple(layout.hc_rows[0].shape) == (3, 2, r * n, 2)
-    assert len(layout.stats) == 2
+    x = torch.randn(3, 1 + r * n, dim)
+    out, hc_rows, stats = attn(x, layout)
+    assert tuple(out.shape) == tuple(x.shape) and tuple(hc_rows.shape) == (3, 2, r * n, 2)
+    q, k, v = attn.qkv(x).reshape(3, 1 + r * n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    torch.testing.assert_close(hc_rows, brute_force_hc_rows(q, k, _src(r, n)), **TOL[torch.float32])
+    assert set(stats) == {"recognition", "w_self", "w_same", "w_other", "w_cls"}
+    assert layout.hc_rows == () and layout.stats == ()
+    _, none_rows, none_stats = attn(x, MixLayout(r, n, mode="topk", topk=2))
+    assert none_rows is None and none_stats is None
+    assert attn(x, MixLayout(r, n, mode="oracle"))[1:] == (None, None)
     with pytest.raises(ValueError, match="topk.*oracle.*none"):
         attn(torch.randn(1, 1 + r * n, dim), MixLayout(r, n, mode="bogus"))
     with pytest.raises(ValueError, match="auto, triton, xformers, sdpa, flex, eager"):

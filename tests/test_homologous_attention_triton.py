@@ -1,4 +1,4 @@
-"""The fused TopK kernel (issue 5): ``HomologousAttentionFunction`` against
+"""The fused TopK kernel (issue 5): ``homologous_attention_triton`` (a custom op) against
 ``homologous_attention_reference``.
 
 Runs compiled on CUDA and through Triton's interpreter on CPU: odd L (13, 17, 65, 66, one 197), head
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from mixedae_fast.kernels.homologous_attention import (
-    HomologousAttentionFunction,
     homologous_attention,
     homologous_attention_reference,
+    homologous_attention_triton,
     topk_keep_mask,
 )
 
@@ -76,8 +76,7 @@ def _grads(fn, q, k, v, src, K, up_out, up_hc, hc=True):
 
 
 def _kernel(q, k, v, src, K, hc):
-    out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, K, hc)
-    return out, hc_rows if hc else None
+    return homologous_attention_triton(q, k, v, src, K, hc)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -108,7 +107,7 @@ def test_one_sequence_of_197_tokens():
 
 def test_gradient_through_the_hc_rows_alone_and_without_hc():
     q, k, v, src, up_out, up_hc = _case(2, 2, 3, 4, 16, torch.float32, seed=1)
-    _, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, 3, True)
+    _, hc_rows = homologous_attention_triton(q, k, v, src, 3, True)
     got = torch.autograd.grad((hc_rows * up_hc).sum(), (q, k, v), allow_unused=True)
     _, ref_hc = homologous_attention_reference(q, k, v, src, 3, True)
     want = torch.autograd.grad((ref_hc * up_hc).sum(), (q, k, v), allow_unused=True)
@@ -137,7 +136,7 @@ def test_ties_at_the_kth_value_are_kept_and_cls_handled():
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     src = torch.arange(r, device=DEVICE).repeat_interleave(n)
     for K in (1, 3, 5, 8):
-        w, _ = HomologousAttentionFunction.apply(q, k, v, src, K, False)
+        w, _ = homologous_attention_triton(q, k, v, src, K, False)
         ref, _ = homologous_attention_reference(q, k, v, src, K)
         torch.testing.assert_close(w, ref, **TOL[torch.float32]["out"])
         s = (q @ k.transpose(-2, -1)) * 0.25
@@ -178,7 +177,7 @@ def test_strided_views_as_the_module_makes_them():
     assert not q.is_contiguous()
     src = torch.arange(r, device=DEVICE).repeat_interleave(n)
     up_out = torch.randn(G, H, L, d, generator=gen).to(DEVICE)
-    out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, 4, True)
+    out, hc_rows = homologous_attention_triton(q, k, v, src, 4, True)
     grad = torch.autograd.grad((out * up_out).sum() + hc_rows.sum(), qkv)[0]
     ref, ref_hc = homologous_attention_reference(q, k, v, src, 4, True)
     ref_grad = torch.autograd.grad((ref * up_out).sum() + ref_hc.sum(), qkv)[0]
@@ -199,14 +198,14 @@ def test_errors():
     q = torch.zeros(1, 1, 258, 16, device=DEVICE)
     src = torch.zeros(257, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="L <= 256"):
-        HomologousAttentionFunction.apply(q, q, q, src, 4, False)
+        homologous_attention_triton(q, q, q, src, 4, False)
     q = torch.zeros(1, 1, 9, 16, device=DEVICE)
     with pytest.raises(ValueError, match="need L-1 = 8 and 1 <= topk"):
-        HomologousAttentionFunction.apply(q, q, q, src[:8], 9, False)
+        homologous_attention_triton(q, q, q, src[:8], 9, False)
     with pytest.raises(ValueError, match="need L-1 = 8"):
-        HomologousAttentionFunction.apply(q, q, q, src[:7], 2, False)
+        homologous_attention_triton(q, q, q, src[:7], 2, False)
     with pytest.raises(ValueError, match="share one shape"):
-        HomologousAttentionFunction.apply(q, q[..., :8], q, src[:8], 2, False)
+        homologous_attention_triton(q, q[..., :8], q, src[:8], 2, False)
 
 
 # -- compiled for a GPU without one ---------------------------------------------------------------
