@@ -367,3 +367,72 @@ def test_model_backends_on_gpu_bf16(ha):
         losses[backend] = float(loss)
     for backend, loss in losses.items():
         assert abs(loss - losses["eager"]) <= 2e-2 * abs(losses["eager"]), (backend, losses)
+
+
+# -- the exact K-th value: runs of adjacent floats ------------------------------------------------------
+def _adjacent(start: float, count: int, down: int = 0) -> list[float]:
+    """``count`` consecutive fp32 values, ``down`` of them below ``start`` (torch.nextafter steps)."""
+    x = torch.tensor(start, dtype=torch.float32)
+    for _ in range(down):
+        x = torch.nextafter(x, torch.tensor(-torch.inf))
+    out = [x]
+    for _ in range(count - 1):
+        out.append(torch.nextafter(out[-1], torch.tensor(torch.inf)))
+    return [float(t) for t in out]
+
+
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+RUNS = {
+    "positive": _adjacent(1.0, 14),
+    "negative": _adjacent(-1.5, 14),
+    "tiny": _adjacent(SMALLEST_NORMAL, 14, down=7),            # normals and denormals, adjacent
+    "mixed": [*_adjacent(-1.0, 3), *_adjacent(0.0, 9, down=4), -0.0, *_adjacent(1.0, 2, down=1)],
+}
+
+
+def _adjacent_case(run: list[float], r: int, n: int, d: int = 64, heads: int = 2, seed: int = 0):
+    """Scores that are exactly the run's values, with repeats (ties): query ``i`` is one-hot on channel
+    ``i % 8`` and channel ``c`` of the patch keys holds ``8 x`` a random draw from ``run`` (scale
+    ``64**-0.5 = 1/8``: every score is exact in any summation order). ``v`` = identity, so the output
+    rows are the attention weights. Returns ``q, k, v`` and the intended patch scores ``[H, M, M]``."""
+    gen = torch.Generator().manual_seed(seed)
+    L, M = 1 + r * n, r * n
+    values = torch.tensor(run, dtype=torch.float32)
+    q = torch.zeros(1, heads, L, d)
+    k = torch.zeros(1, heads, L, d)
+    q[:, :, torch.arange(L), torch.arange(L) % 8] = 1.0
+    k[0, :, 1:, :8] = 8 * values[torch.randint(len(run), (heads, M, 8), generator=gen)]
+    v = torch.eye(L, d).expand(1, heads, L, d).contiguous()
+    scores = k[0, :, 1:, :8][:, :, (torch.arange(M) + 1) % 8].transpose(-2, -1) / 8   # [H, query, key]
+    return q, k, v, scores
+
+
+def _brute_force_keep(scores: torch.Tensor, K: int) -> torch.Tensor:
+    """Per row: the K-th largest by sorting Python floats, keep everything >= it (ties kept)."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool)
+    for h in range(scores.shape[0]):
+        for i in range(scores.shape[1]):
+            row = scores[h, i].tolist()
+            kth = sorted(row, reverse=True)[K - 1]
+            keep[h, i] = torch.tensor([x >= kth for x in row])
+    return keep
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+@pytest.mark.parametrize("backend", ["triton", "eager", "sdpa", "flex"])
+def test_topk_keep_set_is_exact_on_runs_of_adjacent_floats(backend, run):
+    """Every backend that claims an exact K-th value search keeps exactly the brute force's keys when a
+    row's scores are adjacent fp32 values (one ulp apart), with ties, for K = 1, mid-run and r*n.
+    (Scores in steps of 1/4 cannot tell an exact search from one that stops a few bits early.)"""
+    r, n = 3, 7
+    q, k, v, scores = _adjacent_case(RUNS[run], r, n)
+    assert torch.equal(((q @ k.transpose(-2, -1)) / 8)[0, :, 1:, 1:], scores), "the scores are not exact"
+    ties_seen = False
+    for K in (1, 5, 11, r * n):
+        want = _brute_force_keep(scores, K)
+        ties_seen |= bool((want.sum(-1) > K).any())
+        with torch.no_grad():
+            w, _ = topk_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), HomologousMask(r, n, K), False, backend)
+        kept = w[0, :, 1:, 1:1 + r * n].cpu() > 0
+        assert torch.equal(kept, want), f"{backend}, {run}, K={K}: {int((kept != want).sum())} keys differ"
+    assert ties_seen, "no row had a tie at its K-th value: the tie rule went unexercised"
