@@ -115,3 +115,20 @@ def test_homologous_attention_ops_pass_opcheck(hc):
     torch.library.opcheck(ha._attention_backward_op,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), src, lse,
                            hc_rows.detach() if hc else None, grad_hc, bits), test_utils=checks)
+
+
+def test_compiled_attention_module_does_not_recompile_across_blocks():
+    """A per-module compile (as when graph breaks split a step) sees the same layout in every
+    homologous block: the block returns its HC rows, so nothing the graph guards on changes from one
+    call to the next. (A block that appended its rows to the layout recompiled on the list's length.)"""
+    from mixedae_fast.attention import HomologousAttention, MixLayout
+
+    attn = HomologousAttention(32, num_heads=4, backend="sdpa")
+    layout = MixLayout(2, 4, mode="topk", topk=2, hc=True)
+    compiled = torch.compile(attn, backend="eager", fullgraph=True)
+    x = torch.randn(3, 9, 32)
+    torch._dynamo.reset()
+    rows = [compiled(x, layout)[1]]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rows += [compiled(x + i, layout)[1] for i in range(1, 3)]
+    assert all(r.shape == (3, 4, 8, 2) for r in rows) and layout.hc_rows == ()
