@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import tol
 
 from mixedae_fast.attention import HomologousAttention, MixLayout, oracle_attention, topk_stats
 from mixedae_fast.kernels.homologous_attention import (
@@ -41,12 +42,17 @@ def _src(r, n):
     return torch.arange(r).repeat_interleave(n)
 
 
+def _up(t):
+    """fp32 math for fp32 / bf16 inputs, float64 for float64 ones."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def brute_force_topk(q, k, v, K):
-    """Per (group, head, query): fp32 scores, the K-th largest patch score by sorting, keep >= it,
+    """Per (group, head, query): fp32 (float64 for float64 inputs) scores, the K-th largest patch score by sorting, keep >= it,
     always the CLS key; the CLS query keeps everything. The mask is built without autograd, so the
     gradient is that of a softmax over a fixed mask. Returns (out in q's dtype, keep counts)."""
     G, H, L, d = q.shape
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf, kf, vf = _up(q), _up(k), _up(v)
     rows, kept = [], torch.zeros(G, H, L, dtype=torch.long)
     for g in range(G):
         for h in range(H):
@@ -74,7 +80,7 @@ def brute_force_hc_rows(q, k, src):
     for g in range(G):
         for h in range(H):
             for i in range(M):
-                s = (k[g, h, 1:].float() @ q[g, h, 1 + i].float()) * d ** -0.5
+                s = (_up(k[g, h, 1:]) @ _up(q[g, h, 1 + i])) * d ** -0.5
                 others = [j for j in range(M) if j != i]
                 same = [j for j in others if src[j] == src[i]]
                 rows.append(torch.stack([s[others].logsumexp(0), s[same].logsumexp(0)]))
@@ -173,7 +179,30 @@ def test_topk_bf16_inputs():
     # hc rows are fp32 math on the upcast inputs: fp32 tolerance
     torch.testing.assert_close(hc_rows, brute_force_hc_rows(q, k, src), **TOL[torch.float32])
     grads = torch.autograd.grad(out.float().sum() + hc_rows.sum(), (q, k, v))
-    assert all(gr.dtype == torch.bfloat16 and torch.isfinite(gr).all() for gr in grads)
+    assert all(gr.dtype == torch.bfloat16 for gr in grads)
+
+
+def test_topk_bf16_gradients_against_float64():
+    """The reference's bf16 gradients (fp32 math, one rounding to bf16) against the gradient of a
+    float64 brute force on the same bf16 inputs. Inputs in steps of 1/4: the scores are exact in both,
+    so the selections agree."""
+    G, H, r, n, d, K = 2, 2, 3, 4, 8, 4
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = ((torch.randn(G, H, 1 + r * n, d, generator=gen) * 4).round().div(4).clamp(-3.75, 3.75)
+               .to(torch.bfloat16).requires_grad_(True) for _ in range(3))
+    src = _src(r, n)
+    up_out, up_hc = torch.randn(G, H, 1 + r * n, d, generator=gen), torch.randn(G, H, r * n, 2, generator=gen)
+    out, hc_rows = homologous_attention_reference(q, k, v, src, K, hc=True)
+    got = torch.autograd.grad((out.float() * up_out).sum() + (hc_rows * up_hc).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    want_out, _ = brute_force_topk(q64, k64, v64, K)
+    want_hc = brute_force_hc_rows(q64, k64, src)
+    want = torch.autograd.grad((want_out * up_out.double()).sum() + (want_hc * up_hc.double()).sum(),
+                               (q64, k64, v64))
+    for name, a, b in zip("qkv", got, want, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b, **tol(torch.bfloat16, "cpu", "grad"),
+                                   msg=lambda m, name=name: f"d{name}: {m}")
 
 
 # -- the HC loss's row terms ---------------------------------------------------------------------
