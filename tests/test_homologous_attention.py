@@ -48,9 +48,10 @@ def _up(t):
 
 
 def brute_force_topk(q, k, v, K):
-    """Per (group, head, query): fp32 (float64 for float64 inputs) scores, the K-th largest patch score by sorting, keep >= it,
-    always the CLS key; the CLS query keeps everything. The mask is built without autograd, so the
-    gradient is that of a softmax over a fixed mask. Returns (out in q's dtype, keep counts)."""
+    """Per (group, head, query): fp32 scores (float64 for float64 inputs), the K-th largest patch score
+    by sorting, keep >= it, always the CLS key; the CLS query keeps everything. The mask is built
+    without autograd, so the gradient is that of a softmax over a fixed mask. Returns (out in q's
+    dtype, keep counts)."""
     G, H, L, d = q.shape
     qf, kf, vf = _up(q), _up(k), _up(v)
     rows, kept = [], torch.zeros(G, H, L, dtype=torch.long)
