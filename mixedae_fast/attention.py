@@ -18,7 +18,10 @@ backend       ``none`` (and decoder)     ``oracle``                          ``t
 ============  =========================  ==================================  ===============================
 
 ``auto`` reads :data:`TABLE` (``attention_backends.json`` beside this file): measured choices per
-device name; its ``cpu`` and ``default_cuda`` rows for the rest. The first use of xformers on a device
+device name, each row built from a ``bench_attention`` result file of this code on that card (``python -m
+mixedae_fast.benchmarks.bench_attention --table-row FILE``: the fastest backend correct at every shape);
+its ``cpu`` and ``default_cuda`` rows for the rest (never the fused kernel: it is taken only where a
+measured row says so). The first use of xformers on a device
 runs a startup check; if it fails the block warns once and uses SDPA. Errors, not fallbacks: an
 unknown backend, xformers on CPU tensors, triton on CPU without Triton's interpreter.
 """
