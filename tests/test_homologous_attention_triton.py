@@ -217,13 +217,24 @@ _AOT = textwrap.dedent("""
 
     DTYPE_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 
-    def signature(fn, dtype, consts):
+    def signature(fn, dtype, consts, scale="fp32"):
         sig = {}
         for name in inspect.signature(fn.fn).parameters:
             sig[name] = ("constexpr" if name in consts else "*" + dtype if name in DTYPE_PTRS
                          else "*i32" if name in ("src_ptr", "bits_ptr") else "*fp32" if name.endswith("_ptr")
-                         else "fp32" if name == "scale" else "i32")
+                         else scale if name == "scale" else "i32")
         return sig
+
+    # inductor once handed the scale over as a float64: every kernel must still lower (fp32 scores)
+    bn, bd, bm, kb = ha._blocks(197, 64, False)
+    for fn, consts in ((ha._fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn)),
+                       (ha._bwd_dkdv_kernel, dict(M_BLOCKS=triton.cdiv(197, bm), BLOCK_M=bm, BLOCK_N=kb,
+                                                  WORDS=bn // 32)),
+                       (ha._bwd_dq_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, WORDS=bn // 32))):
+        consts = dict(consts, HC=True, FP32=False, BLOCK_D=bd)
+        triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16", consts, "fp64"), constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=ha.NUM_WARPS))
+    print("fp64 scale lowers")
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     for dtype, L in (("bf16", 197), ("fp16", 65), ("fp32", 197)):
@@ -250,13 +261,14 @@ _AOT = textwrap.dedent("""
 def test_kernels_compile_for_sm90_without_spills_in_bf16():
     """The interpreter runs Python: it cannot tell whether a kernel lowers for a GPU. Triton compiles
     for a target without one (its bundled ptxas): every kernel at ViT-B's L = 197, d = 64 for sm_90, in
-    bf16 / fp16 without register spills (fp32's IEEE dots spill a little; they are not the training path)."""
+    bf16 / fp16 without register spills (fp32's IEEE dots spill a little; they are not the training path),
+    and with the softmax scale handed over as a float64 (as inductor once did) still in fp32."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    assert len(lines) == 9, run.stdout
-    for line in lines:
+    assert lines[0] == "fp64 scale lowers" and len(lines) == 10, run.stdout
+    for line in lines[1:]:
         if not line.startswith("fp32"):
             assert line.endswith("0 bytes spill stores, 0 bytes spill loads"), line
 
