@@ -54,6 +54,7 @@ def test_model_step_compiles_as_one_graph_and_matches_eager(kernels):
     _compile_and_compare(model, lambda i: images, 2, "aot_eager", steps=1)
 
 
+@pytest.mark.slow  # 15-40 s each on 2 cores: Dynamo traces the whole step, twice with the interpreter's kernels
 @pytest.mark.parametrize("attention_backend", ["triton", "sdpa", "eager"])
 def test_mixedae_step_with_topk_and_hc_compiles_fullgraph_without_recompiles(attention_backend):
     """The fused kernel (custom ops) and the sdpa / eager TopK paths, with the mixing kernels' Triton path."""
