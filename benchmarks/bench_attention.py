@@ -11,6 +11,17 @@ need gradients; the backward is ``autograd.grad`` of the outputs against random 
 Untimed warm-up (compiles flex and the Triton kernels), then the median of ``--iters`` runs timed
 with CUDA events (wall clock on CPU). A backend that cannot run here gets a row with the reason
 (xformers on CPU; flex's backward on CPU). The result carries device, versions, git SHA, date, command.
+
+Inputs are multiples of 1/4 in [-3.75, 3.75]: at d = 64 every score is exact in fp32 and in bf16 dots
+with fp32 accumulation, so every path makes the same TopK selection, and each row records whether its
+outputs (and HC rows) and q/k/v gradients match the fp32 eager path on those inputs (``correct``,
+``max_err``; tolerances as the test suite's GPU rows).
+
+The table ``attention_backend=auto`` reads (``mixedae_fast/attention_backends.json``) takes a card's
+row from such a result file: the fastest correct backend per mode, naming the file::
+
+    python -m mixedae_fast.benchmarks.bench_attention --table-row benchmarks/results/<date>_<card>/bench_attention.json
+    # prints {"<card>": {"none": {...}, "oracle": {...}, "topk": {...}}}; --write also puts it into the table
 """
 from __future__ import annotations
 
@@ -46,6 +57,9 @@ ROWS = [("none", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
        [("oracle", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
        [("topk", b) for b in ("triton", "xformers", "sdpa", "flex", "eager")]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (outputs, gradients) against the fp32 eager path on exact scores, each as rtol = atol: one rounding of
+# the output dtype, and on a GPU P and dS rounded before the dots (tests/tolerances.py's CUDA rows)
+CHECK_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (4e-3, 5e-3)}
 
 
 def _forward(mode: str, backend: str, q, k, v, r: int, n: int):
@@ -72,6 +86,34 @@ def _unavailable(mode: str, backend: str, device: torch.device) -> str | None:
     return None
 
 
+def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device):
+    """q, k, v in steps of 1/4 (exact scores: every backend selects the same keys), needing gradients."""
+    G, H, r, n, d = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [(torch.randn(G, H, 1 + r * n, d, generator=gen, device=device) * 4).round().div(4).clamp(-3.75, 3.75)
+            .to(dtype).requires_grad_(True) for _ in range(3)]
+
+
+def check(mode: str, backend: str, q, k, v, r: int, n: int, with_grad: bool = True) -> dict:
+    """``{"correct": bool, "max_err": float}``: this backend's outputs (and q/k/v gradients) against the
+    fp32 eager path on the same inputs; ``max_err`` is the largest ``|a - b| / (atol + rtol |b|)``."""
+    def run(name):
+        with torch.set_grad_enabled(with_grad):
+            outs = _forward(mode, name, q, k, v, r, n)
+            if not with_grad:
+                return [o.float() for o in outs]
+            ups = [torch.ones_like(o) / o.shape[-1] for o in outs]
+            return [o.float() for o in outs] + [g.float() for g in torch.autograd.grad(outs, (q, k, v), ups)]
+
+    got, want = run(backend), run("eager")
+    tol_out, tol_grad = CHECK_TOL[q.dtype]
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        t = tol_grad if with_grad and i >= len(got) - 3 else tol_out
+        worst = max(worst, float(((a - b).abs() / (t + t * b.abs())).max()))
+    return {"correct": worst <= 1.0, "max_err": worst}
+
+
 def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: torch.device, warmup: int,
             iters: int) -> dict:
     G, H, r, n, d = shape
@@ -79,9 +121,7 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
     reason = _unavailable(mode, backend, device)
     if reason:
         return {**row, "skipped": reason}
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(G, H, 1 + r * n, d, generator=gen, device=device, dtype=dtype).requires_grad_(True)
-               for _ in range(3))
+    q, k, v = _inputs(shape, dtype, device)
     fwd = lambda: _forward(mode, backend, q, k, v, r, n)
     try:
         with warnings.catch_warnings():
@@ -91,7 +131,8 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
             if device.type == "cpu" and backend == "flex":  # forward only, without autograd
                 with torch.no_grad():
                     row["fwd_ms"] = median_ms(fwd, device, warmup, iters)
-                return {**row, "skipped_bwd": "FlexAttention has no CPU backward"}
+                return {**row, **check(mode, backend, q, k, v, r, n, with_grad=False),
+                        "skipped_bwd": "FlexAttention has no CPU backward"}
             row["fwd_ms"] = median_ms(fwd, device, warmup, iters)
             outs = fwd()
             ups = [torch.randn_like(o) for o in outs]
@@ -102,9 +143,62 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
             row["fwd_bwd_ms"] = median_ms(both, device, warmup, iters)
             if device.type == "cuda":
                 row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            row.update(check(mode, backend, q, k, v, r, n))
     except Exception as e:  # noqa: BLE001 - one backend failing must not end the run: record why
         row["error"] = f"{type(e).__name__}: {e}"[:500]
     return row
+
+
+def table_row(result: dict, source: str) -> dict:
+    """``{device: {mode: {"backend", "measured"}}}`` for ``attention_backends.json`` from a bench_attention
+    result: per mode the backend with the least fwd+bwd time summed over the result's shapes, among those
+    timed and correct at every shape (the baseline row excluded); ``measured`` names ``source``.
+    Raises ValueError when a mode has no such backend."""
+    shapes = sorted({row["shape"] for row in result["rows"]})
+    row_out = {}
+    for mode in ("none", "oracle", "topk"):
+        totals = {}
+        for backend in sorted({r["backend"] for r in result["rows"] if r["mode"] == mode} - {"baseline"}):
+            rows = [r for r in result["rows"] if (r["mode"], r["backend"]) == (mode, backend)]
+            if {r["shape"] for r in rows} == set(shapes) and all("fwd_bwd_ms" in r and r.get("correct") for r in rows):
+                totals[backend] = sum(r["fwd_bwd_ms"] for r in rows)
+        if not totals:
+            raise ValueError(f"{source}: no backend for mode {mode!r} is timed and correct at every shape "
+                             f"({', '.join(shapes)}); rerun bench_attention on the card")
+        ranked = sorted(totals, key=totals.get)
+        best = ranked[0]
+        per_shape = ", ".join(f"{r['shape']} {r['fwd_bwd_ms']:.3f} ms (x{r['vs_baseline']:.2f} plain SDPA)"
+                              for r in result["rows"] if (r["mode"], r["backend"]) == (mode, best)
+                              and "vs_baseline" in r)
+        runner_up = f"; next {ranked[1]} {totals[ranked[1]]:.3f} ms summed" if len(ranked) > 1 else ""
+        row_out[mode] = {"backend": best, "measured": (
+            f"{source} ({result['date']}, git {result['git_sha']}, {result['dtype']}, torch {result['torch']}): "
+            f"fwd+bwd {per_shape}{runner_up}")}
+    return {result["device"]: row_out}
+
+
+def _table_row_cli(path: str, write: bool) -> int:
+    """``--table-row``: print the table row of a result file; with ``--write`` put it into the table."""
+    from mixedae_fast.attention import TABLE
+    try:
+        result = json.loads(Path(path).read_text())
+        if result.get("benchmark") != "attention" or not result.get("rows"):
+            raise ValueError(f"{path} is not a bench_attention result (no 'rows'); pass the .json it wrote")
+        row = table_row(result, Path(path).as_posix())
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: --table-row {path}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(row, indent=2))
+    if write and result.get("device_type") != "cuda":
+        print(f"error: --write: {path} was measured on {result['device']!r}, not a CUDA device; the table's "
+              "device rows are for CUDA cards (its 'cpu' row is edited by hand)", file=sys.stderr)
+        return 2
+    if write:
+        table = json.loads(TABLE.read_text())
+        table["devices"].update(row)
+        TABLE.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote the {next(iter(row))!r} row into {TABLE}", file=sys.stderr)
+    return 0
 
 
 def _versions() -> dict:
@@ -125,7 +219,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="write the results as JSON here, and as CSV beside it")
+    p.add_argument("--table-row", default=None, metavar="JSON",
+                   help="measure nothing: print the attention_backends.json row built from this result file")
+    p.add_argument("--write", action="store_true", help="with --table-row: also write the row into the table")
     args = p.parse_args(argv)
+    if args.table_row:
+        return _table_row_cli(args.table_row, args.write)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shapes = [s for s in args.shapes.split(",") if s]
@@ -139,7 +238,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the eager rows in fp32: true fp32 matmuls
     result = {
-        "benchmark": "attention", "device": device_name(device), **_versions(), "git_sha": git_sha(),
+        "benchmark": "attention", "device": device_name(device), "device_type": device.type, **_versions(),
+        "git_sha": git_sha(),
         "date": datetime.date.today().isoformat(), "dtype": str(dtype).removeprefix("torch."),
         "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "mixedae_fast.benchmarks.bench_attention",
                              *(argv if argv is not None else sys.argv[1:])]),
@@ -158,13 +258,14 @@ def main(argv=None) -> int:
             times = "  ".join(f"{key} {row[key]:8.3f}" for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms") if key in row)
             note = row.get("skipped") or row.get("error") or row.get("skipped_bwd") or ""
             ratio = f"  x{row['vs_baseline']:.2f}" if "vs_baseline" in row else ""
-            print(f"{shape_name:<10}{mode:<7}{backend:<9}{times}{ratio}  {note}"[:200], flush=True)
+            ok = "" if "correct" not in row else "  ok" if row["correct"] else f"  WRONG (err x{row['max_err']:.1f})"
+            print(f"{shape_name:<10}{mode:<7}{backend:<9}{times}{ratio}{ok}  {note}"[:200], flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         fields = ["shape", "mode", "backend", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
-                  "vs_baseline", "peak_mem_mib", "skipped", "skipped_bwd", "error"]
+                  "vs_baseline", "correct", "max_err", "peak_mem_mib", "skipped", "skipped_bwd", "error"]
         header = {k: result[k] for k in ("device", "torch", "triton", "xformers", "git_sha", "date", "dtype")}
         with open(out.with_suffix(".csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[*header, *fields], extrasaction="ignore")

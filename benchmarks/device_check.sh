@@ -1,26 +1,49 @@
 #!/usr/bin/env bash
-# GPU checks on a lent machine (shared/device/README.md), one call: install offline, then the stages in
-# $STAGES (default: all, in this order):
-#   tests      the whole test suite (CPU tests + the GPU-marked ones; the only place torch 2.11 / CUDA
-#              meets the code); TESTS=... narrows it
+# GPU checks on a lent machine: install offline, then the stages in $STAGES, in this order:
+#   tests      the CUDA tests of the kernels, the attention backends, compile and the model (every test in
+#              these files runs on the GPU; the wide sweeps stay on the CPU interpreter); TESTS=... narrows it
 #   step       the model-step benchmark for ViT-B/16 (reference paths and auto backends)
 #   kernels    the mixing kernels' effective bandwidth (needs `step` for the share of a step)
-#   attention  every attention backend at ViT-B/16 (64 and 256 groups) and ViT-L, plain SDPA baseline
+#   attention  every attention backend at ViT-B/16 (64 and 256 groups) and ViT-L against plain SDPA, each
+#              row checked for correctness; then the card's attention_backends.json row built from it
 #   triton     the model step with the fused TopK kernel (MIXEDAE_ATTENTION_BACKEND=triton)
-#   train      mixedae-fast bench: official-recipe MAE / MAE mode / MixedAE, eager and compiled
-# Full logs and JSON under $OUT (or ./device-out). Each stage has its own timeout; together they exceed
-# one 10-minute device call, so split them: STAGES=tests, then 'step kernels triton', then 'attention train'.
+#   train      mixedae-fast bench, compiled: our MAE mode vs MixedAE with the fused TopK kernel
+#
+# A device session has 15 minutes, the machine's start (~2 min) included, and one call at most 10. Run:
+#   call 1:  STAGES=tests bash benchmarks/device_check.sh               (stage limit 270 s)
+#   call 2:  STAGES="attention train" bash benchmarks/device_check.sh   (180 s + 270 s)
+# right after each other (the machine stays warm ~30 s). step, kernels and triton fit another session.
+# Each stage tees its output into $OUT/device_check.log and, the moment it ends, appends "stage rc seconds"
+# to $OUT/stages.txt, so a call cut short still returns what finished. $OUT (or ./device-out) gets at most
+# 8 files per call (call 2: the log, stages.txt, bench_attention.{json,csv}, attention_backends_row.json,
+# bench_train/bench_train.{json,csv,png}). Once the results sit in benchmarks/results/<date>_<card>/, put the
+# card's row into the table naming that file: python -m mixedae_fast.benchmarks.bench_attention \
+#   --table-row benchmarks/results/<date>_<card>/bench_attention.json --write
 set -uo pipefail
 out=${OUT:-device-out}
-stages=" ${STAGES:-tests step kernels attention triton train} "
+stages=" ${STAGES:-tests} "
 mkdir -p "$out"
+log="$out/device_check.log"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
+export MIXEDAE_GIT_SHA=${MIXEDAE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, tee into the log, record rc and time
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  echo "$name $rc $((SECONDS - start))" | tee -a "$out/stages.txt"
+}
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$log" 2>&1 || { tail -20 "$log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)" \
+  | tee -a "$log"
 batch=${BENCH_BATCH:-256}
 if [[ $stages == *" tests "* ]]; then
-  timeout 300 python3 -m pytest -q -rs ${TESTS:-tests} 2>&1 | tee "$out/pytest.log" | tail -15
+  stage tests 270 python3 -m pytest -q -rs --durations=15 --junitxml="$out/pytest.xml" ${TESTS:-tests/test_homologous_attention_triton.py \
+    tests/test_attention_backends.py tests/test_compile.py tests/test_gpu.py tests/test_patch_mix_triton.py tests/test_unmix_triton.py}
 fi
 if [[ $stages == *" step "* ]]; then
   timeout 200 python3 -m mixedae_fast.benchmarks.bench_step --config vit_base --batch "$batch" \
@@ -32,14 +55,18 @@ if [[ $stages == *" kernels "* ]]; then
     --out "$out/bench_kernels.json" 2>&1 | tee "$out/bench_kernels.log"
 fi
 if [[ $stages == *" attention "* ]]; then
-  timeout 300 python3 -m mixedae_fast.benchmarks.bench_attention --shapes ${ATTN_SHAPES:-vit_b,vit_b_256,vit_l} \
-    --out "$out/bench_attention.json" 2>&1 | tee "$out/bench_attention.log"
+  stage attention 180 python3 -m mixedae_fast.benchmarks.bench_attention --shapes "${ATTN_SHAPES:-vit_b,vit_b_256,vit_l}" \
+    --out "$out/bench_attention.json"
+  [[ -f $out/bench_attention.json ]] && stage table 30 sh -c "python3 -m mixedae_fast.benchmarks.bench_attention \
+    --table-row '$out/bench_attention.json' > '$out/attention_backends_row.json'"
 fi
 if [[ $stages == *" triton "* ]]; then
   MIXEDAE_ATTENTION_BACKEND=triton timeout 150 python3 -m mixedae_fast.benchmarks.bench_step --config vit_base \
     --batch "$batch" --modes topk --out "$out/bench_step_topk_triton.json" 2>&1 | tee "$out/bench_step_triton.log"
 fi
 if [[ $stages == *" train "* ]]; then
-  timeout 400 python3 -m mixedae_fast.benchmarks.bench_train --config vit_base --batch "$batch" --compile both \
-    --out "$out/bench_train" 2>&1 | tee "$out/bench_train.log"
+  # attention_backend=triton: MixedAE's TopK blocks run the fused kernel; MAE mode (ha=none) runs SDPA either way
+  MIXEDAE_ATTENTION_BACKEND=triton stage train 270 python3 -m mixedae_fast.benchmarks.bench_train --config vit_base \
+    --batch "$batch" --modes mae,mixedae --source synthetic --compile compiled --warmup 3 --windows 3 --steps 10 \
+    --out "$out/bench_train"
 fi

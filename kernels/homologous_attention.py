@@ -23,7 +23,7 @@ Equivalent PyTorch (:func:`homologous_attention_reference`)::
     keep = s[..., 1:, 1:] >= s[..., 1:, 1:].topk(K).values[..., -1:]      # + CLS key, CLS row all
     out = softmax(s.masked_fill(~keep_full, -inf)) @ v.float()
 
-The fused kernel (:class:`HomologousAttentionFunction`, ``L <= 256``): one program per (group·head,
+The fused kernel (:func:`homologous_attention_triton`, ``L <= 256``): one program per (group·head,
 ``BLOCK_M`` query rows) holds the row's scores against every key in one tile (``L`` padded to a power
 of two), finds the K-th largest patch score *exactly* by a 32-step radix select on the scores' ordered
 bit patterns (``count(key >= t) >= K``, greedy from the top bit: ties at the K-th value are kept, as
@@ -35,6 +35,10 @@ block, one dQ per query block (no atomics: bitwise reproducible). The HC terms a
 ``g0·softmax_{k≠q}(s) + g1·softmax_{same}(s)`` to dS. On a GPU the dots run in the input dtype
 (bf16/fp16) with fp32 accumulation, fp32 inputs in IEEE fp32; under Triton's interpreter every dot is
 fp32 (the interpreter miscomputes bf16 math). Block sizes are untuned: not yet run on a GPU.
+
+The kernels are two ``torch.library`` custom ops (``torch.ops.mixedae_fast.homologous_attention`` and
+``..._backward``, fake implementations and an autograd formula): ``torch.compile(fullgraph=True)``
+keeps them whole, so a training step with the fused kernel compiles as one graph.
 """
 from __future__ import annotations
 
@@ -90,6 +94,12 @@ def _mm(a, b, FP32: tl.constexpr):
     if FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _fp32(x):
+    """A scalar argument as fp32 whatever Triton was handed (a float64 from inductor, a Python float)."""
+    return tl.full([], x, tl.float32)
 
 
 @triton.jit
@@ -156,7 +166,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
     q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
     k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
     v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
-    s = _mm(q, tl.trans(k), FP32) * scale                      # [BM, BN] fp32, the reference's rounding
+    s = _mm(q, tl.trans(k), FP32) * _fp32(scale)       # [BM, BN] fp32, the reference's rounding
     s = tl.where(s == 0.0, 0.0, s)                             # -0 -> +0: the bit order then matches >=
     col_patch = (cols >= 1) & (cols < L)
     bits = s.to(tl.int32, bitcast=True)
@@ -196,7 +206,7 @@ def _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh
     """``(P, dS)`` of a ``rows x cols`` tile: P from the saved LSE and the forward's keep bits, dS
     through the softmax plus, with ``HC``, through the two HC log-sum-exps (dS is w.r.t. the scaled
     logits; the caller multiplies by ``scale``)."""
-    s = _mm(q, tl.trans(k), FP32) * scale
+    s = _mm(q, tl.trans(k), FP32) * _fp32(scale)
     keep = _keep_bits(bits_ptr, bh, rows, cols, L, WORDS)
     p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), FP32)
@@ -245,7 +255,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, h
             dv += _mm(tl.trans(p.to(do.dtype)), do, FP32)
             dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32)
     out = (bh * L + cols)[:, None] * D + dd[None, :]
-    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(dk_ptr + out, (dk * _fp32(scale)).to(dk_ptr.dtype.element_ty), mask=c_ok)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=c_ok)
 
 
@@ -272,8 +282,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_
         dq = _mm(ds, k, FP32)
     else:
         dq = _mm(ds.to(k.dtype), k, FP32)
-    tl.store(dq_ptr + (bh * L + rows)[:, None] * D + dd[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=(rows < L)[:, None] & (dd < D)[None, :])
+    dq = (dq * _fp32(scale)).to(dq_ptr.dtype.element_ty)
+    tl.store(dq_ptr + (bh * L + rows)[:, None] * D + dd[None, :], dq, mask=(rows < L)[:, None] & (dd < D)[None, :])
 
 
 def _strides(t: torch.Tensor):
@@ -309,6 +319,13 @@ def _blocks(L: int, d: int, ieee: bool):
 NUM_WARPS = 8
 
 
+def _scale(d: int) -> float:
+    """The softmax scale rounded to fp32 as the reference applies it (``fp32 scores * d**-0.5``). The
+    kernels also cast it to fp32 themselves: a caller that hands Triton a float64 (inductor did) must
+    not turn the scores into fp64, which the bit-pattern select cannot take."""
+    return float(torch.tensor(d ** -0.5, dtype=torch.float32))
+
+
 def homologous_attention_forward(q, k, v, src, topk: int, hc: bool):
     """``(out [G,H,L,d], lse fp32 [G*H, L], hc fp32 [G*H, L-1, 2] | None, bits int32 [G*H, L, L/32])``."""
     G, H, L, d = _check(q, k, v, src, topk)
@@ -322,7 +339,7 @@ def homologous_attention_forward(q, k, v, src, topk: int, hc: bool):
     hc_rows = torch.empty(G * H, L - 1, 2, dtype=torch.float32, device=dev) if hc else lse
     bits = torch.empty(G * H, L, block_n // 32, dtype=torch.int32, device=dev)
     grid = (G * H, triton.cdiv(L, block_m))
-    _fwd_kernel[grid](q, k, v, src, out, lse, hc_rows, bits, *sq, *sk, *sv, H, L, d, topk, d ** -0.5, HC=hc,
+    _fwd_kernel[grid](q, k, v, src, out, lse, hc_rows, bits, *sq, *sk, *sv, H, L, d, topk, _scale(d), HC=hc,
                       FP32=q.dtype == torch.float32 or interpreted, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_D=block_d, num_warps=NUM_WARPS)
     return out.to(q.dtype), lse, hc_rows if hc else None, bits
@@ -345,39 +362,77 @@ def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, 
     common = dict(HC=hc, FP32=q.dtype == torch.float32 or interpreted, BLOCK_D=block_d, WORDS=block_n // 32,
                   num_warps=NUM_WARPS)
     _bwd_dkdv_kernel[(G * H, triton.cdiv(L, key_block))](
-        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, d ** -0.5,
+        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, _scale(d),
         M_BLOCKS=triton.cdiv(L, block_m), BLOCK_M=block_m, BLOCK_N=key_block, **common)
     _bwd_dq_kernel[(G * H, triton.cdiv(L, block_m))](
-        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dq, *sq, *sk, *sv, *sd, H, L, d, d ** -0.5,
+        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dq, *sq, *sk, *sv, *sd, H, L, d, _scale(d),
         BLOCK_M=block_m, BLOCK_N=block_n, **common)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
-class HomologousAttentionFunction(torch.autograd.Function):
-    """:func:`homologous_attention_reference` with the fused kernels; returns ``(out, hc_rows)``
-    (``hc_rows`` an empty tensor when ``hc`` is False). ``src`` and ``topk`` get no gradient."""
+# The fused kernels as torch.library custom ops with an autograd formula: torch.compile keeps them
+# opaque (inductor never traces into the Triton source; shapes come from the fake implementations),
+# so a training step with them compiles as one graph. The signatures hold tensors, ints and bools only:
+# the softmax scale is derived from d inside, never a Python float that dynamo could specialise.
+@torch.library.custom_op("mixedae_fast::homologous_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, topk: int,
+                  hc: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, hc_rows, bits = homologous_attention_forward(q, k, v, src, topk, hc)
+    return out, lse, lse.new_empty(0) if hc_rows is None else hc_rows, bits
 
-    @staticmethod
-    def forward(ctx, q, k, v, src, topk, hc):
-        out, lse, hc_rows, bits = homologous_attention_forward(q, k, v, src, topk, hc)
-        ctx.save_for_backward(q, k, v, out, src, lse, bits, *(() if hc_rows is None else (hc_rows,)))
-        G, H, L, _ = q.shape
-        if hc_rows is None:
-            empty = q.new_empty(0, dtype=torch.float32)
-            ctx.mark_non_differentiable(empty)
-            return out, empty
-        return out, hc_rows.view(G, H, L - 1, 2)
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_hc):
-        q, k, v, out, src, lse, bits, *hc_rows = ctx.saved_tensors
-        G, H, L, _ = q.shape
-        grad_hc = grad_hc.reshape(G * H, L - 1, 2) if hc_rows and grad_hc is not None else None
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = homologous_attention_backward(grad_out, q, k, v, out, src, lse,
-                                                   hc_rows[0] if hc_rows else None, grad_hc, bits)
-        return dq, dk, dv, None, None, None
+@_attention_op.register_fake
+def _(q, k, v, src, topk, hc):
+    G, H, L, d = _check(q, k, v, src, topk)
+    block_n = _blocks(L, d, False)[0]
+    lse = q.new_empty(G * H, L, dtype=torch.float32)
+    hc_rows = q.new_empty(G * H, L - 1, 2, dtype=torch.float32) if hc else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse, hc_rows, \
+        q.new_empty(G * H, L, block_n // 32, dtype=torch.int32)
+
+
+@torch.library.custom_op("mixedae_fast::homologous_attention_backward", mutates_args=())
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           src: torch.Tensor, lse: torch.Tensor, hc_rows: torch.Tensor | None,
+                           grad_hc: torch.Tensor | None, bits: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, src, topk, hc = inputs
+    out, lse, hc_rows, bits = output
+    ctx.hc = hc
+    ctx.save_for_backward(q, k, v, out, src, lse, hc_rows, bits)
+    ctx.mark_non_differentiable(lse, bits)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_hc, grad_bits):
+    q, k, v, out, src, lse, hc_rows, bits = ctx.saved_tensors
+    G, H, L, _ = q.shape
+    hc = ctx.hc and grad_hc is not None
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, src, lse, hc_rows if hc else None,
+                                        grad_hc.reshape(G * H, L - 1, 2) if hc else None, bits)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def homologous_attention_triton(q, k, v, src, topk: int, hc: bool = False):
+    """:func:`homologous_attention_reference` through the fused kernels, forward and backward:
+    ``(out, hc_rows [G, H, L-1, 2] | None)``. A custom op (``torch.ops.mixedae_fast.homologous_attention``):
+    ``torch.compile`` keeps it whole. ``src`` and ``topk`` get no gradient."""
+    G, H, L, _ = q.shape
+    out, _, hc_rows, _ = _attention_op(q, k, v, src, topk, hc)
+    return out, (hc_rows.view(G, H, L - 1, 2) if hc else None)
 
 
 def check_triton(device: torch.device) -> None:
@@ -390,9 +445,8 @@ def check_triton(device: torch.device) -> None:
 
 
 def homologous_attention(q, k, v, src, topk, hc=False, backend="auto"):
-    """The TopK op: ``triton`` = :class:`HomologousAttentionFunction`, anything else the reference
+    """The TopK op: ``triton`` = :func:`homologous_attention_triton`, anything else the reference
     (``mixedae_fast.attention`` routes the other backends)."""
     if backend == "triton":
-        out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, topk, hc)
-        return out, (hc_rows if hc else None)
+        return homologous_attention_triton(q, k, v, src, topk, hc)
     return homologous_attention_reference(q, k, v, src, topk, hc)

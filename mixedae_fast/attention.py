@@ -18,7 +18,10 @@ backend       ``none`` (and decoder)     ``oracle``                          ``t
 ============  =========================  ==================================  ===============================
 
 ``auto`` reads :data:`TABLE` (``attention_backends.json`` beside this file): measured choices per
-device name; its ``cpu`` and ``default_cuda`` rows for the rest. The first use of xformers on a device
+device name, each row built from a ``bench_attention`` result file of this code on that card (``python -m
+mixedae_fast.benchmarks.bench_attention --table-row FILE``: the fastest backend correct at every shape);
+its ``cpu`` and ``default_cuda`` rows for the rest (never the fused kernel: it is taken only where a
+measured row says so). The first use of xformers on a device
 runs a startup check; if it fails the block warns once and uses SDPA. Errors, not fallbacks: an
 unknown backend, xformers on CPU tensors, triton on CPU without Triton's interpreter.
 """
@@ -29,7 +32,7 @@ import functools
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixedae_fast.kernels.homologous_attention import (
-    HomologousAttentionFunction,
     check_triton,
     hc_row_terms,
     homologous_attention_reference,
+    homologous_attention_triton,
     topk_keep_mask,
 )
 
@@ -135,12 +138,16 @@ class HomologousMask:
         return torch.cat([torch.full_like(thr[..., :1], float("-inf")), thr], dim=-1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MixLayout:
-    """What homologous attention needs to know about one forward's token layout.
+    """What homologous attention needs to know about one forward's token layout, and (once the encoder
+    has run) what its homologous blocks returned.
 
-    Tokens are ``[CLS, source 0's n tokens, ..., source r-1's n tokens]`` per group.
-    ``hc_rows`` and ``stats`` collect one entry per homologous-attention block.
+    Tokens are ``[CLS, source 0's n tokens, ..., source r-1's n tokens]`` per group. ``hc_rows`` and
+    ``stats`` hold one entry per homologous-attention block: filled by
+    :meth:`MixedAutoencoderViT.forward_encoder <mixedae_fast.models.MixedAutoencoderViT.forward_encoder>`
+    from the values the blocks *return* (:meth:`with_outputs`), never appended to in place, so
+    ``torch.compile`` traces them as plain values (no guard on a list's length, no recompiles).
     """
 
     group_size: int
@@ -149,8 +156,8 @@ class MixLayout:
     topk: int = 1
     hc: bool = False
     collect_stats: bool = False
-    hc_rows: list = field(default_factory=list)
-    stats: list = field(default_factory=list)
+    hc_rows: tuple = ()
+    stats: tuple = ()
 
     def source_ids(self, device) -> torch.Tensor:
         return torch.arange(self.group_size, device=device).repeat_interleave(self.n_visible)
@@ -158,6 +165,11 @@ class MixLayout:
     @property
     def mask(self) -> HomologousMask:
         return HomologousMask.from_layout(self)
+
+    def with_outputs(self, hc_rows, stats) -> MixLayout:
+        """This layout holding the blocks' HC row terms and stats (a new object)."""
+        return MixLayout(self.group_size, self.n_visible, self.mode, self.topk, self.hc, self.collect_stats,
+                         tuple(hc_rows), tuple(stats))
 
 
 # -- choosing a backend ----------------------------------------------------------------------------
@@ -369,8 +381,7 @@ def topk_attention(q, k, v, mask: HomologousMask, hc: bool = False, backend: str
     fp32 scores computed here (the HC terms come from the same scores, with their gradient)."""
     src = mask.source_ids(q.device)
     if backend == "triton":
-        out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, mask.topk, hc)
-        return out, (hc_rows if hc else None)
+        return homologous_attention_triton(q, k, v, src, mask.topk, hc)
     if backend == "eager":
         return homologous_attention_reference(q, k, v, src, mask.topk, hc)
     s = _scores(q, k, hc)
@@ -432,7 +443,10 @@ class HomologousAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, layout: MixLayout | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: MixLayout | None = None):
+        """``x [B, L, C]`` -> ``(out [B, L, C], hc_rows [B, H, L-1, 2] | None, stats dict | None)``: a TopK
+        block returns its HC row terms (with ``layout.hc``) and logged stats (with ``layout.collect_stats``)
+        as values; every other block returns ``(out, None, None)``."""
         B, L, C = x.shape
         mode = "none" if layout is None else layout.mode
         if mode not in HA_MODES:
@@ -441,17 +455,16 @@ class HomologousAttention(nn.Module):
             raise ValueError(f"attention_backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
         backend = resolve_backend(self.backend, str(x.device), mode)
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        hc_rows = stats = None
         if mode == "none":
             out = global_attention(q, k, v, backend)
         elif mode == "oracle":
             out = oracle_attention(q, k, v, layout.group_size, layout.n_visible, backend)
         else:
             out, hc_rows = topk_attention(q, k, v, layout.mask, layout.hc, backend)
-            if hc_rows is not None:
-                layout.hc_rows.append(hc_rows)
             if layout.collect_stats:
-                layout.stats.append(topk_stats(q, k, v, layout.source_ids(x.device), layout.topk))
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+                stats = topk_stats(q, k, v, layout.source_ids(x.device), layout.topk)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C)), hc_rows, stats
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -69,8 +69,13 @@ class MixedBlock(Block):
         self.attn = HomologousAttention(dim, num_heads, qkv_bias=True, backend=backend)
 
     def forward(self, x: torch.Tensor, layout: MixLayout | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return self.forward_homologous(x, layout)[0]
+
+    def forward_homologous(self, x: torch.Tensor, layout: MixLayout | None = None):
+        """``(x, hc_rows | None, stats | None)``: the block's output and what its attention returned."""
+        out, hc_rows, stats = self.attn(self.norm1(x), layout)
+        x = x + self.drop_path1(self.ls1(out))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), hc_rows, stats
 
 
 class MixedAutoencoderViT(nn.Module):
@@ -167,8 +172,8 @@ class MixedAutoencoderViT(nn.Module):
                          hc=self.hc_attention if hc is None else hc, collect_stats=collect_stats)
 
     def forward_encoder(self, mixed: torch.Tensor, ids: torch.Tensor, layout: MixLayout | None = None):
-        """``mixed [G, r*n, 3P²]`` -> ``latent [G, 1 + r*n, D]`` after the final norm, and the layout
-        (holding each homologous block's HC row terms and stats)."""
+        """``mixed [G, r*n, 3P²]`` -> ``latent [G, 1 + r*n, D]`` after the final norm, and a copy of the
+        layout holding the HC row terms and stats each homologous block returned."""
         layout = self.make_layout() if layout is None else layout
         x = self.patch_embed(mixed) + self.pos_embed[0, 1:][ids.long()]
         if self.seg_embed is not None:
@@ -176,9 +181,12 @@ class MixedAutoencoderViT(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         ha_layers = set(self.ha_layers)
+        hc_rows, stats = [], []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, layout if i in ha_layers else None)
-        return self.norm(x), layout
+            x, rows, st = blk.forward_homologous(x, layout if i in ha_layers else None)
+            hc_rows += [] if rows is None else [rows]
+            stats += [] if st is None else [st]
+        return self.norm(x), layout.with_outputs(hc_rows, stats)
 
     def unmix(self, latent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``latent [G, 1 + r*n, D]`` -> decoder input ``[B, N + 1, Dd]`` (DESIGN §1.5)."""

@@ -1,10 +1,14 @@
 """benchmarks/bench_attention.py at a tiny shape on CPU: every row present (timed, or skipped with the
-reason), the baseline row in the same run, and the result files' fields (JSON and CSV)."""
+reason), the baseline row in the same run, each timed row checked against eager, and the result files'
+fields (JSON and CSV); the ``attention_backends.json`` row built from a (fabricated) result file."""
+import copy
 import csv
 import json
 
+import pytest
 import torch
 
+import mixedae_fast.attention as attention
 from mixedae_fast.benchmarks import bench_attention
 
 
@@ -28,9 +32,83 @@ def test_bench_attention_smoke(tmp_path):
         else:
             assert "error" not in row, row
             assert min(row["fwd_ms"], row["bwd_ms"], row["fwd_bwd_ms"], row["vs_baseline"]) > 0, row
+        if "fwd_ms" in row:
+            assert row["correct"] is True and row["max_err"] <= 1.0, row
     assert rows[("topk", "triton")]["K"] == 4
     with open(out.with_suffix(".csv")) as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows)
     assert {"device", "git_sha", "torch", "shape", "mode", "backend", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
             "vs_baseline", "skipped"} <= set(table[0])
+
+
+def test_the_correctness_check_can_fail(monkeypatch):
+    """A backend whose output is off by 10% is flagged: ``check`` compares, it does not echo."""
+    q, k, v = bench_attention._inputs((1, 2, 2, 3, 16), torch.float32, torch.device("cpu"))
+    assert bench_attention.check("topk", "sdpa", q, k, v, 2, 3)["correct"]
+    real = bench_attention._forward
+    monkeypatch.setattr(bench_attention, "_forward", lambda mode, backend, *a: tuple(
+        o * (1.1 if backend == "sdpa" else 1.0) for o in real(mode, backend, *a)))
+    bad = bench_attention.check("topk", "sdpa", q, k, v, 2, 3)
+    assert not bad["correct"] and bad["max_err"] > 1
+
+
+def _row(shape, mode, backend, ms, correct=True, base=1.0):
+    return {"shape": shape, "mode": mode, "backend": backend, "fwd_bwd_ms": ms, "vs_baseline": ms / base,
+            "correct": correct, "max_err": 0.1 if correct else 7.0}
+
+
+FABRICATED = {
+    "benchmark": "attention", "device": "NVIDIA Test Card", "device_type": "cuda", "date": "2026-12-01",
+    "git_sha": "abc1234", "dtype": "bfloat16", "torch": "2.11.0",
+    "rows": [_row(shape, "none", "baseline", 1.0) for shape in ("vit_b", "vit_l")] + [
+        _row("vit_b", "none", "sdpa", 1.0), _row("vit_l", "none", "sdpa", 1.2),
+        _row("vit_b", "none", "flex", 0.9), _row("vit_l", "none", "flex", 1.5),       # sum 2.4 > 2.2: sdpa
+        _row("vit_b", "oracle", "sdpa", 1.0), _row("vit_l", "oracle", "sdpa", 1.0),
+        _row("vit_b", "oracle", "flex", 0.5), _row("vit_l", "oracle", "flex", 0.5, correct=False),
+        _row("vit_b", "topk", "triton", 2.0), _row("vit_l", "topk", "triton", 2.5),
+        _row("vit_b", "topk", "flex", 6.0), _row("vit_l", "topk", "flex", 7.0),
+        _row("vit_b", "topk", "sdpa", 1.0),                                             # vit_l missing
+        {"shape": "vit_b", "mode": "topk", "backend": "xformers", "error": "RuntimeError: no kernel"},
+    ]}
+
+
+def test_table_row_takes_the_fastest_correct_backend_and_names_the_file(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "bench_attention.json"
+    path.write_text(json.dumps(FABRICATED))
+    row = bench_attention.table_row(FABRICATED, "results/x/bench_attention.json")
+    choice = {mode: entry["backend"] for mode, entry in row["NVIDIA Test Card"].items()}
+    # none: least summed time; oracle: flex is wrong at vit_l; topk: sdpa lacks vit_l, xformers failed
+    assert choice == {"none": "sdpa", "oracle": "sdpa", "topk": "triton"}
+    for entry in row["NVIDIA Test Card"].values():
+        assert entry["measured"].startswith("results/x/bench_attention.json (2026-12-01, git abc1234")
+    assert "vit_b 2.000 ms (x2.00 plain SDPA), vit_l 2.500 ms" in row["NVIDIA Test Card"]["topk"]["measured"]
+
+    # the CLI prints it and writes it into the table auto reads; auto then takes the fused kernel there
+    table_file = tmp_path / "attention_backends.json"
+    table_file.write_text(attention.TABLE.read_text())
+    monkeypatch.setattr(attention, "TABLE", table_file)
+    assert bench_attention.main(["--table-row", str(path), "--write"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"NVIDIA Test Card": json.loads(json.dumps(
+        bench_attention.table_row(FABRICATED, path.as_posix())))["NVIDIA Test Card"]}
+    table = json.loads(table_file.read_text())
+    assert table["devices"]["NVIDIA Test Card"]["topk"]["backend"] == "triton"
+    monkeypatch.setattr(attention, "backend_table", lambda: table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Test Card")
+    assert attention.auto_backend(torch.device("cuda"), "topk") == "triton"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r["rows"].__setitem__(slice(None), [x for x in r["rows"] if x["mode"] != "topk"]),
+     "no backend for mode 'topk'"),
+    (lambda r: r.pop("rows"), "not a bench_attention result"),
+    (lambda r: r.__setitem__("device_type", "cpu"), "not a CUDA device"),
+])
+def test_table_row_refuses_bad_result_files(tmp_path, capsys, edit, message):
+    result = copy.deepcopy(FABRICATED)
+    edit(result)
+    path = tmp_path / "bench_attention.json"
+    path.write_text(json.dumps(result))
+    assert bench_attention.main(["--table-row", str(path), "--write"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]

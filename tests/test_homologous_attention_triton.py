@@ -1,4 +1,4 @@
-"""The fused TopK kernel (issue 5): ``HomologousAttentionFunction`` against
+"""The fused TopK kernel (issue 5): ``homologous_attention_triton`` (a custom op) against
 ``homologous_attention_reference``.
 
 Runs compiled on CUDA and through Triton's interpreter on CPU: odd L (13, 17, 65, 66, one 197), head
@@ -19,32 +19,29 @@ import textwrap
 
 import pytest
 import torch
+from tolerances import tol
 
 from mixedae_fast.kernels.homologous_attention import (
-    HomologousAttentionFunction,
     homologous_attention,
     homologous_attention_reference,
+    homologous_attention_triton,
     topk_keep_mask,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = DEVICE == "cuda"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Against the fp32 reference (which rounds its output to the input dtype once):
-# - fp32: same exact scores; the softmax sums, P·V and the gradient matmuls accumulate in another
-#   order (tiles vs one matmul): ~1e-6 relative on values of size ~1-10.
-# - bf16 / fp16: the reference rounds its fp32 output once (2^-8 / 2^-11 relative). On a GPU the
-#   kernel also rounds P (forward) and dS, P (backward) to the input dtype before the tensor-core dots,
-#   as flash attention does: a few more roundings of that size, summed over <= 256 keys; gradients are
-#   rounded to the dtype at the end. Under the interpreter every dot is fp32 and only the final
-#   rounding differs.
-# - hc_rows are fp32 in every dtype (fp32 math on the exactly-upcast inputs): fp32 tolerance.
-TOL = {
-    torch.float32: dict(out=dict(rtol=1e-5, atol=1e-5), grad=dict(rtol=1e-5, atol=1e-5)),
-    torch.bfloat16: dict(out=dict(rtol=2e-2, atol=2e-2), grad=dict(rtol=3e-2, atol=3e-2)),
-    torch.float16: dict(out=dict(rtol=4e-3, atol=4e-3), grad=dict(rtol=5e-3, atol=5e-3)),
-}
-HC_TOL = dict(rtol=1e-5, atol=1e-5)
-DTYPES = tuple(TOL)
+
+def _tol(dtype, kind="out"):
+    """Tolerances from tests/tolerances.py. fp32 (and the HC rows, fp32 in every dtype): the kernel's
+    own row, sized from measurement. bf16 / fp16: the reference rounds its fp32 output once; under the
+    interpreter the kernel computes in fp32 and rounds once too; on a GPU it also rounds P (forward)
+    and dS, P (backward) to the input dtype before the tensor-core dots, as flash attention does."""
+    if dtype == torch.float32 or kind == "hc":
+        return tol(torch.float32, DEVICE, "kernel")
+    return tol(dtype, DEVICE, kind)
+
 
 # (G, H, r, n, d, K): L = 1 + r*n
 SHAPES = [
@@ -54,6 +51,9 @@ SHAPES = [
     (1, 3, 5, 13, 16, 65),   # L = 66, K = r*n: every patch key (global attention)
     (2, 2, 1, 12, 16, 5),    # r = 1 (MAE's sequence; HC has no positives)
 ]
+# the whole sweep under the interpreter; on a GPU every (shape, dtype) is a compile: three of them
+CASES = ([(SHAPES[0], torch.bfloat16), (SHAPES[1], torch.float32), (SHAPES[3], torch.float16)] if CUDA
+         else [(shape, dtype) for shape in SHAPES for dtype in DTYPES])
 
 
 def _quantised(shape, gen, scale=4):
@@ -76,23 +76,21 @@ def _grads(fn, q, k, v, src, K, up_out, up_hc, hc=True):
 
 
 def _kernel(q, k, v, src, K, hc):
-    out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, K, hc)
-    return out, hc_rows if hc else None
+    return homologous_attention_triton(q, k, v, src, K, hc)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("G,H,r,n,d,K", SHAPES)
-def test_kernel_matches_reference(G, H, r, n, d, K, dtype):
+@pytest.mark.parametrize("shape,dtype", CASES, ids=str)
+def test_kernel_matches_reference(shape, dtype):
+    G, H, r, n, d, K = shape
     q, k, v, src, up_out, up_hc = _case(G, H, r, n, d, dtype)
     out, hc_rows, grads = _grads(_kernel, q, k, v, src, K, up_out, up_hc)
     ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, K, up_out, up_hc)
-    tol = TOL[dtype]
     assert out.dtype == dtype and hc_rows.dtype == torch.float32 and tuple(hc_rows.shape) == (G, H, r * n, 2)
-    torch.testing.assert_close(out, ref, **tol["out"])
-    torch.testing.assert_close(hc_rows, ref_hc, **HC_TOL)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(hc_rows, ref_hc, **_tol(dtype, "hc"))
     for name, a, b in zip("qkv", grads, ref_grads, strict=True):
         assert a.dtype == dtype
-        torch.testing.assert_close(a, b, **tol["grad"], msg=lambda m, name=name: f"d{name}: {m}")
+        torch.testing.assert_close(a, b, **_tol(dtype, "grad"), msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_one_sequence_of_197_tokens():
@@ -100,27 +98,27 @@ def test_one_sequence_of_197_tokens():
     q, k, v, src, up_out, up_hc = _case(1, 1, 4, 49, 16, torch.float32, seed=3)
     out, hc_rows, grads = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
     ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32]["out"])
-    torch.testing.assert_close(hc_rows, ref_hc, **HC_TOL)
+    torch.testing.assert_close(out, ref, **_tol(torch.float32))
+    torch.testing.assert_close(hc_rows, ref_hc, **_tol(torch.float32, "hc"))
     for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **TOL[torch.float32]["grad"])
+        torch.testing.assert_close(a, b, **_tol(torch.float32, "grad"))
 
 
 def test_gradient_through_the_hc_rows_alone_and_without_hc():
     q, k, v, src, up_out, up_hc = _case(2, 2, 3, 4, 16, torch.float32, seed=1)
-    _, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, 3, True)
+    _, hc_rows = homologous_attention_triton(q, k, v, src, 3, True)
     got = torch.autograd.grad((hc_rows * up_hc).sum(), (q, k, v), allow_unused=True)
     _, ref_hc = homologous_attention_reference(q, k, v, src, 3, True)
     want = torch.autograd.grad((ref_hc * up_hc).sum(), (q, k, v), allow_unused=True)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, torch.zeros_like(q) if b is None else b, **TOL[torch.float32]["grad"])
+        torch.testing.assert_close(a, torch.zeros_like(q) if b is None else b, **_tol(torch.float32, "grad"))
     # hc=False: no HC rows, the gradient of the attention alone
     out, none = homologous_attention(q, k, v, src, 3, hc=False, backend="triton")
     assert none is None
     ref, _, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 3, up_out, up_hc, hc=False)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32]["out"])
+    torch.testing.assert_close(out, ref, **_tol(torch.float32))
     for a, b in zip(torch.autograd.grad((out * up_out).sum(), (q, k, v)), ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **TOL[torch.float32]["grad"])
+        torch.testing.assert_close(a, b, **_tol(torch.float32, "grad"))
 
 
 def test_ties_at_the_kth_value_are_kept_and_cls_handled():
@@ -137,9 +135,9 @@ def test_ties_at_the_kth_value_are_kept_and_cls_handled():
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     src = torch.arange(r, device=DEVICE).repeat_interleave(n)
     for K in (1, 3, 5, 8):
-        w, _ = HomologousAttentionFunction.apply(q, k, v, src, K, False)
+        w, _ = homologous_attention_triton(q, k, v, src, K, False)
         ref, _ = homologous_attention_reference(q, k, v, src, K)
-        torch.testing.assert_close(w, ref, **TOL[torch.float32]["out"])
+        torch.testing.assert_close(w, ref, **_tol(torch.float32))
         s = (q @ k.transpose(-2, -1)) * 0.25
         keep = topk_keep_mask(s[..., 1:, 1:], K)
         assert torch.equal(w[..., 1:, 1:L] > 0, keep), "kept patch keys differ from the tie rule"
@@ -147,7 +145,7 @@ def test_ties_at_the_kth_value_are_kept_and_cls_handled():
             assert (keep.sum(-1) >= K + 1).all(), "a duplicate of the K-th key was dropped"
         assert (w[..., 1:, 0] > 0).all(), "every patch query keeps the CLS key"
         assert (w[..., 0, :L] > 0).all(), "the CLS query sees every key"
-        torch.testing.assert_close(w[..., :L].sum(-1), torch.ones(G, H, L, device=DEVICE), **TOL[torch.float32]["out"])
+        torch.testing.assert_close(w[..., :L].sum(-1), torch.ones(G, H, L, device=DEVICE), **_tol(torch.float32))
 
 
 @pytest.mark.parametrize("which", ["q_zero", "k_constant"])
@@ -162,10 +160,10 @@ def test_rows_of_equal_scores_give_no_nan(which):
     out, hc_rows, grads = _grads(_kernel, q, k, v, src, 2, up_out, up_hc)
     ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 2, up_out, up_hc)
     assert all(torch.isfinite(t).all() for t in (out, hc_rows, *grads))
-    torch.testing.assert_close(out, ref, **TOL[torch.float32]["out"])
-    torch.testing.assert_close(hc_rows, ref_hc, **HC_TOL)
+    torch.testing.assert_close(out, ref, **_tol(torch.float32))
+    torch.testing.assert_close(hc_rows, ref_hc, **_tol(torch.float32, "hc"))
     for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **TOL[torch.float32]["grad"])
+        torch.testing.assert_close(a, b, **_tol(torch.float32, "grad"))
 
 
 def test_strided_views_as_the_module_makes_them():
@@ -178,12 +176,12 @@ def test_strided_views_as_the_module_makes_them():
     assert not q.is_contiguous()
     src = torch.arange(r, device=DEVICE).repeat_interleave(n)
     up_out = torch.randn(G, H, L, d, generator=gen).to(DEVICE)
-    out, hc_rows = HomologousAttentionFunction.apply(q, k, v, src, 4, True)
+    out, hc_rows = homologous_attention_triton(q, k, v, src, 4, True)
     grad = torch.autograd.grad((out * up_out).sum() + hc_rows.sum(), qkv)[0]
     ref, ref_hc = homologous_attention_reference(q, k, v, src, 4, True)
     ref_grad = torch.autograd.grad((ref * up_out).sum() + ref_hc.sum(), qkv)[0]
-    torch.testing.assert_close(out, ref, **TOL[torch.float32]["out"])
-    torch.testing.assert_close(grad, ref_grad, **TOL[torch.float32]["grad"])
+    torch.testing.assert_close(out, ref, **_tol(torch.float32))
+    torch.testing.assert_close(grad, ref_grad, **_tol(torch.float32, "grad"))
 
 
 def test_forward_and_backward_are_bitwise_reproducible():
@@ -199,14 +197,14 @@ def test_errors():
     q = torch.zeros(1, 1, 258, 16, device=DEVICE)
     src = torch.zeros(257, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="L <= 256"):
-        HomologousAttentionFunction.apply(q, q, q, src, 4, False)
+        homologous_attention_triton(q, q, q, src, 4, False)
     q = torch.zeros(1, 1, 9, 16, device=DEVICE)
     with pytest.raises(ValueError, match="need L-1 = 8 and 1 <= topk"):
-        HomologousAttentionFunction.apply(q, q, q, src[:8], 9, False)
+        homologous_attention_triton(q, q, q, src[:8], 9, False)
     with pytest.raises(ValueError, match="need L-1 = 8"):
-        HomologousAttentionFunction.apply(q, q, q, src[:7], 2, False)
+        homologous_attention_triton(q, q, q, src[:7], 2, False)
     with pytest.raises(ValueError, match="share one shape"):
-        HomologousAttentionFunction.apply(q, q[..., :8], q, src[:8], 2, False)
+        homologous_attention_triton(q, q[..., :8], q, src[:8], 2, False)
 
 
 # -- compiled for a GPU without one ---------------------------------------------------------------
@@ -219,13 +217,24 @@ _AOT = textwrap.dedent("""
 
     DTYPE_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 
-    def signature(fn, dtype, consts):
+    def signature(fn, dtype, consts, scale="fp32"):
         sig = {}
         for name in inspect.signature(fn.fn).parameters:
             sig[name] = ("constexpr" if name in consts else "*" + dtype if name in DTYPE_PTRS
                          else "*i32" if name in ("src_ptr", "bits_ptr") else "*fp32" if name.endswith("_ptr")
-                         else "fp32" if name == "scale" else "i32")
+                         else scale if name == "scale" else "i32")
         return sig
+
+    # inductor once handed the scale over as a float64: every kernel must still lower (fp32 scores)
+    bn, bd, bm, kb = ha._blocks(197, 64, False)
+    for fn, consts in ((ha._fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn)),
+                       (ha._bwd_dkdv_kernel, dict(M_BLOCKS=triton.cdiv(197, bm), BLOCK_M=bm, BLOCK_N=kb,
+                                                  WORDS=bn // 32)),
+                       (ha._bwd_dq_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, WORDS=bn // 32))):
+        consts = dict(consts, HC=True, FP32=False, BLOCK_D=bd)
+        triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16", consts, "fp64"), constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=ha.NUM_WARPS))
+    print("fp64 scale lowers")
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     for dtype, L in (("bf16", 197), ("fp16", 65), ("fp32", 197)):
@@ -252,22 +261,19 @@ _AOT = textwrap.dedent("""
 def test_kernels_compile_for_sm90_without_spills_in_bf16():
     """The interpreter runs Python: it cannot tell whether a kernel lowers for a GPU. Triton compiles
     for a target without one (its bundled ptxas): every kernel at ViT-B's L = 197, d = 64 for sm_90, in
-    bf16 / fp16 without register spills (fp32's IEEE dots spill a little; they are not the training path)."""
+    bf16 / fp16 without register spills (fp32's IEEE dots spill a little; they are not the training path),
+    and with the softmax scale handed over as a float64 (as inductor once did) still in fp32."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    assert len(lines) == 9, run.stdout
-    for line in lines:
+    assert lines[0] == "fp64 scale lowers" and len(lines) == 10, run.stdout
+    for line in lines[1:]:
         if not line.startswith("fp32"):
             assert line.endswith("0 bytes spill stores, 0 bytes spill loads"), line
 
 
 # -- GPU: the shapes that matter --------------------------------------------------------------------
-# At ViT scale the bf16 gradients sum ~200 products of bf16-rounded dS/P per entry: a looser bound.
-GPU_GRAD_TOL = {torch.bfloat16: dict(rtol=5e-2, atol=5e-2), torch.float32: dict(rtol=1e-4, atol=1e-4)}
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("G,H,K", [(64, 12, 49), (16, 16, 1), (16, 12, 196)], ids=["vit_b", "vit_l_k1", "k_all"])
@@ -276,7 +282,7 @@ def test_vit_shapes_on_gpu(G, H, K, dtype):
     q, k, v, src, up_out, up_hc = _case(G, H, 4, 49, 64, dtype, seed=7)
     out, hc_rows, grads = _grads(_kernel, q, k, v, src, K, up_out, up_hc)
     ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, K, up_out, up_hc)
-    torch.testing.assert_close(out, ref, **TOL[dtype]["out"])
-    torch.testing.assert_close(hc_rows, ref_hc, rtol=1e-4, atol=1e-4)  # exact scores; GPU exp/log approximations
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(hc_rows, ref_hc, **_tol(dtype, "hc"))  # exact scores; GPU exp/log approximations
     for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **GPU_GRAD_TOL[dtype])
+        torch.testing.assert_close(a, b, **_tol(dtype, "grad"))  # bf16: ~200 bf16-rounded dS/P products
