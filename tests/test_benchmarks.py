@@ -29,6 +29,48 @@ def test_bench_kernels_result_file(tmp_path):
     assert rows["patch_mix/triton"]["bytes"] > 2 * 8 * 3 * 32 * 32 * 4
 
 
+def _kernels_result(figures: dict[int, dict[str, tuple]]) -> dict:
+    """A bench_kernels result file as the H200 run of 2026-11-29 printed it (batch -> op -> ms per variant)."""
+    batches = []
+    for batch, ops in figures.items():
+        rows = {f"{op}/{v}": {"op": op, "variant": v, "ms": ms}
+                for op, times in ops.items() for v, ms in zip(("triton", "reference", "compiled"), times) if ms}
+        batches.append({"shapes": {"batch": batch}, "rows": rows})
+    return {"device": "NVIDIA H200", "command": "python -m mixedae_fast.benchmarks.bench_kernels --batch 256",
+            "date": "2026-11-29", "git_sha": "239a069", "torch": "2.11.0", "batches": batches}
+
+
+H200 = {"assignment": (0.046, 0.497, None), "patch_mix": (1.046, 0.670, 0.242), "unmix_fwd": (0.124, 0.221, 0.097),
+        "unmix_fwd_bwd": (0.545, 0.579, 0.818)}
+
+
+def test_bench_kernels_table_row_from_a_result_file(tmp_path, capsys):
+    """The row `kernels=auto` reads: the kernel only where it beat both references at every batch."""
+    path = tmp_path / "k.json"
+    slower_at_1024 = {**H200, "unmix_fwd_bwd": (2.4, 2.3, 3.1)}
+    path.write_text(json.dumps(_kernels_result({256: H200, 1024: slower_at_1024})))
+    assert bench_kernels.main(["--table-row", str(path)]) == 0
+    (card, row), = json.loads(capsys.readouterr().out).items()
+    assert card == "NVIDIA H200"
+    assert {op: e["backend"] for op, e in row.items()} == {"assignment": "triton", "patch_mix": "torch",
+                                                           "unmix": "torch"}
+    assert row["unmix"]["measured"].startswith("fwd+bwd; batch 256: triton 0.545 ms, eager reference 0.579 ms, "
+                                               "compiled reference 0.818 ms; batch 1024:")
+    assert "batch 1024: triton 2.400 ms" in row["unmix"]["measured"] and "git 239a069" in row["unmix"]["source"]
+    _, row = bench_kernels.table_row(_kernels_result({256: H200}), "k.json")
+    assert row["unmix"]["backend"] == "triton" and str(path.name) in row["unmix"]["source"]
+
+
+def test_bench_kernels_table_row_errors(tmp_path, capsys):
+    cpu = _kernels_result({8: {op: (None, 1.0, None) for op in H200}})
+    for name, text in (("cpu.json", json.dumps(cpu)), ("bad.json", "{not json"), ("other.json", "{}")):
+        (tmp_path / name).write_text(text)
+        assert bench_kernels.main(["--table-row", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot make a kernel_backends.json row") and err.count("\n") == 1, err
+    assert bench_kernels.main(["--table-row", str(tmp_path / "missing.json")]) == 2
+
+
 def test_bench_kernels_rejects_batches_not_a_multiple_of_r():
     with pytest.raises(SystemExit):
         bench_kernels.main(["--config", "cpu_tiny", "--batch", "6"])
