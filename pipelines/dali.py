@@ -14,14 +14,14 @@ of DataNodes; the three pipelines (``image_folder_pipeline``, ``file_list_pipeli
 What is exact. One pipeline serves consecutive epochs: building and starting one with GPU decoding took
 about 2 s on an H200, too much to pay every epoch. Its reader runs on into the next epoch, so while the
 step consumes an epoch's last batch DALI is already decoding the next epoch's first ones (``prefetch``
-batches ahead): no stall at an epoch boundary, as long as the caller names the next epoch (``set_epoch(e
-+ 1)``); iterating again without it repeats epoch ``e`` and rebuilds. It is (re)built, seeded with
-``hash((seed, e0))`` (the same on every shard, so the shards stay a partition), for the first epoch
-iterated, and again whenever ``set_epoch`` does not name the epoch that follows a finished one (a
-resume, a jump, an epoch left unfinished). Exact are: the epoch boundary (each epoch is one pass over
-the shard: the reader pads its shard, so an epoch never runs into the next; with ``drop_last`` the tail
-of the pass is decoded and dropped) and the number of batches, ``len``, the same on every shard. Epoch
-``e``'s order and augmentation are a function of ``(seed, e0, e - e0, data, shard_id, num_shards,
+batches ahead): no stall at an epoch boundary, as long as the caller names the next epoch
+(``set_epoch(e+1)``); iterating again without it repeats epoch ``e`` and rebuilds. It is (re)built,
+seeded with ``hash((seed, e0))`` (the same on every shard, so the shards stay a partition), for the
+first epoch iterated, and again whenever ``set_epoch`` does not name the epoch that follows a finished
+one (a resume, a jump, an epoch left unfinished). Exact are: the epoch boundary (each epoch is one pass
+over the shard: the reader pads its shard, so an epoch never runs into the next; with ``drop_last`` the
+tail of the pass is decoded and dropped) and the number of batches, ``len``, the same on every shard.
+Epoch ``e``'s order and augmentation are a function of ``(seed, e0, e - e0, data, shard_id, num_shards,
 batch_size)`` and the DALI version: bitwise on the CPU whatever ``num_threads`` (tested), and bitwise
 with GPU decoding in our H200 check (which DALI does not promise). So ``set_epoch(e, start_step=k)``
 rebuilds at ``e0 = e`` and consumes (decodes and drops) ``k`` batches: a resumed run continues at the
