@@ -427,6 +427,18 @@ class DaliLoader:
             raise self._read_error(e) from e
         self._next_epoch, self.start_step = self.epoch + 1, 0
 
+    def ready_event(self):
+        """A CUDA event recorded now on the stream DALI produces its outputs on, for the step's stream to
+        wait for (the benchmark's data phase does): the batch just handed out is done when it fires. An
+        upper bound: later batches DALI has already enqueued there are waited for too. None on the CPU."""
+        if self.device.type != "cuda" or self._pipe is None:
+            return None
+        handle = self._pipe.output_stream()
+        stream = torch.cuda.ExternalStream(int(getattr(handle, "handle", handle)), device=self.device)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
     def _read_error(self, e: Exception) -> RuntimeError:
         return RuntimeError(
             f"DALI stopped reading {self.path} (epoch {self.epoch}): {_first_error(e)}. A corrupt or non-image "

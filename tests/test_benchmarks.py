@@ -109,6 +109,7 @@ def test_bench_train_rows_fields_and_files(tmp_path):
                                             "optimizer"}
         assert 0 <= row["data_wait_fraction"] < 1
         assert row["loader"] == ("device tensors" if row["source"] == "synthetic" else "torch")
+        assert row["data_stream"] == ("none: device tensors" if row["source"] == "synthetic" else "the step's stream")
         trace = json.loads(open(row["profile"]).read())
         names = {e.get("name") for e in trace["traceEvents"]}
         assert {"encoder", "backward", "optimizer"} <= names, label
@@ -150,3 +151,60 @@ def test_bench_cli_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--modes", "fast"])
     assert "unknown or no mode(s) ['fast']" in capsys.readouterr().err
+
+
+class _Loader:
+    """Two batches an epoch, recording set_epoch; with ``ready`` it says its work ran on a stream of its own."""
+
+    def __init__(self, ready=None):
+        self.epochs, self.ready = [], ready
+        if ready is not None:
+            self.ready_event = lambda: self.ready
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epochs.append((epoch, start_step))
+
+    def __iter__(self):
+        e = self.epochs[-1][0]
+        return iter([(torch.full((1,), float(10 * e + k)), None) for k in range(2)])
+
+
+class _Stream:
+    def __init__(self):
+        self.waited = []
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+
+def _files_source(loader):
+    from mixedae_fast.benchmarks.bench_train import Source
+
+    src = Source.__new__(Source)   # the files source without building loaders
+    src.kind, src.loader, src.backend, src.it, src.epoch, src.data_stream = "files", loader, "x", None, 0, "step"
+    return src
+
+
+def test_bench_train_source_names_each_next_epoch():
+    """The files source walks epochs 0, 1, 2 with set_epoch (a loader iterated again without it repeats
+    the epoch: DALI rebuilt its pipeline there, a stall at every boundary)."""
+    loader = _Loader()
+    src = _files_source(loader)
+    assert [float(src()) for _ in range(5)] == [0.0, 1.0, 10.0, 11.0, 20.0]
+    assert loader.epochs == [(0, 0), (1, 0), (2, 0)]
+
+
+def test_bench_train_data_phase_waits_for_the_loader_stream():
+    """The step's stream waits, inside the data phase, for an event from a loader with its own stream; a
+    loader without one (its device work is on the step's stream already) is not waited for."""
+    stream, event = _Stream(), object()
+    src = _files_source(_Loader(ready=event))
+    src()
+    src.wait(stream)
+    assert stream.waited == [event] and "own stream" in src.data_stream
+    plain = _files_source(_Loader())
+    plain()
+    plain.wait(stream)
+    assert stream.waited == [event] and plain.data_stream == "step"
+    src.wait(None)                      # CPU: no stream, nothing to wait for
+    assert stream.waited == [event]

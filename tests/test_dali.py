@@ -337,6 +337,10 @@ def test_gpu_mixed_decode(root, dtype):
     assert images.shape == (8, 3, 32, 32) and images.dtype == dtype and images.device == torch.device("cuda:0")
     assert labels.dtype == torch.int64 and labels.device == torch.device("cuda:0")
     assert torch.isfinite(images.float()).all()
+    event = loader.ready_event()                 # the benchmark's data phase waits on DALI's output stream
+    torch.cuda.current_stream().wait_event(event)
+    event.synchronize()
+    assert DaliLoader(root / "val", batch_size=5, img_size=16).ready_event() is None   # CPU: nothing to wait for
     # Eval on the GPU decoder vs the CPU one: the same samples, pixels equal up to decoder differences.
     gpu, gpu_labels, _ = epoch(DaliLoader(root / "val", batch_size=5, img_size=40, device="cuda:0", dtype=dtype,
                                           augment=False, shuffle=False))
