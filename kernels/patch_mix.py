@@ -213,18 +213,20 @@ def _patch_mix_kernel(img_ptr, ids_ptr, mixed_ptr, tgt_ptr, mask_ptr,
 
 
 def _prune_patch_mix_configs(configs, named_args, **kwargs):
-    """Keep the tiles of at most 4K elements (registers) that do not run past the positions."""
+    """Tiles of 1K, 2K or 4K elements (a 4K tile is 32 fp32 registers a thread at 4 warps), none past
+    the positions: at most 3 tiles x 2 warp counts to compile and time per shape."""
     args = {**named_args, **kwargs}
-    tile = 4 * triton.next_power_of_2(args["P"]) ** 2
-    fits = [c for c in configs if c.kwargs["BLOCK_N"] * tile <= 4096
-            and c.kwargs["BLOCK_N"] <= triton.next_power_of_2(args["N"])]
-    return fits or configs[:1]
+    patch = 4 * triton.next_power_of_2(args["P"]) ** 2
+    most = triton.next_power_of_2(args["N"])
+    sizes = sorted({c.kwargs["BLOCK_N"] for c in configs if c.kwargs["BLOCK_N"] <= most})
+    keep = [b for b in sizes if 1024 <= b * patch <= 4096] or [max(b for b in sizes if b * patch <= 4096 or b == 1)]
+    return [c for c in configs if c.kwargs["BLOCK_N"] in keep]
 
 
 # CUDA only: positions a program x warps, pruned to the patch size; outputs are written, never read, so
 # the timing runs are harmless
 _patch_mix_tuned = None if tl is None else triton.autotune(
-    [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (1, 2, 4, 8, 16) for w in (2, 4, 8)],
+    [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (1, 2, 4, 8, 16) for w in (4, 8)],
     key=["N", "NV", "PATCH_DIM", "NORM_PIX"],
     prune_configs_by={"early_config_prune": _prune_patch_mix_configs})(_patch_mix_kernel)
 

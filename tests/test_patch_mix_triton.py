@@ -51,8 +51,15 @@ def _assert_matches(got, want, dtype):
     torch.testing.assert_close(targets, want[1], **TARGETS)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,S,P,r,mask_ratio", SHAPES)
+# On a GPU each new shape and dtype compiles the kernel and autotunes it (up to six configs): there a few
+# cases keep these tests under a minute (G = 1 with a ragged block, P = 8, r = 1); the interpreter sweeps all.
+ON_GPU = torch.cuda.is_available()
+SWEEP = [SHAPES[0], SHAPES[1], SHAPES[3]] if ON_GPU else SHAPES
+SWEEP_DTYPES = DTYPES[:2] if ON_GPU else DTYPES
+
+
+@pytest.mark.parametrize("dtype", SWEEP_DTYPES, ids=str)
+@pytest.mark.parametrize("B,S,P,r,mask_ratio", SWEEP)
 def test_kernel_matches_reference(B, S, P, r, mask_ratio, dtype):
     images, ids, n = _case(B, S, P, r, mask_ratio, dtype)
     got = patch_mix_forward(images, ids, r, n, P)
@@ -204,11 +211,12 @@ def test_failed_self_check_warns_once_and_falls_back(monkeypatch):
 
 
 def test_autotune_configs_fit_the_patch():
-    """The CUDA configs that survive pruning: tiles of at most 4K elements, never past the positions."""
+    """The CUDA configs that survive pruning: tiles of 1K-4K elements (fewer only where the positions run
+    out), never past the positions, at most six to compile and time per shape."""
     configs = pm._patch_mix_tuned.configs
-    for P, N, most in ((16, 196, 4), (32, 49, 1), (8, 784, 16), (4, 4, 4)):
+    for P, N, sizes in ((16, 196, {1, 2, 4}), (32, 49, {1}), (8, 784, {4, 8, 16}), (4, 25, {16}), (4, 4, {4})):
         kept = pm._prune_patch_mix_configs(configs, {"N": N}, P=P)
-        assert kept and max(c.kwargs["BLOCK_N"] for c in kept) == most, (P, N)
+        assert {c.kwargs["BLOCK_N"] for c in kept} == sizes and len(kept) <= 6, (P, N)
 
 
 def test_launcher_errors():
