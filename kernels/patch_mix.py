@@ -164,70 +164,70 @@ def patch_mix_reference(images: torch.Tensor, ids: torch.Tensor, group_size: int
 def _patch_mix_kernel(img_ptr, ids_ptr, mixed_ptr, tgt_ptr, mask_ptr,
                       s_b, s_c, s_h, s_w, N, GRID_W, NV,
                       P: tl.constexpr, PATCH_DIM: tl.constexpr, NORM_PIX: tl.constexpr, EPS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One program: image ``b`` (axis 0) x ``BLOCK_N`` positions (axis 1), each patch a
-    ``[BLOCK_P*BLOCK_P, 4]`` tile in ``((p, q), c)`` order (``c`` padded 3 -> 4, ``P`` to a power of two).
-    ``q`` runs along the image row, so loads are contiguous per patch row; ``(q, c)`` runs along the
-    output vector, so stores are contiguous too (Triton's coalescing pass picks each access's layout
-    and converts in between). Targets use every loaded value, so the image is read once."""
+                      BLOCK_WI: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program: image ``b`` (axis 0), patch row ``hi`` (axis 1), ``BLOCK_WI`` patches along it (axis
+    2), as a ``[BLOCK_WI, p, q, c]`` tile (``P`` padded to ``BLOCK_P``, ``c`` 3 -> 4). ``q`` is an axis of
+    its own and runs along the image row (stride ``s_w``, 1 for NCHW): the loads see ``P`` contiguous pixels
+    per patch row and ``BLOCK_WI * P`` across a warp; ``(q, c)`` runs along the output vector, so the
+    stores of targets and mixed patches are contiguous too (Triton's coalescing pass gives each access its
+    own layout and converts in between). One pass: every loaded pixel is a target and a mixed value."""
     b = tl.program_id(0)
-    pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BLOCK_N]
-    pos_ok = pos < N
-    hi = pos // GRID_W
-    wi = pos - hi * GRID_W
-    pq = tl.arange(0, BLOCK_P * BLOCK_P)
-    p = (pq // BLOCK_P)[None, :, None]
-    q = (pq % BLOCK_P)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    ok = pos_ok[:, None, None] & (p < P) & (q < P) & (c < 3)                # [BLOCK_N, BLOCK_P², 4]
+    hi = tl.program_id(1)
+    wi = tl.program_id(2) * BLOCK_WI + tl.arange(0, BLOCK_WI)               # [BLOCK_WI] patch columns
+    wi_ok = wi < GRID_W
+    w4 = wi[:, None, None, None]
+    p = tl.arange(0, BLOCK_P)[None, :, None, None]
+    q = tl.arange(0, BLOCK_P)[None, None, :, None]
+    c = tl.arange(0, 4)[None, None, None, :]
+    ok = wi_ok[:, None, None, None] & (p < P) & (q < P) & (c < 3)           # [BLOCK_WI, BLOCK_P, BLOCK_P, 4]
     b64 = b.to(tl.int64)  # B * image size can pass 2**31
-    src = (img_ptr + b64 * s_b + c * s_c + (hi[:, None, None] * P + p) * s_h
-           + (wi[:, None, None] * P + q) * s_w)
+    src = img_ptr + b64 * s_b + c * s_c + (hi * P + p) * s_h + (w4 * P + q) * s_w
     x = tl.load(src, mask=ok, other=0.0)
     elem = (p * P + q) * 3 + c                                               # MAE's (p, q, c) order
 
     xf = x.to(tl.float32)  # statistics in fp32 whatever the image dtype
     if NORM_PIX:
         # shift by the patch's first value (see the module doc); then a two-pass mean and variance
-        first = tl.sum(tl.sum(tl.where((p == 0) & (q == 0) & (c == 0), xf, 0.0), axis=2), axis=1)
-        xf = tl.where(ok, xf - first[:, None, None], 0.0)
-        mean = tl.div_rn(tl.sum(tl.sum(xf, axis=2), axis=1), tl.full([BLOCK_N], PATCH_DIM, tl.float32))
-        dev = tl.where(ok, xf - mean[:, None, None], 0.0)
-        var = tl.div_rn(tl.sum(tl.sum(dev * dev, axis=2), axis=1),
-                        tl.full([BLOCK_N], PATCH_DIM - 1, tl.float32))          # unbiased, as MAE
-        std = tl.sqrt_rn(var + EPS)[:, None, None]
-        xf = tl.div_rn(dev, tl.broadcast_to(std, (BLOCK_N, BLOCK_P * BLOCK_P, 4)))
-    row = b64 * N + pos                                                      # [BLOCK_N] in [B, N]
-    tl.store(tgt_ptr + row[:, None, None] * PATCH_DIM + elem, xf, mask=ok)
+        first = tl.sum(tl.sum(tl.sum(tl.where((p == 0) & (q == 0) & (c == 0), xf, 0.0), 3), 2), 1)
+        xf = tl.where(ok, xf - first[:, None, None, None], 0.0)
+        mean = tl.div_rn(tl.sum(tl.sum(tl.sum(xf, 3), 2), 1), tl.full([BLOCK_WI], PATCH_DIM, tl.float32))
+        dev = tl.where(ok, xf - mean[:, None, None, None], 0.0)
+        var = tl.div_rn(tl.sum(tl.sum(tl.sum(dev * dev, 3), 2), 1),
+                        tl.full([BLOCK_WI], PATCH_DIM - 1, tl.float32))          # unbiased, as MAE
+        std = tl.sqrt_rn(var + EPS)[:, None, None, None]
+        xf = tl.div_rn(dev, tl.broadcast_to(std, (BLOCK_WI, BLOCK_P, BLOCK_P, 4)))
+    pos = hi * GRID_W + wi                                                   # [BLOCK_WI] positions
+    row = b64 * N + pos                                                      # rows of targets [B*N, 3P²]
+    tl.store(tgt_ptr + row[:, None, None, None] * PATCH_DIM + elem, xf, mask=ok)
 
     # Is the position one of source b's n visible ones, and at which slot? ids[g, j*n:(j+1)*n] is
     # row b of ids viewed as [B, n]; mixed viewed as [B*n, 3P²] puts slot t of source b at row b*n + t.
     v = tl.arange(0, BLOCK_V)
     sel = tl.load(ids_ptr + b64 * NV + v, mask=v < NV, other=0)
-    hit = (pos[:, None] == sel[None, :]) & (v < NV)[None, :]                 # [BLOCK_N, BLOCK_V]
+    hit = (pos[:, None] == sel[None, :]) & (v < NV)[None, :]                 # [BLOCK_WI, BLOCK_V]
     visible = tl.max(hit.to(tl.int32), axis=1)                               # 0 or 1
     slot = tl.sum(tl.where(hit, v[None, :], 0), axis=1)
-    tl.store(mask_ptr + row, (1 - visible).to(tl.uint8), mask=pos_ok)
-    dst = mixed_ptr + (b64 * NV + slot)[:, None, None] * PATCH_DIM + elem
-    tl.store(dst, x, mask=ok & (visible > 0)[:, None, None])  # a copy: the image dtype, bit for bit
+    tl.store(mask_ptr + row, (1 - visible).to(tl.uint8), mask=wi_ok)
+    dst = mixed_ptr + (b64 * NV + slot)[:, None, None, None] * PATCH_DIM + elem
+    tl.store(dst, x, mask=ok & (visible > 0)[:, None, None, None])  # a copy: the image dtype, bit for bit
 
 
 def _prune_patch_mix_configs(configs, named_args, **kwargs):
     """Tiles of 1K, 2K or 4K elements (a 4K tile is 32 fp32 registers a thread at 4 warps), none past
-    the positions: at most 3 tiles x 2 warp counts to compile and time per shape."""
+    the patch row: at most 3 tiles x 2 warp counts to compile and time per shape."""
     args = {**named_args, **kwargs}
     patch = 4 * triton.next_power_of_2(args["P"]) ** 2
-    most = triton.next_power_of_2(args["N"])
-    sizes = sorted({c.kwargs["BLOCK_N"] for c in configs if c.kwargs["BLOCK_N"] <= most})
+    most = triton.next_power_of_2(args["GRID_W"])
+    sizes = sorted({c.kwargs["BLOCK_WI"] for c in configs if c.kwargs["BLOCK_WI"] <= most})
     keep = [b for b in sizes if 1024 <= b * patch <= 4096] or [max(b for b in sizes if b * patch <= 4096 or b == 1)]
-    return [c for c in configs if c.kwargs["BLOCK_N"] in keep]
+    return [c for c in configs if c.kwargs["BLOCK_WI"] in keep]
 
 
-# CUDA only: positions a program x warps, pruned to the patch size; outputs are written, never read, so
+# CUDA only: patches a program x warps, pruned to the patch size; outputs are written, never read, so
 # the timing runs are harmless
 _patch_mix_tuned = None if tl is None else triton.autotune(
-    [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (1, 2, 4, 8, 16) for w in (4, 8)],
-    key=["N", "NV", "PATCH_DIM", "NORM_PIX"],
+    [triton.Config({"BLOCK_WI": bw}, num_warps=w) for bw in (1, 2, 4, 8, 16) for w in (4, 8)],
+    key=["GRID_W", "NV", "PATCH_DIM", "NORM_PIX"],
     prune_configs_by={"early_config_prune": _prune_patch_mix_configs})(_patch_mix_kernel)
 
 
@@ -305,12 +305,12 @@ def patch_mix_forward(images: torch.Tensor, ids: torch.Tensor, group_size: int, 
     meta = dict(P=P, PATCH_DIM=D, NORM_PIX=bool(norm_pix), EPS=1e-6, BLOCK_P=block_p,
                 BLOCK_V=triton.next_power_of_2(n))
     if images.is_cuda:  # autotuned per card and shape (the first call of a shape times the configs)
-        _patch_mix_tuned[lambda m: (B, triton.cdiv(N, m["BLOCK_N"]))](*args, **meta)
+        _patch_mix_tuned[lambda m: (B, grid_w, triton.cdiv(grid_w, m["BLOCK_WI"]))](*args, **meta)
         return mixed, targets, loss_mask
     # the interpreter cannot autotune: one fixed config of 1K-element tiles (one 16 px patch a program,
-    # several small ones), which covers the multi-position paths in the CPU tests
-    block_n = max(1, min(triton.next_power_of_2(N), 1024 // (4 * block_p * block_p)))
-    _patch_mix_kernel[(B, triton.cdiv(N, block_n))](*args, **meta, BLOCK_N=block_n, num_warps=4)
+    # several small ones), which covers ragged patch rows in the CPU tests
+    block_wi = max(1, min(triton.next_power_of_2(grid_w), 1024 // (4 * block_p * block_p)))
+    _patch_mix_kernel[(B, grid_w, triton.cdiv(grid_w, block_wi))](*args, **meta, BLOCK_WI=block_wi, num_warps=4)
     return mixed, targets, loss_mask
 
 

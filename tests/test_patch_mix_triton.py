@@ -22,13 +22,15 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The targets are fp32 whatever the image dtype: tests/tolerances.py's "targets" rows.
 TARGETS = tol(torch.float32, DEVICE, "targets")
 
-# (B, S, P, r, mask_ratio): N positions, n = int(N * (1 - mask_ratio)) visible per source
+# (B, S, P, r, mask_ratio): N positions, n = int(N * (1 - mask_ratio)) visible per source. Under the
+# interpreter a program takes min(row, 1024 / (4 P²)) patches of a patch row.
 SHAPES = [
     (4, 20, 4, 4, 0.75),   # B = r (G = 1); 5x5 grid: N = 25 in blocks of 16, n = 6, r*n = 24 < N
     (6, 24, 8, 3, 0.75),   # 3x3 grid of 8 px patches (3P² = 192): N = 9 in blocks of 4, r*n = 6 < N
     (4, 48, 16, 2, 0.6),   # 3P² = 768 (one patch a program), n = 3, r*n = 6 < N = 9
     (3, 20, 4, 1, 0.75),   # r = 1: MAE's random masking
     (8, 16, 4, 4, 0.75),   # r*n = N: nothing dropped
+    (2, 40, 8, 2, 0.75),   # rows of 5 patches in blocks of 4: the second block ragged
 ]
 
 
@@ -211,12 +213,12 @@ def test_failed_self_check_warns_once_and_falls_back(monkeypatch):
 
 
 def test_autotune_configs_fit_the_patch():
-    """The CUDA configs that survive pruning: tiles of 1K-4K elements (fewer only where the positions run
-    out), never past the positions, at most six to compile and time per shape."""
+    """The CUDA configs that survive pruning: tiles of 1K-4K elements (fewer only where a patch row runs
+    out), never past the patch row, at most six to compile and time per shape."""
     configs = pm._patch_mix_tuned.configs
-    for P, N, sizes in ((16, 196, {1, 2, 4}), (32, 49, {1}), (8, 784, {4, 8, 16}), (4, 25, {16}), (4, 4, {4})):
-        kept = pm._prune_patch_mix_configs(configs, {"N": N}, P=P)
-        assert {c.kwargs["BLOCK_N"] for c in kept} == sizes and len(kept) <= 6, (P, N)
+    for P, grid_w, sizes in ((16, 14, {1, 2, 4}), (32, 7, {1}), (8, 28, {4, 8, 16}), (4, 5, {8}), (4, 2, {2})):
+        kept = pm._prune_patch_mix_configs(configs, {"GRID_W": grid_w}, P=P)
+        assert {c.kwargs["BLOCK_WI"] for c in kept} == sizes and len(kept) <= 6, (P, grid_w)
 
 
 def test_launcher_errors():
