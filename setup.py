@@ -28,7 +28,8 @@ setup(
         "mixedae_fast.benchmarks": "benchmarks",
         "mixedae_fast.configs": "configs",
     },
-    package_data={"mixedae_fast": ["attention_backends.json"], "mixedae_fast.configs": ["*.yaml"]},
+    package_data={"mixedae_fast": ["attention_backends.json", "kernel_backends.json"],
+                  "mixedae_fast.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.11",
         "torchvision",

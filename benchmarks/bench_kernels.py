@@ -16,6 +16,10 @@ every output written once; listed in ``bytes``) / median time. CUDA events on a 
 CPU; untimed warm-up. The Triton rows run on CUDA only (``--triton`` forces them, e.g. under
 ``TRITON_INTERPRET=1`` for a smoke test). ``--step-json`` takes a ``bench_step`` result of the same run
 and reports the kernels' share of a training step.
+
+``--table-row RESULT.json`` prints, from such a result file, the row of ``kernel_backends.json`` for its
+card (what ``runtime.kernels=auto`` takes there): per op the Triton kernel only where it beat both the
+eager and the compiled reference at every batch of the file (``unmix`` judged on forward + backward).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import datetime
 import json
 import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -93,6 +98,35 @@ def bench_batch(cfg, batch: int, device: torch.device, dtype: torch.dtype, varia
                        "decoder_dim": Dd, "dtype": str(dtype).removeprefix("torch.")}, "rows": rows}
 
 
+# the table's ops and the rows that decide them (unmix as training runs it: forward and backward)
+TABLE_OPS = {"assignment": "assignment", "patch_mix": "patch_mix", "unmix": "unmix_fwd_bwd"}
+_LABELS = {"reference": "eager reference", "compiled": "compiled reference"}
+
+
+def table_row(result: dict, source: str) -> tuple[str, dict]:
+    """``(card, row)`` of ``kernel_backends.json`` from a result of this benchmark (``source``: its path).
+    Raises ValueError when the result cannot decide (no Triton rows, an op missing)."""
+    if not result.get("batches"):
+        raise ValueError(f"{source} holds no batches: is it a bench_kernels result?")
+    row = {}
+    for op, bench_op in TABLE_OPS.items():
+        wins, figures = [], []
+        for batch in result["batches"]:
+            rows = {r["variant"]: r["ms"] for r in batch["rows"].values() if r["op"] == bench_op}
+            if "triton" not in rows or len(rows) < 2:
+                raise ValueError(f"{source} has no triton and reference rows for {bench_op} at batch "
+                                 f"{batch['shapes']['batch']}: rerun bench_kernels on the card (CUDA times them)")
+            others = [ms for variant, ms in rows.items() if variant != "triton"]
+            wins.append(rows["triton"] < min(others))
+            figures.append(f"batch {batch['shapes']['batch']}: " + ", ".join(
+                f"{_LABELS.get(v, v)} {ms:.3f} ms" for v, ms in rows.items()))
+        row[op] = {"backend": "triton" if all(wins) else "torch",
+                   "measured": ("fwd+bwd; " if op == "unmix" else "") + "; ".join(figures),
+                   "source": f"{source}: {result.get('command', 'bench_kernels')}, {result.get('date')}, "
+                             f"git {result.get('git_sha')}, torch {result.get('torch')}"}
+    return result["device"], row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="vit_base")
@@ -105,7 +139,19 @@ def main(argv=None) -> int:
                    help="time torch.compile of the references (default: on CUDA only)")
     p.add_argument("--step-json", default=None, help="a bench_step result of the same run: report the share")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--table-row", default=None, metavar="RESULT_JSON",
+                   help="print kernel_backends.json's row for the card of this result file, then exit")
     args, overrides = p.parse_known_args(argv)
+    if args.table_row:
+        try:
+            card, row = table_row(json.loads(Path(args.table_row).read_text()), args.table_row)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            print(f"error: cannot make a kernel_backends.json row from {args.table_row} ({detail}); pass the "
+                  "JSON that bench_kernels --out wrote on the card", file=sys.stderr)
+            return 2
+        print(json.dumps({card: row}, indent=2))
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = load_config(args.config, overrides)
     dtype = resolve_precision(cfg.runtime.precision, device) or torch.float32

@@ -141,6 +141,8 @@ class StepRunner:
 
         with _range("data", cuda):
             images = next_images()
+            if hasattr(next_images, "wait"):  # a Source: the loader's own stream, if any, joins the data phase
+                next_images.wait(torch.cuda.current_stream(self.device) if cuda else None)
         done()
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             with _range("assign", cuda):
@@ -202,10 +204,12 @@ def count_step_flops(cfg, device: torch.device) -> float:
 
 
 class Source:
-    """Batches for the timed steps: one fixed device batch, or the run's file loader cycled."""
+    """Batches for the timed steps: one fixed device batch, or the run's file loader through consecutive
+    epochs (``set_epoch(e + 1)`` at each boundary, as the trainer does, so the loader keeps its prefetch
+    running across it instead of restarting the epoch)."""
 
     def __init__(self, kind: str, cfg, device, dtype, num_images: int):
-        self.kind = kind
+        self.kind, self.data_stream = kind, "none: device tensors"
         if kind == "synthetic":
             S = cfg.model.img_size
             self.batch = torch.randn(cfg.data.batch_size, 3, S, S, device=device).to(dtype)
@@ -214,18 +218,31 @@ class Source:
         from mixedae_fast.data import build_loaders
 
         data = build_loaders(cfg, device, dtype, num_train=num_images, num_val=64, progress=True)
-        self.loader, self.backend, self.it = data.train, data.backend, None
+        self.loader, self.backend = data.train, data.backend
+        self.it, self.epoch, self.data_stream = None, 0, "the step's stream"
 
     def __call__(self) -> torch.Tensor:
         if self.kind == "synthetic":
             return self.batch
         while True:
             if self.it is None:
+                self.loader.set_epoch(self.epoch)
                 self.it = iter(self.loader)
             try:
                 return next(self.it)[0]
             except StopIteration:
-                self.it = None
+                self.it, self.epoch = None, self.epoch + 1
+
+    def wait(self, stream) -> None:
+        """Make ``stream`` (the step's) wait for the loader's device work on the batch just handed out, so
+        the data phase, timed on that stream, holds it. A loader whose work runs on a stream of its own
+        (DALI) gives an event for it (``ready_event``); the torch loaders enqueue their copy, cast and
+        normalisation on the step's stream inside the data phase already."""
+        ready = getattr(self.loader, "ready_event", None) if self.kind != "synthetic" else None
+        event = ready() if ready is not None and stream is not None else None
+        if event is not None:
+            stream.wait_event(event)
+            self.data_stream = "the loader's own stream, waited for in the data phase"
 
 
 def time_row(runner: StepRunner, source: Source, warmup: int, windows: int, steps: int,
@@ -273,6 +290,7 @@ def time_row(runner: StepRunner, source: Source, warmup: int, windows: int, step
         total = {p: statistics.median(d[p] for d in parts) for p in PHASES}
         row["breakdown_ms"] = total
         row["data_wait_fraction"] = total["data"] / sum(total.values())
+        row["data_stream"] = source.data_stream   # where the loader's device work ran
     return row
 
 
@@ -301,7 +319,7 @@ def _chart(result: dict, path: Path) -> None:
 
 
 CSV_FIELDS = ("row", "mode", "variant", "source", "loader", "ms_per_step", "img_per_s", "vs_official", "mfu",
-              "peak_mem_gib", "data_wait_fraction", *(f"{p}_ms" for p in PHASES))
+              "peak_mem_gib", "data_wait_fraction", "data_stream", *(f"{p}_ms" for p in PHASES))
 
 
 def _write_outputs(result: dict, out: Path) -> None:

@@ -18,26 +18,31 @@ The images are data: nothing here needs a backward pass for them. The Triton pat
 (:func:`patch_mix_forward`) returns tensors without autograd history; the reference inherits
 ``images.requires_grad`` like any torch op.
 
-Backends (:func:`patch_mix`, also used by ``unmix``): ``auto`` = Triton when the tensors are on CUDA and
-the kernels passed their once-per-device self-check there (:func:`kernels_verified`), the reference
-otherwise; ``triton`` forces the kernel (on CPU only through ``TRITON_INTERPRET=1``);
-``torch`` = the reference.
+Backends (:func:`patch_mix`, :func:`draw_assignment`, also used by ``unmix``): ``auto`` = Triton on a
+CUDA card where ``kernel_backends.json`` records the kernel as measured faster for that op and the
+kernels passed their once-per-device self-check (:mod:`mixedae_fast.kernels._triton`), the reference
+otherwise; ``triton`` forces the kernel (on CPU only through ``TRITON_INTERPRET=1``); ``torch`` = the
+reference.
+
+Norm-pix targets are computed on each patch shifted by its first value (the mean and variance do not
+change): pixels far from zero (raw 0-255 values, a bright flat sky) would otherwise lose their
+variance to fp32 cancellation in the mean, and a constant patch gives exactly 0 however its value
+rounds. Both paths do it; the kernel divides and takes the square root correctly rounded (``div_rn``,
+``sqrt_rn``), not with the GPU's approximate instructions.
 """
 from __future__ import annotations
 
-import os
-import warnings
-from types import SimpleNamespace
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is Linux-only (setup.py); the reference path must import without it
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), None
-
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+# the plumbing lives in _triton; re-exported here, where the other kernels and the model import it from
+from mixedae_fast.kernels._triton import (  # noqa: F401
+    KERNEL_BACKENDS,
+    _interpreted,
+    kernels_verified,
+    tl,
+    triton,
+    use_triton,
+)
 
 _M32 = 0xFFFFFFFF
 # odd 32-bit constants (murmur3's finaliser and the golden ratio) for the counter-based hash
@@ -92,7 +97,7 @@ def draw_assignment(num_groups: int, num_patches: int, group_size: int, n_visibl
     r, n = group_size, n_visible
     if r * n > num_patches or n < 1:
         raise ValueError(f"need 1 <= n and r*n <= N, got r={r}, n={n}, N={num_patches}")
-    if use_triton(backend, torch.device("cpu") if device is None else torch.device(device)):
+    if use_triton(backend, torch.device("cpu") if device is None else torch.device(device), op="assignment"):
         return assignment_forward(num_groups, num_patches, r, n, seed, step, first_group, device)
     keys = assignment_keys(num_groups, num_patches, seed, step, first_group, device)
     perm = keys.argsort(dim=1)[:, : r * n]
@@ -122,6 +127,7 @@ def norm_pix_targets(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """MAE's ``norm_pix_loss`` targets in fp32: per patch ``(t - mean) / sqrt(var + eps)``, the
     variance unbiased over the patch's ``3P²`` values."""
     t = patches.float()
+    t = t - t[..., :1]  # exact for nearby values (Sterbenz): no cancellation in the mean, see the module doc
     mean = t.mean(dim=-1, keepdim=True)
     var = t.var(dim=-1, keepdim=True, unbiased=True)
     return (t - mean) / (var + eps).sqrt()
@@ -158,47 +164,71 @@ def patch_mix_reference(images: torch.Tensor, ids: torch.Tensor, group_size: int
 def _patch_mix_kernel(img_ptr, ids_ptr, mixed_ptr, tgt_ptr, mask_ptr,
                       s_b, s_c, s_h, s_w, N, GRID_W, NV,
                       P: tl.constexpr, PATCH_DIM: tl.constexpr, NORM_PIX: tl.constexpr, EPS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One program: image ``b`` (axis 0) x ``BLOCK_N`` positions (axis 1), each patch a
-    ``[BLOCK_P*BLOCK_P, 4]`` tile in ``((p, q), c)`` order (``c`` padded 3 -> 4, ``P`` to a power of two).
-    ``q`` runs along the image row, so loads are contiguous per patch row; ``(q, c)`` runs along the
-    output vector, so stores are contiguous too (Triton's coalescing pass picks each access's layout
-    and converts in between). Targets use every loaded value, so the image is read once."""
+                      BLOCK_WI: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program: image ``b`` (axis 0), patch row ``hi`` (axis 1), ``BLOCK_WI`` patches along it (axis
+    2), as a ``[BLOCK_WI, p, q, c]`` tile (``P`` padded to ``BLOCK_P``, ``c`` 3 -> 4). ``q`` is an axis of
+    its own and runs along the image row (stride ``s_w``, 1 for NCHW): the loads see ``P`` contiguous pixels
+    per patch row and ``BLOCK_WI * P`` across a warp; ``(q, c)`` runs along the output vector, so the
+    stores of targets and mixed patches are contiguous too (Triton's coalescing pass gives each access its
+    own layout and converts in between). One pass: every loaded pixel is a target and a mixed value."""
     b = tl.program_id(0)
-    pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BLOCK_N]
-    pos_ok = pos < N
-    hi = pos // GRID_W
-    wi = pos - hi * GRID_W
-    pq = tl.arange(0, BLOCK_P * BLOCK_P)
-    p = (pq // BLOCK_P)[None, :, None]
-    q = (pq % BLOCK_P)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    ok = pos_ok[:, None, None] & (p < P) & (q < P) & (c < 3)                # [BLOCK_N, BLOCK_P², 4]
+    hi = tl.program_id(1)
+    wi = tl.program_id(2) * BLOCK_WI + tl.arange(0, BLOCK_WI)               # [BLOCK_WI] patch columns
+    wi_ok = wi < GRID_W
+    w4 = wi[:, None, None, None]
+    p = tl.arange(0, BLOCK_P)[None, :, None, None]
+    q = tl.arange(0, BLOCK_P)[None, None, :, None]
+    c = tl.arange(0, 4)[None, None, None, :]
+    ok = wi_ok[:, None, None, None] & (p < P) & (q < P) & (c < 3)           # [BLOCK_WI, BLOCK_P, BLOCK_P, 4]
     b64 = b.to(tl.int64)  # B * image size can pass 2**31
-    src = (img_ptr + b64 * s_b + c * s_c + (hi[:, None, None] * P + p) * s_h
-           + (wi[:, None, None] * P + q) * s_w)
+    src = img_ptr + b64 * s_b + c * s_c + (hi * P + p) * s_h + (w4 * P + q) * s_w
     x = tl.load(src, mask=ok, other=0.0)
     elem = (p * P + q) * 3 + c                                               # MAE's (p, q, c) order
 
     xf = x.to(tl.float32)  # statistics in fp32 whatever the image dtype
     if NORM_PIX:
-        mean = tl.sum(tl.sum(xf, axis=2), axis=1) / PATCH_DIM
-        dev = tl.where(ok, xf - mean[:, None, None], 0.0)
-        var = tl.sum(tl.sum(dev * dev, axis=2), axis=1) / (PATCH_DIM - 1)  # unbiased, as MAE
-        xf = dev / tl.sqrt(var + EPS)[:, None, None]
-    row = b64 * N + pos                                                      # [BLOCK_N] in [B, N]
-    tl.store(tgt_ptr + row[:, None, None] * PATCH_DIM + elem, xf, mask=ok)
+        # shift by the patch's first value (see the module doc); then a two-pass mean and variance
+        first = tl.sum(tl.sum(tl.sum(tl.where((p == 0) & (q == 0) & (c == 0), xf, 0.0), 3), 2), 1)
+        xf = tl.where(ok, xf - first[:, None, None, None], 0.0)
+        mean = tl.div_rn(tl.sum(tl.sum(tl.sum(xf, 3), 2), 1), tl.full([BLOCK_WI], PATCH_DIM, tl.float32))
+        dev = tl.where(ok, xf - mean[:, None, None, None], 0.0)
+        var = tl.div_rn(tl.sum(tl.sum(tl.sum(dev * dev, 3), 2), 1),
+                        tl.full([BLOCK_WI], PATCH_DIM - 1, tl.float32))          # unbiased, as MAE
+        std = tl.sqrt_rn(var + EPS)[:, None, None, None]
+        xf = tl.div_rn(dev, tl.broadcast_to(std, (BLOCK_WI, BLOCK_P, BLOCK_P, 4)))
+    pos = hi * GRID_W + wi                                                   # [BLOCK_WI] positions
+    row = b64 * N + pos                                                      # rows of targets [B*N, 3P²]
+    tl.store(tgt_ptr + row[:, None, None, None] * PATCH_DIM + elem, xf, mask=ok)
 
     # Is the position one of source b's n visible ones, and at which slot? ids[g, j*n:(j+1)*n] is
     # row b of ids viewed as [B, n]; mixed viewed as [B*n, 3P²] puts slot t of source b at row b*n + t.
     v = tl.arange(0, BLOCK_V)
     sel = tl.load(ids_ptr + b64 * NV + v, mask=v < NV, other=0)
-    hit = (pos[:, None] == sel[None, :]) & (v < NV)[None, :]                 # [BLOCK_N, BLOCK_V]
+    hit = (pos[:, None] == sel[None, :]) & (v < NV)[None, :]                 # [BLOCK_WI, BLOCK_V]
     visible = tl.max(hit.to(tl.int32), axis=1)                               # 0 or 1
     slot = tl.sum(tl.where(hit, v[None, :], 0), axis=1)
-    tl.store(mask_ptr + row, (1 - visible).to(tl.uint8), mask=pos_ok)
-    dst = mixed_ptr + (b64 * NV + slot)[:, None, None] * PATCH_DIM + elem
-    tl.store(dst, x, mask=ok & (visible > 0)[:, None, None])  # a copy: the image dtype, bit for bit
+    tl.store(mask_ptr + row, (1 - visible).to(tl.uint8), mask=wi_ok)
+    dst = mixed_ptr + (b64 * NV + slot)[:, None, None, None] * PATCH_DIM + elem
+    tl.store(dst, x, mask=ok & (visible > 0)[:, None, None, None])  # a copy: the image dtype, bit for bit
+
+
+def _prune_patch_mix_configs(configs, named_args, **kwargs):
+    """Tiles of 1K, 2K or 4K elements (a 4K tile is 32 fp32 registers a thread at 4 warps), none past
+    the patch row: at most 3 tiles x 2 warp counts to compile and time per shape."""
+    args = {**named_args, **kwargs}
+    patch = 4 * triton.next_power_of_2(args["P"]) ** 2
+    most = triton.next_power_of_2(args["GRID_W"])
+    sizes = sorted({c.kwargs["BLOCK_WI"] for c in configs if c.kwargs["BLOCK_WI"] <= most})
+    keep = [b for b in sizes if 1024 <= b * patch <= 4096] or [max(b for b in sizes if b * patch <= 4096 or b == 1)]
+    return [c for c in configs if c.kwargs["BLOCK_WI"] in keep]
+
+
+# CUDA only: patches a program x warps, pruned to the patch size; outputs are written, never read, so
+# the timing runs are harmless
+_patch_mix_tuned = None if tl is None else triton.autotune(
+    [triton.Config({"BLOCK_WI": bw}, num_warps=w) for bw in (1, 2, 4, 8, 16) for w in (4, 8)],
+    key=["GRID_W", "NV", "PATCH_DIM", "NORM_PIX"],
+    prune_configs_by={"early_config_prune": _prune_patch_mix_configs})(_patch_mix_kernel)
 
 
 @triton.jit
@@ -252,97 +282,6 @@ def assignment_forward(num_groups: int, num_patches: int, group_size: int, n_vis
     return ids
 
 
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-# `auto` takes the kernels on CUDA only after they pass a small self-check on that device (once per process
-# and device, ~1 s): they pass every test through Triton's interpreter and compile for sm_90, so the check
-# guards against a compiler or driver that miscompiles them, falling back to the reference with a warning.
-# MIXEDAE_KERNEL_SELFCHECK=0 skips it (trust the kernels).
-_VERIFIED: dict[str, bool] = {}
-
-
-def _self_check(device: torch.device) -> str | None:
-    """Run the assignment, patch_mix and unmix kernels (forward and backward) against their references at
-    small odd shapes on ``device``. Returns None when they agree, else what differed."""
-    from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
-
-    gen = torch.Generator().manual_seed(0)
-    r, n, P, S, D = 4, 6, 8, 40, 24                                  # 5x5 grid: N = 25, r*n = 24 < N
-    N = (S // P) ** 2
-    ids = draw_assignment(2, N, r, n, seed=1, step=2, device=device, backend="torch")
-    if not torch.equal(assignment_forward(2, N, r, n, 1, 2, device=device), ids):
-        return "assignment ids differ from the torch draw"
-    images = torch.randn(2 * r, 3, S, S, generator=gen).to(device=device, dtype=torch.bfloat16)
-    got, want = patch_mix_forward(images, ids, r, n, P), patch_mix_reference(images, ids, r, n, P)
-    if not (torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])):
-        return "patch_mix: mixed patches or loss mask differ"
-    if not torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-4):
-        return "patch_mix: targets differ"
-    tokens = torch.randn(2, 1 + r * n, D, generator=gen).to(device).requires_grad_()
-    mask_token = torch.randn(1, 1, D, generator=gen).to(device).requires_grad_()
-    pos = torch.randn(1, N + 1, D, generator=gen).to(device)
-    grad = torch.randn(2 * r, N + 1, D, generator=gen).to(device)
-    outs = []
-    for fn in (lambda: unmix_triton(tokens, ids, mask_token, pos, r),
-               lambda: unmix_reference(tokens, ids, mask_token, pos, r)):
-        out = fn()
-        outs.append((out.detach(), *torch.autograd.grad(out, (tokens, mask_token), grad)))
-    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(*outs)):
-        return "unmix: output or gradients differ"
-    return None
-
-
-def kernels_verified(device: torch.device) -> bool:
-    """Whether ``kernels=auto`` may take the Triton kernels on ``device`` (the self-check, cached)."""
-    key = str(device)
-    if key not in _VERIFIED:
-        if os.environ.get("MIXEDAE_KERNEL_SELFCHECK", "1") == "0":
-            _VERIFIED[key] = True
-        else:
-            try:
-                problem = _self_check(device)
-            except Exception as e:  # a compiler or launch failure: same treatment as a wrong result
-                problem = f"{type(e).__name__}: {e}"
-            if problem:
-                warnings.warn(f"the Triton kernels failed their self-check on {device} ({problem}); "
-                              "kernels=auto uses the torch reference there. Please report this with your "
-                              "torch/triton versions; kernels=torch silences this check.", RuntimeWarning,
-                              stacklevel=3)
-            _VERIFIED[key] = problem is None
-    return _VERIFIED[key]
-
-
-def use_triton(backend: str, *where: torch.Tensor | torch.device) -> bool:
-    """Resolve ``auto | triton | torch`` for an op on these tensors or devices (True = the kernel).
-
-    ``auto`` takes the kernels on CUDA once they passed :func:`kernels_verified` there (under
-    ``torch.compile`` tracing, only if the check already ran eagerly); ``triton`` forces them (on CUDA,
-    or on CPU under Triton's interpreter); ``torch`` takes the reference.
-    """
-    devices = {w if isinstance(w, torch.device) else w.device for w in where}
-    on_cuda = all(d.type == "cuda" for d in devices)
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        if not on_cuda or tl is None or len(devices) != 1:
-            return False
-        (device,) = devices
-        if torch.compiler.is_compiling():
-            return _VERIFIED.get(str(device), False)
-        return kernels_verified(device)
-    if backend == "triton":
-        if tl is None:
-            raise RuntimeError("kernels='triton' needs the triton package, which is not installed")
-        if not on_cuda and not _interpreted(_patch_mix_kernel):
-            raise RuntimeError("kernels='triton' on CPU tensors needs Triton's interpreter: set "
-                               "TRITON_INTERPRET=1 before mixedae_fast.kernels is imported, or use "
-                               "kernels='auto' (the torch reference on CPU)")
-        return True
-    raise ValueError(f"kernels={backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
-
-
 def patch_mix_forward(images: torch.Tensor, ids: torch.Tensor, group_size: int, n_visible: int,
                       patch_size: int, norm_pix: bool = True):
     """The Triton path of :func:`patch_mix_reference` (same arguments, same return): one pass that
@@ -362,16 +301,16 @@ def patch_mix_forward(images: torch.Tensor, ids: torch.Tensor, group_size: int, 
     targets = torch.empty(B, N, D, dtype=torch.float32, device=images.device)
     loss_mask = torch.empty(B, N, dtype=torch.bool, device=images.device)
     block_p = triton.next_power_of_2(P)
-    # 1K-element tiles: one 16 px patch a program (sm_90 TTGIR then stores 24 contiguous target floats a
-    # warp instruction; two patches a tile interleave them), several small ones; the interpreter runs
-    # the same blocks
-    block_n = max(1, min(triton.next_power_of_2(N), 1024 // (4 * block_p * block_p)))
-    grid = (B, triton.cdiv(N, block_n))
-    _patch_mix_kernel[grid](images, ids, mixed, targets, loss_mask.view(torch.uint8),
-                            *images.stride(), N, grid_w, n,
-                            P=P, PATCH_DIM=D, NORM_PIX=bool(norm_pix), EPS=1e-6,
-                            BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_V=triton.next_power_of_2(n),
-                            num_warps=4)
+    args = (images, ids, mixed, targets, loss_mask.view(torch.uint8), *images.stride(), N, grid_w, n)
+    meta = dict(P=P, PATCH_DIM=D, NORM_PIX=bool(norm_pix), EPS=1e-6, BLOCK_P=block_p,
+                BLOCK_V=triton.next_power_of_2(n))
+    if images.is_cuda:  # autotuned per card and shape (the first call of a shape times the configs)
+        _patch_mix_tuned[lambda m: (B, grid_w, triton.cdiv(grid_w, m["BLOCK_WI"]))](*args, **meta)
+        return mixed, targets, loss_mask
+    # the interpreter cannot autotune: one fixed config of 1K-element tiles (one 16 px patch a program,
+    # several small ones), which covers ragged patch rows in the CPU tests
+    block_wi = max(1, min(triton.next_power_of_2(grid_w), 1024 // (4 * block_p * block_p)))
+    _patch_mix_kernel[(B, grid_w, triton.cdiv(grid_w, block_wi))](*args, **meta, BLOCK_WI=block_wi, num_warps=4)
     return mixed, targets, loss_mask
 
 
@@ -394,6 +333,6 @@ def _(images, ids, group_size, n_visible, patch_size, norm_pix):
 def patch_mix(images, ids, group_size, n_visible, patch_size, norm_pix=True, backend="auto"):
     """The op the model calls: :func:`patch_mix_forward` (as the custom op ``torch.ops.mixedae_fast.
     patch_mix``) or :func:`patch_mix_reference` by ``backend``."""
-    if use_triton(backend, images, ids):
+    if use_triton(backend, images, ids, op="patch_mix"):
         return _patch_mix_op(images, ids, group_size, n_visible, patch_size, bool(norm_pix))
     return patch_mix_reference(images, ids, group_size, n_visible, patch_size, norm_pix)

@@ -19,13 +19,13 @@ reference computed in fp32 and rounded (the reference in bf16/fp16 rounds ``mask
 ``dec_pos`` to the dtype before the add, so the two differ there by up to a rounding of each input;
 in fp32 they agree exactly). Its backward is deterministic (no atomics: bitwise reproducible) and
 sums the CLS and mask-token gradients in fp32. Backends as
-:func:`~mixedae_fast.kernels.patch_mix.patch_mix`.
+:func:`~mixedae_fast.kernels.patch_mix.patch_mix` (``auto``: the ``unmix`` entry of the measured table).
 """
 from __future__ import annotations
 
 import torch
 
-from mixedae_fast.kernels.patch_mix import _interpreted, tl, triton, use_triton
+from mixedae_fast.kernels._triton import _interpreted, tl, triton, use_triton
 
 
 def unmix_reference(dec_tokens: torch.Tensor, ids: torch.Tensor, mask_token: torch.Tensor,
@@ -231,6 +231,6 @@ def unmix_triton(dec_tokens: torch.Tensor, ids: torch.Tensor, mask_token: torch.
 
 def unmix(dec_tokens, ids, mask_token, dec_pos, group_size, backend="auto"):
     """The op the model calls: :func:`unmix_triton` or :func:`unmix_reference` by ``backend``."""
-    if use_triton(backend, dec_tokens, ids):
+    if use_triton(backend, dec_tokens, ids, op="unmix"):
         return unmix_triton(dec_tokens, ids, mask_token, dec_pos, group_size)
     return unmix_reference(dec_tokens, ids, mask_token, dec_pos, group_size)

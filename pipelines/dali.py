@@ -11,22 +11,25 @@ of DataNodes; the three pipelines (``image_folder_pipeline``, ``file_list_pipeli
         loader.set_epoch(epoch, start_step)      # start_step only on the epoch a run resumes in
         for images, labels in loader: ...
 
-What is exact. One pipeline serves consecutive epochs: building and starting one with GPU decoding
-took about 2 s on an H200, too much to pay every epoch. It is (re)built, seeded with ``hash((seed,
-e0))`` (the same on every shard, so the shards stay a partition), for the first epoch iterated, and
-again whenever ``set_epoch`` does not name the epoch that follows a finished one (a resume, a jump, an
-epoch left unfinished). Exact are: the epoch boundary (each epoch is one pass over the shard: the
-reader pads its shard, so an epoch never runs into the next; with ``drop_last`` the tail of the pass
-is decoded and dropped) and the number of batches, ``len``, the same on every shard. Epoch ``e``'s
-order and augmentation are a function of ``(seed, e0, e - e0, data, shard_id, num_shards,
+What is exact. One pipeline serves consecutive epochs: building and starting one with GPU decoding took
+about 2 s on an H200, too much to pay every epoch. Its reader runs on into the next epoch, so while the
+step consumes an epoch's last batch DALI is already decoding the next epoch's first ones (``prefetch``
+batches ahead): no stall at an epoch boundary, as long as the caller names the next epoch
+(``set_epoch(e+1)``); iterating again without it repeats epoch ``e`` and rebuilds. It is (re)built,
+seeded with ``hash((seed, e0))`` (the same on every shard, so the shards stay a partition), for the
+first epoch iterated, and again whenever ``set_epoch`` does not name the epoch that follows a finished
+one (a resume, a jump, an epoch left unfinished). Exact are: the epoch boundary (each epoch is one pass
+over the shard: the reader pads its shard, so an epoch never runs into the next; with ``drop_last`` the
+tail of the pass is decoded and dropped) and the number of batches, ``len``, the same on every shard.
+Epoch ``e``'s order and augmentation are a function of ``(seed, e0, e - e0, data, shard_id, num_shards,
 batch_size)`` and the DALI version: bitwise on the CPU whatever ``num_threads`` (tested), and bitwise
-with GPU decoding in our H200 check (which DALI does not promise). So
-``set_epoch(e, start_step=k)`` rebuilds at ``e0 = e`` and consumes (decodes and drops) ``k`` batches:
-a resumed run continues at the same data position and for the same number of batches, but not with
-the same samples or augmentation as the interrupted run (unless that run had started at ``e``). This
-is not ``TensorBatchLoader``'s stream either: DALI draws its own numbers, and ``random_shuffle`` is no
-uniform permutation: the reader shuffles the file list once with a fixed seed (which splits it into
-shards) and mixes each epoch through a buffer of 1024 samples.
+with GPU decoding in our H200 check (which DALI does not promise). So ``set_epoch(e, start_step=k)``
+rebuilds at ``e0 = e`` and consumes (decodes and drops) ``k`` batches: a resumed run continues at the
+same data position and for the same number of batches, but not with the same samples or augmentation as
+the interrupted run (unless that run had started at ``e``). This is not ``TensorBatchLoader``'s stream
+either: DALI draws its own numbers, and ``random_shuffle`` is no uniform permutation: the reader
+shuffles the file list once with a fixed seed (which splits it into shards) and mixes each epoch through
+a buffer of 1024 samples.
 
 Corrupt files. DALI cannot skip a sample: a file that does not decode (text named ``.jpg``, a JPEG
 cut short by more than its end marker; the same files PIL rejects) or an empty file stops the
@@ -423,6 +426,18 @@ class DaliLoader:
             self._pipe = self._it = None
             raise self._read_error(e) from e
         self._next_epoch, self.start_step = self.epoch + 1, 0
+
+    def ready_event(self):
+        """A CUDA event recorded now on the stream DALI produces its outputs on, for the step's stream to
+        wait for (the benchmark's data phase does): the batch just handed out is done when it fires. An
+        upper bound: later batches DALI has already enqueued there are waited for too. None on the CPU."""
+        if self.device.type != "cuda" or self._pipe is None:
+            return None
+        handle = self._pipe.output_stream()
+        stream = torch.cuda.ExternalStream(int(getattr(handle, "handle", handle)), device=self.device)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
 
     def _read_error(self, e: Exception) -> RuntimeError:
         return RuntimeError(

@@ -8,7 +8,9 @@ normalise) runs batched on the device as one ``grid_sample``. ``FileImageLoader`
 see files.py): a ``DataLoader`` whose workers decode and crop each image with PIL (or, with
 ``gpu_decode``, ship the bytes for nvJPEG), normalised on the device. In both, randomness is a pure
 function of ``(seed, epoch, index)``: the order of an epoch and every crop are redrawn from those
-alone, so a resumed run continues exactly.
+alone, so a resumed run continues exactly. ``FileImageLoader``'s workers run on across epoch
+boundaries (:class:`EpochStream`): the next epoch's first batches are decoded while the current
+epoch's last ones are consumed, as long as the caller names the next epoch (``set_epoch(e + 1)``).
 """
 from __future__ import annotations
 
@@ -233,10 +235,35 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return len(shard_batches(self.n, self.batch_size, self.shard_id, self.num_shards, self.drop_last))
 
     def __iter__(self):
-        order = self._order(self.epoch)
+        yield from self._epoch(self.epoch, self.start_step)
+
+    def _epoch(self, epoch: int, start_step: int):
+        order = self._order(epoch)
         parts = shard_batches(self.n, self.batch_size, self.shard_id, self.num_shards, self.drop_last)
-        for _, part in parts[self.start_step:]:
-            yield [(self.epoch, j) for j in order[part].tolist()]
+        for _, part in parts[start_step:]:
+            yield [(epoch, j) for j in order[part].tolist()]
+
+
+class EpochStream(torch.utils.data.Sampler):
+    """``sampler``'s batches from ``(epoch, start_step)`` on, then the following epochs from step 0, without
+    end: one DataLoader iterator over it keeps its workers busy across epoch boundaries (they prepare the
+    next epoch's first batches while the current epoch's last ones are consumed). ``dealt`` is the
+    ``(epoch, step)`` of the last batch handed to the workers."""
+
+    def __init__(self, sampler: EpochBatchSampler):
+        self.sampler, self.dealt = sampler, None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch, step = self.sampler.epoch, self.sampler.start_step
+        while True:
+            for batch in self.sampler._epoch(epoch, step):
+                self.dealt = (epoch, step)
+                yield batch
+                step += 1
+            epoch, step = epoch + 1, 0
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
@@ -379,8 +406,11 @@ class FileImageLoader:
         self.batch_size, self.img_size, self.seed, self.gpu_decode = batch_size, img_size, seed, gpu_decode
         self.epoch, self.start_step, self.substituted = 0, 0, 0
         self.failed: dict[str, int] = {}
+        self.stream = EpochStream(self.sampler)
+        self._batches, self._resumes_at = None, None    # the open stream and the (epoch, step) it is at
+        self.streams_started = 0                          # > 1 only after resumes or repeats: prefetch thrown away
         self._loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=num_workers, collate_fn=_collate,
+            self.dataset, batch_sampler=self.stream, num_workers=num_workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             worker_init_fn=_worker_init if num_workers > 0 else None)
@@ -400,15 +430,22 @@ class FileImageLoader:
                 "substituted": self.substituted, "failed_after_verification": dict(self.failed)}
 
     def __iter__(self):
-        self.sampler.set_epoch(self.epoch, self.start_step)
-        for images, labels, index, failed in self._loader:
+        # Continue the open stream where it stands (the common case: the epoch after a finished one, its
+        # first batches already prepared); anything else (a resume, a repeat) starts one at the position.
+        if self._batches is None or self._resumes_at != (self.epoch, self.start_step):
+            self.sampler.set_epoch(self.epoch, self.start_step)
+            self._batches = iter(self._loader)
+            self.streams_started += 1
+        self._resumes_at = None                          # mid-epoch until the pass is finished
+        for _ in range(len(self) - self.start_step):
+            images, labels, index, failed = next(self._batches)
             if self.gpu_decode:
                 x = self._device_crops(images, labels, index, failed)
             else:
                 x = images.to(self.device, non_blocking=True).float().div_(255)
             self._count(failed)
             yield normalize(x).to(self.dtype), labels.to(self.device, non_blocking=True)
-        self.start_step = 0
+        self._resumes_at, self.start_step = (self.epoch + 1, 0), 0
 
     def _count(self, failed: torch.Tensor) -> None:
         for i in failed[failed >= 0].tolist():

@@ -29,6 +29,48 @@ def test_bench_kernels_result_file(tmp_path):
     assert rows["patch_mix/triton"]["bytes"] > 2 * 8 * 3 * 32 * 32 * 4
 
 
+def _kernels_result(figures: dict[int, dict[str, tuple]]) -> dict:
+    """A bench_kernels result file as the H200 run of 2026-11-29 printed it (batch -> op -> ms per variant)."""
+    batches = []
+    for batch, ops in figures.items():
+        rows = {f"{op}/{v}": {"op": op, "variant": v, "ms": ms}
+                for op, times in ops.items() for v, ms in zip(("triton", "reference", "compiled"), times) if ms}
+        batches.append({"shapes": {"batch": batch}, "rows": rows})
+    return {"device": "NVIDIA H200", "command": "python -m mixedae_fast.benchmarks.bench_kernels --batch 256",
+            "date": "2026-11-29", "git_sha": "239a069", "torch": "2.11.0", "batches": batches}
+
+
+H200 = {"assignment": (0.046, 0.497, None), "patch_mix": (1.046, 0.670, 0.242), "unmix_fwd": (0.124, 0.221, 0.097),
+        "unmix_fwd_bwd": (0.545, 0.579, 0.818)}
+
+
+def test_bench_kernels_table_row_from_a_result_file(tmp_path, capsys):
+    """The row `kernels=auto` reads: the kernel only where it beat both references at every batch."""
+    path = tmp_path / "k.json"
+    slower_at_1024 = {**H200, "unmix_fwd_bwd": (2.4, 2.3, 3.1)}
+    path.write_text(json.dumps(_kernels_result({256: H200, 1024: slower_at_1024})))
+    assert bench_kernels.main(["--table-row", str(path)]) == 0
+    (card, row), = json.loads(capsys.readouterr().out).items()
+    assert card == "NVIDIA H200"
+    assert {op: e["backend"] for op, e in row.items()} == {"assignment": "triton", "patch_mix": "torch",
+                                                           "unmix": "torch"}
+    assert row["unmix"]["measured"].startswith("fwd+bwd; batch 256: triton 0.545 ms, eager reference 0.579 ms, "
+                                               "compiled reference 0.818 ms; batch 1024:")
+    assert "batch 1024: triton 2.400 ms" in row["unmix"]["measured"] and "git 239a069" in row["unmix"]["source"]
+    _, row = bench_kernels.table_row(_kernels_result({256: H200}), "k.json")
+    assert row["unmix"]["backend"] == "triton" and str(path.name) in row["unmix"]["source"]
+
+
+def test_bench_kernels_table_row_errors(tmp_path, capsys):
+    cpu = _kernels_result({8: {op: (None, 1.0, None) for op in H200}})
+    for name, text in (("cpu.json", json.dumps(cpu)), ("bad.json", "{not json"), ("other.json", "{}")):
+        (tmp_path / name).write_text(text)
+        assert bench_kernels.main(["--table-row", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot make a kernel_backends.json row") and err.count("\n") == 1, err
+    assert bench_kernels.main(["--table-row", str(tmp_path / "missing.json")]) == 2
+
+
 def test_bench_kernels_rejects_batches_not_a_multiple_of_r():
     with pytest.raises(SystemExit):
         bench_kernels.main(["--config", "cpu_tiny", "--batch", "6"])
@@ -67,6 +109,7 @@ def test_bench_train_rows_fields_and_files(tmp_path):
                                             "optimizer"}
         assert 0 <= row["data_wait_fraction"] < 1
         assert row["loader"] == ("device tensors" if row["source"] == "synthetic" else "torch")
+        assert row["data_stream"] == ("none: device tensors" if row["source"] == "synthetic" else "the step's stream")
         trace = json.loads(open(row["profile"]).read())
         names = {e.get("name") for e in trace["traceEvents"]}
         assert {"encoder", "backward", "optimizer"} <= names, label
@@ -108,3 +151,60 @@ def test_bench_cli_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--modes", "fast"])
     assert "unknown or no mode(s) ['fast']" in capsys.readouterr().err
+
+
+class _Loader:
+    """Two batches an epoch, recording set_epoch; with ``ready`` it says its work ran on a stream of its own."""
+
+    def __init__(self, ready=None):
+        self.epochs, self.ready = [], ready
+        if ready is not None:
+            self.ready_event = lambda: self.ready
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epochs.append((epoch, start_step))
+
+    def __iter__(self):
+        e = self.epochs[-1][0]
+        return iter([(torch.full((1,), float(10 * e + k)), None) for k in range(2)])
+
+
+class _Stream:
+    def __init__(self):
+        self.waited = []
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+
+def _files_source(loader):
+    from mixedae_fast.benchmarks.bench_train import Source
+
+    src = Source.__new__(Source)   # the files source without building loaders
+    src.kind, src.loader, src.backend, src.it, src.epoch, src.data_stream = "files", loader, "x", None, 0, "step"
+    return src
+
+
+def test_bench_train_source_names_each_next_epoch():
+    """The files source walks epochs 0, 1, 2 with set_epoch (a loader iterated again without it repeats
+    the epoch: DALI rebuilt its pipeline there, a stall at every boundary)."""
+    loader = _Loader()
+    src = _files_source(loader)
+    assert [float(src()) for _ in range(5)] == [0.0, 1.0, 10.0, 11.0, 20.0]
+    assert loader.epochs == [(0, 0), (1, 0), (2, 0)]
+
+
+def test_bench_train_data_phase_waits_for_the_loader_stream():
+    """The step's stream waits, inside the data phase, for an event from a loader with its own stream; a
+    loader without one (its device work is on the step's stream already) is not waited for."""
+    stream, event = _Stream(), object()
+    src = _files_source(_Loader(ready=event))
+    src()
+    src.wait(stream)
+    assert stream.waited == [event] and "own stream" in src.data_stream
+    plain = _files_source(_Loader())
+    plain()
+    plain.wait(stream)
+    assert stream.waited == [event] and plain.data_stream == "step"
+    src.wait(None)                      # CPU: no stream, nothing to wait for
+    assert stream.waited == [event]

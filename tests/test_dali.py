@@ -183,6 +183,35 @@ def test_resume_continues_at_the_same_position(root):
     assert loader.start_step == 0 and len(list(loader)) == len(loader)
 
 
+@pytest.mark.parametrize("batch_size, batches", [(10, 2), (6, 3)])   # 20 images: 2 exact, 3 + a dropped tail
+def test_next_epoch_is_prefetched_across_the_boundary(root, monkeypatch, batch_size, batches):
+    """When an epoch's last batch is handed out, DALI is already running the next epoch's first batch
+    (the pipeline has scheduled runs beyond it), and ``set_epoch(e + 1)`` continues that pipeline instead
+    of rebuilding it (a rebuild throws the prefetched work away and costs ~2 s with GPU decoding); each
+    epoch stays one clean pass."""
+    opened = []
+    real_open = DaliLoader._open
+    monkeypatch.setattr(DaliLoader, "_open", lambda self, e: opened.append(e) or real_open(self, e))
+    loader = DaliLoader(root / "val", batch_size=batch_size, img_size=16, seed=4)
+    assert len(loader) == batches and opened == [0]
+    pipe, got = loader._pipe, []
+    for e in range(3):
+        loader.set_epoch(e)
+        epoch_batches = []
+        for step, (images, labels) in enumerate(loader):
+            epoch_batches.append((images.clone(), labels.clone()))
+            if step == batches - 1:
+                assert not loader._pipe.empty(), "nothing scheduled past the epoch's last batch"
+        got.append(epoch_batches)
+    assert opened == [0] and loader._pipe is pipe, "a pipeline was rebuilt at an epoch boundary"
+    for epoch_batches in got:             # one pass each (no image twice), and the epochs differ
+        flat = torch.cat([x for x, _ in epoch_batches]).flatten(1)
+        assert len(epoch_batches) == batches and torch.cdist(flat, flat).add(torch.eye(len(flat)) * 1e9).min() > 1e-3
+    assert not torch.equal(got[0][0][0], got[1][0][0])
+    loader.set_epoch(1, start_step=1)     # a resume rebuilds at the named epoch
+    assert len(list(loader)) == batches - 1 and opened[-1] == 1
+
+
 def test_file_list_and_explicit_files(root, tmp_path):
     folder = root / "train"
     samples = folder_samples(folder)
@@ -308,6 +337,10 @@ def test_gpu_mixed_decode(root, dtype):
     assert images.shape == (8, 3, 32, 32) and images.dtype == dtype and images.device == torch.device("cuda:0")
     assert labels.dtype == torch.int64 and labels.device == torch.device("cuda:0")
     assert torch.isfinite(images.float()).all()
+    event = loader.ready_event()                 # the benchmark's data phase waits on DALI's output stream
+    torch.cuda.current_stream().wait_event(event)
+    event.synchronize()
+    assert DaliLoader(root / "val", batch_size=5, img_size=16).ready_event() is None   # CPU: nothing to wait for
     # Eval on the GPU decoder vs the CPU one: the same samples, pixels equal up to decoder differences.
     gpu, gpu_labels, _ = epoch(DaliLoader(root / "val", batch_size=5, img_size=40, device="cuda:0", dtype=dtype,
                                           augment=False, shuffle=False))

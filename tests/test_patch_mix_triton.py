@@ -9,7 +9,9 @@ the assignment kernel bitwise against the torch draw; ViT-B/16 shapes on a GPU.
 """
 import pytest
 import torch
+from tolerances import tol
 
+import mixedae_fast.kernels._triton as kt
 import mixedae_fast.kernels.patch_mix as pm
 from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix, patch_mix_forward, patch_mix_reference
 
@@ -17,18 +19,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The mixed patches and the loss mask are copies: exact in every dtype (compared with torch.equal).
-# The targets are fp32 whatever the image dtype: the same formula on the same exactly-upcast pixels,
-# only the order of the mean/variance sums differs (tree in a tile vs torch's), ~1e-7 relative on
-# values of size ~3; the bound leaves room for a GPU's approximate fp32 division and sqrt.
-TOL = {dtype: dict(targets=dict(rtol=1e-5, atol=1e-5)) for dtype in DTYPES}
+# The targets are fp32 whatever the image dtype: tests/tolerances.py's "targets" rows.
+TARGETS = tol(torch.float32, DEVICE, "targets")
 
-# (B, S, P, r, mask_ratio): N positions, n = int(N * (1 - mask_ratio)) visible per source
+# (B, S, P, r, mask_ratio): N positions, n = int(N * (1 - mask_ratio)) visible per source. Under the
+# interpreter a program takes min(row, 1024 / (4 P²)) patches of a patch row.
 SHAPES = [
     (4, 20, 4, 4, 0.75),   # B = r (G = 1); 5x5 grid: N = 25 in blocks of 16, n = 6, r*n = 24 < N
     (6, 24, 8, 3, 0.75),   # 3x3 grid of 8 px patches (3P² = 192): N = 9 in blocks of 4, r*n = 6 < N
     (4, 48, 16, 2, 0.6),   # 3P² = 768 (one patch a program), n = 3, r*n = 6 < N = 9
     (3, 20, 4, 1, 0.75),   # r = 1: MAE's random masking
     (8, 16, 4, 4, 0.75),   # r*n = N: nothing dropped
+    (2, 40, 8, 2, 0.75),   # rows of 5 patches in blocks of 4: the second block ragged
 ]
 
 
@@ -48,11 +50,18 @@ def _assert_matches(got, want, dtype):
     assert mixed.dtype == dtype and targets.dtype == torch.float32 and loss_mask.dtype == torch.bool
     assert torch.equal(mixed, want[0]), "mixed patches are a copy: must be exact"
     assert torch.equal(loss_mask, want[2]), "loss mask must be exact"
-    torch.testing.assert_close(targets, want[1], **TOL[dtype]["targets"])
+    torch.testing.assert_close(targets, want[1], **TARGETS)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,S,P,r,mask_ratio", SHAPES)
+# On a GPU each new shape and dtype compiles the kernel and autotunes it (up to six configs): there a few
+# cases keep these tests under a minute (G = 1 with a ragged block, P = 8, r = 1); the interpreter sweeps all.
+ON_GPU = torch.cuda.is_available()
+SWEEP = [SHAPES[0], SHAPES[1], SHAPES[3]] if ON_GPU else SHAPES
+SWEEP_DTYPES = DTYPES[:2] if ON_GPU else DTYPES
+
+
+@pytest.mark.parametrize("dtype", SWEEP_DTYPES, ids=str)
+@pytest.mark.parametrize("B,S,P,r,mask_ratio", SWEEP)
 def test_kernel_matches_reference(B, S, P, r, mask_ratio, dtype):
     images, ids, n = _case(B, S, P, r, mask_ratio, dtype)
     got = patch_mix_forward(images, ids, r, n, P)
@@ -83,13 +92,29 @@ def test_strided_images_and_padding_never_read():
         _assert_matches(patch_mix_forward(x, ids, r, n, P), want, torch.float32)
 
 
-def test_constant_patches_stay_finite():
-    """A constant patch has variance 0: eps keeps the target at 0 (as MAE), never NaN."""
+@pytest.mark.parametrize("value", [0.25, 1000.1, -37.3])
+def test_constant_patches_stay_finite(value):
+    """A constant patch has variance 0: eps keeps the target at exactly 0 (as MAE), never NaN, also where
+    the value does not sum exactly in fp32 (1000.1 * 48 needs 26 bits) or a GPU divides approximately."""
     images, ids, n = _case(2, 16, 4, 2, 0.5, torch.float32)
-    images[:, :, :4, :4] = 0.25
+    images[:, :, :4, :4] = value
     mixed, targets, _ = patch_mix_forward(images, ids, 2, n, 4)
-    assert torch.isfinite(targets).all() and torch.equal(targets[:, 0], torch.zeros_like(targets[:, 0]))
+    assert torch.isfinite(targets).all() and not targets[:, 0].any()
     _assert_matches((mixed, targets, _), patch_mix_reference(images, ids, 2, n, 4), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_targets_far_from_zero_match_float64(dtype):
+    """Pixels at 1000 with a spread of 1e-3 (raw 0-255 data, a flat bright sky): the variance is 1e-6, so
+    an fp32 mean off by an ulp of the patch's sum (~4e-3 / 48) would move every target by ~0.06."""
+    images, ids, n = _case(4, 16, 4, 2, 0.5, torch.float32)
+    images = (1000.0 + 1e-3 * images).to(dtype)
+    if dtype == torch.bfloat16:  # bf16 keeps no 1e-3 detail at 1000: a spread of a few of its ulps instead
+        images = (images.float() + 8.0 * torch.randint(-2, 3, images.shape, device=DEVICE)).to(dtype)
+    t = pm.patchify(images.double(), 4)
+    want = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+    for got in (patch_mix_forward(images, ids, 2, n, 4)[1], patch_mix_reference(images, ids, 2, n, 4)[1]):
+        torch.testing.assert_close(got.double(), want, **TARGETS)
 
 
 # (G, N, r, n, seed, step, first_group)
@@ -122,7 +147,8 @@ def test_backend_switch():
     want = patch_mix_reference(images, ids, 2, n, 4)
     for backend in ("auto", "triton", "torch"):
         _assert_matches(patch_mix(images, ids, 2, n, 4, backend=backend), want, torch.float32)
-    assert pm.use_triton("auto", images, ids) == (images.is_cuda and pm.kernels_verified(images.device))
+    if not images.is_cuda:
+        assert not pm.use_triton("auto", images, ids)
     assert pm.use_triton("triton", images, ids) and not pm.use_triton("torch", images, ids)
     with pytest.raises(ValueError, match="kernels='cuda' is not one of auto, triton, torch"):
         patch_mix(images, ids, 2, n, 4, backend="cuda")
@@ -131,38 +157,68 @@ def test_backend_switch():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU error path")
 def test_triton_on_cpu_without_interpreter_fails_clearly(monkeypatch):
     images, ids, n = _case(4, 20, 4, 2, 0.6, torch.float32)
-    monkeypatch.setattr(pm, "_interpreted", lambda kernel: False)
+    monkeypatch.setattr(kt, "_interpreted", lambda kernel: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         patch_mix(images, ids, 2, n, 4, backend="triton")
     assert pm.use_triton("auto", images, ids) is False  # auto never needs the interpreter
 
 
 def test_self_check_passes_on_this_device():
-    device = torch.device(DEVICE)
-    assert pm._self_check(device) is None
+    assert kt._self_check(torch.device(DEVICE)) is None
 
 
-def test_auto_takes_the_kernels_on_cuda_only_after_the_self_check(monkeypatch):
+def test_auto_follows_the_measured_table_then_the_self_check(monkeypatch):
+    """``auto`` asks the table for the op on this card; only a Triton entry runs the self-check."""
     asked = []
-    monkeypatch.setattr(pm, "kernels_verified", lambda device: asked.append(device) or len(asked) > 1)
+    monkeypatch.setattr(kt, "kernels_verified", lambda device: asked.append(device) or len(asked) > 1)
+    monkeypatch.setattr(kt, "_card_name", lambda device: "NVIDIA H200")
     cuda = torch.device("cuda", 0)
-    assert pm.use_triton("auto", cuda) is False and asked == [cuda]   # check failed: the reference
-    assert pm.use_triton("auto", cuda) is True                         # check passed: the kernels
-    assert pm.use_triton("auto", torch.device("cpu")) is False and len(asked) == 2  # CPU: never asked
+    assert pm.use_triton("auto", cuda, op="patch_mix") is False and asked == []   # measured: the reference
+    assert pm.use_triton("auto", cuda, op="unmix") is False and asked == [cuda]   # check failed: the reference
+    assert pm.use_triton("auto", cuda, op="unmix") is True                         # check passed: the kernel
+    assert pm.use_triton("auto", cuda, op="assignment") is True
+    assert pm.use_triton("auto", torch.device("cpu"), op="unmix") is False and len(asked) == 3  # CPU: never asked
+    monkeypatch.setattr(kt, "_card_name", lambda device: "A card nobody measured")
+    assert not any(pm.use_triton("auto", cuda, op=op) for op in kt.KERNEL_OPS) and len(asked) == 3
+    with pytest.raises(ValueError, match="op 'mix' is not one of assignment, patch_mix, unmix"):
+        pm.use_triton("auto", cuda, op="mix")
+
+
+def test_kernel_table_rows_are_measured_and_complete():
+    table = kt.kernel_table()
+    assert table["default_cuda"] == {op: "torch" for op in kt.KERNEL_OPS}   # unmeasured cards: the references
+    for card, row in table["devices"].items():
+        assert set(row) == set(kt.KERNEL_OPS), card
+        for op, entry in row.items():
+            assert entry["backend"] in ("triton", "torch") and entry["measured"] and entry["source"], (card, op)
 
 
 def test_failed_self_check_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.setattr(pm, "_VERIFIED", {})
+    """On this test's device (on a GPU machine CPU tensors cannot reach a compiled kernel, so a check
+    on ``cpu`` there fails at launch, not at the broken result)."""
+    monkeypatch.setattr(kt, "_VERIFIED", {"stale": True})
+    kt.reset_self_check()
+    assert kt._VERIFIED == {}
+    device = torch.device(DEVICE)
     broken = lambda images, ids, r, n, P, norm_pix=True: [t + 1 for t in pm.patch_mix_reference(images, ids, r, n, P)]
     monkeypatch.setattr(pm, "patch_mix_forward", broken)
-    with pytest.warns(RuntimeWarning, match=r"failed their self-check on cpu \(patch_mix: mixed patches"):
-        assert pm.kernels_verified(torch.device("cpu")) is False
-    assert pm.kernels_verified(torch.device("cpu")) is False             # cached: no second check or warning
-    monkeypatch.setattr(pm, "_self_check", lambda device: 1 / 0)
+    with pytest.warns(RuntimeWarning, match=rf"failed their self-check on {device} \(patch_mix: mixed patches"):
+        assert kt.kernels_verified(device) is False
+    assert kt.kernels_verified(device) is False             # cached: no second check or warning
+    monkeypatch.setattr(kt, "_self_check", lambda device: 1 / 0)
     with pytest.warns(RuntimeWarning, match="ZeroDivisionError"):
-        assert pm.kernels_verified(torch.device("meta")) is False
+        assert kt.kernels_verified(torch.device("meta")) is False
     monkeypatch.setenv("MIXEDAE_KERNEL_SELFCHECK", "0")
-    assert pm.kernels_verified(torch.device("cuda", 1)) is True
+    assert kt.kernels_verified(torch.device("cuda", 1)) is True
+
+
+def test_autotune_configs_fit_the_patch():
+    """The CUDA configs that survive pruning: tiles of 1K-4K elements (fewer only where a patch row runs
+    out), never past the patch row, at most six to compile and time per shape."""
+    configs = pm._patch_mix_tuned.configs
+    for P, grid_w, sizes in ((16, 14, {1, 2, 4}), (32, 7, {1}), (8, 28, {4, 8, 16}), (4, 5, {8}), (4, 2, {2})):
+        kept = pm._prune_patch_mix_configs(configs, {"GRID_W": grid_w}, P=P)
+        assert {c.kwargs["BLOCK_WI"] for c in kept} == sizes and len(kept) <= 6, (P, grid_w)
 
 
 def test_launcher_errors():

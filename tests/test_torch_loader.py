@@ -164,6 +164,33 @@ def test_workers_give_the_same_batches(data):
     assert_same(ref[2:], batches(loader))
 
 
+@pytest.mark.parametrize("batch_size, num_batches", [(20, 2), (13, 3)])   # 40 images: 3 batches + 1 dropped
+def test_workers_prepare_the_next_epoch_across_the_boundary(data, batch_size, num_batches):
+    """When an epoch's last batch is handed out the workers already hold the next epoch's first batches
+    (one DataLoader iterator runs on across epochs); ``set_epoch(e + 1)`` continues it, and every epoch,
+    continued or resumed, is bitwise a fresh loader's."""
+    def fresh(epoch, start_step=0):
+        ref = FileImageLoader(data, batch_size, 32, seed=2)
+        ref.set_epoch(epoch, start_step)
+        return batches(ref)
+
+    loader = FileImageLoader(data, batch_size, 32, seed=2, num_workers=1, prefetch_factor=2)
+    assert len(loader) == num_batches
+    for e in range(3):
+        loader.set_epoch(e)
+        got = []
+        for step, (x, y) in enumerate(loader):
+            got.append((x.clone(), y.clone()))
+            if step == num_batches - 1:
+                assert loader.stream.dealt >= (e + 1, 0), f"epoch {e + 1} not started at the end of epoch {e}"
+        assert loader.streams_started == 1, "the stream was restarted at an epoch boundary"
+        assert_same(got, fresh(e))
+    loader.set_epoch(1, start_step=1)                # a resume starts a stream at the position
+    assert_same(batches(loader), fresh(1, 1))
+    assert_same(batches(loader), fresh(1))          # no set_epoch: the same epoch again
+    assert loader.streams_started == 3
+
+
 def test_eval_mode_is_the_centre_square_resized(data):
     loader = FileImageLoader(data, 8, 32, augment=False, shuffle=False)
     x, y = next(iter(loader))
