@@ -21,10 +21,8 @@ def _trainer(tiny, run_dir, *overrides, num=24, max_steps=None):
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (num, 16, 16, 3), dtype=np.uint8), rng.integers(0, 3, num)
     loader = TensorBatchLoader(x, y, cfg.data.batch_size, cfg.model.img_size, seed=cfg.run.seed)
-    torch.manual_seed(0)
-    from mixedae_fast.models import build_model
-
-    return Trainer(cfg, build_model(cfg), loader, run_dir, torch.device("cpu"), max_steps=max_steps, progress=False)
+    model = tiny.model(*SCHEDULE, *overrides, seed=0)
+    return Trainer(cfg, model, loader, run_dir, torch.device("cpu"), max_steps=max_steps, progress=False)
 
 
 def _record(trainer, what):
