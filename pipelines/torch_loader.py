@@ -66,16 +66,24 @@ def _generator(seed: int, *keys: int, device="cpu") -> torch.Generator:
 
 def random_resized_crop_flip(images: torch.Tensor, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
                              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batched RandomResizedCrop (torchvision's area/log-ratio sampling, one draw per image; a crop
-    that does not fit is clipped to the image) and a horizontal flip with probability 1/2, as one
-    bilinear ``grid_sample``. ``images [B, C, H, W]`` float; returns ``[B, C, size, size]``."""
+    """Batched RandomResizedCrop and a horizontal flip with probability 1/2, as one bilinear
+    ``grid_sample``. The crop is drawn as torchvision's: ten tries of area and log-ratio, the first
+    that fits the image, else the whole image clipped to ``ratio`` (clipping each draw instead would
+    make crops larger: mean area 0.59 instead of 0.54 at scale 0.2-1). ``images [B, C, H, W]`` float;
+    returns ``[B, C, size, size]``."""
     B, _, H, W = images.shape
     g = generator
-    area = torch.empty(B).uniform_(scale[0], scale[1], generator=g)
-    log_r = torch.empty(B).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    area = torch.empty(B, 10).uniform_(scale[0], scale[1], generator=g)
+    log_r = torch.empty(B, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
     aspect = log_r.exp()
-    w = (area * aspect).sqrt().clamp(max=1.0)          # fractions of the image width / height
-    h = (area / aspect).sqrt().clamp(max=1.0)
+    w_try = (area * aspect * H / W).sqrt()               # fractions of the image width / height
+    h_try = (area / aspect * W / H).sqrt()
+    fits = (w_try <= 1) & (h_try <= 1)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)          # the first try that fits
+    r = min(max(W / H, ratio[0]), ratio[1])                           # fallback: whole image, ratio clipped
+    found = fits.any(dim=1)
+    w = torch.where(found, w_try.gather(1, first)[:, 0], torch.tensor(min(1.0, r * H / W)))
+    h = torch.where(found, h_try.gather(1, first)[:, 0], torch.tensor(min(1.0, W / (r * H))))
     cx = (torch.rand(B, generator=g) * (1 - w) + w / 2) * 2 - 1   # crop centre in [-1, 1]
     cy = (torch.rand(B, generator=g) * (1 - h) + h / 2) * 2 - 1
     flip = torch.where(torch.rand(B, generator=g) < 0.5, -1.0, 1.0)

@@ -28,3 +28,35 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# -- one tiny model for new tests -----------------------------------------------------------------
+# 16 px images in patches of 4 (N = 16), embed 32, 2 blocks; r = 4 and n = 4 from cpu_tiny's mixing.
+TINY_OVERRIDES = ("--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
+                  "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
+                  "--model.decoder_num_heads=2", "--data.batch_size=8")
+
+
+class Tiny:
+    """``tiny.config(*overrides)``: cpu_tiny shrunk to ``TINY_OVERRIDES`` plus ``overrides`` (CLI form);
+    ``tiny.model(*overrides, seed=0)``: the model of that config, initialised under ``seed``."""
+
+    overrides = TINY_OVERRIDES
+
+    @staticmethod
+    def config(*overrides: str):
+        from mixedae_fast.config import load_config
+
+        return load_config("cpu_tiny", [*TINY_OVERRIDES, *overrides])
+
+    @staticmethod
+    def model(*overrides: str, seed: int = 0):
+        from mixedae_fast.models import build_model
+
+        torch.manual_seed(seed)
+        return build_model(Tiny.config(*overrides))
+
+
+@pytest.fixture
+def tiny() -> Tiny:
+    return Tiny()

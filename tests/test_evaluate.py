@@ -61,6 +61,34 @@ def test_knn_votes_are_weighted_by_similarity():
         knn_accuracy(tx, ty, vx, vy, k=0)
 
 
+def knn_loop(tx, ty, vx, vy, k, temperature):
+    """Cosine kNN, one val point at a time: the k most similar train points vote exp(sim / T) each."""
+    correct, tx = 0, tx.double()
+    for x, y in zip(vx.double(), vy.tolist()):
+        cosines = (tx @ x) / (tx.norm(dim=1) * x.norm())
+        sims = sorted(zip(cosines.tolist(), ty.tolist()), reverse=True)
+        votes = {}
+        for sim, c in sims[:k]:
+            votes[c] = votes.get(c, 0.0) + np.exp(sim / temperature)
+        correct += max(votes, key=votes.get) == y
+    return 100.0 * correct / len(vy)
+
+
+def test_knn_matches_a_loop_and_is_at_chance_on_shuffled_labels():
+    """Overlapping classes (kNN gets some, not all), against a loop written here; the same features
+    with the training labels shuffled score near chance (4 classes: 25)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g)
+    ty, vy = torch.arange(400) % 4, torch.arange(200) % 4
+    tx = centres[ty] + 1.0 * torch.randn(400, 8, generator=g)
+    vx = centres[vy] + 1.0 * torch.randn(200, 8, generator=g)
+    acc = knn_accuracy(tx, ty, vx, vy, k=10, temperature=0.1)
+    assert acc == knn_loop(tx, ty, vx, vy, k=10, temperature=0.1)
+    assert 50 < acc < 100
+    shuffled = knn_accuracy(tx, ty[torch.randperm(400, generator=g)], vx, vy, k=10, temperature=0.1)
+    assert abs(shuffled - 25) < 10        # chance; a 200-point binomial sd of ~3 points
+
+
 def test_linear_probe_learns_what_knn_cannot():
     # the class is the sign of one coordinate, buried under 31 noisy ones: cosine neighbours are close
     # to chance, a linear classifier finds the coordinate

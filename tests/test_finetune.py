@@ -189,3 +189,39 @@ def test_random_erasing_replaces_one_box_per_image_with_noise():
         changed = (img != 0).any(0)
         rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
         assert changed.sum() > 0 and changed.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+
+
+def test_the_optimizer_applies_each_layers_scale_to_the_scheduled_lr(tiny):
+    """Observed at every optimizer step: each parameter's lr is the closed-form schedule (linear warm-up
+    per step, cosine to min_lr) times ``decay ** (depth + 1 - layer)``, layer 0 the embeddings, i + 1
+    block i, depth + 1 the final norm and the head."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    model = tiny.model()                                              # depth 2
+    depth, decay, peak, min_lr = 2, 0.5, 1e-2, 1e-4
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def layer(name):
+        if name.startswith(("cls_token", "patch_embed")):
+            return 0
+        return int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
+
+    train = TensorBatchLoader(*_stripes(32, 0), batch_size=8, img_size=16)   # 4 steps an epoch
+    val = TensorBatchLoader(*_stripes(8, 1), batch_size=8, img_size=16, augment=False, shuffle=False)
+    fcfg = FinetuneConfig(epochs=3, batch_size=8, lr=peak, layer_decay=decay, warmup_epochs=1, min_lr=min_lr)
+    seen = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([(g["lr"], [names.get(id(p), "head") for p in g["params"]])
+                                               for g in opt.param_groups]))
+    try:
+        finetune(model, train, val, 2, torch.device("cpu"), fcfg, progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == 12
+    for step, groups in enumerate(seen):
+        e = step / 4
+        sched = peak * e if e < 1 else min_lr + (peak - min_lr) * 0.5 * (1 + np.cos(np.pi * (e - 1) / 2))
+        for lr, group_names in groups:
+            for name in group_names:
+                assert lr == pytest.approx(sched * decay ** (depth + 1 - layer(name)), rel=1e-12, abs=0), (step, name)
+    assert {name for _, ns in seen[0] for name in ns} >= {"cls_token", "blocks.1.attn.qkv.weight", "head"}

@@ -7,6 +7,7 @@ import csv
 import pytest
 import torch
 from PIL import Image
+from tolerances import tol
 
 from mixedae_fast.config import ConfigError, load_config
 from mixedae_fast.kernels.patch_mix import patchify
@@ -189,3 +190,23 @@ def test_pictures_as_png_without_tensorboard(tmp_path):
     off = _trainer(tmp_path / "off", vis_every=0)
     off._tb = False
     assert off.fit() and not (tmp_path / "off" / "run" / "pictures").exists()
+
+
+def test_reconstruction_inverts_the_targets_when_the_model_predicts_them(tiny, monkeypatch):
+    """With a perfect prediction (the model's own norm-pix targets), the reconstruction panel shows the
+    original image in every patch: the inverse uses each patch's mean and unbiased variance. Pixels
+    stay inside [0, 1] so that no clamping hides an error."""
+    from mixedae_fast.pipelines.torch_loader import normalize
+
+    model = tiny.model()
+    rgb = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    real_forward = model.forward
+
+    def perfect(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        return {**out, "pred": out["targets"].clone()}
+
+    monkeypatch.setattr(model, "forward", perfect)
+    panels = reconstruction_panels(model, normalize(rgb))
+    torch.testing.assert_close(panels["original"], rgb.permute(0, 2, 3, 1), **tol(torch.float32))
+    torch.testing.assert_close(panels["reconstruction"], panels["original"], **tol(torch.float32))
