@@ -3,7 +3,8 @@
 #   tests      the CUDA tests of the kernels, the attention backends, compile and the model (every test in
 #              these files runs on the GPU; the wide sweeps stay on the CPU interpreter); TESTS=... narrows it
 #   step       the model-step benchmark for ViT-B/16 (reference paths and auto backends)
-#   kernels    the mixing kernels' effective bandwidth (needs `step` for the share of a step)
+#   kernels    the mixing kernels' GPU tests, their effective bandwidth against the eager and compiled
+#              references (with `step` first: their share of a step) and the card's kernel_backends.json row
 #   attention  every attention backend at ViT-B/16 (64 and 256 groups) and ViT-L against plain SDPA, each
 #              row checked for correctness; then the card's attention_backends.json row built from it
 #   triton     the model step with the fused TopK kernel (MIXEDAE_ATTENTION_BACKEND=triton)
@@ -12,7 +13,7 @@
 # A device session has 15 minutes, the machine's start (~2 min) included, and one call at most 10. Run:
 #   call 1:  STAGES=tests bash benchmarks/device_check.sh               (stage limit 270 s)
 #   call 2:  STAGES="attention train" bash benchmarks/device_check.sh   (180 s + 270 s)
-# right after each other (the machine stays warm ~30 s). step, kernels and triton fit another session.
+# right after each other (the machine stays warm ~30 s). step, kernels (~230 s) and triton fit another session.
 # Each stage tees its output into $OUT/device_check.log and, the moment it ends, appends "stage rc seconds"
 # to $OUT/stages.txt, so a call cut short still returns what finished. $OUT (or ./device-out) gets at most
 # 8 files per call (call 2: the log, stages.txt, bench_attention.{json,csv}, attention_backends_row.json,
@@ -50,9 +51,12 @@ if [[ $stages == *" step "* ]]; then
     --out "$out/bench_step.json" 2>&1 | tee "$out/bench.log"
 fi
 if [[ $stages == *" kernels "* ]]; then
-  timeout 200 python3 -m mixedae_fast.benchmarks.bench_kernels --config vit_base --batch 256,1024 \
-    $([[ -f $out/bench_step.json ]] && echo --step-json "$out/bench_step.json") \
-    --out "$out/bench_kernels.json" 2>&1 | tee "$out/bench_kernels.log"
+  stage kernel_tests 90 python3 -m pytest -q -rs tests/test_patch_mix_triton.py tests/test_unmix_triton.py \
+    tests/test_patch_mix.py tests/test_unmix.py
+  stage kernels 120 python3 -m mixedae_fast.benchmarks.bench_kernels --config vit_base --batch 256,1024 \
+    $([[ -f $out/bench_step.json ]] && echo --step-json "$out/bench_step.json") --out "$out/bench_kernels.json"
+  [[ -f $out/bench_kernels.json ]] && stage kernel_table 20 sh -c "python3 -m mixedae_fast.benchmarks.bench_kernels \
+    --table-row '$out/bench_kernels.json' > '$out/kernel_backends_row.json'"
 fi
 if [[ $stages == *" attention "* ]]; then
   stage attention 180 python3 -m mixedae_fast.benchmarks.bench_attention --shapes "${ATTN_SHAPES:-vit_b,vit_b_256,vit_l}" \
