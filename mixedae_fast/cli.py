@@ -23,9 +23,11 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -33,6 +35,8 @@ import yaml
 from mixedae_fast.config import (
     ConfigError,
     available_presets,
+    check_backend_on,
+    check_resume_target,
     config_to_dict,
     derive,
     load_config,
@@ -146,37 +150,50 @@ def _downstream_parsers(sub) -> None:
     vi.add_argument("--step", type=int, default=0, help="assignment step")
 
 
-def _writable_run_dir(cfg) -> Path:
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+def _writable_run_dir(run_dir: Path) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise SystemExit(f"error: cannot write to the run directory {run_dir} ({e.strerror}); choose another "
-                         "with --run.out_dir=PATH or --run.name=NAME") from None
+        raise ConfigError(f"cannot write to the run directory {run_dir} ({e.strerror}); choose another "
+                          "with --run.out_dir=PATH or --run.name=NAME") from None
     return run_dir
 
 
 def cmd_pretrain(args, overrides) -> int:
+    from mixedae_fast.distributed import init_distributed
+    from mixedae_fast.runs import RunLock, check_fresh
+
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps {args.max_steps}: must be >= 1 (optimizer steps); leave it out to train "
+                          "optim.epochs epochs")
+    cfg = load_config(args.config, overrides)
+    check_resume_target(cfg)
+    dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
+    check_backend_on(cfg, dist.device.type)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if not dist.is_main:  # rank 0 claims and writes the run folder
+        return _pretrain(args, cfg, dist, run_dir)
+    with RunLock(_writable_run_dir(run_dir)):  # held for the run's life: a second process is refused
+        check_fresh(run_dir, cfg.run.resume)
+        return _pretrain(args, cfg, dist, run_dir)
+
+
+def _pretrain(args, cfg, dist, run_dir: Path) -> int:
     import torch
 
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.data import build_loaders, write_data_report
-    from mixedae_fast.distributed import failure_message, init_distributed, requeue_slurm_job, unwrap
+    from mixedae_fast.distributed import failure_message, requeue_slurm_job, unwrap
     from mixedae_fast.engine import StopRequested, Trainer, resolve_precision
     from mixedae_fast.evaluate import evaluate_encoder
     from mixedae_fast.models import build_model
 
-    cfg = load_config(args.config, overrides)
-    dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
     device = dist.device
     say = print if dist.is_main else (lambda *a, **k: None)  # rank 0 speaks and writes the run folder
     amp_dtype = resolve_precision(cfg.runtime.precision, device)
-    run_dir = _writable_run_dir(cfg) if dist.is_main else Path(cfg.run.out_dir) / cfg.run.name
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
     d = derive(cfg, dist.world_size)
     ranks = f" x {dist.world_size} ranks ({dist.backend}), global batch {d.global_batch}" if dist.active else ""
     say(f"run {run_dir}: MixedAE r={cfg.mixing.group_size} ha={cfg.mixing.ha} hc={cfg.mixing.hc_on} "
@@ -187,10 +204,8 @@ def cmd_pretrain(args, overrides) -> int:
                          shard_id=dist.rank, num_shards=dist.world_size,
                          progress=not args.no_progress and dist.is_main)
     train, eval_train, val = data.train, data.bank, data.val
-    skipped = write_data_report(data, run_dir) if dist.is_main else None
     say(f"data: {data.train_path or 'embedded (in memory)'} via the {data.backend} loader, {len(train)} batches "
-        f"an epoch{' per rank' if dist.active else ''} ({time.perf_counter() - t0:.1f}s)"
-        + (f"; {len(data.skipped)} unreadable images skipped, listed in {skipped}" if skipped else ""), flush=True)
+        f"an epoch{' per rank' if dist.active else ''} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
     torch.manual_seed(cfg.run.seed)
     model = dist.wrap(build_model(cfg).to(device))
@@ -200,8 +215,15 @@ def cmd_pretrain(args, overrides) -> int:
         resumed = trainer.maybe_resume()
         dist.check_same(trainer.step, "the step to resume from",
                         "Every rank reads the checkpoints: run.out_dir must be on a filesystem all nodes share")
+        for note in trainer.notes:
+            say(f"resume: {note}", flush=True)
         if resumed:
             say(f"resumed from {resumed} at step {trainer.step}", flush=True)
+        if dist.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
+            save_config(cfg, run_dir / "config.yaml")
+            skipped = write_data_report(data, run_dir)
+            if skipped:
+                say(f"data: {len(data.skipped)} unreadable images skipped, listed in {skipped}", flush=True)
         t0 = time.perf_counter()
         history = trainer.fit()
     except StopRequested as stop:  # saved; the message says how to resume
@@ -224,7 +246,9 @@ def cmd_pretrain(args, overrides) -> int:
     report = {"run_dir": str(run_dir), "device": str(device), "ranks": dist.world_size,
               "global_batch": d.global_batch, "steps": trainer.step, "train_seconds": train_s,
               "final": history[-1] if history else None, "config": config_to_dict(cfg),
-              "data": {"train_path": data.train_path, "val_path": data.val_path}}
+              "data": {"train_path": data.train_path, "val_path": data.val_path},
+              "resumed_from": str(resumed) if resumed else None, "resume_overrides": trainer.overrides,
+              **_provenance(args)}
     if cfg.run.eval and val is None:
         print("no validation data (data.val_path): evaluation skipped", flush=True)
     elif cfg.run.eval:
@@ -235,6 +259,28 @@ def cmd_pretrain(args, overrides) -> int:
     atomic_write_json(report, run_dir / "report.json")
     _print_summary(report)
     return 0
+
+
+def _provenance(args) -> dict:
+    """Where a result came from: the command, the host, the code (git SHA of the package's checkout) and
+    the versions of the packages that compute it."""
+    import platform
+    import socket
+    from importlib import metadata
+
+    try:
+        sha = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = os.environ.get("MIXEDAE_GIT_SHA", "unknown")
+    versions = {"python": platform.python_version()}
+    for name in ("mixedae-fast", "torch", "triton", "timm", "nvidia-dali-cuda130", "xformers", "numpy", "pillow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"command": shlex.join(["mixedae-fast", *getattr(args, "argv", [])]), "host": socket.gethostname(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": sha, "versions": versions}
 
 
 def _pictures(model, val_loader, run_dir: Path, seed: int) -> dict:
@@ -383,6 +429,36 @@ def _data(args, cfg, pre, device, **kw):
     return train, val, name
 
 
+def _out_file(out: str | None) -> None:
+    """``--out`` of eval / finetune is a file: refuse a folder, or a path under a file, before the work."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; --out takes the result file, e.g. --out {path / 'results.json'}")
+    _out_parent(path.parent, f"--out {out}")
+
+
+def _out_dir(out: str | None) -> None:
+    """``--out`` of export / visualize is a folder: refuse a file, or a path under a file, before the work."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; --out takes a folder (it is created if missing)")
+    _out_parent(path, f"--out {out}")
+
+
+def _out_parent(folder: Path, what: str) -> None:
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{what}: {p} is a file, not a folder; choose a path under a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"{what}: {p} is not writable; choose a folder you can write")
+            return
+
+
 def _stamp() -> dict:
     import platform
 
@@ -406,6 +482,7 @@ def cmd_eval(args, overrides) -> int:
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.evaluate import evaluate_encoder
 
+    _out_file(args.out)
     if args.k < 1 or args.temperature <= 0 or args.probe_epochs < 1:
         raise ValueError(f"--k {args.k}, --temperature {args.temperature}, --probe-epochs {args.probe_epochs}: "
                          "need k >= 1, temperature > 0, probe epochs >= 1")
@@ -438,6 +515,7 @@ def cmd_finetune(args, overrides) -> int:
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.finetune import FinetuneConfig, finetune
 
+    _out_file(args.out)
     fcfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
                              if hasattr(args, f.name)})
     model, cfg, pre, device, amp = _load_run(args, overrides)
@@ -470,29 +548,39 @@ def cmd_export(args, overrides) -> int:
 
     if overrides:
         raise ValueError(f"export takes no config overrides (got {overrides})")
+    _out_dir(args.out)
     pre = load_pretrained(args.run)
     out_dir = Path(args.out) if args.out else pre.run_dir / "export_timm"
-    weights, spec_file = export_timm(pre, out_dir, args.pool)
-    spec = json.loads(spec_file.read_text())
+    # written beside the target and checked there; only a checked export replaces what --out holds
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        weights, spec_file = export_timm(pre, staging, args.pool)
+        spec = json.loads(spec_file.read_text())
+        if not args.no_check:
+            from mixedae_fast.evaluate import load_encoder
+
+            ours = load_encoder(args.run, device="cpu")[0]
+            theirs = create_timm_model(staging).eval()
+            S = ours.img_size
+            images = torch.randn(4, ours.in_chans, S, S, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                a, b = ours.extract_features(images, args.pool), theirs(images)
+            rel = ((a - b).abs().max() / a.abs().max()).item()
+            print(f"check: timm loaded it strictly; features ({args.pool}) of 4 random images differ by {rel:.2e} "
+                  "(max |ours - timm| / max |ours|)")
+            if not rel <= 1e-5:
+                print(f"error: the exported model does not reproduce the encoder (relative difference {rel:.2e} > "
+                      f"1e-5); nothing was written to {out_dir}", file=sys.stderr)
+                return 1
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in (weights, spec_file):
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    weights, spec_file = out_dir / weights.name, out_dir / spec_file.name
     print(f"{weights}\n{spec_file}\ntimm.create_model({spec['model_name']!r}, pretrained=True, "
           f"pretrained_cfg_overlay=dict(file={str(weights)!r}), "
           + ", ".join(f"{k}={v!r}" for k, v in spec["model_kwargs"].items()) + ")")
-    if not args.no_check:
-        from mixedae_fast.evaluate import load_encoder
-
-        ours = load_encoder(args.run, device="cpu")[0]
-        theirs = create_timm_model(out_dir).eval()
-        S = ours.img_size
-        images = torch.randn(4, ours.in_chans, S, S, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            a, b = ours.extract_features(images, args.pool), theirs(images)
-        rel = ((a - b).abs().max() / a.abs().max()).item()
-        print(f"check: timm loaded it strictly; features ({args.pool}) of 4 random images differ by {rel:.2e} "
-              "(max |ours - timm| / max |ours|)")
-        if rel > 1e-5:
-            print(f"error: the exported model does not reproduce the encoder (relative difference {rel:.2e} > 1e-5)",
-                  file=sys.stderr)
-            return 1
     return 0
 
 
@@ -500,6 +588,7 @@ def cmd_export(args, overrides) -> int:
 def cmd_visualize(args, overrides) -> int:
     from mixedae_fast.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
 
+    _out_dir(args.out)
     model, cfg, pre, device, _ = _load_run(args, overrides)
     _, val, _ = _data(args, cfg, pre, device)
     images, labels = next(iter(val))
@@ -520,24 +609,66 @@ def cmd_visualize(args, overrides) -> int:
 
 
 def main(argv=None) -> int:
+    """Every failure ends in one ``error: ...`` line on stderr and a non-zero exit: 2 for bad input (a
+    config, a path, a run), 1 for a failure on the way (a full disk, a NaN stop), 130 when stopped.
+    ``--debug`` or ``MIXEDAE_DEBUG=1`` prints the traceback before it."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("MIXEDAE_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted (Ctrl-C); a run continues from its newest checkpoint with --run.resume=auto",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every failure is turned into its line
+        if debug:
+            traceback.print_exc()
+        code, message = _error_line(e, debug)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return code
+
+
+def _error_line(e: Exception, debug: bool) -> tuple[int, str]:
+    """``(exit code, message)``: our own errors carry what, why and the fix; others get their first line."""
+    import errno
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                      IsADirectoryError)):
+        return 2, str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        return 1, (f"{e.strerror or first}{where}: the disk is full; free space or write elsewhere "
+                   "(run.out_dir, MIXEDAE_CACHE); files already written are intact")
+    if isinstance(e, PermissionError):
+        return 2, (f"permission denied: {e.filename or first}; choose a folder you can write (run.out_dir, --out, "
+                   "MIXEDAE_CACHE)")
+    if isinstance(e, OSError):
+        return 1, f"{first or e}" + (f" ({e.filename})" if e.filename and str(e.filename) not in first else "")
+    if isinstance(e, FloatingPointError):
+        return 1, first
+    hint = "" if debug else "; run again with --debug (or MIXEDAE_DEBUG=1) for the traceback"
+    return 1, f"{type(e).__name__}: {first[:500]} (unexpected{hint})"
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # its own parser (benchmarks/bench_train.py)
         from mixedae_fast.benchmarks.bench_train import main as bench_main
 
         return bench_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
+    args.argv = argv
     bad = [o for o in overrides if "=" not in o or not o.lstrip("-")]
     if bad:
         print(f"error: unrecognised arguments {bad}; config overrides look like --section.key=value",
               file=sys.stderr)
         return 2
-    try:
-        commands = {"pretrain": cmd_pretrain, "config": cmd_config, "make-data": cmd_make_data, "launch": cmd_launch,
-                    "eval": cmd_eval, "finetune": cmd_finetune, "export": cmd_export, "visualize": cmd_visualize}
-        return commands[args.command](args, overrides)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    commands = {"pretrain": cmd_pretrain, "config": cmd_config, "make-data": cmd_make_data, "launch": cmd_launch,
+                "eval": cmd_eval, "finetune": cmd_finetune, "export": cmd_export, "visualize": cmd_visualize}
+    return commands[args.command](args, overrides)
 
 
 if __name__ == "__main__":
