@@ -639,6 +639,8 @@ def _error_line(e: Exception, debug: bool) -> tuple[int, str]:
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
                       IsADirectoryError)):
         return 2, str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.errno and e.strerror and e.strerror != os.strerror(e.errno):
+        return (2 if isinstance(e, PermissionError) else 1), e.strerror  # ours: it names the fix
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {e.filename}" if e.filename else ""
         return 1, (f"{e.strerror or first}{where}: the disk is full; free space or write elsewhere "
