@@ -471,7 +471,7 @@ def validate(cfg: Config) -> Config:
             setattr(obj, key, value)
             if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
                                                                            else (value,))):
-                pass; (f"{name} = {value!r}: must be finite (NaN or infinity would only fail later, as "
+                errors.append(f"{name} = {value!r}: must be finite (NaN or infinity would only fail later, as "
                               "non-finite weights)")
                 continue
             ok, allowed = _RULES.get(name, (None, ""))
