@@ -373,8 +373,8 @@ def apply_override(d: dict[str, typing.Any], item: str) -> None:
     accepts_str = tp is str or str in typing.get_args(tp)
     if accepts_str and value is not None and not isinstance(value, str):
         value = raw  # --run.name=2024 is the name "2024"
-    if accepts_str and _CONTROL.search(raw):
-        value = raw  # YAML would fold a newline into a space: keep it, for validation to refuse
+    if accepts_str and isinstance(value, str) and raw[:1] not in ("'", '"'):
+        value = raw  # as typed: YAML would cut " #..." as a comment and fold a newline (validation refuses it)
     if not isinstance(d.get(section), dict):
         d[section] = dict(d.get(section) or {})
     d[section][key] = value

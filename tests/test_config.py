@@ -283,7 +283,8 @@ def test_settings_that_fail_later_are_refused(overrides, pattern):
 
 
 def test_mae_mode_with_masking_still_loads():
-    assert load_config("cpu_tiny", ["--mixing.group_size=1", "--mixing.mask_ratio=0.75", "--mixing.hc_weight=0"]).mixing.group_size == 1
+    cfg = load_config("cpu_tiny", ["--mixing.group_size=1", "--mixing.mask_ratio=0.75", "--mixing.hc_weight=0"])
+    assert cfg.mixing.group_size == 1
 
 
 def test_duplicate_yaml_keys_are_refused(tmp_path):
