@@ -164,10 +164,12 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
         return 0
 
     def keep(row: list[str]) -> bool:
+        if len(row) != len(header):
+            return False  # a torn last line of a crash ("1" of "12,...")
         try:
             return float(row[header.index("step")]) <= step
-        except (ValueError, IndexError):
-            return False  # a torn last line of a crash
+        except ValueError:
+            return False
 
     kept = [r for r in body if keep(r)]
     if len(kept) == len(body):

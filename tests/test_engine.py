@@ -240,7 +240,7 @@ def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
     from mixedae_fast.runs import truncate_metrics
 
     path = tmp_path / "metrics.csv"
-    path.write_text("step,epoch,loss\r\n2,0.5,1.0\r\n4,1.0,0.9\r\n6,1.5,0.8\r\n8,2.0,0.")
+    path.write_text("step,epoch,loss\r\n2,0.5,1.0\r\n4,1.0,0.9\r\n6,1.5,0.8\r\n1")  # torn: "1" of "10,..."
     assert truncate_metrics(path, 4) == 2
     assert path.read_bytes() == b"step,epoch,loss\r\n2,0.5,1.0\r\n4,1.0,0.9\r\n"
     assert truncate_metrics(path, 4) == 0 and truncate_metrics(tmp_path / "none.csv", 4) == 0

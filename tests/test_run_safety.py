@@ -61,6 +61,7 @@ def _digest(folder: Path) -> dict[str, str]:
 def _one_error(capsys) -> str:
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
+    assert "(unexpected" not in errors[0], errors[0]  # a failure we know of names its fix
     return errors[0]
 
 
@@ -159,6 +160,12 @@ def test_changed_optimiser_settings_resume_only_as_a_logged_override(run, capsys
     report = json.loads((run / "report.json").read_text())
     assert report["steps"] == 6 and report["resume_overrides"] == ["optim.base_lr: 0.012 -> 1e-05",
                                                                    "optim.epochs: 2 -> 3"]
+
+
+def test_another_global_batch_on_resume_is_one_error_line(run, capsys):
+    before = _digest(run)
+    assert _pretrain(run.parent, "--run.resume=auto", "--data.batch_size=4") == 2
+    assert "global batch of 8" in _one_error(capsys) and _digest(run) == before
 
 
 def test_an_override_never_covers_the_model(run, capsys):
