@@ -14,6 +14,9 @@ RUN is a run directory (runs/<name>, its newest checkpoint) or a checkpoint file
 gives the architecture. eval / finetune / visualize take only --runtime.key=value overrides.
 
 Overrides take YAML values: ``--mixing.ha=oracle --optim.clip_grad=3.0 --mixing.ha_layers=[0,1]``.
+
+Every failure ends in one ``error: ...`` line (what, why, the fix) and a non-zero exit; ``--debug`` (or
+``MIXEDAE_DEBUG=1``) prints the traceback too. A run folder belongs to one run (mixedae_fast/runs.py).
 """
 from __future__ import annotations
 
