@@ -9,6 +9,7 @@ a checkpoint file (mixedae_fast/export.py turns them into a timm model).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -22,7 +23,8 @@ _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
     """``write(f)`` into a temp file (binary) in the same folder, fsync, then rename over ``path``: a
-    crash or a full disk leaves the previous file intact."""
+    crash or a full disk leaves the previous file intact. A failed write raises ``OSError`` naming the
+    file and the free space (torch reports a full disk as a bare "file write failed")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -32,6 +34,9 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -43,14 +48,44 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
     return path
 
 
+def _write_error(path: Path, e: Exception) -> OSError:
+    import errno
+    import shutil
+
+    if isinstance(e, OSError) and e.errno not in (None, errno.ENOSPC, errno.EDQUOT):
+        return e  # permission, read-only filesystem...: the OSError says it
+    if not isinstance(e, (OSError, RuntimeError)):
+        return e  # not a failed write (torch reports one as a RuntimeError)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return OSError(errno.ENOSPC, f"could not write {path} ({reason}; {free}): is the disk full? The previous "
+                   "file, if any, is intact; free some space or write elsewhere (run.out_dir)")
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_write`)."""
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def finite_json(obj):
+    """``obj`` with every non-finite float (NaN, inf) replaced by None: JSON has no NaN, and a report
+    with one would not parse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(obj, path: str | os.PathLike) -> Path:
-    """``obj`` as indented JSON at ``path``, atomically."""
-    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """``obj`` as indented JSON at ``path``, atomically; non-finite floats written as null."""
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
@@ -72,12 +107,30 @@ def save_checkpoint(state: dict, ckpt_dir: str | os.PathLike, step: int, keep_la
     return path
 
 
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot give what is asked of it; the message names the fix."""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. It may be truncated "
-                           "or from another program; delete it or point run.resume at another file") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first[:300]}. It may be "
+                              "truncated or from another program; point run.resume at another file") from e
+
+
+TRAINING_KEYS = ("model", "optimizer", "step", "config")
+
+
+def load_training_state(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A checkpoint that can continue a run (the entries ``Trainer.state_dict`` writes), else CheckpointError."""
+    state = load_checkpoint(path, map_location)
+    missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); resume from a "
+                              "checkpoints/ckpt-*.pt that mixedae-fast pretrain wrote")
+    return state
 
 
 def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
@@ -96,6 +149,10 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
 
 # Config parts a resumed run may change (sections or ``section.key``).
 RESUMABLE = ("run", "data.num_workers", "runtime", "dist")
+# ... and those it may change only with run.resume_override=true, as a deliberate, logged choice: the
+# optimiser settings one lowers after a NaN stop. The model, the mixing and the data stay fixed.
+OVERRIDABLE = ("optim.base_lr", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.betas",
+               "optim.clip_grad", "optim.max_nan_steps", "optim.warmup_epochs", "optim.epochs")
 
 
 def config_mismatch(saved: dict, current: dict, ignore=RESUMABLE) -> list[str]:
@@ -115,10 +172,6 @@ def config_mismatch(saved: dict, current: dict, ignore=RESUMABLE) -> list[str]:
 
 
 # -- pretrained weights for downstream use --------------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A run directory or checkpoint that cannot give pretrained weights; the message names the fix."""
-
 
 @dataclass
 class Pretrained:
@@ -162,10 +215,7 @@ def load_pretrained(path: str | os.PathLike, map_location="cpu") -> Pretrained:
     else:
         ckpt = p
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-    try:
-        state = load_checkpoint(ckpt, map_location)
-    except RuntimeError as e:
-        raise CheckpointError(str(e)) from e
+    state = load_checkpoint(ckpt, map_location)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         model_state = state["model"]
     elif isinstance(state, dict) and "patch_embed.weight" in state:  # a bare model state dict

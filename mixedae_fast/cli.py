@@ -14,6 +14,9 @@ RUN is a run directory (runs/<name>, its newest checkpoint) or a checkpoint file
 gives the architecture. eval / finetune / visualize take only --runtime.key=value overrides.
 
 Overrides take YAML values: ``--mixing.ha=oracle --optim.clip_grad=3.0 --mixing.ha_layers=[0,1]``.
+
+Every failure ends in one ``error: ...`` line (what, why, the fix) and a non-zero exit; ``--debug`` (or
+``MIXEDAE_DEBUG=1``) prints the traceback too. A run folder belongs to one run (mixedae_fast/runs.py).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -32,11 +36,14 @@ import yaml
 from mixedae_fast.config import (
     ConfigError,
     available_presets,
+    check_backend_on,
+    check_resume_target,
     config_to_dict,
     derive,
     load_config,
     save_config,
 )
+from mixedae_fast.errors import RunFailure
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,37 +162,50 @@ def _downstream_parsers(sub) -> None:
     vi.add_argument("--step", type=int, default=0, help="assignment step")
 
 
-def _writable_run_dir(cfg) -> Path:
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+def _writable_run_dir(run_dir: Path) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise SystemExit(f"error: cannot write to the run directory {run_dir} ({e.strerror}); choose another "
-                         "with --run.out_dir=PATH or --run.name=NAME") from None
+        raise ConfigError(f"cannot write to the run directory {run_dir} ({e.strerror}); choose another "
+                          "with --run.out_dir=PATH or --run.name=NAME") from None
     return run_dir
 
 
 def cmd_pretrain(args, overrides) -> int:
+    from mixedae_fast.distributed import init_distributed
+    from mixedae_fast.runs import RunLock, check_fresh
+
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps {args.max_steps}: must be >= 1 (optimizer steps); leave it out to train "
+                          "optim.epochs epochs")
+    cfg = load_config(args.config, overrides)
+    check_resume_target(cfg)
+    dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
+    check_backend_on(cfg, dist.device.type)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if not dist.is_main:  # rank 0 claims and writes the run folder
+        return _pretrain(args, cfg, dist, run_dir)
+    with RunLock(_writable_run_dir(run_dir)):  # held for the run's life: a second process is refused
+        check_fresh(run_dir, cfg.run.resume)
+        return _pretrain(args, cfg, dist, run_dir)
+
+
+def _pretrain(args, cfg, dist, run_dir: Path) -> int:
     import torch
 
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.data import build_loaders, write_data_report
-    from mixedae_fast.distributed import failure_message, init_distributed, requeue_slurm_job, unwrap
+    from mixedae_fast.distributed import failure_message, requeue_slurm_job, unwrap
     from mixedae_fast.engine import StopRequested, Trainer, resolve_precision
     from mixedae_fast.evaluate import evaluate_encoder
     from mixedae_fast.models import build_model
 
-    cfg = load_config(args.config, overrides)
-    dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
     device = dist.device
     say = print if dist.is_main else (lambda *a, **k: None)  # rank 0 speaks and writes the run folder
     amp_dtype = resolve_precision(cfg.runtime.precision, device)
-    run_dir = _writable_run_dir(cfg) if dist.is_main else Path(cfg.run.out_dir) / cfg.run.name
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
     d = derive(cfg, dist.world_size)
     ranks = f" x {dist.world_size} ranks ({dist.backend}), global batch {d.global_batch}" if dist.active else ""
     say(f"run {run_dir}: MixedAE r={cfg.mixing.group_size} ha={cfg.mixing.ha} hc={cfg.mixing.hc_on} "
@@ -196,10 +216,8 @@ def cmd_pretrain(args, overrides) -> int:
                          shard_id=dist.rank, num_shards=dist.world_size,
                          progress=not args.no_progress and dist.is_main)
     train, eval_train, val = data.train, data.bank, data.val
-    skipped = write_data_report(data, run_dir) if dist.is_main else None
     say(f"data: {data.train_path or 'embedded (in memory)'} via the {data.backend} loader, {len(train)} batches "
-        f"an epoch{' per rank' if dist.active else ''} ({time.perf_counter() - t0:.1f}s)"
-        + (f"; {len(data.skipped)} unreadable images skipped, listed in {skipped}" if skipped else ""), flush=True)
+        f"an epoch{' per rank' if dist.active else ''} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
     torch.manual_seed(cfg.run.seed)
     model = dist.wrap(build_model(cfg).to(device))
@@ -209,8 +227,15 @@ def cmd_pretrain(args, overrides) -> int:
         resumed = trainer.maybe_resume()
         dist.check_same(trainer.step, "the step to resume from",
                         "Every rank reads the checkpoints: run.out_dir must be on a filesystem all nodes share")
+        for note in trainer.notes:
+            say(f"resume: {note}", flush=True)
         if resumed:
             say(f"resumed from {resumed} at step {trainer.step}", flush=True)
+        if dist.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
+            save_config(cfg, run_dir / "config.yaml")
+            skipped = write_data_report(data, run_dir)
+            if skipped:
+                say(f"data: {len(data.skipped)} unreadable images skipped, listed in {skipped}", flush=True)
         t0 = time.perf_counter()
         history = trainer.fit()
     except StopRequested as stop:  # saved; the message says how to resume
@@ -233,7 +258,9 @@ def cmd_pretrain(args, overrides) -> int:
     report = {"run_dir": str(run_dir), "device": str(device), "ranks": dist.world_size,
               "global_batch": d.global_batch, "steps": trainer.step, "train_seconds": train_s,
               "final": history[-1] if history else None, "config": config_to_dict(cfg),
-              "data": {"train_path": data.train_path, "val_path": data.val_path}}
+              "data": {"train_path": data.train_path, "val_path": data.val_path},
+              "resumed_from": str(resumed) if resumed else None, "resume_overrides": trainer.overrides,
+              **_provenance(args, device)}
     if cfg.run.eval and val is None:
         print("no validation data (data.val_path): evaluation skipped", flush=True)
     elif cfg.run.eval:
@@ -244,6 +271,13 @@ def cmd_pretrain(args, overrides) -> int:
     atomic_write_json(report, run_dir / "report.json")
     _print_summary(report)
     return 0
+
+
+def _provenance(args, device=None) -> dict:
+    """Where a result came from (mixedae_fast/provenance.py): the command as typed, host, code, versions."""
+    from mixedae_fast.provenance import provenance
+
+    return provenance(device, ["mixedae-fast", *getattr(args, "argv", [])])
 
 
 def _pictures(model, val_loader, run_dir: Path, seed: int) -> dict:
@@ -392,13 +426,34 @@ def _data(args, cfg, pre, device, **kw):
     return train, val, name
 
 
-def _stamp() -> dict:
-    import platform
+def _out_file(out: str | None) -> None:
+    """``--out`` of eval / finetune is a file: refuse a folder, or a path under a file, before the work."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; --out takes the result file, e.g. --out {path / 'results.json'}")
+    _out_parent(path.parent, f"--out {out}")
 
-    from mixedae_fast.benchmarks.common import git_sha
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": git_sha(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+def _out_dir(out: str | None) -> None:
+    """``--out`` of export / visualize is a folder: refuse a file, or a path under a file, before the work."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; --out takes a folder (it is created if missing)")
+    _out_parent(path, f"--out {out}")
+
+
+def _out_parent(folder: Path, what: str) -> None:
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{what}: {p} is a file, not a folder; choose a path under a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"{what}: {p} is not writable; choose a folder you can write")
+            return
 
 
 def _baseline_model(cfg, device):
@@ -415,6 +470,7 @@ def cmd_eval(args, overrides) -> int:
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.evaluate import evaluate_encoder
 
+    _out_file(args.out)
     if args.k < 1 or args.temperature <= 0 or args.probe_epochs < 1:
         raise ValueError(f"--k {args.k}, --temperature {args.temperature}, --probe-epochs {args.probe_epochs}: "
                          "need k >= 1, temperature > 0, probe epochs >= 1")
@@ -430,7 +486,7 @@ def cmd_eval(args, overrides) -> int:
               "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
               "k": args.k, "temperature": args.temperature,
               "probe_epochs": None if args.no_probe else args.probe_epochs,
-              "results": results, "seconds": time.perf_counter() - t0, "device": str(device), **_stamp()}
+              "results": results, "seconds": time.perf_counter() - t0, **_provenance(args, device)}
     out = atomic_write_json(report, args.out or pre.run_dir / f"eval_{name}.json")
     print(f"\n{'val accuracy %':<26}{'pretrained':>12}{'random init':>14}")
     for pool in pools:
@@ -450,6 +506,7 @@ def cmd_finetune(args, overrides) -> int:
     from mixedae_fast.distributed import init_distributed
     from mixedae_fast.finetune import FinetuneConfig, RandAugmentPIL, finetune
 
+    _out_file(args.out)
     fcfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
                              if hasattr(args, f.name)})
     model, cfg, pre, device, amp = _load_run(args, overrides)
@@ -474,7 +531,7 @@ def cmd_finetune(args, overrides) -> int:
         return 0
     report = {"run": str(args.run), "checkpoint": str(pre.checkpoint), "step": pre.step, "dataset": name,
               "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
-              "ranks": dist.world_size, "results": results, "device": str(device), **_stamp()}
+              "ranks": dist.world_size, "results": results, **_provenance(args, device)}
     out = atomic_write_json(report, args.out or pre.run_dir / f"finetune_{name}.json")
     print(f"\n{'fine-tune, val top-1 %':<26}" + "".join(f"{k.replace('_', ' '):>14}" for k in results))
     for key, label in (("val_top1", "last epoch"), ("best_val_top1", "best epoch"), ("seconds", "time, s")):
@@ -493,6 +550,7 @@ def cmd_export(args, overrides) -> int:
 
     if overrides:
         raise ValueError(f"export takes no config overrides (got {overrides})")
+    _out_dir(args.out)
     pre = load_pretrained(args.run)
     out = export_run(pre, Path(args.out) if args.out else pre.run_dir / "export_timm", args.pool,
                      check=not args.no_check)
@@ -510,6 +568,7 @@ def cmd_export(args, overrides) -> int:
 def cmd_visualize(args, overrides) -> int:
     from mixedae_fast.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
 
+    _out_dir(args.out)
     model, cfg, pre, device, _ = _load_run(args, overrides)
     _, val, _ = _data(args, cfg, pre, device)
     images, labels = next(iter(val))
@@ -530,24 +589,68 @@ def cmd_visualize(args, overrides) -> int:
 
 
 def main(argv=None) -> int:
+    """Every failure ends in one ``error: ...`` line on stderr and a non-zero exit: 2 for bad input (a
+    config, a path, a run), 1 for a failure on the way (a full disk, a NaN stop), 130 when stopped.
+    ``--debug`` or ``MIXEDAE_DEBUG=1`` prints the traceback before it."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("MIXEDAE_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted (Ctrl-C); a run continues from its newest checkpoint with --run.resume=auto",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every failure is turned into its line
+        if debug:
+            traceback.print_exc()
+        code, message = _error_line(e, debug)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return code
+
+
+def _error_line(e: Exception, debug: bool) -> tuple[int, str]:
+    """``(exit code, message)``: our own errors carry what, why and the fix; others get their first line."""
+    import errno
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                      IsADirectoryError)):
+        return 2, str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.errno and e.strerror and e.strerror != os.strerror(e.errno):
+        return (2 if isinstance(e, PermissionError) else 1), e.strerror  # ours: it names the fix
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        return 1, (f"{e.strerror or first}{where}: the disk is full; free space or write elsewhere "
+                   "(run.out_dir, MIXEDAE_CACHE); files already written are intact")
+    if isinstance(e, PermissionError):
+        return 2, (f"permission denied: {e.filename or first}; choose a folder you can write (run.out_dir, --out, "
+                   "MIXEDAE_CACHE)")
+    if isinstance(e, OSError):
+        return 1, f"{first or e}" + (f" ({e.filename})" if e.filename and str(e.filename) not in first else "")
+    if isinstance(e, (FloatingPointError, RunFailure)):
+        return 1, first
+    hint = "" if debug else "; run again with --debug (or MIXEDAE_DEBUG=1) for the traceback"
+    return 1, f"{type(e).__name__}: {first[:500]} (unexpected{hint})"
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # its own parser (benchmarks/bench_train.py)
         from mixedae_fast.benchmarks.bench_train import main as bench_main
 
         return bench_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
+    args.argv = argv
     bad = [o for o in overrides if "=" not in o or not o.lstrip("-")]
     if bad:
         print(f"error: unrecognised arguments {bad}; config overrides look like --section.key=value",
               file=sys.stderr)
         return 2
-    try:
-        commands = {"pretrain": cmd_pretrain, "config": cmd_config, "make-data": cmd_make_data, "launch": cmd_launch,
-                    "eval": cmd_eval, "finetune": cmd_finetune, "export": cmd_export, "visualize": cmd_visualize}
-        return commands[args.command](args, overrides)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    commands = {"pretrain": cmd_pretrain, "config": cmd_config, "make-data": cmd_make_data, "launch": cmd_launch,
+                "eval": cmd_eval, "finetune": cmd_finetune, "export": cmd_export, "visualize": cmd_visualize}
+    return commands[args.command](args, overrides)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import sys
@@ -43,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # PyYAML (YAML 1.1) reads "1e-3" as a string; float fields accept such strings.
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # newline, tab, escape...: never in a name or a path we write
 _OVERRIDE = re.compile(r"(?:--)?([A-Za-z_]\w*)\.([A-Za-z_]\w*)=(.*)", re.S)
 
 
@@ -126,6 +128,9 @@ class RunConfig:
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept
     resume: str = "none"  # none | auto (latest in the run directory) | <checkpoint path>
+    # resume although optimiser settings changed (lr, clip_grad, max_nan_steps, ...; checkpoint.OVERRIDABLE):
+    # a deliberate choice, logged (what one does after a NaN stop); model, mixing and data stay fixed
+    resume_override: bool = False
     eval: bool = True  # kNN / probe evaluation at the end
     vis_every: int = 0  # steps between pictures (TensorBoard, else PNGs in pictures/); 0 = none
 
@@ -331,6 +336,28 @@ def _read_config_text(config: str | os.PathLike) -> tuple[str, str]:
     return preset.read_text(encoding="utf-8"), f"preset {s}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1}); "
+                                  "YAML keeps only the last one: remove one of them")
+            try:
+                seen.add(key)
+            except TypeError:
+                pass  # an unhashable key: SafeLoader refuses it itself
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys (ConfigError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_override(d: dict[str, typing.Any], item: str) -> None:
     """Apply ``--section.key=value`` (or ``section.key=value``) to nested dict ``d``; value is YAML."""
     match = _OVERRIDE.fullmatch(item.strip())
@@ -346,6 +373,8 @@ def apply_override(d: dict[str, typing.Any], item: str) -> None:
     accepts_str = tp is str or str in typing.get_args(tp)
     if accepts_str and value is not None and not isinstance(value, str):
         value = raw  # --run.name=2024 is the name "2024"
+    if accepts_str and isinstance(value, str) and raw[:1] not in ("'", '"'):
+        value = raw  # as typed: YAML would cut " #..." as a comment and fold a newline (validation refuses it)
     if not isinstance(d.get(section), dict):
         d[section] = dict(d.get(section) or {})
     d[section][key] = value
@@ -358,7 +387,9 @@ def load_config(config: str | os.PathLike | None = "cpu_tiny", overrides: Sequen
     if config is not None:
         text, source = _read_config_text(config)
         try:
-            d = yaml.safe_load(text) or {}
+            d = safe_load_unique(text) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: invalid YAML: {e}") from e
         if not isinstance(d, dict):
@@ -389,10 +420,39 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     "optim.clip_grad": (lambda v: v is None or v > 0, "must be > 0 or null (no clipping)"),
     **dict.fromkeys(["optim.epochs", "optim.accum_steps", "optim.max_nan_steps", "run.log_every",
                      "run.ckpt_every", "run.keep_last"], _GE1),
-    "run.resume": (bool, "must be none, auto or a checkpoint path"),
+    "run.resume": (lambda v: bool(v) and not _CONTROL.search(v), "must be none, auto or a checkpoint path"),
+    "run.name": (lambda v: _safe_name(v), "must be one folder name: not empty, '.' or '..', without '/', '\\' "
+                 "or control characters (it becomes <run.out_dir>/<run.name>)"),
+    "run.out_dir": (lambda v: bool(v) and not _CONTROL.search(v), "must be a folder path without control "
+                    "characters (newlines, tabs, ...)"),
     "dist.timeout_s": _GT0, "dist.bucket_mb": _GT0,
     "run.vis_every": (lambda v: v >= 0, "must be >= 0 (0 = no pictures during training)"),
 }
+
+
+def check_backend_on(cfg: Config, device_type: str) -> None:
+    """The attention backend runs on the device the run got (``runtime.device=auto`` resolves to cpu on a
+    machine without CUDA, where xformers and flex cannot train)."""
+    backend = cfg.runtime.attention_backend
+    if device_type == "cpu" and backend in ("xformers", "flex"):
+        raise ConfigError(f"runtime.attention_backend = {backend!r} with runtime.device = {cfg.runtime.device!r} "
+                          "on the CPU: " + ("xformers has no CPU operators" if backend == "xformers" else
+                                            "torch has no FlexAttention backward on CPU")
+                          + "; use auto, sdpa or eager on CPU")
+
+
+def _safe_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\") and not _CONTROL.search(name)
+
+
+def check_resume_target(cfg: Config) -> None:
+    """``run.resume`` names a checkpoint that exists (checked when a run starts, not in :func:`validate`: a
+    trained run's config.yaml stays loadable after the file it resumed from is gone)."""
+    resume = cfg.run.resume
+    if resume not in ("none", "auto") and not Path(resume).expanduser().is_file():
+        what = "a folder" if Path(resume).expanduser().is_dir() else "no such file"
+        raise ConfigError(f"run.resume = {resume!r}: {what}; use none, auto (the newest checkpoint of the run "
+                          "folder) or the path of a checkpoint file (runs/<name>/checkpoints/ckpt-*.pt)")
 
 
 def validate(cfg: Config) -> Config:
@@ -409,6 +469,11 @@ def validate(cfg: Config) -> Config:
                 errors.append(str(e))
                 continue
             setattr(obj, key, value)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
+                                                                           else (value,))):
+                errors.append(f"{name} = {value!r}: must be finite (NaN or infinity would only fail later, as "
+                              "non-finite weights)")
+                continue
             ok, allowed = _RULES.get(name, (None, ""))
             if ok is not None and not ok(value):
                 errors.append(f"{name} = {value!r}: {allowed}")
@@ -427,6 +492,9 @@ def validate(cfg: Config) -> Config:
     if n < 1:
         errors.append(f"mixing.mask_ratio = {x.mask_ratio!r}: leaves n_visible = int({big_n} * "
                       f"(1 - {x.mask_ratio})) = {n}; lower it so that n_visible >= 1")
+    elif n == big_n:
+        errors.append(f"mixing.mask_ratio = {x.mask_ratio!r}: keeps all {big_n} patches visible, so no patch is "
+                      "left to reconstruct and the loss is 0/0 = NaN; raise mixing.mask_ratio (MAE: 0.75)")
     elif r * n > big_n:
         errors.append(f"mixing.group_size * n_visible = {r} * {n} = {r * n} > num_patches = {big_n}: "
                       f"raise mixing.mask_ratio to >= {1 - 1 / r:.4g} or lower mixing.group_size "
@@ -442,11 +510,12 @@ def validate(cfg: Config) -> Config:
     if x.topk is not None and n >= 1 and not 1 <= x.topk <= r * n:
         errors.append(f"mixing.topk = {x.topk!r}: must be in [1, group_size * n_visible] = [1, {r * n}], "
                       f"or null (= n_visible = {n})")
-    backend, device = cfg.runtime.attention_backend, cfg.runtime.device
-    if device == "cpu" and backend in ("xformers", "flex"):
-        errors.append(f"runtime.attention_backend = {backend!r} with runtime.device = 'cpu': "
-                      + ("xformers has no CPU operators" if backend == "xformers" else
-                         "torch has no FlexAttention backward on CPU") + "; use auto, sdpa or eager on CPU")
+    backend = cfg.runtime.attention_backend
+    if cfg.runtime.device == "cpu":
+        try:
+            check_backend_on(cfg, "cpu")
+        except ConfigError as e:
+            errors.append(str(e))
     if backend == "triton" and x.ha == "topk" and 1 + r * n > 256:
         errors.append(f"runtime.attention_backend = 'triton': the fused TopK kernel takes sequences of <= 256 "
                       f"tokens, this config makes 1 + group_size * n_visible = {1 + r * n}; use flex, sdpa or eager")

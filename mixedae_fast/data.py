@@ -64,8 +64,12 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
         return Loaders(train, TensorBatchLoader(tx[:n], ty[:n], **plain), TensorBatchLoader(vx, vy, **plain),
                        backend, None, None, [])
     if d.path is None:
-        root = write_image_folder(default_data_root(S, num_train, num_val, seed), num_train, num_val, size=S,
-                                  seed=seed, progress=progress)
+        root = default_data_root(S, num_train, num_val, seed)
+        try:
+            root = write_image_folder(root, num_train, num_val, size=S, seed=seed, progress=progress)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write the embedded dataset under {root} ({e.strerror or e}); set "
+                          "MIXEDAE_CACHE to a writable folder, or data.path to existing images", e.filename) from e
         train_path, val_path, fmt = str(root / "train"), str(root / "val"), "imagefolder"
     else:
         train_path, val_path, fmt = d.path, d.val_path, d.format

@@ -145,7 +145,8 @@ def rank_device(name: str, local_rank: int) -> torch.device:
         raise ConfigError(f"runtime.device = {name!r} with several ranks: each rank takes cuda:LOCAL_RANK; "
                           "set runtime.device=cuda (or auto)")
     if not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but CUDA is not available; use runtime.device=cpu")
+        raise ConfigError("runtime.device = 'cuda', but CUDA is not available on this machine; use "
+                          "runtime.device=cpu or auto")
     if local_rank >= torch.cuda.device_count():
         raise RuntimeError(f"local rank {local_rank}, but this node shows {torch.cuda.device_count()} GPUs: start "
                            "at most one rank per GPU (torchrun --nproc-per-node)")

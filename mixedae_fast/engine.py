@@ -17,9 +17,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mixedae_fast.checkpoint import RESUMABLE, config_mismatch, load_checkpoint, resolve_resume, save_checkpoint
-from mixedae_fast.config import Config, config_to_dict, derive
+from mixedae_fast.checkpoint import (
+    OVERRIDABLE,
+    RESUMABLE,
+    CheckpointError,
+    config_mismatch,
+    list_checkpoints,
+    load_training_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from mixedae_fast.config import Config, ConfigError, config_to_dict, derive
 from mixedae_fast.distributed import Dist, DistEnv, unwrap
+from mixedae_fast.runs import set_aside_later_checkpoints, truncate_metrics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,7 +37,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={name!r} but CUDA is not available; use runtime.device=cpu")
+        raise ConfigError(f"runtime.device = {name!r}, but CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use runtime.device=cpu or auto")
     return device
 
 
@@ -127,6 +138,8 @@ class Trainer:
         self.total_steps = total if max_steps is None else min(total, max_steps)
         self.progress = progress and self.rank == 0
         self.step = 0
+        self.notes: list[str] = []
+        self.overrides: list[str] = []
         self.history: list[dict] = []
         self._stop_signal = None
         self._tb = None
@@ -153,25 +166,68 @@ class Trainer:
         return save_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.run.keep_last)
 
     def maybe_resume(self) -> Path | None:
-        path = resolve_resume(self.cfg.run.resume, self.ckpt_dir)
-        if path is None:
+        """Load the checkpoint ``run.resume`` names (``auto``: the newest one that loads, saying which were
+        skipped). Later checkpoints of the run folder move aside and ``metrics.csv`` loses the rows past
+        the resumed step (rank 0). ``self.notes`` says what was done."""
+        self.notes: list[str] = []
+        resume = self.cfg.run.resume
+        if resume == "none":
             return None
-        state = load_checkpoint(path, map_location=self.device)
-        # the split of the global batch (per-rank batch, ranks, accumulation) may change; the global batch not
+        path, state = self._load_resume(resume)
+        if state is not None:
+            self._check_config(state, path)
+            self._check_global_batch(state, path)
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.overrides:  # the loaded param groups carry the old hyper-parameters; lr is set every step
+                o = self.cfg.optim
+                for group, wd in zip(self.optimizer.param_groups, (o.weight_decay, 0.0)):
+                    group.update(weight_decay=wd, betas=tuple(o.betas))
+            if self.scaler and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            if state.get("rng"):
+                _set_rng_states(state["rng"])
+            self.step = int(state["step"])
+        if self.rank == 0:
+            aside = set_aside_later_checkpoints(self.ckpt_dir, self.step)
+            if aside is not None:
+                self.notes.append(f"later checkpoints of the abandoned branch moved to {aside}")
+            dropped = truncate_metrics(self.run_dir / "metrics.csv", self.step)
+            if dropped:
+                self.notes.append(f"{dropped} metrics.csv rows past step {self.step} dropped")
+        return path
+
+    def _load_resume(self, resume: str) -> tuple[Path | None, dict | None]:
+        if resume != "auto":
+            path = resolve_resume(resume, self.ckpt_dir)
+            return path, load_training_state(path, map_location=self.device)
+        found = list_checkpoints(self.ckpt_dir)
+        for path in reversed(found):
+            try:
+                return path, load_training_state(path, map_location=self.device)
+            except CheckpointError as e:
+                self.notes.append(f"skipped {path.name}, which does not load ({str(e).split(': ', 2)[-1][:120]})")
+        if found:
+            raise CheckpointError(f"none of the {len(found)} checkpoints in {self.ckpt_dir} loads ({self.notes[0]}); "
+                                  "point --run.resume at a good checkpoint file, or start a new run (--run.name)")
+        return None, None
+
+    def _check_config(self, state: dict, path) -> None:
+        """The checkpoint's config must be this one, up to what may change across a resume (RESUMABLE;
+        the split of the global batch); with run.resume_override also the optimiser settings
+        (OVERRIDABLE), listed in ``self.overrides``."""
         diffs = config_mismatch(state["config"], config_to_dict(self.cfg),
                                 ignore=(*RESUMABLE, "data.batch_size", "optim.accum_steps"))
+        self.overrides = [d for d in diffs if d.split(":")[0] in OVERRIDABLE] if self.cfg.run.resume_override else []
+        diffs = [d for d in diffs if d not in self.overrides]
         if diffs:
-            raise ValueError(f"checkpoint {path} was written under another config: " + "; ".join(diffs)
-                             + ". Resume with the same settings or start a new run (run.name)")
-        self._check_global_batch(state, path)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if state.get("rng"):
-            _set_rng_states(state["rng"])
-        self.step = int(state["step"])
-        return path
+            allowed = [d for d in diffs if d.split(":")[0] in OVERRIDABLE]
+            hint = (" Optimiser settings may change with --run.resume_override=true." if allowed and
+                    not self.cfg.run.resume_override else "")
+            raise CheckpointError(f"checkpoint {path} was written under another config: " + "; ".join(diffs)
+                                  + f". Resume with the same settings or start a new run (run.name).{hint}")
+        if self.overrides:
+            self.notes.append("resume override (run.resume_override=true): " + "; ".join(self.overrides))
 
     def _check_global_batch(self, state: dict, path) -> None:
         """The schedule and the data position count optimizer steps of one global batch: a checkpoint
@@ -214,6 +270,7 @@ class Trainer:
         zeros = lambda: torch.zeros((), device=dev)  # noqa: E731
         sums = {k: zeros() for k in ("loss", "loss_rec", "loss_hc")}
         bad_run, bad_max, bad_total = zeros(), zeros(), zeros()
+        first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # index of the first non-finite step
         stats_last: dict = {}
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +326,8 @@ class Trainer:
                 bad_run = (bad_run + 1) * found_inf
                 bad_max = torch.maximum(bad_max, bad_run)
                 bad_total += found_inf
+                first_bad = torch.where((first_bad < 0) & (found_inf > 0), torch.full_like(first_bad, self.step),
+                                        first_bad)
                 self.step += 1
                 bar.update(1)
                 if log_now:
@@ -277,12 +336,9 @@ class Trainer:
                                         stats_last)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", hc=f"{row['loss_hc']:.3f}",
                                     img_s=f"{row['img_per_s']:.0f}")
+                    self._say(self._log_line(row, elapsed / max(self.step - step_log, 1)), bar)
                     if bad_max.item() >= cfg.optim.max_nan_steps:
-                        raise FloatingPointError(
-                            f"{int(bad_max.item())} consecutive steps had a non-finite loss or gradient "
-                            f"(limit optim.max_nan_steps={cfg.optim.max_nan_steps}); they were skipped. Lower "
-                            "optim.base_lr, set optim.clip_grad, or use runtime.precision=fp32. The last "
-                            "good checkpoint is in " + str(self.ckpt_dir))
+                        raise FloatingPointError(self._nan_message(int(bad_max.item()), int(first_bad.item())))
                     bad_max.zero_()
                     for v in sums.values():
                         v.zero_()
@@ -332,6 +388,40 @@ class Trainer:
                         tb.add_scalar(f"train/{key}", value, self.step)
                 tb.flush()
         return row
+
+    def _log_line(self, row: dict, s_per_step: float) -> str:
+        """The plain log line of a metrics row (stdout, also without the progress bar: a cluster job's log)."""
+        eta = time.strftime("%H:%M:%S", time.gmtime(max(self.total_steps - self.step, 0) * s_per_step))
+        if self.device.type == "cuda":
+            mem = f"max mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        else:
+            import resource
+
+            mem = f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"  # KiB on Linux
+        return (f"step {row['step']}/{self.total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
+                f"(rec {row['loss_rec']:.4f} hc {row['loss_hc']:.4f}) lr {row['lr']:.3g} "
+                f"{row['img_per_s']:.0f} img/s data wait {100 * row['data_wait']:.0f}% ETA {eta} {mem}"
+                + (f" skipped {row['skipped_steps']}" if row["skipped_steps"] else ""))
+
+    def _say(self, line: str, bar) -> None:
+        if self.rank != 0:
+            return
+        if self.progress:
+            bar.write(line)  # above the bar, which stays intact
+        else:
+            print(line, flush=True)
+
+    def _nan_message(self, consecutive: int, first_bad: int) -> str:
+        """The NaN stop: the first non-finite step, and the newest checkpoint written before it (one
+        written later may hold weights that already diverged)."""
+        good = [p for p in list_checkpoints(self.ckpt_dir) if 0 <= first_bad and int(p.name[5:13]) <= first_bad]
+        where = (f"The newest checkpoint written before it is {good[-1]}: continue from it with a lower lr, e.g. "
+                 f"--run.resume={good[-1]} --run.resume_override=true --optim.base_lr=LOWER" if good else
+                 f"No checkpoint was written before it (in {self.ckpt_dir}): start a new run with a lower "
+                 "optim.base_lr")
+        return (f"{consecutive} consecutive steps had a non-finite loss or gradient (limit optim.max_nan_steps="
+                f"{self.cfg.optim.max_nan_steps}); they were skipped, the first was step {first_bad + 1}. {where}; "
+                "or set optim.clip_grad, or use runtime.precision=fp32")
 
     def _log_pictures(self, images: torch.Tensor) -> None:
         """The reconstruction and homologous-attention pictures of one fixed group (the first this run

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mixedae_fast.checkpoint import Pretrained, atomic_write, atomic_write_json
+from mixedae_fast.errors import RunFailure
 
 # (embed_dim, depth, num_heads) of timm's named ViT sizes (mlp_ratio 4)
 TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large",
@@ -209,7 +210,7 @@ def export_run(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "
         write_hub_folder(pretrained, tmp, pool)
         rel = parity(pretrained, tmp, pool) if check else None
         if rel is not None and not rel <= PARITY_LIMIT:
-            raise ValueError(f"the exported model does not reproduce the encoder: features differ by {rel:.2e} "
+            raise RunFailure(f"the exported model does not reproduce the encoder: features differ by {rel:.2e} "
                              f"(relative, limit {PARITY_LIMIT:g}); nothing was written. Report this with the run's "
                              "config.yaml")
         if out_dir.exists():

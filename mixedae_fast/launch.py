@@ -15,10 +15,33 @@ whatever its version; ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` gives them time to save
 """
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SBATCH_SPECIAL = re.compile(r"[\s\"'\\#]")
+
+
+def check_line_safe(what: str, value: str) -> str:
+    """``value`` unless it holds a newline or another control character: written into a script, a newline
+    starts a new command (even after ``#SBATCH``, which is a comment to the shell)."""
+    if _CONTROL.search(value):
+        raise ValueError(f"{what} = {value!r} contains a newline or another control character, which would "
+                         "start a new line of the sbatch script; remove it")
+    return value
+
+
+def sbatch_value(value: str) -> str:
+    """A value for an ``#SBATCH --key=value`` line. sbatch, not the shell, reads these lines: it splits on
+    whitespace, groups with quotes, takes ``\\`` as an escape and ``#`` as the start of a comment; so a
+    value with any of those goes in double quotes with ``"`` and ``\\`` escaped."""
+    if not _SBATCH_SPECIAL.search(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 PRETRAIN = ["-m", "mixedae_fast.cli", "pretrain"]
@@ -57,6 +80,14 @@ class SlurmJob:
     setup: list[str] = field(default_factory=list)  # shell lines before training, e.g. module load ...
 
     def check(self) -> None:
+        for name in ("time", "job_name", "partition", "account", "qos", "mem"):
+            value = getattr(self, name)
+            if value is not None:
+                check_line_safe(f"--{name.replace('_', '-')}", str(value))
+        for option in self.extra_sbatch:
+            check_line_safe("--sbatch", option)
+        for line in self.setup:
+            check_line_safe("--setup", line)
         for name in ("nodes", "gpus_per_node", "cpus_per_gpu", "signal_lead_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 1")
@@ -70,13 +101,23 @@ class SlurmJob:
 def sbatch_script(job: SlurmJob, pretrain_args: list[str], log_dir: Path, workdir: Path, summary: str = "") -> str:
     """The sbatch script: one torchrun per node, ranks save on SIGUSR1/SIGTERM, requeue on SIGUSR1."""
     job.check()
+    for what, path in (("the log folder (run.out_dir/run.name/slurm)", str(log_dir)),
+                       ("the work folder", str(workdir))):
+        check_line_safe(what, path)
+        if "%" in path:  # sbatch would read %j, %x... in --output as its filename patterns
+            raise ValueError(f"{what} {path!r} contains '%', which sbatch reads as a filename pattern; choose "
+                             "a run.out_dir without '%'")
+    for arg in pretrain_args:
+        check_line_safe("a pretrain option", arg)
     world = job.nodes * job.gpus_per_node
-    sbatch = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
+    sbatch = [f"--job-name={sbatch_value(job.job_name)}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
               f"--gpus-per-node={job.gpus_per_node}", f"--cpus-per-task={job.cpus_per_gpu * job.gpus_per_node}",
-              f"--time={job.time}", f"--output={log_dir}/%x-%j.out", "--open-mode=append", "--requeue",
-              f"--signal=B:USR1@{job.signal_lead_s}", f"--chdir={workdir}"]
-    sbatch += [f"--{k}={v}" for k, v in (("partition", job.partition), ("account", job.account), ("qos", job.qos),
-                                          ("mem", job.mem)) if v is not None]
+              f"--time={sbatch_value(job.time)}", f"--output={sbatch_value(f'{log_dir}/%x-%j.out')}",
+              "--open-mode=append", "--requeue", f"--signal=B:USR1@{job.signal_lead_s}",
+              f"--chdir={sbatch_value(str(workdir))}"]
+    sbatch += [f"--{k}={sbatch_value(v)}" for k, v in (("partition", job.partition), ("account", job.account),
+                                                         ("qos", job.qos), ("mem", job.mem)) if v is not None]
+    # an extra option is passed as the user wrote it (it may be "--constraint=a&b" or "-C h100"), one line each
     sbatch += [s if s.startswith("-") else f"--{s}" for s in job.extra_sbatch]
     q = shlex.quote  # the script's own "$VARS" stay as written; everything else is quoted
     command = " \\\n    ".join(" ".join(words) for words in (

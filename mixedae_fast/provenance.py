@@ -1,9 +1,9 @@
 """Where a result came from: one helper for every result file and report (benchmarks, report.json,
 eval / fine-tune results), so they all carry the same fields in the same formats.
 
-    {"date": "2026-11-29T23:39:51Z", "git_sha": "239a069", "host": ..., "machine": ..., "python": ...,
+    {"date": "2026-11-29T23:39:51Z", "git_sha": "239a069", "host": ..., "machine": ...,
      "command": "mixedae-fast pretrain ...", "device": "NVIDIA H200" | "cpu (x86_64, 2 cores)",
-     "torch": "2.13.0", "triton": ..., "timm": ..., "xformers": ..., "nvidia-dali-cuda130": ...}
+     "versions": {"python": ..., "mixedae-fast": ..., "torch": "2.13.0", "triton": ..., "timm": ..., ...}}
 
 Dates are UTC, ISO 8601 to the second. Package versions come from the installed distributions'
 metadata (nothing is imported); a package that is not installed is left out.
@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 
-PACKAGES = ("torch", "triton", "timm", "xformers", "nvidia-dali-cuda130", "numpy")
+PACKAGES = ("mixedae-fast", "torch", "triton", "timm", "xformers", "nvidia-dali-cuda130", "numpy", "pillow")
 
 
 def utc_now() -> str:
@@ -52,7 +52,7 @@ def device_name(device=None) -> str:
 
 
 def package_versions(names=PACKAGES) -> dict[str, str]:
-    out = {}
+    out = {"python": platform.python_version()}
     for name in names:
         try:
             out[name] = importlib.metadata.version(name)
@@ -67,5 +67,4 @@ def provenance(device=None, command: list[str] | None = None) -> dict:
     prog = os.path.basename(argv[0]) if argv else "python"
     return {"date": utc_now(), "git_sha": git_sha(), "host": socket.gethostname(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-            "python": platform.python_version(), "command": shlex.join([prog, *argv[1:]]),
-            "device": device_name(device), **package_versions()}
+            "command": shlex.join([prog, *argv[1:]]), "device": device_name(device), "versions": package_versions()}

@@ -96,8 +96,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
         before = len(paths)
-        for folder, dirs, files in sorted(os.walk(root / name, followlinks=True)):
-            dirs[:] = [d for d in dirs if _visible(d)]
+        for folder, files in _walk_once(root / name):
             for f in sorted(files):
                 if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(folder, f))
@@ -111,6 +110,47 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
         warnings.warn(f"{len(empty)} class folders of {str(root)!r} hold no images: {empty[:5]}; their labels "
                       "stay reserved", stacklevel=2)
     return paths, labels, classes
+
+
+def _walk_once(top: Path) -> list[tuple[str, list[str]]]:
+    """``(folder, files)`` of every visible folder under ``top`` in torchvision's order (``sorted(os.walk(...,
+    followlinks=True))``), each directory once: a symbolic link back to a folder already walked (a loop,
+    or a second way to the same folder) is not followed again, so a loop cannot list images over and
+    over or never end."""
+    seen, found = set(), []
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if _visible(d)]  # pruned during the walk, so hidden folders are not entered
+        found.append((folder, files))
+    return sorted(found)
+
+
+def to_rgb(im):
+    """A PIL image as 8-bit RGB, whatever its mode: 16-bit greyscale (``I;16``, also ``I`` holding 16-bit
+    values) is scaled to 0..255 rather than clipped (``convert("RGB")`` turns it almost white); palette
+    images go through RGBA so a transparency entry is read; greyscale, alpha and CMYK convert as PIL
+    does (alpha dropped)."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and a.size and a.max() <= 1.0 else 255.0
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
+            top = 65535.0
+        grey = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def read_file_list(path: str | Path) -> tuple[list[str], list[int]]:

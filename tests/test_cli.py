@@ -54,11 +54,12 @@ def test_batch_size_not_a_multiple_of_group_size(tmp_path, capsys):
     assert "data.batch_size" in capsys.readouterr().err
 
 
-def test_unwritable_output_dir_names_the_fix(tmp_path):
+def test_unwritable_output_dir_names_the_fix(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(SystemExit, match="cannot write to the run directory .*--run.out_dir"):
-        main(["pretrain", "--no-progress", *TINY, f"--run.out_dir={blocker}"])
+    assert main(["pretrain", "--no-progress", *TINY, f"--run.out_dir={blocker}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot write to the run directory" in errors[0] and "--run.out_dir" in errors[0]
 
 
 def test_missing_data_path(tmp_path, capsys):

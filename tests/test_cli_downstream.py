@@ -91,3 +91,65 @@ def test_bad_input_names_the_problem(run, tmp_path, capsys):
     assert "layer_decay = 2.0" in capsys.readouterr().err
     assert main(["visualize", str(run), "--query", "99"]) == 2
     assert "query 99 out of range" in capsys.readouterr().err
+
+
+def _one_error(capsys) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def _digest(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_that_cannot_take_the_result_is_refused_before_the_work(run, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for argv, fragment in (
+            (["eval", str(run), "--out", str(tmp_path)], "is a folder; --out takes the result file"),
+            (["finetune", str(run), "--out", str(tmp_path)], "is a folder; --out takes the result file"),
+            (["eval", str(run), "--out", str(tmp_path / "a_file" / "e.json")], "is a file, not a folder"),
+            (["export", str(run), "--out", str(tmp_path / "a_file")], "is a file; --out takes a folder"),
+            (["export", str(run), "--out", str(tmp_path / "a_file" / "x")], "is a file, not a folder"),
+            (["visualize", str(run), "--out", str(tmp_path / "a_file" / "x")], "is a file, not a folder")):
+        before = _digest(tmp_path)
+        assert main(argv) == 2, argv
+        assert fragment in _one_error(capsys), argv
+        assert _digest(tmp_path) == before
+
+
+def test_export_that_fails_its_check_writes_nothing(run, tmp_path, capsys, monkeypatch):
+    import mixedae_fast.export as export
+
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    before = _digest(out)
+    real = export.load_export
+
+    def off_by_one(*a, **k):
+        model = real(*a, **k)
+        model.register_forward_hook(lambda m, i, o: o + 1)
+        return model
+
+    monkeypatch.setattr(export, "load_export", off_by_one)
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out)]) == 1
+    assert "does not reproduce the encoder" in _one_error(capsys)
+    assert _digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert main(["export", str(run), "--out", str(tmp_path / "new")]) == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_damaged_checkpoint_is_one_error_line_downstream(run, tmp_path, capsys):
+    import os
+
+    (tmp_path / "random.pt").write_bytes(os.urandom(2048))
+    truncated = tmp_path / "checkpoints" / "ckpt-00000005.pt"
+    truncated.parent.mkdir()
+    truncated.write_bytes((run / "checkpoints" / "ckpt-00000005.pt").read_bytes()[:3000])
+    for target in (tmp_path / "random.pt", truncated):
+        for command in ("eval", "export", "visualize", "finetune"):
+            assert main([command, str(target)]) == 2
+            assert "cannot read checkpoint" in _one_error(capsys)

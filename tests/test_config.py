@@ -262,3 +262,49 @@ def test_yaml_unknown_key(tmp_path):
     path.write_text("model:\n  img_size: 32\n  patch_sise: 4\n")
     with pytest.raises(ConfigError, match=r"did you mean 'model.patch_size'"):
         load_config(path)
+
+
+# -- what can only fail later is refused at load ---------------------------------------------------
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["--optim.base_lr=.inf"], r"optim\.base_lr = inf: must be finite"),
+    (["--optim.lr=-.inf"], r"optim\.lr = -inf: must be finite"),
+    (["--optim.clip_grad=.nan"], r"optim\.clip_grad = nan: must be finite"),
+    (["--mixing.group_size=1", "--mixing.mask_ratio=0"], r"mixing\.mask_ratio = 0\.0: keeps all 64 patches"),
+    (["--run.name=../.."], r"run\.name = '\.\./\.\.': must be one folder name"),
+    (["--run.name=.."], r"run\.name = '\.\.'"),
+    (["--run.name=a/b"], r"run\.name = 'a/b'"),
+    (["--run.name=ok\n#SBATCH --x"], r"run\.name = 'ok\\n#SBATCH --x'"),
+    (["--run.out_dir=runs\nrm -rf x"], r"run\.out_dir = .*control characters"),
+])
+def test_settings_that_fail_later_are_refused(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("cpu_tiny", overrides)
+
+
+def test_mae_mode_with_masking_still_loads():
+    cfg = load_config("cpu_tiny", ["--mixing.group_size=1", "--mixing.mask_ratio=0.75", "--mixing.hc_weight=0"])
+    assert cfg.mixing.group_size == 1
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("optim:\n  base_lr: 1.0e-3\n  epochs: 3\n  base_lr: 1.0e-2\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: key 'base_lr' appears twice .*line 4"):
+        load_config(path)
+    path.write_text("optim:\n  base_lr: 1.0e-3\nrun:\n  base_lr: 1\n")  # the same key in two sections is fine
+    with pytest.raises(ConfigError, match="unknown key 'run.base_lr'"):
+        load_config(path)
+
+
+def test_resume_target_must_exist(tmp_path):
+    from mixedae_fast.config import check_resume_target
+
+    for value in ("none", "auto"):
+        check_resume_target(load_config("cpu_tiny", [f"--run.resume={value}"]))
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    check_resume_target(load_config("cpu_tiny", [f"--run.resume={tmp_path}/ckpt.pt"]))
+    with pytest.raises(ConfigError, match=r"run\.resume = .*: no such file; use none, auto"):
+        check_resume_target(load_config("cpu_tiny", [f"--run.resume={tmp_path}/gone.pt"]))
+    with pytest.raises(ConfigError, match=r"run\.resume = .*: a folder"):
+        check_resume_target(load_config("cpu_tiny", [f"--run.resume={tmp_path}"]))

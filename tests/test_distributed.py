@@ -4,6 +4,7 @@ resumed on 1 rank, a signal on one rank stopping all of them at one step, and a 
 failing the job with a message instead of a hang. Every process is started with a time limit."""
 import csv
 import os
+import re
 import shutil
 import signal
 import socket
@@ -117,7 +118,7 @@ def test_sbatch_script(tmp_path, capsys):
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --cpus-per-task=32", "#SBATCH --time=2:00:00", "#SBATCH --partition=gpu",
                  "#SBATCH --signal=B:USR1@240", "#SBATCH --requeue", "#SBATCH --constraint=h100",
-                 f"#SBATCH --output={tmp_path}/my run/slurm/%x-%j.out", f"#SBATCH --chdir={Path.cwd()}",
+                 f'#SBATCH --output="{tmp_path}/my run/slurm/%x-%j.out"', f"#SBATCH --chdir={Path.cwd()}",
                  "module load cuda", "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=210"):
         assert line in text.splitlines() or line in text, line
     command = " ".join(text.split("\\\n"))
@@ -264,15 +265,15 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(runs):
 
 
 @pytest.mark.slow
-def test_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, monkeypatch):
+def test_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, monkeypatch, capsys):
     root, env, _ = runs
     (tmp_path / "one" / "checkpoints").mkdir(parents=True)
     shutil.copy(root / "two" / "checkpoints" / "ckpt-00000004.pt", tmp_path / "one" / "checkpoints")
     # the global batch of 16 on 1 rank needs 2 accumulation steps: another split is refused
     monkeypatch.setenv("MIXEDAE_CACHE", env["MIXEDAE_CACHE"])
-    with pytest.raises(ValueError, match=r"global batch of 16 \(data.batch_size 8 x 2 ranks x optim.accum_steps 1\); "
-                                         r"this run has 8 .* --optim.accum_steps=2"):
-        main(["pretrain", *DATA, *TINY, f"--run.out_dir={tmp_path}", "--run.name=one", "--run.resume=auto"])
+    assert main(["pretrain", *DATA, *TINY, f"--run.out_dir={tmp_path}", "--run.name=one", "--run.resume=auto"]) == 2
+    assert re.search(r"error: .*global batch of 16 \(data.batch_size 8 x 2 ranks x optim.accum_steps 1\); "
+                     r"this run has 8 .* --optim.accum_steps=2", capsys.readouterr().err)
     _cli(["pretrain", *DATA, *TINY, f"--run.out_dir={tmp_path}", "--run.name=one", "--optim.accum_steps=2",
           "--run.resume=auto"], env)
     resumed, straight = _losses(tmp_path / "one"), _losses(root / "one")

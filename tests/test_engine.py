@@ -200,3 +200,61 @@ def test_runtime_compile_trains_like_eager(tmp_path, monkeypatch):
     for a, b in zip(comp, eager, strict=True):   # same ops; AOTAutograd may reorder sums: fp32 rounding
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["recognition"] == pytest.approx(b["recognition"], abs=1e-6)
+
+
+def test_nan_stop_names_the_newest_checkpoint_before_the_first_bad_step(tmp_path):
+    # 3 steps an epoch, 9 in all; checkpoints at 2, 4, 6; steps 6.. are non-finite, seen at the log of step 8
+    tr = _trainer(tmp_path, ["--optim.max_nan_steps=2", "--run.log_every=8", "--run.ckpt_every=2",
+                             "--run.keep_last=5"])
+    real = tr.model.forward
+
+    def diverging(*a, **k):
+        out = real(*a, **k)
+        return {**out, "loss": out["loss"] * float("nan")} if tr.step >= 5 else out
+
+    tr.model.forward = diverging
+    with pytest.raises(FloatingPointError) as info:
+        tr.fit()
+    assert [p.name for p in list_checkpoints(tr.ckpt_dir)] == ["ckpt-00000002.pt", "ckpt-00000004.pt",
+                                                               "ckpt-00000006.pt"]
+    message = str(info.value)
+    assert "the first was step 6" in message
+    assert f"The newest checkpoint written before it is {tr.ckpt_dir / 'ckpt-00000004.pt'}:" in message
+    assert "--run.resume_override=true" in message
+
+
+def test_a_log_line_every_log_every_steps_with_or_without_the_bar(tmp_path, capsys):
+    for progress in (False, True):
+        tr = _trainer(tmp_path / str(progress), max_steps=4)
+        tr.progress = progress
+        tr.fit()
+        captured = capsys.readouterr()
+        lines = [line for line in captured.out.splitlines() if line.startswith("step ")]
+        assert [line.split()[1] for line in lines] == ["2/4", "4/4"], captured.out
+        for part in ("epoch 1.33", "loss ", "(rec ", " hc ", " lr ", " img/s", "data wait", "ETA ", "max RSS"):
+            assert part in lines[-1], (part, lines[-1])
+        assert ("pretrain:" in captured.err) == progress  # the bar, on stderr, only when asked for
+
+
+def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
+    from mixedae_fast.runs import truncate_metrics
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,epoch,loss\r\n2,0.5,1.0\r\n4,1.0,0.9\r\n6,1.5,0.8\r\n1")  # torn: "1" of "10,..."
+    assert truncate_metrics(path, 4) == 2
+    assert path.read_bytes() == b"step,epoch,loss\r\n2,0.5,1.0\r\n4,1.0,0.9\r\n"
+    assert truncate_metrics(path, 4) == 0 and truncate_metrics(tmp_path / "none.csv", 4) == 0
+
+
+def test_atomic_write_json_writes_null_for_non_finite_floats(tmp_path):
+    import json
+
+    from mixedae_fast.checkpoint import atomic_write_json
+
+    atomic_write_json({"loss": float("nan"), "rows": [1.0, float("inf")], "ok": 2}, tmp_path / "r.json")
+    text = (tmp_path / "r.json").read_text()
+
+    def refuse(name):
+        raise ValueError(name)
+
+    assert json.loads(text, parse_constant=refuse) == {"loss": None, "rows": [1.0, None], "ok": 2}

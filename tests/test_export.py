@@ -101,7 +101,7 @@ def test_folder_has_our_tag_and_normalisation_and_a_model_card(tmp_path):
 def test_a_failed_check_writes_nothing_and_other_folders_are_not_overwritten(tmp_path, monkeypatch):
     _, pre = _pretrained()
     monkeypatch.setattr(ex, "parity", lambda *a, **k: 3e-2)
-    with pytest.raises(ValueError, match="does not reproduce the encoder"):
+    with pytest.raises(ex.RunFailure, match="does not reproduce the encoder"):
         ex.export_run(pre, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []                              # no folder, no temp left behind
     monkeypatch.undo()

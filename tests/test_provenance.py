@@ -11,7 +11,7 @@ def test_fields_and_formats(monkeypatch):
     p = pv.provenance(command=["/x/bin/mixedae-fast", "pretrain", "--run.name=a b"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", p["date"])
     assert p["command"] == "mixedae-fast pretrain '--run.name=a b'"
-    assert p["device"].startswith("cpu (") and p["torch"] and p["timm"]
+    assert p["device"].startswith("cpu (") and p["versions"]["torch"] and p["versions"]["python"]
     assert "torch" in pv.package_versions() and "no-such-package" not in pv.package_versions(["no-such-package"])
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=pv.__file__.rsplit("/", 2)[0]).stdout.strip()
