@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixedae_fast.pipelines.files import to_rgb
 from mixedae_fast.pipelines.torch_loader import normalize, sample_params
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -125,7 +126,7 @@ class _Stream(torch.utils.data.IterableDataset):
             for sample in stream:
                 data, label = _image_and_label(sample, self.labels)
                 with Image.open(io.BytesIO(data)) as im:
-                    im = _to_rgb(im)
+                    im = to_rgb(im)
                     width, height = im.size
                     (top, left, h, w), flip = sample_params(self.seed, self.epoch, i * nw + wid, height, width,
                                                             self.augment, self.crop_scale)
@@ -134,17 +135,6 @@ class _Stream(torch.utils.data.IterableDataset):
                     im = im.transpose(Image.FLIP_LEFT_RIGHT)
                 i += 1
                 yield torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))), label
-
-
-def _to_rgb(im):
-    """8-bit RGB from any PIL mode: 16-bit greyscale scaled (not clipped), alpha dropped."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        from PIL import Image
-
-        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return im.convert("RGB")
 
 
 class ShardLoader:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixedae_fast.pipelines.files import describe, inspect_images, open_source, read_bytes, split_results
+from mixedae_fast.pipelines.files import describe, inspect_images, open_source, read_bytes, split_results, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -324,7 +324,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
                 im.draft("RGB", (-(-width * S // w), -(-height * S // h)))
                 sx, sy = im.size[0] / width, im.size[1] / height
                 box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            im = im.convert("RGB").resize((S, S), Image.BILINEAR, box=box)
+            im = to_rgb(im).resize((S, S), Image.BILINEAR, box=box)
         if flip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         if self.pil_transform is not None:

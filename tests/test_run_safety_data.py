@@ -3,6 +3,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mixedae_fast.pipelines.files import scan_image_folder, to_rgb
@@ -49,6 +50,17 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert (np.asarray(to_rgb(wide)) == 255).all()
     narrow = Image.fromarray(np.full((2, 2), 200, np.int32), "I")  # an 8-bit image held as I
     assert (np.asarray(to_rgb(narrow)) == 200).all()
+
+
+def test_the_file_loader_reads_16_bit_images_scaled(tmp_path):
+    from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD, FileImageLoader
+
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "a" / f"{i}.png")   # grey 128
+    images, _ = next(iter(FileImageLoader(tmp_path, batch_size=2, img_size=8, augment=False, verify=False)))
+    pixels = images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 128 / 255), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("make, expected", [
