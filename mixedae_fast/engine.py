@@ -29,6 +29,7 @@ from mixedae_fast.checkpoint import (
 )
 from mixedae_fast.config import Config, ConfigError, config_to_dict, derive
 from mixedae_fast.distributed import Dist, DistEnv, unwrap
+from mixedae_fast.profiling import StepProfiler
 from mixedae_fast.runs import set_aside_later_checkpoints, truncate_metrics
 
 
@@ -142,19 +143,15 @@ class Trainer:
         self.overrides: list[str] = []
         self.history: list[dict] = []
         self._stop_signal = None
-        self._tb = None
+        self.loggers = None  # rank 0's sinks (run.loggers), opened when fit starts
         self._vis_images = None
 
-    def _tensorboard(self):
-        """A SummaryWriter in the run directory when tensorboard is installed (else None, once)."""
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    def _open_loggers(self):
+        if self.loggers is None and self.rank == 0:
+            from mixedae_fast.loggers import Loggers
 
-                self._tb = SummaryWriter(str(self.run_dir / "tb"))
-            except ImportError:
-                self._tb = False
-        return self._tb or None
+            self.loggers = Loggers(self.cfg.run.loggers, self.run_dir, config_to_dict(self.cfg), self.cfg.run.name)
+        return self.loggers
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -274,6 +271,8 @@ class Trainer:
         stats_last: dict = {}
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._open_loggers()
+        profiler = StepProfiler.from_spec(cfg.run.profile_steps, self.run_dir)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="pretrain",
                    unit="step", dynamic_ncols=True)
@@ -285,6 +284,7 @@ class Trainer:
         model.train()
         try:
             while self.step < self.total_steps:
+                profiler.before_step(self.step + 1)
                 lr = lr_at(self.step / self.steps_per_epoch, d.lr, cfg.optim.warmup_epochs, cfg.optim.epochs,
                            cfg.optim.min_lr)
                 for group in opt.param_groups:
@@ -297,12 +297,13 @@ class Trainer:
                     # the global index of this micro-batch's first group in the step (DESIGN §1.1)
                     first_group = (a * self.world_size + self.rank) * G
                     with self.dist.no_sync(model, a < self.accum - 1):
-                        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
-                                            enabled=self.amp_dtype is not None):
+                        with profiler.range("forward"), torch.autocast(
+                                dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                             ids = self.module.assign(G, cfg.run.seed, self.step, first_group, images.device)
                             out = forward(images, ids, collect_stats=log_now and a == self.accum - 1)
                         loss = out["loss"] / self.accum
-                        (self.scaler.scale(loss) if self.scaler else loss).backward()
+                        with profiler.range("backward"):
+                            (self.scaler.scale(loss) if self.scaler else loss).backward()
                     for k in sums:
                         sums[k] += out[k].detach() / self.accum
                     n_log += images.shape[0]
@@ -330,6 +331,9 @@ class Trainer:
                                         first_bad)
                 self.step += 1
                 bar.update(1)
+                trace = profiler.after_step(self.step)
+                if trace is not None:
+                    self._say(f"profile: steps {cfg.run.profile_steps} traced to {trace}", bar)
                 if log_now:
                     elapsed = time.perf_counter() - t_log
                     row = self._log_row(sums, self.step - step_log, lr, n_log, elapsed, wait_log, bad_total,
@@ -359,9 +363,13 @@ class Trainer:
             self.dist.barrier()  # no rank leaves before the checkpoint is written (torchrun stops them all)
             raise
         finally:
+            profiler.stop()
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            if self.loggers is not None:
+                self.loggers.close()
+                self.loggers = None
         if self.rank == 0 and self.step % cfg.run.ckpt_every:
             self.save()
         return self.history
@@ -381,12 +389,8 @@ class Trainer:
         self.history.append(row)
         if self.rank == 0:
             self._append_csv(row)
-            tb = self._tensorboard()
-            if tb is not None:
-                for key, value in row.items():
-                    if key != "step":
-                        tb.add_scalar(f"train/{key}", value, self.step)
-                tb.flush()
+            if self._open_loggers() is not None:
+                self.loggers.scalars(row, self.step)
         return row
 
     def _log_line(self, row: dict, s_per_step: float) -> str:
@@ -425,26 +429,16 @@ class Trainer:
 
     def _log_pictures(self, images: torch.Tensor) -> None:
         """The reconstruction and homologous-attention pictures of one fixed group (the first this run
-        saw, with the assignment of step 0, so that pictures compare across steps) to TensorBoard, or
-        as ``pictures/<name>-<step>.png`` when TensorBoard is not installed."""
-        from PIL import Image
-
-        from mixedae_fast.checkpoint import atomic_write
+        saw, with the assignment of step 0, so that pictures compare across steps) to every sink of
+        ``run.loggers`` (TensorBoard, W&B), or as ``pictures/<name>-<step>.png`` when none takes pictures."""
         from mixedae_fast.visualize import training_pictures
 
         model = getattr(self.model, "module", self.model)  # DDP keeps the model in .module
         if self._vis_images is None:
             self._vis_images = images[:model.group_size].detach().float().clone()
         pictures = training_pictures(model, self._vis_images, seed=self.cfg.run.seed, step=0)
-        tb = self._tensorboard()
         for name, array in pictures.items():
-            if tb is not None:
-                tb.add_image(f"pictures/{name}", array, self.step, dataformats="HWC")
-            else:
-                atomic_write(self.run_dir / "pictures" / f"{name}-{self.step:08d}.png",
-                             lambda f, a=array: Image.fromarray(a).save(f, format="PNG"))
-        if tb is not None:
-            tb.flush()
+            self._open_loggers().image(name, array, self.step)
 
     def _append_csv(self, row: dict) -> None:
         path = self.run_dir / "metrics.csv"
