@@ -70,7 +70,7 @@ def hc_scores_loss(scores: list[torch.Tensor], src: torch.Tensor, form: str = "i
         raise ValueError("hc_scores_loss needs the logits of at least one homologous block")
     per_block = []
     for s in scores:
-        s = select_heads(s.float(), heads)
+        s = select_heads(s.to(torch.promote_types(s.dtype, torch.float32)), heads)
         if form == "infonce":
             rows = hc_row_terms(s, src)
             per_block.append((rows[..., 0] - rows[..., 1]).mean())

@@ -346,6 +346,7 @@ def run_study(args, overrides) -> int:
 
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.config import load_config
+    from mixedae_fast.engine import StopRequested
 
     variants, seeds = check_args(args)
     base = load_config(args.config, overrides)
@@ -368,7 +369,13 @@ def run_study(args, overrides) -> int:
             resume = "auto" if (run_dir / "checkpoints").is_dir() else "none"
             cfg = load_config(args.config, common + list(variant_overrides(v))
                               + [f"--run.name={name}", f"--run.seed={s}", f"--run.resume={resume}"])
-            result = run_one(cfg, run_dir, train_dir, val_dir, args)
+            try:
+                result = run_one(cfg, run_dir, train_dir, val_dir, args)
+            except StopRequested as stop:  # the trainer saved a checkpoint: the same command continues it
+                bar.close()
+                print(f"{stop}: {name} saved at its last step; rerun the same command to continue the study",
+                      file=sys.stderr)
+                return 130
             result.update(variant=v, seed=s, overrides=list(variant_overrides(v)), **_stamp())
             atomic_write_json(result, out_dir / "results" / f"{name}.json")
             bar.update(1)
