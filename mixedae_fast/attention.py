@@ -406,6 +406,9 @@ def topk_stats(q, k, v_unused, src: torch.Tensor, topk: int) -> dict[str, torch.
     ``recognition``: among a query's kept patch keys other than itself, the fraction from its own
     source (chance ``(n-1)/(r*n-1)``). ``w_self / w_same / w_other / w_cls``: how the patch queries'
     attention weight splits between themselves, their source's other tokens, other sources, CLS.
+    ``jaccard``: how alike the heads select, per query the Jaccard overlap ``|A∩B| / |A∪B|`` of two
+    heads' kept patch-key sets, averaged over queries and pairs of heads (1 = every head keeps the
+    same keys; NaN with one head).
     """
     d = q.shape[-1]
     s = (q.float() @ k.float().transpose(-2, -1)) * d ** -0.5
@@ -418,8 +421,15 @@ def topk_stats(q, k, v_unused, src: torch.Tensor, topk: int) -> dict[str, torch.
     recognition = (kept_other & same).sum() / kept_other.sum().clamp_min(1)
     w = torch.cat([s[..., 1:, :1], s_pp.masked_fill(~keep, float("-inf"))], dim=-1).softmax(dim=-1)
     w_cls, w_pp = w[..., 0], w[..., 1:]
+    kept = keep.float()                                                  # [G, H, M, M]
+    inter = torch.einsum("ghmk,gjmk->ghjm", kept, kept)                 # [G, H, H, M]
+    size = kept.sum(-1)
+    jac = inter / (size[:, :, None] + size[:, None] - inter)
+    H = keep.shape[1]
+    pairs = torch.triu(torch.ones(H, H, dtype=torch.bool, device=q.device), diagonal=1)
     return {
         "recognition": recognition,
+        "jaccard": jac[:, pairs].mean(),
         "w_self": (w_pp * eye).sum(-1).mean(),
         "w_same": (w_pp * same).sum(-1).mean(),
         "w_other": (w_pp * ~(same | eye)).sum(-1).mean(),

@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     md.add_argument("--seed", type=int, default=0)
     _launch_parser(sub, [common, pretrain_opts])
     _downstream_parsers(sub)
+    _study_parser(sub, common)
     return p
 
 
@@ -160,6 +161,24 @@ def _downstream_parsers(sub) -> None:
     vi.add_argument("--block", type=int, default=None, help="encoder block (default: the last homologous one)")
     vi.add_argument("--seed", type=int, default=0, help="assignment seed")
     vi.add_argument("--step", type=int, default=0, help="assignment step")
+
+
+def _study_parser(sub, common) -> None:
+    from mixedae_fast.study import add_arguments  # no torch import there
+
+    st = sub.add_parser("study", parents=[common], help="named variants x seeds at one step budget, evaluated, "
+                        "one table (mean ± std) and a plot; resumable")
+    add_arguments(st)
+
+
+def cmd_study(args, overrides) -> int:
+    from mixedae_fast.study import StudyError, run_study
+
+    try:
+        return run_study(args, overrides)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _writable_run_dir(run_dir: Path) -> Path:
@@ -649,7 +668,8 @@ def _main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     commands = {"pretrain": cmd_pretrain, "config": cmd_config, "make-data": cmd_make_data, "launch": cmd_launch,
-                "eval": cmd_eval, "finetune": cmd_finetune, "export": cmd_export, "visualize": cmd_visualize}
+                "eval": cmd_eval, "finetune": cmd_finetune, "export": cmd_export, "visualize": cmd_visualize,
+                "study": cmd_study}
     return commands[args.command](args, overrides)
 
 

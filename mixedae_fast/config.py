@@ -32,6 +32,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixing.ha": ("topk", "oracle", "none"),
     "mixing.hc_on": ("attention", "head", "tokens", "both"),
     "mixing.segment_embed": ("none", "encoder"),
+    "mixing.hc_form": ("infonce", "hinge"),  # mixedae_fast.losses.HC_FORMS
+    "mixing.hc_grad": ("full", "qk"),  # mixedae_fast.losses.HC_GRADS
     "runtime.attention_backend": ATTENTION_BACKENDS,
     "runtime.kernels": KERNEL_BACKENDS,
     "runtime.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -80,6 +82,11 @@ class MixingConfig:
     hc_on: str = "attention"  # where the homologous contrastive loss acts: attention | head | tokens | both
     hc_weight: float = 1.0  # lambda_hc; 0 turns the loss off
     hc_tau: float = 0.2  # temperature of the head/tokens SupCon loss
+    # variants of the attention HC loss (mixedae_fast/losses.py); the defaults are the loss above
+    hc_heads: int | None = None  # the loss on heads 0 .. hc_heads-1 only; None = every head
+    hc_form: str = "infonce"  # infonce | hinge (ranking: same-source keys above the best other by hc_margin)
+    hc_margin: float = 1.0  # hinge margin in logit units
+    hc_grad: str = "full"  # full | qk (the loss trains only the q/k projections; tokens get no HC gradient)
     segment_embed: str = "none"  # encoder = learned per-slot embedding; leaks the grouping (ablation)
     norm_pix_loss: bool = True  # per-patch normalised pixel targets, as MAE
 
@@ -409,7 +416,8 @@ _GE1 = (lambda v: v >= 1, "must be >= 1")
 _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     **{key: (lambda v, c=c: v in c, f"must be one of {', '.join(c)}") for key, c in CHOICES.items()},
     **{f"model.{f.name}": _GT0 for f in dataclasses.fields(ModelConfig)},
-    "mixing.group_size": _GE1, "mixing.hc_tau": _GT0, "mixing.hc_weight": _GE0,
+    "mixing.group_size": _GE1, "mixing.hc_tau": _GT0, "mixing.hc_weight": _GE0, "mixing.hc_margin": _GE0,
+    "mixing.hc_heads": (lambda v: v is None or v >= 1, "must be >= 1, or null (every head)"),
     "mixing.mask_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "runtime.device": (_DEVICE.fullmatch, "must be auto, cpu, cuda or cuda:N"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
@@ -507,6 +515,9 @@ def validate(cfg: Config) -> Config:
     if bad:
         errors.append(f"mixing.ha_layers = {x.ha_layers!r}: indices {bad} out of range for model.depth = "
                       f"{m.depth}; allowed [{-m.depth}, {m.depth})")
+    if x.hc_heads is not None and x.hc_heads > m.num_heads:
+        errors.append(f"mixing.hc_heads = {x.hc_heads}: must be <= model.num_heads = {m.num_heads}, or null (every "
+                      "head)")
     if x.topk is not None and n >= 1 and not 1 <= x.topk <= r * n:
         errors.append(f"mixing.topk = {x.topk!r}: must be in [1, group_size * n_visible] = [1, {r * n}], "
                       f"or null (= n_visible = {n})")

@@ -25,7 +25,7 @@ from mixedae_fast._compat import import_timm
 from mixedae_fast.attention import BACKENDS, HA_MODES, HomologousAttention, MixLayout
 from mixedae_fast.kernels.patch_mix import KERNEL_BACKENDS, draw_assignment, patch_mix, patchify
 from mixedae_fast.kernels.unmix import unmix as unmix_op
-from mixedae_fast.losses import hc_attention_loss, reconstruction_loss, supcon_loss
+from mixedae_fast.losses import HC_FORMS, HC_GRADS, hc_attention_loss, hc_scores_loss, reconstruction_loss, supcon_loss
 
 import_timm()
 from timm.models.vision_transformer import Block  # noqa: E402  (after the torchvision shim)
@@ -85,7 +85,8 @@ class MixedAutoencoderViT(nn.Module):
                  mask_ratio: float = 0.75, ha: str = "topk", ha_layers=None, topk: int | None = None,
                  hc_on: str = "attention", hc_weight: float = 1.0, hc_tau: float = 0.2,
                  segment_embed: str = "none", norm_pix_loss: bool = True, attention_backend: str = "auto",
-                 kernels: str = "auto"):
+                 kernels: str = "auto", hc_heads: int | None = None, hc_form: str = "infonce",
+                 hc_margin: float = 1.0, hc_grad: str = "full"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -117,6 +118,14 @@ class MixedAutoencoderViT(nn.Module):
                           "ha='topk' and group_size > 1; it is ignored", stacklevel=2)
         if (self.hc_attention or self.hc_features) and n < 2:
             raise ValueError(f"the homologous contrastive loss needs n_visible >= 2 (got {n})")
+        # variants of the attention HC loss (losses.py): on the first hc_heads heads; infonce | hinge;
+        # hc_grad="qk": its gradient reaches the q/k projections only, not the tokens
+        self.hc_form, self.hc_grad = _choice("hc_form", hc_form, HC_FORMS), _choice("hc_grad", hc_grad, HC_GRADS)
+        if hc_heads is not None and not 1 <= hc_heads <= num_heads:
+            raise ValueError(f"hc_heads={hc_heads} must lie in [1, num_heads = {num_heads}] or be None (all)")
+        self.hc_heads, self.hc_margin = hc_heads, hc_margin
+        # forms the attention op's row terms do not give: the loss from logits recomputed per block
+        self.hc_from_scores = self.hc_attention and (hc_form != "infonce" or hc_grad != "full")
 
         # encoder
         self.patch_embed = nn.Linear(self.patch_dim, embed_dim)  # a Linear on (p, q, c) patch vectors
@@ -168,12 +177,14 @@ class MixedAutoencoderViT(nn.Module):
                          backend=self.kernels)
 
     def make_layout(self, hc: bool | None = None, collect_stats: bool = False) -> MixLayout:
-        return MixLayout(self.group_size, self.n_visible, self.ha, self.topk,
-                         hc=self.hc_attention if hc is None else hc, collect_stats=collect_stats)
+        hc = self.hc_attention and not self.hc_from_scores if hc is None else hc
+        return MixLayout(self.group_size, self.n_visible, self.ha, self.topk, hc=hc, collect_stats=collect_stats)
 
-    def forward_encoder(self, mixed: torch.Tensor, ids: torch.Tensor, layout: MixLayout | None = None):
+    def forward_encoder(self, mixed: torch.Tensor, ids: torch.Tensor, layout: MixLayout | None = None,
+                        hc_scores: list | None = None):
         """``mixed [G, r*n, 3P²]`` -> ``latent [G, 1 + r*n, D]`` after the final norm, and a copy of the
-        layout holding the HC row terms and stats each homologous block returned."""
+        layout holding the HC row terms and stats each homologous block returned. A list ``hc_scores``
+        receives each homologous block's HC logits (:meth:`hc_block_scores`, for the non-default HC forms)."""
         layout = self.make_layout() if layout is None else layout
         x = self.patch_embed(mixed) + self.pos_embed[0, 1:][ids.long()]
         if self.seg_embed is not None:
@@ -183,10 +194,24 @@ class MixedAutoencoderViT(nn.Module):
         ha_layers = set(self.ha_layers)
         hc_rows, stats = [], []
         for i, blk in enumerate(self.blocks):
+            if hc_scores is not None and i in ha_layers:
+                hc_scores.append(self.hc_block_scores(blk, x))
             x, rows, st = blk.forward_homologous(x, layout if i in ha_layers else None)
             hc_rows += [] if rows is None else [rows]
             stats += [] if st is None else [st]
         return self.norm(x), layout.with_outputs(hc_rows, stats)
+
+    def hc_block_scores(self, blk: MixedBlock, x: torch.Tensor) -> torch.Tensor:
+        """fp32 patch-to-patch logits ``q·k/√d [G, H, M, M]`` of block ``blk`` on its input ``x``: the
+        scores its TopK selects on, recomputed (the reference path) for the HC forms that need them.
+        With ``hc_grad="qk"`` the input is detached, so the loss trains the selection (q/k projections
+        and the block's first norm) without reshaping the tokens the features are made of."""
+        attn = blk.attn
+        x = x.detach() if self.hc_grad == "qk" else x
+        G, L, _ = x.shape
+        qk = attn.qkv(blk.norm1(x)).reshape(G, L, 3, attn.num_heads, attn.head_dim)[:, 1:, :2]
+        q, k = qk.float().permute(2, 0, 3, 1, 4).unbind(0)
+        return (q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5
 
     def unmix(self, latent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``latent [G, 1 + r*n, D]`` -> decoder input ``[B, N + 1, Dd]`` (DESIGN §1.5)."""
@@ -202,11 +227,14 @@ class MixedAutoencoderViT(nn.Module):
     def forward_loss(self, pred, targets, loss_mask) -> torch.Tensor:
         return reconstruction_loss(pred, targets, loss_mask)
 
-    def forward_hc(self, latent: torch.Tensor, layout: MixLayout) -> torch.Tensor:
+    def forward_hc(self, latent: torch.Tensor, layout: MixLayout, hc_scores: list | None = None) -> torch.Tensor:
         """The homologous contrastive loss (unweighted), or a zero when it is inactive."""
         parts = []
-        if self.hc_attention:
-            parts.append(hc_attention_loss(layout.hc_rows))
+        if self.hc_from_scores:
+            parts.append(hc_scores_loss(hc_scores, layout.source_ids(latent.device), self.hc_form, self.hc_margin,
+                                        self.hc_heads))
+        elif self.hc_attention:
+            parts.append(hc_attention_loss(layout.hc_rows, self.hc_heads))
         if self.hc_features:
             tokens = latent[:, 1:]
             feats = self.hc_head(tokens) if self.hc_head is not None else tokens
@@ -223,14 +251,18 @@ class MixedAutoencoderViT(nn.Module):
         if ids is None:
             ids = self.assign(G, seed, step, first_group, images.device)
         mixed, targets, loss_mask = self.mix(images, ids)
-        latent, layout = self.forward_encoder(mixed, ids, self.make_layout(collect_stats=collect_stats))
+        hc_scores = [] if self.hc_from_scores else None
+        latent, layout = self.forward_encoder(mixed, ids, self.make_layout(collect_stats=collect_stats), hc_scores)
         pred = self.forward_decoder(self.unmix(latent, ids))
         loss_rec = self.forward_loss(pred, targets, loss_mask)
-        loss_hc = self.forward_hc(latent, layout)
+        loss_hc = self.forward_hc(latent, layout, hc_scores)
         out = dict(loss=loss_rec + self.hc_weight * loss_hc, loss_rec=loss_rec, loss_hc=loss_hc, pred=pred,
                    targets=targets, loss_mask=loss_mask, ids=ids)
         if collect_stats:
             out["stats"] = {f"ha{i}/{k}": v for i, s in zip(self.ha_layers, layout.stats) for k, v in s.items()}
+            # per-block columns of metrics.csv (the trainer averages each name over blocks; these have one)
+            out["stats"].update({f"ha{i}/{k}_b{i}": s[k] for i, s in zip(self.ha_layers, layout.stats)
+                                 for k in ("recognition", "jaccard")})
         return out
 
     def _check_images(self, images: torch.Tensor, grouped: bool = True) -> None:
@@ -279,5 +311,6 @@ def build_model(cfg) -> MixedAutoencoderViT:
         group_size=x.group_size, mask_ratio=x.mask_ratio, ha=x.ha, ha_layers=x.ha_layers, topk=x.topk,
         hc_on=x.hc_on, hc_weight=x.hc_weight, hc_tau=x.hc_tau, segment_embed=x.segment_embed,
         norm_pix_loss=x.norm_pix_loss, attention_backend=cfg.runtime.attention_backend,
-        kernels=cfg.runtime.kernels,
+        kernels=cfg.runtime.kernels, hc_heads=x.hc_heads, hc_form=x.hc_form, hc_margin=x.hc_margin,
+        hc_grad=x.hc_grad,
     )

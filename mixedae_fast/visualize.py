@@ -164,8 +164,10 @@ def homologous_selection(model, images: torch.Tensor, query: int | None = None, 
     on the block's fp32 scores, per head). Returns a dict: ``keep [H, r·n]`` bool, ``positions [r·n]``
     (image position of each token), ``sources [r·n]``, ``query``, ``block``, per head and pooled the
     fraction of the query's kept keys (other than itself) from its own source (``query_recognition``,
-    ``query_recognition_per_head``), the block's recognition accuracy over the whole group as the
-    trainer logs it (``attention.topk_stats``), ``chance`` and the ``mixed`` input picture.
+    ``query_recognition_per_head``), the block's recognition accuracy and its heads' selection overlap
+    (mean pairwise Jaccard of their TopK sets) over the whole group as the trainer logs them
+    (``attention.topk_stats``: ``block_recognition``, ``block_jaccard``), ``chance`` and the ``mixed``
+    input picture.
     """
     from mixedae_fast.attention import topk_stats
 
@@ -205,11 +207,12 @@ def homologous_selection(model, images: torch.Tensor, query: int | None = None, 
     same = (src == src[query])[None] & others
     per_head = same.sum(1).float() / others.sum(1).clamp_min(1)
     pos = ids[0].long()
+    block_stats = topk_stats(q, k, v, src, model.topk)
     return {
         "keep": keep.cpu(), "positions": pos.cpu(), "sources": src.cpu(), "query": query, "block": block,
         "query_recognition": same.sum().item() / max(others.sum().item(), 1),
         "query_recognition_per_head": per_head.cpu().tolist(),
-        "block_recognition": topk_stats(q, k, v, src, model.topk)["recognition"].item(),
+        "block_recognition": block_stats["recognition"].item(), "block_jaccard": block_stats["jaccard"].item(),
         "chance": model.recognition_chance, "topk": model.topk, "ha": model.ha, "grid": model.grid,
         "patch_size": model.patch_size,
         "mixed": _mixed_picture(patchify(images, model.patch_size), ids[0], n, model.patch_size),
@@ -260,7 +263,8 @@ def _homologous_fig(sel: dict):
     note = "" if sel["ha"] == "topk" else f" (ha={sel['ha']}: top-K by score, not applied)"
     fig.suptitle(f"block {sel['block']}, query ★ = source {int(src[qi])} patch ({row},{col}); its top-{sel['topk']} "
                  f"keys{note}: {sel['query_recognition']:.2f} from its own source (chance {sel['chance']:.2f}); "
-                 f"block recognition {sel['block_recognition']:.2f}", fontsize=8)
+                 f"block recognition {sel['block_recognition']:.2f}, heads' TopK overlap (Jaccard) "
+                 f"{sel['block_jaccard']:.2f}", fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 0.93))
     return fig
 

@@ -277,7 +277,7 @@ def test_topk_stats_against_brute_force():
     q, k, v = _qkv(G, H, r, n, d, seed=6)
     src = _src(r, n)
     stats = topk_stats(q, k, v, src, K)
-    assert set(stats) == {"recognition", "w_self", "w_same", "w_other", "w_cls"}
+    assert set(stats) == {"recognition", "jaccard", "w_self", "w_same", "w_other", "w_cls"}
     total = sum(float(stats[key]) for key in ("w_self", "w_same", "w_other", "w_cls"))
     assert abs(total - 1) < 1e-5
 

@@ -257,7 +257,7 @@ def test_ha_layers_subset():
     latent, layout = model.forward_encoder(mixed, ids, model.make_layout(collect_stats=True))
     assert len(layout.hc_rows) == 1 and len(layout.stats) == 1  # block 1 ran global attention
     stats = model(images_for(model, 4), collect_stats=True)["stats"]
-    assert set(stats) == {f"ha0/{k}" for k in STAT_NAMES}
+    assert set(stats) == {f"ha0/{k}" for k in (*STAT_NAMES, "jaccard", "recognition_b0", "jaccard_b0")}
     # and the result is block 0 with TopK, then block 1 global
     with torch.no_grad():
         x = model.patch_embed(mixed) + model.pos_embed[0, 1:][ids.long()]
@@ -349,7 +349,8 @@ def test_bf16_autocast_on_cpu():
 def test_stats_and_recognition_chance():
     model = perturb(tiny(ha="topk", group_size=4, depth=2))
     out = model(images_for(model, 8), collect_stats=True)
-    assert set(out["stats"]) == {f"ha{i}/{k}" for i in (0, 1) for k in STAT_NAMES}
+    assert set(out["stats"]) == {f"ha{i}/{k}" for i in (0, 1)
+                                 for k in (*STAT_NAMES, "jaccard", f"recognition_b{i}", f"jaccard_b{i}")}
     for i in (0, 1):
         assert 0.0 <= float(out["stats"][f"ha{i}/recognition"]) <= 1.0
         split = sum(float(out["stats"][f"ha{i}/{k}"]) for k in STAT_NAMES[1:])

@@ -1,0 +1,396 @@
+"""``mixedae-fast study``: named variants x seeds at one step budget, each evaluated, one table.
+
+Every run pretrains a fresh model on the same data for the same number of epochs (so the same number
+of optimizer steps and the same schedule), then its frozen encoder is evaluated (mean-pooled
+features): weighted kNN, a linear probe and nearest-class-mean few-shot. Two evaluation splits are
+kept apart: choices between variants are made on the *select* split (by default a held-out part of
+the training folder, disjoint from the labelled bank that kNN / probe / few-shot fit on) and the
+table reports the *report* split (by default val). Both are written down in the output.
+
+Layout of a study folder (``--out``)::
+
+    runs/<variant>-seed<k>/    the run (config.yaml, metrics.csv, checkpoints/); resumed if interrupted
+    results/<variant>-seed<k>.json   its finished result; a rerun skips runs that have one
+    study.md, study.json, study.csv, study.png   the table (mean ± std over seeds) and its plot
+
+Variants are named config overrides (:data:`VARIANTS`), applied after ``--config`` and the command
+line's own ``--section.key=value`` overrides. This module imports torch only inside functions (the
+command line starts fast).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+# name -> (what it is, its config overrides)
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mae": ("MAE mode (r = 1, global attention, no HC)",
+            ("--mixing.group_size=1", "--mixing.ha=none", "--mixing.hc_weight=0")),
+    "oracle": ("oracle: same-source keys only, no HC", ("--mixing.ha=oracle", "--mixing.hc_weight=0")),
+    "naive": ("naive mixing: global attention, no HC", ("--mixing.ha=none", "--mixing.hc_weight=0")),
+    "topk": ("TopK, no HC loss", ("--mixing.ha=topk", "--mixing.hc_weight=0")),
+    "default": ("TopK + the config's HC loss as it stands (InfoNCE on every head's logits)", ()),
+    "hc_head0": ("TopK + InfoNCE HC on head 0 only", ("--mixing.ha=topk", "--mixing.hc_heads=1")),
+    "hc_qk": ("TopK + InfoNCE HC, its gradient into q/k only (tokens detached)",
+              ("--mixing.ha=topk", "--mixing.hc_grad=qk")),
+    "hinge": ("TopK + ranking hinge HC (margin 1) on every head", ("--mixing.ha=topk", "--mixing.hc_form=hinge")),
+    "hinge_head0": ("TopK + ranking hinge HC on head 0 only",
+                    ("--mixing.ha=topk", "--mixing.hc_form=hinge", "--mixing.hc_heads=1")),
+    "hinge_qk": ("TopK + ranking hinge HC, gradient into q/k only",
+                 ("--mixing.ha=topk", "--mixing.hc_form=hinge", "--mixing.hc_grad=qk")),
+}
+SPLITS = ("heldout", "val")
+DATASETS = ("embedded", "digits", "lfw", "photos")
+METRICS = ("knn", "linear_probe", "few_shot")
+TRAIN_STATS = ("recognition", "jaccard", "w_self", "loss_rec", "loss_hc")
+
+
+class StudyError(ValueError):
+    """Bad study input: the message says what, why and the fix."""
+
+
+def variant_overrides(name: str) -> tuple[str, ...]:
+    if name not in VARIANTS:
+        raise StudyError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name][1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated names (default: all): {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2)")
+    p.add_argument("--epochs", type=int, default=6,
+                   help="the budget: epochs of the training folder per run, the same for every variant (default 6: "
+                        "936 steps of cpu_tiny on the embedded set; 10 variants x 3 seeds ~ 1 h on 2 CPU cores)")
+    p.add_argument("--dataset", default="embedded", choices=DATASETS,
+                   help="embedded scenes (default) or a real set shipped with scikit-learn/-image")
+    p.add_argument("--data-dir", default=None,
+                   help="any folder with train/ and val/ (ImageFolder); overrides --dataset")
+    p.add_argument("--out", default=None, help="study folder (default runs/study-<dataset>); a rerun resumes it")
+    p.add_argument("--select-split", default="heldout", choices=SPLITS,
+                   help="where variants are compared and chosen (default: heldout = a held-out part of the training "
+                        "folder, never in the labelled bank)")
+    p.add_argument("--report-split", default="val", choices=SPLITS, help="what the table reports (default val)")
+    p.add_argument("--heldout", type=float, default=0.2,
+                   help="fraction of the training folder held out for the select split (default 0.2, at most 1000)")
+    p.add_argument("--shots", type=int, default=5, help="few-shot: labelled images per class (default 5)")
+    p.add_argument("--probe-epochs", type=int, default=100)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_list(text: str, what: str, cast=str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        items = [cast(t) for t in items]
+    except ValueError:
+        raise StudyError(f"--{what} {text!r}: not a comma-separated list of {cast.__name__}s") from None
+    if not items or len(set(items)) != len(items):
+        raise StudyError(f"--{what} {text!r}: give at least one, without repeats")
+    return items
+
+
+def check_args(args) -> tuple[list[str], list[int]]:
+    variants = parse_list(args.variants, "variants")
+    for v in variants:
+        variant_overrides(v)
+    seeds = parse_list(args.seeds, "seeds", int)
+    if args.select_split == args.report_split:
+        raise StudyError(f"--select-split and --report-split are both {args.select_split!r}: choices must be made on "
+                         "another split than the one the table reports")
+    if args.epochs < 1 or args.shots < 1 or args.probe_epochs < 1 or not 0 < args.heldout < 1:
+        raise StudyError(f"--epochs {args.epochs}, --shots {args.shots}, --probe-epochs {args.probe_epochs}, "
+                         f"--heldout {args.heldout}: need epochs, shots, probe epochs >= 1 and 0 < heldout < 1")
+    return variants, seeds
+
+
+def data_folders(args, img_size: int) -> tuple[Path, Path, str]:
+    """``(train_dir, val_dir, name)``: one folder pair for every run of the study (the embedded set is
+    drawn once with data seed 0, whatever the run seeds)."""
+    if args.data_dir is not None:
+        root = Path(args.data_dir)
+        missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{root} has no {' or '.join(missing)}/ folder; a study folder holds train/ and "
+                                    "val/, each with one subfolder per class (ImageFolder layout)")
+        return root / "train", root / "val", root.name
+    if args.dataset == "embedded":
+        from mixedae_fast.pipelines.synthetic import (
+            DEFAULT_NUM_TRAIN,
+            DEFAULT_NUM_VAL,
+            default_data_root,
+            write_image_folder,
+        )
+        root = write_image_folder(default_data_root(img_size, seed=0), DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL,
+                                  size=img_size, seed=0, progress=False)
+    else:
+        from mixedae_fast.pipelines.offline import write_offline_folder
+        root = write_offline_folder(args.dataset, size=img_size)
+    return root / "train", root / "val", args.dataset
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+def split_indices(num: int, heldout: float, seed: int = 0, bank_max: int = 2000, heldout_max: int = 1000):
+    """Disjoint ``(bank, heldout)`` index tensors into the training folder, the same for every run."""
+    import torch
+
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+    n_held = min(max(1, int(num * heldout)), heldout_max)
+    return order[n_held:][:bank_max].sort().values, order[:n_held].sort().values
+
+
+def few_shot_accuracy(train_x, train_y, val_x, val_y, shots: int = 5, episodes: int = 20, seed: int = 0) -> float:
+    """Nearest class mean (cosine) from ``shots`` labelled images per class, averaged over ``episodes``
+    random draws; percent correct. Classes with fewer than ``shots`` images use what they have."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    tx, vx = F.normalize(train_x.float(), dim=1), F.normalize(val_x.float(), dim=1)
+    classes = torch.unique(train_y)
+    accs = []
+    for _ in range(episodes):
+        means = []
+        for c in classes:
+            idx = torch.nonzero(train_y == c).flatten()
+            pick = idx[torch.randperm(len(idx), generator=g)[:shots]]
+            means.append(F.normalize(tx[pick].mean(0), dim=0))
+        pred = classes[(vx @ torch.stack(means).T).argmax(dim=1)]
+        accs.append((pred == val_y).float().mean().item())
+    return 100.0 * sum(accs) / len(accs)
+
+
+def evaluate_run(model, train_dir, val_dir, img_size, device, heldout, shots, probe_epochs, amp_dtype=None) -> dict:
+    """``{split: {knn, linear_probe, few_shot}}`` for the ``heldout`` and ``val`` splits; kNN, probe and
+    few-shot fit on the labelled bank (training folder minus the held-out part)."""
+    from mixedae_fast.evaluate import extract_pooled, image_loaders, knn_accuracy, linear_probe_accuracy
+
+    train, val = image_loaders(str(train_dir), str(val_dir), img_size, device)
+    tx, ty = extract_pooled(model, train, device, ("avg",), amp_dtype)
+    vx, vy = extract_pooled(model, val, device, ("avg",), amp_dtype)
+    tx, vx = tx["avg"], vx["avg"]
+    bank, held = split_indices(len(tx), heldout)
+    bank, held = bank.to(tx.device), held.to(tx.device)
+    bx, by = tx[bank], ty[bank]
+    out = {}
+    for split, (x, y) in {"heldout": (tx[held], ty[held]), "val": (vx, vy)}.items():
+        out[split] = {"knn": knn_accuracy(bx, by, x, y),
+                      "linear_probe": linear_probe_accuracy(bx, by, x, y, epochs=probe_epochs),
+                      "few_shot": few_shot_accuracy(bx, by, x, y, shots)}
+    out["sizes"] = {"bank": len(bank), "heldout": len(held), "val": len(vx)}
+    return out
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+def run_one(cfg, run_dir: Path, train_dir, val_dir, args) -> dict:
+    """Pretrain (resuming ``run_dir`` when it holds a checkpoint) and evaluate one variant x seed."""
+    import torch
+
+    from mixedae_fast.data import build_loaders
+    from mixedae_fast.engine import Trainer, resolve_device, resolve_precision
+    from mixedae_fast.models import build_model
+
+    device = resolve_device(cfg.runtime.device)
+    amp = resolve_precision(cfg.runtime.precision, device)
+    data = build_loaders(cfg, device, amp or torch.float32, progress=False)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg).to(device)
+    trainer = Trainer(cfg, model, data.train, run_dir, device, progress=False)
+    resumed = trainer.maybe_resume()
+    t0 = time.perf_counter()
+    history = trainer.fit()
+    train_s = time.perf_counter() - t0
+    final = history[-1] if history else {}
+    evals = evaluate_run(model, train_dir, val_dir, cfg.model.img_size, device, args.heldout, args.shots,
+                         args.probe_epochs, amp)
+    return {"steps": trainer.step, "train_seconds": train_s, "resumed_from": str(resumed) if resumed else None,
+            "final": final, "eval": evals}
+
+
+def _stamp() -> dict:
+    from mixedae_fast.benchmarks.common import git_sha
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": git_sha(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+# -- the table ---------------------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def summarize(results: dict[str, list[dict]], select: str, report: str) -> list[dict]:
+    """One row per variant: mean and std over seeds of each metric on both splits and of the last
+    logged training stats."""
+    rows = []
+    for name, runs in results.items():
+        row = {"variant": name, "description": VARIANTS[name][0], "seeds": [r["seed"] for r in runs],
+               "steps": runs[0]["steps"] if runs else None}
+        for split in (select, report):
+            for metric in METRICS:
+                row[f"{split}/{metric}"] = mean_std([r["eval"][split][metric] for r in runs])
+        for stat in TRAIN_STATS:
+            row[stat] = mean_std([r["final"].get(stat) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def _fmt(ms: tuple, digits: int = 1) -> str:
+    m, s = ms
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
+
+
+def markdown_table(rows: list[dict], select: str, report: str, meta: dict) -> str:
+    best = max(rows, key=lambda r: -math.inf if r[f"{select}/knn"][0] is None else r[f"{select}/knn"][0])
+    head = (f"| variant | {report} kNN | {report} probe | {report} {meta['shots']}-shot | {select} kNN | "
+            f"{select} probe | recognition | head Jaccard | w_self |")
+    lines = [head, "|" + " --- |" + " ---: |" * 8]
+    for r in rows:
+        cells = [_fmt(r[f"{report}/{m}"]) for m in METRICS] + [_fmt(r[f"{select}/{m}"]) for m in METRICS[:2]]
+        cells += [_fmt(r[s], 2) for s in ("recognition", "jaccard", "w_self")]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    notes = [
+        f"Study: {meta['dataset']}, {meta['runs']} runs ({len(rows)} variants x seeds {meta['seeds']}), "
+        f"{meta['epochs']} epochs = {meta['steps']} steps each, config {meta['config']} "
+        f"{' '.join(meta['overrides'])}".rstrip() + ".",
+        f"Mean ± sample std over seeds (no ± with one seed). Mean-pooled features; kNN (k 20, τ 0.07), linear probe "
+        f"({meta['probe_epochs']} epochs) and {meta['shots']}-shot nearest class mean fit on a bank of "
+        f"{meta['sizes']['bank']} training images. Select split: {select} ({meta['sizes'][select]} images); report "
+        f"split: {report} ({meta['sizes'][report]} images). Recognition, head Jaccard, w_self: the last logged "
+        "training step, mean over homologous blocks (– where the variant has no TopK).",
+        f"Chosen on the {select} split (best kNN): {best['variant']}.",
+        f"git {meta['git_sha']}, {meta['machine']}, OMP_NUM_THREADS={meta['omp_num_threads']}, {meta['date']}.",
+        f"Command: {meta['command']}",
+    ]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def write_outputs(out_dir: Path, rows: list[dict], select: str, report: str, meta: dict) -> list[Path]:
+    import csv
+
+    from mixedae_fast.checkpoint import atomic_write_json
+
+    paths = [atomic_write_json({"meta": meta, "select_split": select, "report_split": report, "rows": rows},
+                               out_dir / "study.json")]
+    md = out_dir / "study.md"
+    md.write_text(markdown_table(rows, select, report, meta))
+    paths.append(md)
+    keys = [k for k in rows[0] if k not in ("description", "seeds")]
+    with open(out_dir / "study.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "seeds"] + [f"{k}_{part}" for k in keys[1:] if isinstance(rows[0][k], tuple)
+                                           for part in ("mean", "std")] + ["select_split", "report_split"])
+        for r in rows:
+            vals = []
+            for k in keys[1:]:
+                if isinstance(r[k], tuple):
+                    vals += [r[k][0], "" if r[k][1] is None else r[k][1]]
+            w.writerow([r["variant"], " ".join(map(str, r["seeds"]))] + vals + [select, report])
+    paths.append(out_dir / "study.csv")
+    paths.append(plot_study(rows, report, out_dir / "study.png", meta))
+    return paths
+
+
+def plot_study(rows: list[dict], report: str, out_png: Path, meta: dict) -> Path:
+    from mixedae_fast.visualize import _pyplot, _save
+
+    plt = _pyplot()
+    names = [r["variant"] for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows) + 4), 3.8), dpi=100,
+                                  gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.27
+    for j, (metric, label) in enumerate((("knn", "kNN"), ("linear_probe", "linear probe"),
+                                         ("few_shot", f"{meta['shots']}-shot"))):
+        means = [r[f"{report}/{metric}"][0] or 0.0 for r in rows]
+        errs = [r[f"{report}/{metric}"][1] or 0.0 for r in rows]
+        ax.bar([i + (j - 1) * width for i in x], means, width, yerr=errs, capsize=2, label=label)
+    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"{report} accuracy %")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{meta['dataset']}: {meta['steps']} steps, seeds {meta['seeds']}", fontsize=9)
+    for stat, marker in (("recognition", "o"), ("jaccard", "s")):
+        ax2.plot(x, [math.nan if r[stat][0] is None else r[stat][0] for r in rows], marker, label=stat)
+    ax2.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+    ax2.set_ylim(0, 1.05)
+    ax2.legend(fontsize=7)
+    ax2.set_title("last logged step, mean over blocks", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+def run_study(args, overrides) -> int:
+    """``mixedae-fast study``: run what is missing, then write the table and the plot."""
+    import sys
+
+    from tqdm import tqdm
+
+    from mixedae_fast.checkpoint import atomic_write_json
+    from mixedae_fast.config import load_config
+    from mixedae_fast.engine import StopRequested
+
+    variants, seeds = check_args(args)
+    base = load_config(args.config, overrides)
+    train_dir, val_dir, dataset = data_folders(args, base.model.img_size)
+    out_dir = Path(args.out or Path(base.run.out_dir) / f"study-{dataset}")
+    (out_dir / "results").mkdir(parents=True, exist_ok=True)
+    common = list(overrides) + [f"--data.path={train_dir}", f"--data.val_path={val_dir}", "--data.format=imagefolder",
+                                f"--optim.epochs={args.epochs}", f"--run.out_dir={out_dir / 'runs'}"]
+    plan = [(v, s) for v in variants for s in seeds]
+    todo = [(v, s) for v, s in plan if not (out_dir / "results" / f"{v}-seed{s}.json").is_file()]
+    print(f"study {out_dir}: {len(plan)} runs ({len(plan) - len(todo)} done), {args.epochs} epochs each on {dataset} "
+          f"({train_dir}); select on {args.select_split}, report {args.report_split}", flush=True)
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="study", unit="run", dynamic_ncols=True,
+               disable=args.no_progress)
+    try:
+        for v, s in todo:
+            name = f"{v}-seed{s}"
+            bar.set_postfix_str(name)
+            run_dir = out_dir / "runs" / name
+            resume = "auto" if (run_dir / "checkpoints").is_dir() else "none"
+            cfg = load_config(args.config, common + list(variant_overrides(v))
+                              + [f"--run.name={name}", f"--run.seed={s}", f"--run.resume={resume}"])
+            try:
+                result = run_one(cfg, run_dir, train_dir, val_dir, args)
+            except StopRequested as stop:  # the trainer saved a checkpoint: the same command continues it
+                bar.close()
+                print(f"{stop}: {name} saved at its last step; rerun the same command to continue the study",
+                      file=sys.stderr)
+                return 130
+            result.update(variant=v, seed=s, overrides=list(variant_overrides(v)), **_stamp())
+            atomic_write_json(result, out_dir / "results" / f"{name}.json")
+            bar.update(1)
+    finally:
+        bar.close()
+    results = {v: [json.loads((out_dir / "results" / f"{v}-seed{s}.json").read_text()) for s in seeds]
+               for v in variants}
+    first = results[variants[0]][0]
+    meta = {"dataset": dataset, "train_dir": str(train_dir), "val_dir": str(val_dir), "epochs": args.epochs,
+            "steps": first["steps"], "seeds": seeds, "runs": len(plan), "config": args.config,
+            "overrides": list(overrides), "shots": args.shots, "probe_epochs": args.probe_epochs,
+            "heldout_fraction": args.heldout, "sizes": first["eval"]["sizes"],
+            "command": "mixedae-fast " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "mixedae-fast study",
+            **_stamp()}
+    rows = summarize(results, args.select_split, args.report_split)
+    for path in write_outputs(out_dir, rows, args.select_split, args.report_split, meta):
+        print(path)
+    return 0

@@ -1,0 +1,81 @@
+"""``mixedae-fast study``: the variant registry, the evaluation splits kept apart, the few-shot and
+mean ± std arithmetic, a tiny study end to end, its resume, and bad input."""
+import json
+
+import pytest
+import torch
+
+from mixedae_fast import study
+from mixedae_fast.cli import main
+from mixedae_fast.config import load_config
+from mixedae_fast.pipelines.synthetic import write_image_folder
+
+TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=1",
+        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
+        "--model.decoder_num_heads=2", "--data.batch_size=8", "--optim.warmup_epochs=0", "--run.log_every=2"]
+
+
+@pytest.mark.parametrize("name", list(study.VARIANTS))
+def test_every_variant_is_a_valid_config(name):
+    cfg = load_config("cpu_tiny", list(study.variant_overrides(name)))
+    assert cfg.mixing.group_size >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "mae,nope"], "error: unknown variant 'nope'; valid variants: mae, oracle, naive"),
+    (["--select-split", "val"], "error: --select-split and --report-split are both 'val'"),
+    (["--seeds", "0,x"], "error: --seeds '0,x': not a comma-separated list of ints"),
+    (["--seeds", "1,1"], "error: --seeds '1,1': give at least one, without repeats"),
+])
+def test_bad_input_is_one_error_line(argv, message, capsys):
+    assert main(["study", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_select_and_report_splits_are_disjoint_and_fixed():
+    bank, held = study.split_indices(500, 0.2)
+    assert len(held) == 100 and len(bank) == 400
+    assert not set(bank.tolist()) & set(held.tolist())
+    again = study.split_indices(500, 0.2)
+    assert torch.equal(bank, again[0]) and torch.equal(held, again[1])
+
+
+def test_mean_and_sample_std():
+    m, s = study.mean_std([1.0, 2.0, 4.0, None])
+    assert m == pytest.approx(7 / 3) and s == pytest.approx((7 / 3) ** 0.5)  # squares 42/9 over n - 1 = 2
+    assert study.mean_std([3.0]) == (3.0, None) and study.mean_std([None]) == (None, None)
+
+
+def test_few_shot_nearest_class_mean():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(10)
+    x = torch.eye(4)[y] * 5 + torch.randn(40, 4, generator=g) * 0.1
+    assert study.few_shot_accuracy(x, y, x, y, shots=2) == 100.0
+    assert study.few_shot_accuracy(x, y, x, (y + 1) % 4, shots=2) == 0.0
+
+
+def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    argv = ["study", "--data-dir", str(data), "--out", str(tmp_path / "st"), "--variants", "mae,hinge_qk",
+            "--seeds", "0", "--epochs", "1", "--probe-epochs", "2", "--no-progress", *TINY]
+    assert main(argv) == 0
+    out = tmp_path / "st"
+    table = json.loads((out / "study.json").read_text())
+    assert (table["select_split"], table["report_split"]) == ("heldout", "val")
+    assert [r["variant"] for r in table["rows"]] == ["mae", "hinge_qk"]
+    assert table["meta"]["steps"] == 6 and table["meta"]["sizes"] == {"bank": 39, "heldout": 9, "val": 24}
+    hinge = json.loads((out / "results" / "hinge_qk-seed0.json").read_text())
+    assert hinge["steps"] == 6 and set(hinge["eval"]) == {"heldout", "val", "sizes"}
+    assert 0 <= hinge["final"]["jaccard_b0"] <= 1
+    assert "jaccard_b0" in (out / "runs" / "hinge_qk-seed0" / "metrics.csv").read_text().splitlines()[0]
+    md = (out / "study.md").read_text()
+    assert "Select split: heldout (9 images); report split: val (24 images)" in md
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun skips finished runs and only rewrites the table
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(study, "run_one", no_training)
+    assert main(argv) == 0
+    assert json.loads((out / "study.json").read_text())["rows"] == table["rows"]
