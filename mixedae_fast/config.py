@@ -139,7 +139,11 @@ class RunConfig:
     # a deliberate choice, logged (what one does after a NaN stop); model, mixing and data stay fixed
     resume_override: bool = False
     eval: bool = True  # kNN / probe evaluation at the end
-    vis_every: int = 0  # steps between pictures (TensorBoard, else PNGs in pictures/); 0 = none
+    vis_every: int = 0  # steps between pictures (to run.loggers' TensorBoard/W&B, else PNGs in pictures/); 0 = none
+    # where scalars and pictures go besides metrics.csv (always written): csv | tensorboard | wandb
+    # (tensorboard and wandb: pip install 'mixedae_fast[log]'; wandb offline unless logged in)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    profile_steps: str | None = None  # "A:B": trace optimizer steps A..B with torch.profiler into <run>/profile/
 
 
 @dataclass
@@ -377,7 +381,8 @@ def apply_override(d: dict[str, typing.Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw
     tp = _field_types(SECTIONS[section])[key]
-    accepts_str = tp is str or str in typing.get_args(tp)
+    # a str field (or str | None): the value as typed; a list[str] field still parses as a YAML list
+    accepts_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
     if accepts_str and value is not None and not isinstance(value, str):
         value = raw  # --run.name=2024 is the name "2024"
     if accepts_str and isinstance(value, str) and raw[:1] not in ("'", '"'):
@@ -435,7 +440,16 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
                     "characters (newlines, tabs, ...)"),
     "dist.timeout_s": _GT0, "dist.bucket_mb": _GT0,
     "run.vis_every": (lambda v: v >= 0, "must be >= 0 (0 = no pictures during training)"),
+    "run.loggers": (lambda v: all(x in ("csv", "tensorboard", "wandb") for x in v),
+                    "must be a list of csv, tensorboard, wandb, e.g. [csv, tensorboard]"),
+    "run.profile_steps": (lambda v: v is None or _profile_window(v), "must be 'A:B' with 1 <= A <= B (optimizer "
+                          "steps to trace), or null"),
 }
+
+
+def _profile_window(spec: str) -> bool:
+    a, sep, b = str(spec).partition(":")
+    return bool(sep) and a.strip().isdigit() and b.strip().isdigit() and 1 <= int(a) <= int(b)
 
 
 def check_backend_on(cfg: Config, device_type: str) -> None:

@@ -58,3 +58,24 @@ def test_unknown_and_missing_sinks_are_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)               # as if not installed
     with pytest.raises(MissingLogger, match=r"pip install 'mixedae_fast\[log\]'"):
         Loggers(["wandb"], tmp_path)
+
+
+def test_a_training_run_logs_to_tensorboard_and_traces_its_profile_window(tiny, tmp_path):
+    import torch
+
+    from mixedae_fast.engine import Trainer
+    from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
+
+    cfg = tiny.config("--data.batch_size=8", "--optim.epochs=1", "--run.log_every=2", "--run.vis_every=4",
+                      "--run.loggers=[csv,tensorboard]", "--run.profile_steps=2:3")
+    rng = np.random.default_rng(0)
+    loader = TensorBatchLoader(rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), np.zeros(32), 8, 16)
+    from mixedae_fast.models import build_model
+    trainer = Trainer(cfg, build_model(cfg), loader, tmp_path / "run", torch.device("cpu"), progress=False)
+    trainer.fit()
+    acc, scalars = _scalars(tmp_path / "run" / "tb")
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4]
+    assert {t.split("/")[1] for t in acc.Tags()["images"]} == {"reconstruction", "homologous"}
+    assert not (tmp_path / "run" / "pictures").exists()
+    trace = tmp_path / "run" / "profile" / "steps-2-3.pt.trace.json"
+    assert trace.is_file() and '"forward"' in trace.read_text() and '"backward"' in trace.read_text()

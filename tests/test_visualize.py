@@ -153,33 +153,34 @@ def _trainer(tmp_path, vis_every):
     return Trainer(cfg, build_model(cfg), loader, tmp_path / "run", torch.device("cpu"), progress=False)
 
 
-class _FakeWriter:
+class _FakeSinks:
+    """Stands in for the run's loggers (mixedae_fast/loggers.py: Loggers)."""
+
     def __init__(self):
-        self.images = []
+        self.images, self.rows = [], []
 
-    def add_scalar(self, *a, **k):
+    def scalars(self, row, step):
+        self.rows.append(step)
+
+    def image(self, name, array, step):
+        self.images.append((name, array.shape, array.dtype, step))
+
+    def close(self):
         pass
 
-    def add_image(self, tag, array, step, dataformats):
-        self.images.append((tag, array.shape, array.dtype, step, dataformats))
 
-    def flush(self):
-        pass
-
-
-def test_pictures_every_k_steps_to_tensorboard(tmp_path):
+def test_pictures_every_k_steps_to_the_loggers(tmp_path):
     trainer = _trainer(tmp_path, vis_every=2)
-    trainer._tb = writer = _FakeWriter()
+    trainer.loggers = sinks = _FakeSinks()
     trainer.fit()
-    tags = [(tag, step) for tag, *_, step, _ in writer.images]
-    assert tags == [("pictures/reconstruction", 2), ("pictures/homologous", 2),
-                    ("pictures/reconstruction", 4), ("pictures/homologous", 4)]
-    assert all(shape[2] == 3 and str(dtype) == "uint8" and fmt == "HWC" for _, shape, dtype, _, fmt in writer.images)
+    tags = [(name, step) for name, *_, step in sinks.images]
+    assert tags == [("reconstruction", 2), ("homologous", 2), ("reconstruction", 4), ("homologous", 4)]
+    assert all(shape[2] == 3 and str(dtype) == "uint8" for _, shape, dtype, _ in sinks.images)
+    assert sinks.rows == [2, 4]                           # every metrics row too
 
 
-def test_pictures_as_png_without_tensorboard(tmp_path):
-    trainer = _trainer(tmp_path, vis_every=3)
-    trainer._tb = False                                   # as when tensorboard is not installed
+def test_pictures_as_png_without_a_picture_logger(tmp_path):
+    trainer = _trainer(tmp_path, vis_every=3)             # run.loggers = [csv]: no sink takes pictures
     trainer.fit()
     names = sorted(p.name for p in (tmp_path / "run" / "pictures").iterdir())
     assert names == ["homologous-00000003.png", "reconstruction-00000003.png"]
@@ -188,7 +189,6 @@ def test_pictures_as_png_without_tensorboard(tmp_path):
     with pytest.raises(ConfigError, match="run.vis_every = -1: must be >= 0"):
         load_config("cpu_tiny", ["--run.vis_every=-1"])
     off = _trainer(tmp_path / "off", vis_every=0)
-    off._tb = False
     assert off.fit() and not (tmp_path / "off" / "run" / "pictures").exists()
 
 
