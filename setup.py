@@ -47,7 +47,7 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "xformers": ["xformers>=0.0.35", "nvidia-cuda-runtime-cu12"],
         # torchrun / DDP come with torch, and `mixedae-fast launch slurm` writes a plain sbatch script:
-        # the extra stays (DESIGN's list) but needs nothing
+        # the extra stays (the README lists it) but needs nothing
         "dist": [],
         # run.loggers beyond metrics.csv: TensorBoard event files, Weights & Biases
         "log": ["tensorboard", "wandb"],

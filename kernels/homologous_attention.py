@@ -1,6 +1,6 @@
 """TopK homologous attention (the paper's homologous *recognition*) and the HC loss's row terms.
 
-Contract (DESIGN §1 steps 3-4). ``q, k, v: [G, H, L, d]`` with ``L = 1 + r*n``: token 0 is the
+Contract (docs/method.md §3, §4). ``q, k, v: [G, H, L, d]`` with ``L = 1 + r*n``: token 0 is the
 group CLS, then the patch tokens; ``src: int [L-1]`` the source of each patch token. Scores
 ``s = q·kᵀ/√d``, the selection made on fp32 scores:
 

@@ -1,6 +1,6 @@
 """Patch mixing: assignment, patchify, the group's mixed encoder input, norm-pix targets, loss mask.
 
-Contract (DESIGN §1 steps 1, 2, 6). ``B`` images, group size ``r``, ``G = B / r`` groups; image
+Contract (docs/method.md §1, §2, §6). ``B`` images, group size ``r``, ``G = B / r`` groups; image
 ``i = g * r + j`` is source ``j`` of group ``g``. ``N`` positions of ``P x P`` patches, ``n`` visible
 per source, ``r * n <= N``.
 

@@ -1,6 +1,6 @@
 """Unmix: the group's decoder-embedded encoder tokens -> one decoder input sequence per source.
 
-Contract (DESIGN §1 step 5). ``dec_tokens: [G, 1 + r*n, D]`` (token 0 the group CLS, then source-
+Contract (docs/method.md §5). ``dec_tokens: [G, 1 + r*n, D]`` (token 0 the group CLS, then source-
 major patch tokens), ``ids: int [G, r*n]`` the assignment, ``mask_token: [D]`` (any shape that views
 as ``[D]``), ``dec_pos: [1, N+1, D]`` the fixed decoder position embedding (row 0 for the CLS).
 Returns ``[B, N+1, D]``, ``B = G*r``, in ``dec_tokens``' dtype::

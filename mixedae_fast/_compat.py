@@ -1,4 +1,4 @@
-"""Import shims for the pinned environments (DESIGN §3).
+"""Import shims for the pinned environments (README: Installing elsewhere).
 
 PyPI's torchvision 0.28.0 (the one matching the CPU torch 2.13.0) is a CUDA build whose C extension
 does not load next to a CPU torch; its import then fails with "operator torchvision::nms does not

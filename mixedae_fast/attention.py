@@ -83,7 +83,7 @@ class HomologousMask:
     @classmethod
     def from_assignment(cls, ids: torch.Tensor, group_size: int, mode: str = "topk",
                         topk: int | None = None) -> HomologousMask:
-        """From ``ids: [G, r*n]`` (DESIGN §1.1): n from its width; ``topk`` defaults to n as the model's."""
+        """From ``ids: [G, r*n]`` (docs/method.md §1): n from its width; ``topk`` defaults to n as the model's."""
         if ids.dim() != 2 or ids.shape[1] % group_size:
             raise ValueError(f"ids of shape {tuple(ids.shape)} is not [G, r*n] for group_size {group_size}")
         n = ids.shape[1] // group_size

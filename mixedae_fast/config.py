@@ -1,6 +1,6 @@
 """Typed configuration for MixedAE pretraining: dataclasses, YAML presets, CLI overrides, validation.
 
-One schema (DESIGN.md §2): a YAML file with the sections ``model``, ``mixing``, ``runtime``, ``data``,
+One schema (docs/architecture.md): a YAML file with the sections ``model``, ``mixing``, ``runtime``, ``data``,
 ``optim``, ``run`` and ``dist`` (several processes), then ``--section.key=value`` overrides whose
 values are parsed as YAML. Every value that follows from the config (N, n, K, the HC switches, the
 learning rate) is computed once, in :func:`derive`. Invalid values fail at load with the field as

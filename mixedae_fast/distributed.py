@@ -11,7 +11,7 @@ none of the paths below: a single-process run is what it was.
 
 Each rank trains on its shard of every epoch (the loaders deal global batches round-robin) and draws
 the assignment of its groups by their *global* index in the optimizer step, ``(a * W + rank) * G + g``
-for micro-step ``a`` (DESIGN §1.1), so W ranks and one rank with ``accum_steps = W`` compute the same
+for micro-step ``a`` (docs/method.md §1), so W ranks and one rank with ``accum_steps = W`` compute the same
 step. DDP all-reduces the gradients bucket by bucket while backward runs (on the last micro-step of an
 accumulation only), in bf16 with ``dist.grad_comm=bf16``. Rank 0 alone writes the run folder; logged
 losses are averaged over the ranks.

@@ -294,7 +294,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     images = next(batches)
                     wait_log += time.perf_counter() - t0
-                    # the global index of this micro-batch's first group in the step (DESIGN §1.1)
+                    # the global index of this micro-batch's first group in the step (docs/method.md §1)
                     first_group = (a * self.world_size + self.rank) * G
                     with self.dist.no_sync(model, a < self.accum - 1):
                         with profiler.range("forward"), torch.autocast(

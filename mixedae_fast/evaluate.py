@@ -1,6 +1,6 @@
 """Frozen-encoder evaluation: weighted kNN and a linear probe on encoder features.
 
-Features are mean-pooled patch tokens after the final norm by default (DESIGN §1.8: in mixed
+Features are mean-pooled patch tokens after the final norm by default (docs/method.md §8: in mixed
 pretraining the CLS token is a group token); ``pool="cls"`` takes the CLS token. The encoder runs
 as a plain ViT: unmasked, unmixed images, global attention.
 

@@ -1,4 +1,4 @@
-"""Losses (DESIGN §1 steps 4 and 6): reconstruction and homologous contrastive, all in fp32."""
+"""Losses (docs/method.md §4, §6): reconstruction and homologous contrastive, all in fp32."""
 from __future__ import annotations
 
 import torch

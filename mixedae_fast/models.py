@@ -1,4 +1,4 @@
-"""MixedAutoencoderViT: MixedAE (Chen et al., CVPR 2023) as DESIGN §1 states it.
+"""MixedAutoencoderViT: MixedAE (Chen et al., CVPR 2023) as docs/method.md states it.
 
 The methods are the method's steps, in order:
 
@@ -166,7 +166,7 @@ class MixedAutoencoderViT(nn.Module):
     # -- the method's steps ------------------------------------------------------------------------
     def assign(self, num_groups: int, seed: int = 0, step: int = 0, first_group: int = 0,
                device=None) -> torch.Tensor:
-        """``ids: int32 [G, r*n]`` (DESIGN §1.1), keyed by (seed, step, global group index)."""
+        """``ids: int32 [G, r*n]`` (docs/method.md §1), keyed by (seed, step, global group index)."""
         device = self.pos_embed.device if device is None else device
         return draw_assignment(num_groups, self.num_patches, self.group_size, self.n_visible, seed, step,
                                first_group, device, backend=self.kernels)
@@ -214,7 +214,7 @@ class MixedAutoencoderViT(nn.Module):
         return (q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5
 
     def unmix(self, latent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``latent [G, 1 + r*n, D]`` -> decoder input ``[B, N + 1, Dd]`` (DESIGN §1.5)."""
+        """``latent [G, 1 + r*n, D]`` -> decoder input ``[B, N + 1, Dd]`` (docs/method.md §5)."""
         return unmix_op(self.decoder_embed(latent), ids, self.mask_token, self.decoder_pos_embed,
                         self.group_size, backend=self.kernels)
 

@@ -94,7 +94,7 @@ def _dali_dtype(dtype: torch.dtype):
 
 
 def _decoder_args(decode_device: str) -> dict:
-    # "mixed": the A100/H100 hardware JPEG decoder takes 75% of each batch, CUDA the rest (DESIGN §4).
+    # "mixed": the A100/H100 hardware JPEG decoder takes 75% of each batch, CUDA the rest (BENCHMARKS.md).
     return {"hw_decoder_load": 0.75} if decode_device == "mixed" else {}
 
 

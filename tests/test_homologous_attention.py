@@ -1,4 +1,4 @@
-"""Homologous attention (DESIGN §1 steps 3-4): TopK, oracle, the HC loss's row terms, the logged stats.
+"""Homologous attention (docs/method.md §3, §4): TopK, oracle, the HC loss's row terms, the logged stats.
 
 Pins: the TopK reference against a brute force written here (per query: sort the patch scores, keep
 those >= the K-th, ties included, always the CLS key; the CLS query sees all), outputs and q/k/v

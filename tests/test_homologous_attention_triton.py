@@ -8,7 +8,7 @@ K-th value; the CLS rows and column; rows whose scores are all equal (no NaN); s
 a bitwise-reproducible forward and backward; errors; ViT-B/16 and ViT-L shapes on a GPU.
 
 Inputs are multiples of 1/4 of size < 4 (exact in bf16 and fp16): every score is then exact in fp32
-whatever the summation order, so the kernel and the reference make the *same* selection (DESIGN §1.3:
+whatever the summation order, so the kernel and the reference make the *same* selection (docs/method.md §3:
 "tests that compare paths use well-separated scores or share the selection"), and ties at the K-th
 value are common — every case exercises the tie rule.
 """

@@ -1,4 +1,4 @@
-"""MixedAutoencoderViT (DESIGN §1): the whole method on tiny models.
+"""MixedAutoencoderViT (docs/method.md): the whole method on tiny models.
 
 Pins, most important first: ``r=1, ha="none", hc_weight=0`` is MAE's function (§1.7), checked against
 an independent functional MAE written here in the style of facebookresearch/mae ``models_mae.py``
@@ -186,7 +186,7 @@ def test_mae_special_case_equals_reference_mae(dtype):
     assert used == set(dict(model.named_parameters())), "the model has parameters MAE does not"
     assert torch.equal(out["loss_mask"], mask.bool())
     torch.testing.assert_close(out["pred"], pred, **TOL[dtype])
-    # targets and the loss are fp32 by contract (DESIGN §1.6), whatever the model dtype
+    # targets and the loss are fp32 by contract (docs/method.md §6), whatever the model dtype
     torch.testing.assert_close(out["targets"], target.float(), **TOL[torch.float32])
     assert out["loss"].dtype == torch.float32
     rel = abs(float(out["loss"]) - float(loss)) / abs(float(loss))
@@ -271,7 +271,7 @@ def test_oracle_keeps_sources_apart():
     """Perturbing source 1 leaves source 0's patch tokens alone, but moves the group CLS.
 
     One block: from the second block on, patch queries see the CLS key, which has seen every source
-    (DESIGN §1.3: the CLS query attends to all), so sources legitimately meet through it."""
+    (docs/method.md §3: the CLS query attends to all), so sources legitimately meet through it."""
     r = 2
     model = perturb(tiny(ha="oracle", depth=1, group_size=r, hc_weight=0.0))
     naive = tiny(ha="none", depth=1, group_size=r, hc_weight=0.0)
@@ -338,7 +338,7 @@ def test_bf16_autocast_on_cpu():
         assert abs(low - high) / abs(high) < 5e-2, f"{key}: bf16 {low} vs fp32 {high}"
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    # GPU loaders yield bf16 images (DESIGN §2): under autocast they go straight in
+    # GPU loaders yield bf16 images (docs/architecture.md): under autocast they go straight in
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(images.to(torch.bfloat16), step=1)
     assert low["targets"].dtype == torch.float32

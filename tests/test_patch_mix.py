@@ -1,4 +1,4 @@
-"""Patch mixing (DESIGN §1 steps 1, 2, 6): the assignment, MAE's patchify, the mixed encoder input,
+"""Patch mixing (docs/method.md §1, §2, §6): the assignment, MAE's patchify, the mixed encoder input,
 the norm-pix targets and the loss mask.
 
 Pins: ``draw_assignment`` gives int32 ``[G, r*n]``, per group disjoint sources of exactly ``n``
@@ -21,7 +21,7 @@ from mixedae_fast.kernels.patch_mix import (
     unpatchify,
 )
 
-# Targets are fp32 whatever the image dtype (DESIGN §1.6); they are compared with a float64 hand
+# Targets are fp32 whatever the image dtype (docs/method.md §6); they are compared with a float64 hand
 # formula on the same (upcast) pixel values, so the bound is fp32 rounding of values of size ~3.
 TARGET_TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Unmix (DESIGN §1 step 5): the group's decoder tokens -> one ``[N+1]`` decoder sequence per source.
+"""Unmix (docs/method.md §5): the group's decoder tokens -> one ``[N+1]`` decoder sequence per source.
 
 Pins: ``unmix_reference`` (and the op the model calls) against an explicit per-source loop;
 unmix∘mix is the identity on each source's visible patches (mask token elsewhere, group CLS in row 0);
