@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "runtime.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.backend": ("auto", "dali", "torch", "synthetic"),
     "data.format": ("imagefolder", "filelist", "webdataset"),
+    "data.labels": ("auto", "none"),
     "optim.optimizer": ("auto", "torch", "apex"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "dist.grad_comm": ("fp32", "bf16"),
@@ -109,6 +110,11 @@ class DataConfig:
     batch_size: int = 256  # images per rank and micro-step; a multiple of mixing.group_size
     num_workers: int = 4  # loader processes decoding images (torch loader) / DALI CPU threads
     val_path: str | None = None  # evaluation images; None = the embedded default val set
+    # auto: labels where the format has them (class folders, list labels, .cls); none: training data
+    # needs no labels (any folder tree of images, a list of paths, shards without .cls); val stays labelled
+    labels: str = "auto"
+    # webdataset: samples in all shards (needed for remote/pipe: shards; local ones are counted)
+    epoch_size: int | None = None
 
 
 @dataclass
@@ -427,6 +433,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     "runtime.device": (_DEVICE.fullmatch, "must be auto, cpu, cuda or cuda:N"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
     "data.batch_size": _GE1, "data.num_workers": _GE0,
+    "data.epoch_size": (lambda v: v is None or v >= 1, "must be >= 1 (samples in all shards), or null"),
     "optim.base_lr": _GT0, "optim.min_lr": _GE0, "optim.weight_decay": _GE0, "optim.warmup_epochs": _GE0,
     "optim.lr": (lambda v: v is None or v > 0, "must be > 0, or null to derive it from optim.base_lr"),
     "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "each must be in [0, 1)"),

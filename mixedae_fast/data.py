@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.pipelines.files import scan_image_folder, verify_images
+from mixedae_fast.pipelines.files import scan_image_folder, scan_images, verify_images
 from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader, spread_subset
 
@@ -74,7 +74,7 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
     else:
         train_path, val_path, fmt = d.path, d.val_path, d.format
     train = _loader(backend, train_path, fmt, d, common, augment=True, shard_id=shard_id, num_shards=num_shards,
-                    seed=seed)
+                    seed=seed, labels=d.labels != "none")
     bank = val = None
     if val_path is not None:
         plain = dict(common, batch_size=250)
@@ -83,8 +83,18 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
     return Loaders(train, bank, val, backend, train_path, val_path, list(getattr(train, "bad", [])))
 
 
-def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards=1, limit=None):
+def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards=1, limit=None, labels=True):
     shuffle = augment
+    if backend == "dali" and not labels and fmt != "imagefolder":
+        raise ValueError(f"data.labels=none with data.format={fmt} reads through the torch loader: set "
+                         "data.backend=torch (DALI's readers want labels there)")
+    if backend == "torch" and fmt == "webdataset" and augment:
+        from mixedae_fast.pipelines.shards import ShardLoader
+
+        # training streams the shards through the webdataset library (local, URL or pipe: specs)
+        return ShardLoader(path, augment=True, crop_scale=d.crop_scale, seed=seed, shuffle=True,
+                           num_workers=d.num_workers, shard_id=shard_id, num_shards=num_shards,
+                           epoch_size=d.epoch_size, labels=labels, **common)
     if backend == "dali":
         from mixedae_fast.pipelines.dali import DaliLoader
 
@@ -92,7 +102,8 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
         files = labels = None
         bad = []
         if fmt == "imagefolder":
-            paths, labs, _ = scan_image_folder(path)
+            paths, labs = (scan_image_folder(path)[:2] if labels else (scan_images(path), None))
+            labs = labs or [0] * len(paths)
             good, bad = verify_images(paths)
             pairs = spread_subset([(paths[i], labs[i]) for i in good], limit)
             files, labels = [p for p, _ in pairs], [lab for _, lab in pairs]
@@ -104,7 +115,7 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
     if backend == "torch":
         return FileImageLoader(path, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
                                drop_last=augment, fmt=fmt, num_workers=d.num_workers, shard_id=shard_id,
-                               num_shards=num_shards, limit=limit, **common)
+                               num_shards=num_shards, limit=limit, labels=labels, **common)
     raise ValueError(f"data.backend = {backend!r} is not one of auto, dali, torch, synthetic")
 
 

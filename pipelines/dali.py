@@ -59,7 +59,7 @@ from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 FORMATS = ("imagefolder", "filelist", "webdataset")
 # torchvision's IMG_EXTENSIONS, so an ImageFolder lists the same files here and there (case-insensitive).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-WDS_EXT = ("jpg;jpeg;png", "cls")
+WDS_EXT = ("jpg;jpeg;png;webp", "cls")
 INSTALL_HINT = "pip install nvidia-dali-cuda130  (or: pip install -e '.[dali]')"
 _DATA_HINT = "create data with `mixedae-fast make-data` or fix data.path"
 _CLS_BYTES = 12          # longest .cls text read (digits plus whitespace)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 FORMATS = ("imagefolder", "filelist", "webdataset")
 _CACHE_VERSION = 1
 _MAKE_DATA_HINT = ("create the default dataset with `mixedae-fast make-data`, or set data.path to an existing "
@@ -89,7 +89,8 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
     if not classes:
         raise ValueError(f"{str(root)!r} has no class subfolders; an ImageFolder root holds one folder per "
-                         f"class with the images inside (root/<class>/<image>); {_MAKE_DATA_HINT}")
+                         f"class with the images inside (root/<class>/<image>); for unlabelled pretraining images "
+                         f"set data.labels=none; {_MAKE_DATA_HINT}")
     if set(classes) <= {"train", "val", "test"}:
         split = root / ("train" if "train" in classes else classes[0])
         warnings.warn(f"the classes of {str(root)!r} are {classes}: did you mean {str(split)!r}?", stacklevel=2)
@@ -153,10 +154,13 @@ def to_rgb(im):
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def read_file_list(path: str | Path) -> tuple[list[str], list[int]]:
+def read_file_list(path: str | Path, labels: bool = True) -> tuple[list[str], list[int]]:
     """``(paths, labels)`` from a text file of ``<path> <integer label>`` lines (the path may contain
     spaces; relative paths are relative to the list file's folder). Blank lines and ``#`` comments
-    are skipped; any other line that does not parse raises ``ValueError`` with its line number."""
+    are skipped; any other line that does not parse raises ``ValueError`` with its line number.
+    ``labels=False``: each line is just a path (every label -1)."""
+    if not labels:
+        return _read_path_list(path)
     path = _require(path, "file list")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a folder; a file list is a text file of '<path> <label>' lines "
@@ -182,6 +186,29 @@ def read_file_list(path: str | Path) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
+def _read_path_list(path: str | Path) -> tuple[list[str], list[int]]:
+    path = _require(path, "file list")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; a file list is a text file of image paths, one a line")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    paths = [str(path.parent / Path(ln).expanduser()) for ln in lines if ln and not ln.startswith("#")]
+    if not paths:
+        raise ValueError(f"file list {str(path)!r} lists no images")
+    return paths, [-1] * len(paths)
+
+
+def scan_images(root: str | Path) -> list[str]:
+    """Every visible image under ``root`` (any depth, each folder once, sorted): an unlabelled tree."""
+    root = _require(root, "image folder")
+    if not root.is_dir():
+        raise ValueError(f"{str(root)!r} is a file, not a folder of images")
+    paths = [os.path.join(folder, f) for folder, files in _walk_once(root) for f in sorted(files)
+             if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}; {_MAKE_DATA_HINT}")
+    return paths
+
+
 def _tar_paths(paths) -> list[Path]:
     if isinstance(paths, str | Path):
         paths = [paths]
@@ -199,11 +226,13 @@ def _tar_paths(paths) -> list[Path]:
     return out
 
 
-def read_webdataset(paths) -> list[tuple[TarMember, int]]:
+def read_webdataset(paths, labels: bool = True) -> list[tuple[TarMember, int]]:
     """Samples ``(TarMember, label)`` of webdataset tars (a tar, a folder of ``*.tar``, a glob, or a
     list of those). Members are grouped by key (the name up to the first dot of its base name); a
-    sample is an image (jpg/jpeg/png) plus a ``cls`` member holding an integer. Tars must be
-    uncompressed (the webdataset convention) so workers can read a member with one seek."""
+    sample is an image (jpg/jpeg/png/webp) plus a ``cls`` member holding an integer (``labels=False``:
+    no ``cls`` needed, every label -1). Tars must be uncompressed (the webdataset convention) so
+    workers can read a member with one seek."""
+    want_labels = labels
     samples = []
     for tar_path in _tar_paths(paths):
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -225,6 +254,9 @@ def read_webdataset(paths) -> list[tuple[TarMember, int]]:
             image = next((g[e] for e in WEBDATASET_IMAGE_EXTENSIONS if e in g), None)
             if image is None:
                 continue
+            if not want_labels:
+                samples.append((TarMember(str(tar_path), image.name, image.offset_data, image.size), -1))
+                continue
             if key not in labels:
                 unlabelled.append(key)
                 continue
@@ -235,23 +267,29 @@ def read_webdataset(paths) -> list[tuple[TarMember, int]]:
             samples.append((TarMember(str(tar_path), image.name, image.offset_data, image.size), label))
         if unlabelled:
             raise ValueError(f"{tar_path}: {len(unlabelled)} samples have an image but no .cls label "
-                             f"(first: {unlabelled[:3]}); each sample needs <key>.cls holding its integer class")
+                             f"(first: {unlabelled[:3]}); each sample needs <key>.cls holding its integer class, "
+                             "or set data.labels=none (pretraining needs no labels)")
     if not samples:
         raise ValueError(f"no samples (<key>.jpg|jpeg|png + <key>.cls) in {[str(p) for p in _tar_paths(paths)]}")
     return samples
 
 
-def open_source(path: str | Path, fmt: str = "imagefolder") -> tuple[list[tuple[Source, int]], list[str] | None]:
+def open_source(path: str | Path, fmt: str = "imagefolder",
+                labels: bool = True) -> tuple[list[tuple[Source, int]], list[str] | None]:
     """``(samples, classes)``: the samples ``(source, label)`` of ``path`` read as ``fmt`` (one of
-    ``FORMATS``); ``classes`` are the ImageFolder class names, None for the other formats."""
+    ``FORMATS``); ``classes`` are the ImageFolder class names, None for the other formats.
+    ``labels=False`` (``data.labels=none``): no labels needed — any folder tree of images, a list of
+    paths, shards without ``cls`` — and every label is -1."""
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "webdataset":
-        return read_webdataset(path), None
+        return read_webdataset(path, labels), None
     _require(path, "data.path")
     if fmt == "filelist":
-        paths, labels = read_file_list(path)
-        return list(zip(paths, labels)), None
+        paths, labs = read_file_list(path, labels)
+        return list(zip(paths, labs)), None
+    if not labels:
+        return [(p, -1) for p in scan_images(path)], None
     paths, labels, classes = scan_image_folder(path)
     return list(zip(paths, labels)), classes
 

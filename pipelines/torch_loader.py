@@ -383,13 +383,14 @@ class FileImageLoader:
                  augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, *, fmt: str = "imagefolder", num_workers: int = 0, shard_id: int = 0,
                  num_shards: int = 1, gpu_decode: bool = False, verify: bool = True, cache=True,
-                 jpeg_draft: bool = True, prefetch_factor: int = 2, limit: int | None = None, pil_transform=None):
+                 jpeg_draft: bool = True, prefetch_factor: int = 2, limit: int | None = None, pil_transform=None,
+                 labels: bool = True):
         self.device, self.dtype = torch.device(device), dtype
         if gpu_decode and self.device.type != "cuda":
             raise ValueError(f"gpu_decode=True decodes with nvJPEG and needs a CUDA device, got {self.device}")
         if gpu_decode and pil_transform is not None:
             raise ValueError("pil_transform runs on PIL images in the workers; it cannot follow gpu_decode=True")
-        samples, self.classes = open_source(path, fmt)
+        samples, self.classes = open_source(path, fmt, labels)  # labels=False: any images, labels -1
         self.bad: list[tuple[str, str]] = []
         self.num_small: int | None = None
         if verify:

@@ -91,3 +91,33 @@ def test_pipe_webp_unlabelled_and_short_shards(tmp_path):
     assert np.isfinite(torch.cat([x for x, _ in batches]).numpy()).all()
     with pytest.raises(ValueError, match="every rank needs a shard"):
         ShardLoader(spec, batch_size=1, img_size=8, epoch_size=6, shard_id=0, num_shards=3)
+
+
+TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
+        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
+        "--model.decoder_num_heads=2", "--data.batch_size=8", "--data.num_workers=0", "--optim.epochs=1",
+        "--optim.warmup_epochs=1", "--run.log_every=1", "--run.eval=false", "--data.backend=torch"]
+
+
+def test_pretrain_on_unlabelled_data(tmp_path, capsys):
+    """data.labels=none: a flat folder of images, and pipe: shards without .cls, pretrain as they are."""
+    import csv
+
+    from mixedae_fast.cli import main
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(16):
+        Image.new("RGB", (20, 20), (i * 15, 100, 200 - i * 10)).save(flat / f"img{i:02d}.jpg")
+    common = ["pretrain", "--no-progress", *TINY, f"--run.out_dir={tmp_path / 'runs'}", "--data.labels=none"]
+    assert main([*common, f"--data.path={flat}", "--run.name=flat"]) == 0
+    assert main([*common, f"--data.path={flat}", "--run.name=flat2", "--data.labels=auto"]) == 2
+    assert "no class subfolders" in capsys.readouterr().err
+    root = _write_shards(tmp_path / "shards", shards=2, per=8, labels=False)
+    spec = ",".join(f"pipe:cat {p}" for p in sorted(root.glob("*.tar")))
+    assert main([*common, f"--data.path={spec}", "--data.format=webdataset", "--data.epoch_size=16",
+                 "--run.name=shards"]) == 0
+    for name in ("flat", "shards"):
+        with open(tmp_path / "runs" / name / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
