@@ -337,7 +337,8 @@ def _write_outputs(result: dict, out: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mixedae-fast bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="vit_base", help="a preset or YAML file (default vit_base)")
+    p.add_argument("--config", default="cpu_tiny",
+                   help="a preset or YAML file (default cpu_tiny, as pretrain; the GPU figures use vit_base)")
     p.add_argument("--batch", type=int, default=None, help="source images per step (default: the config's)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--source", default="synthetic,files", help="comma-separated: synthetic, files")

@@ -54,9 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", default="cpu_tiny",
                         help=f"a preset ({', '.join(available_presets())}) or a YAML file (default cpu_tiny)")
     pretrain_opts = _pretrain_options()
-    sub.add_parser("pretrain", parents=[common, pretrain_opts],
+    from mixedae_fast.config_docs import describe_config  # no torch import there
+
+    keys = dict(epilog=describe_config(load_config("cpu_tiny")), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_parser("pretrain", parents=[common, pretrain_opts], **keys,
                    help="MixedAE pretraining, then evaluation and a report")
-    sub.add_parser("config", parents=[common], help="print the resolved config and derived values")
+    sub.add_parser("config", parents=[common], **keys,
+                   help="print the resolved config as YAML, the derived values as a commented block")
     sub.add_parser("bench", add_help=False, help="training throughput: MixedAE vs MAE vs the official recipe "
                    "(mixedae-fast bench --help)")
     md = sub.add_parser("make-data", help="write a dataset as JPEGs (ImageFolder layout, train/ and val/), cached")
@@ -76,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
 def _pretrain_options() -> argparse.ArgumentParser:
     """The options of ``pretrain`` besides the config (``launch`` passes them on to every rank)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps; the lr schedule keeps the length optim.epochs gives "
+                        "it (warm-up and cosine are not compressed: to train a shorter schedule lower "
+                        "optim.epochs / optim.warmup_epochs instead)")
     p.add_argument("--num-train", type=int, default=5000, help="embedded data: training images")
     p.add_argument("--num-val", type=int, default=1000, help="embedded data: validation images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -328,9 +335,13 @@ def _print_summary(report: dict) -> None:
 
 
 def cmd_config(args, overrides) -> int:
+    """The resolved config as YAML (loadable with --config FILE), the derived values after it as a
+    commented YAML block."""
     cfg = load_config(args.config, overrides)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-    print("# derived:", {k: v for k, v in vars(derive(cfg)).items()})
+    derived = yaml.safe_dump({"derived": {k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in vars(derive(cfg)).items()}}, sort_keys=False)
+    print("".join(f"# {line}\n" for line in derived.splitlines()), end="")
     return 0
 
 

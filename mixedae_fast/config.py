@@ -343,7 +343,7 @@ def available_presets() -> list[str]:
 
 def _read_config_text(config: str | os.PathLike) -> tuple[str, str]:
     s = os.fspath(config)
-    if isinstance(config, os.PathLike) or s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s:
+    if isinstance(config, os.PathLike) or _is_file_ref(s):
         if not Path(s).is_file():
             raise ConfigError(f"config file not found: {s}")
         return Path(s).read_text(encoding="utf-8"), s
@@ -400,23 +400,48 @@ def apply_override(d: dict[str, typing.Any], item: str) -> None:
 
 def load_config(config: str | os.PathLike | None = "cpu_tiny", overrides: Sequence[str] = ()) -> Config:
     """Load a preset name (``cpu_tiny``) or YAML path (None = dataclass defaults), apply overrides,
-    validate."""
-    d: dict[str, typing.Any] = {}
-    if config is not None:
-        text, source = _read_config_text(config)
-        try:
-            d = safe_load_unique(text) or {}
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: invalid YAML: {e}") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    validate. A YAML file may start from a preset or another file with ``base: <preset or path>`` (a
+    relative path is relative to the file): its sections are merged key by key over the base's."""
+    d: dict[str, typing.Any] = {} if config is None else _load_dict(config)
     if isinstance(overrides, str):
         overrides = [overrides]
     for item in overrides:
         apply_override(d, item)
     return config_from_dict(d)
+
+
+def _load_dict(config: str | os.PathLike, chain: tuple[str, ...] = ()) -> dict[str, typing.Any]:
+    text, source = _read_config_text(config)
+    if source in chain:
+        raise ConfigError(f"{source}: its base chain comes back to itself ({' -> '.join([*chain, source])}); "
+                          "remove one of the base: lines")
+    try:
+        d = safe_load_unique(text) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{source}: base = {base!r}: must name a preset ({', '.join(available_presets())}) or a "
+                          "YAML file")
+    if _is_file_ref(base) and not os.path.isabs(os.path.expanduser(base)) and not source.startswith("preset "):
+        base = str(Path(os.fspath(config)).parent / base)
+    merged = _load_dict(base, (*chain, source))
+    for section, values in d.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def _is_file_ref(config: str) -> bool:
+    return config.endswith((".yaml", ".yml")) or os.sep in config or "/" in config
 
 
 # ---------------------------------------------------------------- validation

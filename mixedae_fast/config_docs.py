@@ -70,7 +70,9 @@ def key_docs() -> list[KeyDoc]:
 def describe_config(defaults=None) -> str:
     """The config keys as help text: ``section.key  type = default  description``, grouped by
     section. ``defaults``: a Config whose values are shown instead of the dataclass defaults (a preset)."""
-    lines = ["config keys (YAML sections; override any with --section.key=value, values parsed as YAML):"]
+    shown = "the default preset" if defaults is not None else "the dataclass defaults"
+    lines = ["config keys (YAML sections; a YAML file may start with 'base: <preset or file>'; override any key with "
+             f"--section.key=value, values parsed as YAML; values shown: {shown}):"]
     current = None
     for d in key_docs():
         section, key = d.key.split(".", 1)
