@@ -211,12 +211,36 @@ def cmd_pretrain(args, overrides) -> int:
     check_resume_target(cfg)
     dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
     check_backend_on(cfg, dist.device.type)
+    named = any(o.lstrip("-").startswith("run.name=") for o in overrides)
+    if not named and cfg.run.resume == "none" and not dist.active and not dist.env.slurm_job_id:
+        cfg = _next_free_name(cfg)  # the quickstart run again: a new folder, as timm's -1 (never under torchrun/SLURM)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if not dist.is_main:  # rank 0 claims and writes the run folder
         return _pretrain(args, cfg, dist, run_dir)
     with RunLock(_writable_run_dir(run_dir)):  # held for the run's life: a second process is refused
         check_fresh(run_dir, cfg.run.resume)
         return _pretrain(args, cfg, dist, run_dir)
+
+
+def _next_free_name(cfg):
+    """``cfg`` itself if its run folder is free, else with ``run.name`` suffixed ``-1``, ``-2``, ... (the
+    first free one), said on stdout. Only for a name the user did not give on the command line: an
+    explicit ``--run.name`` that is taken is refused (runs.check_fresh)."""
+    from mixedae_fast.runs import RunFolderError, check_fresh
+
+    base, name, k = Path(cfg.run.out_dir), cfg.run.name, 0
+    while True:
+        candidate = name if k == 0 else f"{name}-{k}"
+        try:
+            check_fresh(base / candidate, "none")
+        except RunFolderError:
+            k += 1
+            continue
+        if k:
+            print(f"run folder {base / name} holds an earlier run: this run is {base / candidate} (continue the "
+                  f"earlier one with --run.resume=auto --run.name={name}; choose a name with --run.name)", flush=True)
+            return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=candidate))
+        return cfg
 
 
 def _pretrain(args, cfg, dist, run_dir: Path) -> int:

@@ -1,0 +1,28 @@
+"""Running the main job again without naming the run starts a new folder (<name>-1, as timm does); an
+explicitly named run folder that is taken is refused (tests/test_run_safety.py)."""
+import hashlib
+
+from mixedae_fast.cli import main
+
+TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
+        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
+        "--model.decoder_num_heads=2", "--data.batch_size=8", "--data.num_workers=0", "--optim.epochs=1",
+        "--run.log_every=1", "--run.eval=false"]
+
+
+def _digest(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_an_unnamed_rerun_gets_the_next_free_folder(tmp_path, capsys):
+    argv = ["pretrain", "--no-progress", "--num-train", "16", "--num-val", "8", "--max-steps", "1", *TINY,
+            f"--run.out_dir={tmp_path}"]
+    assert main(argv) == 0
+    first = _digest(tmp_path / "cpu_tiny")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "this run is" in capsys.readouterr().out and (tmp_path / "cpu_tiny-1" / "metrics.csv").is_file()
+    assert _digest(tmp_path / "cpu_tiny") == first                     # the earlier run untouched
+    assert main([*argv, "--run.name=cpu_tiny"]) == 2                   # named explicitly: refused
+    assert "already holds a run" in capsys.readouterr().err
