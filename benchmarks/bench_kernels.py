@@ -34,7 +34,7 @@ import torch
 
 from mixedae_fast.benchmarks.common import device_name, git_sha, median_ms
 from mixedae_fast.config import derive, load_config
-from mixedae_fast.engine import resolve_precision
+from mixedae_fast.device import resolve_precision
 from mixedae_fast.kernels.patch_mix import (
     assignment_forward,
     draw_assignment,

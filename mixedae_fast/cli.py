@@ -248,8 +248,9 @@ def _pretrain(args, cfg, dist, run_dir: Path) -> int:
 
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.data import build_loaders, write_data_report
+    from mixedae_fast.device import resolve_precision
     from mixedae_fast.distributed import failure_message, requeue_slurm_job, unwrap
-    from mixedae_fast.engine import StopRequested, Trainer, resolve_precision
+    from mixedae_fast.engine import StopRequested, Trainer
     from mixedae_fast.evaluate import evaluate_encoder
     from mixedae_fast.models import build_model
 
@@ -271,7 +272,10 @@ def _pretrain(args, cfg, dist, run_dir: Path) -> int:
 
     torch.manual_seed(cfg.run.seed)
     model = dist.wrap(build_model(cfg).to(device))
+    from mixedae_fast.visualize import training_pictures
+
     trainer = Trainer(cfg, model, train, run_dir, device, max_steps=args.max_steps, progress=not args.no_progress,
+                      pictures=training_pictures,
                       dist=dist)
     try:
         resumed = trainer.maybe_resume()
@@ -457,7 +461,7 @@ def _bad_input(fn):
 
 
 def _load_run(args, overrides):
-    from mixedae_fast.engine import resolve_precision
+    from mixedae_fast.device import resolve_precision
     from mixedae_fast.evaluate import load_encoder
 
     model, cfg, pre = load_encoder(args.run, overrides=overrides)

@@ -155,7 +155,7 @@ def rank_device(name: str, local_rank: int) -> torch.device:
 
 def init_distributed(cfg, environ: Mapping[str, str] | None = None) -> Dist:
     """Join the job's process group (none for one process) and pick this rank's device."""
-    from mixedae_fast.engine import resolve_device
+    from mixedae_fast.device import resolve_device
 
     env = dist_env(environ)
     if env.world_size == 1:

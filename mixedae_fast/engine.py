@@ -9,9 +9,9 @@ group index) so that a run stopped and resumed continues exactly, on any number 
 from __future__ import annotations
 
 import csv
-import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,62 +27,12 @@ from mixedae_fast.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from mixedae_fast.config import Config, ConfigError, config_to_dict, derive
+from mixedae_fast.config import Config, config_to_dict, derive
+from mixedae_fast.device import resolve_precision
 from mixedae_fast.distributed import Dist, DistEnv, unwrap
+from mixedae_fast.optim import build_optimizer, lr_at
 from mixedae_fast.profiling import StepProfiler
 from mixedae_fast.runs import set_aside_later_checkpoints, truncate_metrics
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device = {name!r}, but CUDA is not available on this machine (torch "
-                          f"{torch.__version__}); use runtime.device=cpu or auto")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """MAE's split: no weight decay on biases and other 1-D parameters (norms)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device):
-    """apex ``FusedAdam`` (AdamW mode) when importable and asked for (auto/apex), else torch's fused
-    AdamW. Returns ``(optimizer, supports_found_inf)``."""
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
-    if o.optimizer in ("auto", "apex"):
-        try:
-            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
-
-            return FusedAdam(groups, lr=lr, betas=tuple(o.betas), adam_w_mode=True), False
-        except ImportError:
-            if o.optimizer == "apex":
-                raise RuntimeError("optim.optimizer=apex but apex is not importable; use optim.optimizer=torch"
-                                   " (fused torch AdamW)") from None
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=True), True
-
-
-def lr_at(progress_epochs: float, peak: float, warmup_epochs: float, epochs: float, min_lr: float) -> float:
-    """MAE's per-iteration schedule: linear warm-up, then a half-cycle cosine to ``min_lr``."""
-    if progress_epochs < warmup_epochs:
-        return peak * progress_epochs / warmup_epochs
-    t = (progress_epochs - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
 def _rng_states() -> dict:
@@ -115,8 +65,12 @@ class Trainer:
     shard); rank 0 writes the run folder."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader, run_dir: str | Path, device: torch.device,
-                 max_steps: int | None = None, progress: bool = True, dist: Dist | None = None):
+                 max_steps: int | None = None, progress: bool = True, dist: Dist | None = None,
+                 pictures: Callable | None = None):
         self.cfg, self.model, self.loader, self.device = cfg, model, loader, device
+        # run.vis_every's pictures: ``pictures(model, images, seed=, step=) -> {name: uint8 [H, W, 3]}``
+        # (visualize.training_pictures), handed in so that training does not depend on the pictures' code
+        self.pictures = pictures
         self.module = unwrap(model)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -431,12 +385,12 @@ class Trainer:
         """The reconstruction and homologous-attention pictures of one fixed group (the first this run
         saw, with the assignment of step 0, so that pictures compare across steps) to every sink of
         ``run.loggers`` (TensorBoard, W&B), or as ``pictures/<name>-<step>.png`` when none takes pictures."""
-        from mixedae_fast.visualize import training_pictures
-
+        if self.pictures is None:
+            return
         model = getattr(self.model, "module", self.model)  # DDP keeps the model in .module
         if self._vis_images is None:
             self._vis_images = images[:model.group_size].detach().float().clone()
-        pictures = training_pictures(model, self._vis_images, seed=self.cfg.run.seed, step=0)
+        pictures = self.pictures(model, self._vis_images, seed=self.cfg.run.seed, step=0)
         for name, array in pictures.items():
             self._open_loggers().image(name, array, self.step)
 

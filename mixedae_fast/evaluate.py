@@ -126,7 +126,7 @@ def load_encoder(path, device=None, overrides: Sequence[str] = ()):
     (``--runtime.key=value``) may change how it runs, not what it is."""
     from mixedae_fast.checkpoint import CheckpointError, load_pretrained
     from mixedae_fast.config import ConfigError, apply_override, config_from_dict
-    from mixedae_fast.engine import resolve_device
+    from mixedae_fast.device import resolve_device
     from mixedae_fast.models import build_model
 
     pre = load_pretrained(path)

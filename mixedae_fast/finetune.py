@@ -5,7 +5,7 @@ mean-pooled patch tokens after the final norm (the probe features, docs/method.m
 decay: block ``i`` of ``depth`` gets ``lr · decay^(depth - i)``, the patch embedding and CLS token
 ``lr · decay^(depth + 1)``, the final norm and head the full ``lr`` (MAE: 0.65 for ViT-B, 0.75 for
 ViT-L). AdamW without weight decay on biases, norms and the CLS token; linear warm-up then a
-half-cycle cosine per step (``engine.lr_at``).
+half-cycle cosine per step (``optim.lr_at``).
 
 The regularisation is MAE's, through timm: RandAugment ``rand-m9-mstd0.5-inc1`` (per sample, in the
 loader's workers), Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (``timm.data.Mixup`` and
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mixedae_fast.engine import lr_at
+from mixedae_fast.optim import lr_at
 
 # MixedAutoencoderViT parts that only pretraining uses (decoder, mask token, HC head, slot embedding)
 PRETRAIN_ONLY = ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm",

@@ -193,7 +193,8 @@ def run_one(cfg, run_dir: Path, train_dir, val_dir, args) -> dict:
     import torch
 
     from mixedae_fast.data import build_loaders
-    from mixedae_fast.engine import Trainer, resolve_device, resolve_precision
+    from mixedae_fast.device import resolve_device, resolve_precision
+    from mixedae_fast.engine import Trainer
     from mixedae_fast.models import build_model
 
     device = resolve_device(cfg.runtime.device)

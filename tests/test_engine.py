@@ -8,8 +8,9 @@ import torch
 
 from mixedae_fast.checkpoint import atomic_save, config_mismatch, list_checkpoints, resolve_resume
 from mixedae_fast.config import load_config
-from mixedae_fast.engine import Trainer, lr_at, param_groups
+from mixedae_fast.engine import Trainer
 from mixedae_fast.models import build_model
+from mixedae_fast.optim import lr_at, param_groups
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader, random_resized_crop_flip
 
 TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",

@@ -65,13 +65,15 @@ def test_a_training_run_logs_to_tensorboard_and_traces_its_profile_window(tiny, 
 
     from mixedae_fast.engine import Trainer
     from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
+    from mixedae_fast.visualize import training_pictures
 
     cfg = tiny.config("--data.batch_size=8", "--optim.epochs=1", "--run.log_every=2", "--run.vis_every=4",
                       "--run.loggers=[csv,tensorboard]", "--run.profile_steps=2:3")
     rng = np.random.default_rng(0)
     loader = TensorBatchLoader(rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), np.zeros(32), 8, 16)
     from mixedae_fast.models import build_model
-    trainer = Trainer(cfg, build_model(cfg), loader, tmp_path / "run", torch.device("cpu"), progress=False)
+    trainer = Trainer(cfg, build_model(cfg), loader, tmp_path / "run", torch.device("cpu"), progress=False,
+                   pictures=training_pictures)
     trainer.fit()
     acc, scalars = _scalars(tmp_path / "run" / "tb")
     assert [s for s, _ in scalars["train/loss"]] == [2, 4]

@@ -145,12 +145,14 @@ def _trainer(tmp_path, vis_every):
 
     from mixedae_fast.engine import Trainer
     from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
+    from mixedae_fast.visualize import training_pictures
 
     cfg = load_config("cpu_tiny", [*TINY, "--model.depth=2", "--data.batch_size=8", "--optim.epochs=1",
                                    "--run.log_every=2", f"--run.vis_every={vis_every}", f"--run.out_dir={tmp_path}"])
     rng = np.random.default_rng(0)
     loader = TensorBatchLoader(rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), np.zeros(32), 8, 16)
-    return Trainer(cfg, build_model(cfg), loader, tmp_path / "run", torch.device("cpu"), progress=False)
+    return Trainer(cfg, build_model(cfg), loader, tmp_path / "run", torch.device("cpu"), progress=False,
+                   pictures=training_pictures)
 
 
 class _FakeSinks:
