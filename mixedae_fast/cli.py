@@ -36,12 +36,9 @@ import yaml
 from mixedae_fast.config import (
     ConfigError,
     available_presets,
-    check_backend_on,
-    check_resume_target,
     config_to_dict,
     derive,
     load_config,
-    save_config,
 )
 from mixedae_fast.errors import RunFailure
 
@@ -188,142 +185,24 @@ def cmd_study(args, overrides) -> int:
         return 2
 
 
-def _writable_run_dir(run_dir: Path) -> Path:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to the run directory {run_dir} ({e.strerror}); choose another "
-                          "with --run.out_dir=PATH or --run.name=NAME") from None
-    return run_dir
-
-
 def cmd_pretrain(args, overrides) -> int:
-    from mixedae_fast.distributed import init_distributed
-    from mixedae_fast.runs import RunLock, check_fresh
+    """Parse, call :func:`mixedae_fast.pretrain.pretrain`, print its summary (rank 0)."""
+    from mixedae_fast.engine import StopRequested
+    from mixedae_fast.pretrain import pretrain
 
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps {args.max_steps}: must be >= 1 (optimizer steps); leave it out to train "
                           "optim.epochs epochs")
     cfg = load_config(args.config, overrides)
-    check_resume_target(cfg)
-    dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
-    check_backend_on(cfg, dist.device.type)
     named = any(o.lstrip("-").startswith("run.name=") for o in overrides)
-    if not named and cfg.run.resume == "none" and not dist.active and not dist.env.slurm_job_id:
-        cfg = _next_free_name(cfg)  # the quickstart run again: a new folder, as timm's -1 (never under torchrun/SLURM)
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if not dist.is_main:  # rank 0 claims and writes the run folder
-        return _pretrain(args, cfg, dist, run_dir)
-    with RunLock(_writable_run_dir(run_dir)):  # held for the run's life: a second process is refused
-        check_fresh(run_dir, cfg.run.resume)
-        return _pretrain(args, cfg, dist, run_dir)
-
-
-def _next_free_name(cfg):
-    """``cfg`` itself if its run folder is free, else with ``run.name`` suffixed ``-1``, ``-2``, ... (the
-    first free one), said on stdout. Only for a name the user did not give on the command line: an
-    explicit ``--run.name`` that is taken is refused (runs.check_fresh)."""
-    from mixedae_fast.runs import RunFolderError, check_fresh
-
-    base, name, k = Path(cfg.run.out_dir), cfg.run.name, 0
-    while True:
-        candidate = name if k == 0 else f"{name}-{k}"
-        try:
-            check_fresh(base / candidate, "none")
-        except RunFolderError:
-            k += 1
-            continue
-        if k:
-            print(f"run folder {base / name} holds an earlier run: this run is {base / candidate} (continue the "
-                  f"earlier one with --run.resume=auto --run.name={name}; choose a name with --run.name)", flush=True)
-            return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=candidate))
-        return cfg
-
-
-def _pretrain(args, cfg, dist, run_dir: Path) -> int:
-    import torch
-
-    from mixedae_fast.checkpoint import atomic_write_json
-    from mixedae_fast.data import build_loaders, write_data_report
-    from mixedae_fast.device import resolve_precision
-    from mixedae_fast.distributed import failure_message, requeue_slurm_job, unwrap
-    from mixedae_fast.engine import StopRequested, Trainer
-    from mixedae_fast.evaluate import evaluate_encoder
-    from mixedae_fast.models import build_model
-
-    device = dist.device
-    say = print if dist.is_main else (lambda *a, **k: None)  # rank 0 speaks and writes the run folder
-    amp_dtype = resolve_precision(cfg.runtime.precision, device)
-    d = derive(cfg, dist.world_size)
-    ranks = f" x {dist.world_size} ranks ({dist.backend}), global batch {d.global_batch}" if dist.active else ""
-    say(f"run {run_dir}: MixedAE r={cfg.mixing.group_size} ha={cfg.mixing.ha} hc={cfg.mixing.hc_on} "
-        f"(N={d.num_patches}, n={d.n_visible}, K={d.topk}) on {device}{ranks}, "
-        f"precision {amp_dtype or torch.float32}, lr {d.lr:.3g}", flush=True)
-    t0 = time.perf_counter()
-    data = build_loaders(cfg, device, amp_dtype or torch.float32, args.num_train, args.num_val,
-                         shard_id=dist.rank, num_shards=dist.world_size,
-                         progress=not args.no_progress and dist.is_main)
-    train, eval_train, val = data.train, data.bank, data.val
-    say(f"data: {data.train_path or 'embedded (in memory)'} via the {data.backend} loader, {len(train)} batches "
-        f"an epoch{' per rank' if dist.active else ''} ({time.perf_counter() - t0:.1f}s)", flush=True)
-
-    torch.manual_seed(cfg.run.seed)
-    model = dist.wrap(build_model(cfg).to(device))
-    from mixedae_fast.visualize import training_pictures
-
-    trainer = Trainer(cfg, model, train, run_dir, device, max_steps=args.max_steps, progress=not args.no_progress,
-                      pictures=training_pictures,
-                      dist=dist)
     try:
-        resumed = trainer.maybe_resume()
-        dist.check_same(trainer.step, "the step to resume from",
-                        "Every rank reads the checkpoints: run.out_dir must be on a filesystem all nodes share")
-        for note in trainer.notes:
-            say(f"resume: {note}", flush=True)
-        if resumed:
-            say(f"resumed from {resumed} at step {trainer.step}", flush=True)
-        if dist.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
-            save_config(cfg, run_dir / "config.yaml")
-            skipped = write_data_report(data, run_dir)
-            if skipped:
-                say(f"data: {len(data.skipped)} unreadable images skipped, listed in {skipped}", flush=True)
-        t0 = time.perf_counter()
-        history = trainer.fit()
-    except StopRequested as stop:  # saved; the message says how to resume
-        dist.close()
-        if str(stop) == "SIGUSR1" and dist.is_main and dist.env.slurm_job_id:
-            requeue_slurm_job(dist.env.slurm_job_id)
-            print(f"requeued SLURM job {dist.env.slurm_job_id}: it resumes with --run.resume=auto", flush=True)
+        report = pretrain(cfg, max_steps=args.max_steps, num_train=args.num_train, num_val=args.num_val,
+                          progress=not args.no_progress, name_given=named,
+                          command=["mixedae-fast", *getattr(args, "argv", [])])
+    except StopRequested:  # saved (and requeued under SLURM); the message said how to continue
         return 130
-    except Exception as e:
-        message = failure_message(e, dist, trainer.ckpt_dir)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        dist.abandon(1)
-    train_s = time.perf_counter() - t0
-    dist.close()
-    if not dist.is_main:
-        return 0
-    model = unwrap(model)
-    report = {"run_dir": str(run_dir), "device": str(device), "ranks": dist.world_size,
-              "global_batch": d.global_batch, "steps": trainer.step, "train_seconds": train_s,
-              "final": history[-1] if history else None, "config": config_to_dict(cfg),
-              "data": {"train_path": data.train_path, "val_path": data.val_path},
-              "resumed_from": str(resumed) if resumed else None, "resume_overrides": trainer.overrides,
-              **_provenance(args, device)}
-    if cfg.run.eval and val is None:
-        print("no validation data (data.val_path): evaluation skipped", flush=True)
-    elif cfg.run.eval:
-        report["eval"] = {"pretrained": evaluate_encoder(model, eval_train, val, device, amp_dtype=amp_dtype)}
-        report["eval"]["random_init"] = evaluate_encoder(_baseline_model(cfg, device), eval_train, val, device,
-                                                         amp_dtype=amp_dtype)
-    report["pictures"] = _pictures(model, val or train, run_dir, cfg.run.seed)
-    atomic_write_json(report, run_dir / "report.json")
-    _print_summary(report)
+    if report is not None:
+        _print_summary(report)
     return 0
 
 
@@ -332,20 +211,6 @@ def _provenance(args, device=None) -> dict:
     from mixedae_fast.provenance import provenance
 
     return provenance(device, ["mixedae-fast", *getattr(args, "argv", [])])
-
-
-def _pictures(model, val_loader, run_dir: Path, seed: int) -> dict:
-    from mixedae_fast.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
-
-    out = {}
-    if (run_dir / "metrics.csv").exists():
-        out["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png"))
-    images, labels = next(iter(val_loader))
-    group = pick_group(images, labels, model.group_size)
-    out["reconstruction"] = str(reconstruction_figure(model, group, run_dir / "reconstruction.png", seed=seed))
-    if model.group_size > 1:
-        out["homologous"] = str(homologous_figure(model, group, run_dir / "homologous.png", seed=seed)[0])
-    return out
 
 
 def _print_summary(report: dict) -> None:
@@ -514,19 +379,10 @@ def _out_parent(folder: Path, what: str) -> None:
             return
 
 
-def _baseline_model(cfg, device):
-    import torch
-
-    from mixedae_fast.models import build_model
-
-    torch.manual_seed(cfg.run.seed + 1)  # the random-init row of pretrain's report and of eval / finetune
-    return build_model(cfg).to(device).eval()
-
-
 @_bad_input
 def cmd_eval(args, overrides) -> int:
     from mixedae_fast.checkpoint import atomic_write_json
-    from mixedae_fast.evaluate import evaluate_encoder
+    from mixedae_fast.evaluate import evaluate_encoder, random_init_model
 
     _out_file(args.out)
     if args.k < 1 or args.temperature <= 0 or args.probe_epochs < 1:
@@ -539,7 +395,7 @@ def cmd_eval(args, overrides) -> int:
     kw = dict(pool=pools, amp_dtype=amp, probe=not args.no_probe, k=args.k, temperature=args.temperature,
               probe_epochs=args.probe_epochs)
     results = {"pretrained": evaluate_encoder(model, train, val, device, **kw),
-               "random_init": evaluate_encoder(_baseline_model(cfg, device), train, val, device, **kw)}
+               "random_init": evaluate_encoder(random_init_model(cfg, device), train, val, device, **kw)}
     report = {"run": str(args.run), "checkpoint": str(pre.checkpoint), "step": pre.step, "dataset": name,
               "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
               "k": args.k, "temperature": args.temperature,
@@ -562,6 +418,7 @@ def cmd_finetune(args, overrides) -> int:
     trains its shard in DDP; rank 0 prints and writes the results."""
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.distributed import init_distributed
+    from mixedae_fast.evaluate import random_init_model
     from mixedae_fast.finetune import FinetuneConfig, RandAugmentPIL, finetune
 
     _out_file(args.out)
@@ -578,7 +435,7 @@ def cmd_finetune(args, overrides) -> int:
                              pil_transform=RandAugmentPIL(spec, cfg.model.img_size, fcfg.seed) if spec else None)
     runs = {"pretrained": model}
     if args.baseline:
-        runs["random_init"] = _baseline_model(cfg, device)
+        runs["random_init"] = random_init_model(cfg, device)
     results = {}
     for label, m in runs.items():
         results[label] = finetune(m, train, val, len(train.classes), device, fcfg, amp,

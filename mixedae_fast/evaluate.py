@@ -215,3 +215,12 @@ def image_loaders(train_dir: str, val_dir: str, img_size: int, device, batch_siz
                          f"{val.classes}); labels would not match")
     return train, val
 
+
+
+def random_init_model(cfg, device):
+    """The run's architecture at random init (seed ``run.seed + 1``): the baseline row of pretrain's report
+    and of ``eval`` / ``finetune``."""
+    from mixedae_fast.models import build_model
+
+    torch.manual_seed(cfg.run.seed + 1)
+    return build_model(cfg).to(device).eval()

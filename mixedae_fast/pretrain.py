@@ -1,0 +1,186 @@
+"""MixedAE pretraining as one call: data, model, resume, training, evaluation, pictures, report.
+
+    from mixedae_fast.config import load_config
+    from mixedae_fast.pretrain import pretrain
+
+    report = pretrain(load_config("cpu_tiny", ["--run.name=nb", "--optim.epochs=2"]))
+    report["eval"]["pretrained"]["knn"], report["steps"], report["run_dir"]
+
+``mixedae-fast pretrain`` parses its arguments and calls :func:`pretrain`; under torchrun / srun every
+rank calls it and rank 0 owns the run folder (its lock, ``config.yaml``, ``metrics.csv``, checkpoints,
+``report.json``). A run folder belongs to one run: a taken one is refused unless the run resumes, or
+(for a name not given explicitly, on one process) the next free ``<name>-1`` is taken.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mixedae_fast.config import (
+    Config,
+    ConfigError,
+    check_backend_on,
+    check_resume_target,
+    config_to_dict,
+    derive,
+    save_config,
+)
+
+
+def pretrain(cfg: Config, *, max_steps: int | None = None, num_train: int = 5000, num_val: int = 1000,
+             progress: bool = True, name_given: bool = True, command: list[str] | None = None) -> dict | None:
+    """Pretrain ``cfg`` and return the report written to ``runs/<name>/report.json`` (None on ranks
+    other than 0). ``max_steps`` stops early (the schedule keeps its length); ``num_train`` /
+    ``num_val`` size the embedded data set when ``data.path`` is unset; ``name_given=False`` lets a
+    taken run folder become ``<name>-1``. Raises :class:`~mixedae_fast.engine.StopRequested` after a
+    signal (the checkpoint is saved; SIGUSR1 under SLURM requeues the job first), ``ValueError`` /
+    ``ConfigError`` for bad input."""
+    from mixedae_fast.distributed import init_distributed
+    from mixedae_fast.runs import RunLock, check_fresh
+
+    check_resume_target(cfg)
+    dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
+    check_backend_on(cfg, dist.device.type)
+    if not name_given and cfg.run.resume == "none" and not dist.active and not dist.env.slurm_job_id:
+        cfg = next_free_name(cfg)  # the quickstart run again: a new folder, as timm's -1 (never under torchrun/SLURM)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if not dist.is_main:  # rank 0 claims and writes the run folder
+        return _run(cfg, dist, run_dir, max_steps, num_train, num_val, progress, command)
+    with RunLock(writable_run_dir(run_dir)):  # held for the run's life: a second process is refused
+        check_fresh(run_dir, cfg.run.resume)
+        return _run(cfg, dist, run_dir, max_steps, num_train, num_val, progress, command)
+
+
+def writable_run_dir(run_dir: Path) -> Path:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to the run directory {run_dir} ({e.strerror}); choose another "
+                          "with --run.out_dir=PATH or --run.name=NAME") from None
+    return run_dir
+
+
+def next_free_name(cfg: Config) -> Config:
+    """``cfg`` itself if its run folder is free, else with ``run.name`` suffixed ``-1``, ``-2``, ... (the
+    first free one), said on stdout. Only for a name the user did not give on the command line: an
+    explicit ``--run.name`` that is taken is refused (runs.check_fresh)."""
+    from mixedae_fast.runs import RunFolderError, check_fresh
+
+    base, name, k = Path(cfg.run.out_dir), cfg.run.name, 0
+    while True:
+        candidate = name if k == 0 else f"{name}-{k}"
+        try:
+            check_fresh(base / candidate, "none")
+        except RunFolderError:
+            k += 1
+            continue
+        if k:
+            print(f"run folder {base / name} holds an earlier run: this run is {base / candidate} (continue the "
+                  f"earlier one with --run.resume=auto --run.name={name}; choose a name with --run.name)", flush=True)
+            return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=candidate))
+        return cfg
+
+
+def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, command) -> dict | None:
+    from mixedae_fast.checkpoint import atomic_write_json
+    from mixedae_fast.data import build_loaders, write_data_report
+    from mixedae_fast.device import resolve_precision
+    from mixedae_fast.distributed import failure_message, requeue_slurm_job, unwrap
+    from mixedae_fast.engine import StopRequested, Trainer
+    from mixedae_fast.evaluate import evaluate_encoder, random_init_model
+    from mixedae_fast.models import build_model
+    from mixedae_fast.provenance import provenance
+    from mixedae_fast.visualize import training_pictures
+
+    device = dist.device
+    say = print if dist.is_main else (lambda *a, **k: None)  # rank 0 speaks and writes the run folder
+    amp_dtype = resolve_precision(cfg.runtime.precision, device)
+    d = derive(cfg, dist.world_size)
+    ranks = f" x {dist.world_size} ranks ({dist.backend}), global batch {d.global_batch}" if dist.active else ""
+    say(f"run {run_dir}: MixedAE r={cfg.mixing.group_size} ha={cfg.mixing.ha} hc={cfg.mixing.hc_on} "
+        f"(N={d.num_patches}, n={d.n_visible}, K={d.topk}) on {device}{ranks}, "
+        f"precision {amp_dtype or torch.float32}, lr {d.lr:.3g}", flush=True)
+    t0 = time.perf_counter()
+    data = build_loaders(cfg, device, amp_dtype or torch.float32, num_train, num_val,
+                         shard_id=dist.rank, num_shards=dist.world_size, progress=progress and dist.is_main)
+    train, eval_train, val = data.train, data.bank, data.val
+    say(f"data: {data.train_path or 'embedded (in memory)'} via the {data.backend} loader, {len(train)} batches "
+        f"an epoch{' per rank' if dist.active else ''} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    torch.manual_seed(cfg.run.seed)
+    model = dist.wrap(build_model(cfg).to(device))
+    trainer = Trainer(cfg, model, train, run_dir, device, max_steps=max_steps, progress=progress,
+                      pictures=training_pictures, dist=dist)
+    if max_steps is not None and trainer.total_steps < trainer.steps_per_epoch * cfg.optim.epochs:
+        say(f"stopping after {trainer.total_steps} of the schedule's {trainer.steps_per_epoch * cfg.optim.epochs} "
+            "steps (--max-steps): the lr follows the full schedule, so this run ends mid-schedule", flush=True)
+    try:
+        resumed = trainer.maybe_resume()
+        dist.check_same(trainer.step, "the step to resume from",
+                        "Every rank reads the checkpoints: run.out_dir must be on a filesystem all nodes share")
+        for note in trainer.notes:
+            say(f"resume: {note}", flush=True)
+        if resumed:
+            say(f"resumed from {resumed} at step {trainer.step}", flush=True)
+        if dist.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
+            save_config(cfg, run_dir / "config.yaml")
+            skipped = write_data_report(data, run_dir)
+            if skipped:
+                say(f"data: {len(data.skipped)} unreadable images skipped, listed in {skipped}", flush=True)
+        t0 = time.perf_counter()
+        history = trainer.fit()
+    except StopRequested as stop:  # saved; the message says how to resume
+        dist.close()
+        if str(stop) == "SIGUSR1" and dist.is_main and dist.env.slurm_job_id:
+            requeue_slurm_job(dist.env.slurm_job_id)
+            print(f"requeued SLURM job {dist.env.slurm_job_id}: it resumes with --run.resume=auto", flush=True)
+        raise
+    except Exception as e:
+        message = failure_message(e, dist, trainer.ckpt_dir)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        dist.abandon(1)
+    train_s = time.perf_counter() - t0
+    dist.close()
+    if not dist.is_main:
+        return None
+    model = unwrap(model)
+    report = {"run_dir": str(run_dir), "device": str(device), "ranks": dist.world_size,
+              "global_batch": d.global_batch, "steps": trainer.step, "train_seconds": train_s,
+              "final": history[-1] if history else None, "config": config_to_dict(cfg),
+              "data": {"train_path": data.train_path, "val_path": data.val_path},
+              "resumed_from": str(resumed) if resumed else None, "resume_overrides": trainer.overrides,
+              **provenance(device, command)}
+    if cfg.run.eval and val is None:
+        print("no validation data (data.val_path): evaluation skipped", flush=True)
+    elif cfg.run.eval:
+        report["eval"] = {"pretrained": evaluate_encoder(model, eval_train, val, device, amp_dtype=amp_dtype)}
+        report["eval"]["random_init"] = evaluate_encoder(random_init_model(cfg, device), eval_train, val, device,
+                                                         amp_dtype=amp_dtype)
+    report["pictures"] = pictures(model, val or train, run_dir, cfg.run.seed)
+    atomic_write_json(report, run_dir / "report.json")
+    return report
+
+
+def pictures(model, val_loader, run_dir: Path, seed: int) -> dict:
+    """The run's loss curve, reconstruction and homologous-attention pictures; their paths."""
+    from mixedae_fast.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
+
+    out = {}
+    if (run_dir / "metrics.csv").exists():
+        out["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png"))
+    images, labels = next(iter(val_loader))
+    group = pick_group(images, labels, model.group_size)
+    out["reconstruction"] = str(reconstruction_figure(model, group, run_dir / "reconstruction.png", seed=seed))
+    if model.group_size > 1:
+        out["homologous"] = str(homologous_figure(model, group, run_dir / "homologous.png", seed=seed)[0])
+    return out
