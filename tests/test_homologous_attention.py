@@ -342,7 +342,7 @@ def test_homologous_attention_module_topk_returns_rows_and_stats():
     assert tuple(out.shape) == tuple(x.shape) and tuple(hc_rows.shape) == (3, 2, r * n, 2)
     q, k, v = attn.qkv(x).reshape(3, 1 + r * n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
     torch.testing.assert_close(hc_rows, brute_force_hc_rows(q, k, _src(r, n)), **TOL[torch.float32])
-    assert set(stats) == {"recognition", "w_self", "w_same", "w_other", "w_cls"}
+    assert set(stats) == {"recognition", "jaccard", "w_self", "w_same", "w_other", "w_cls"}
     assert layout.hc_rows == () and layout.stats == ()
     _, none_rows, none_stats = attn(x, MixLayout(r, n, mode="topk", topk=2))
     assert none_rows is None and none_stats is None

@@ -116,7 +116,7 @@ def test_rank_device():
             rank_device("cuda", torch.cuda.device_count())
     else:
         assert rank_device("auto", 1) == torch.device("cpu")
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             rank_device("cuda", 0)
 
 
