@@ -6,6 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 from PIL import Image
 
 from mixedae_fast.pipelines.shards import ShardLoader, count_local_samples, expand_spec
@@ -93,9 +94,7 @@ def test_pipe_webp_unlabelled_and_short_shards(tmp_path):
         ShardLoader(spec, batch_size=1, img_size=8, epoch_size=6, shard_id=0, num_shards=3)
 
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2", "--data.batch_size=8", "--data.num_workers=0", "--optim.epochs=1",
+TINY = [*TINY_OVERRIDES, "--data.num_workers=0", "--optim.epochs=1",
         "--optim.warmup_epochs=1", "--run.log_every=1", "--run.eval=false", "--data.backend=torch"]
 
 
