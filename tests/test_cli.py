@@ -91,7 +91,10 @@ def test_main_job_runs_on_every_backend(tmp_path, backend):
         pytest.importorskip("nvidia.dali", reason="DALI is not installed (the [dali] extra)")
     assert _pretrain(tmp_path, f"--data.backend={backend}", "--optim.epochs=1", "--run.eval=true") == 0
     report = json.loads((tmp_path / "runs" / "cpu_tiny" / "report.json").read_text())
-    assert report["steps"] == 5 and report["eval"]["pretrained"]["knn"] >= 0
+    ev = report["eval"]
+    assert report["steps"] == 5 and set(ev) == {"pretrained", "random_init"}
+    for row in ev.values():   # accuracies of 20 val images: multiples of 5 in [0, 100]
+        assert set(row) == {"knn", "linear_probe"} and all(0 <= v <= 100 and v % 5 == 0 for v in row.values())
 
 
 def test_corrupt_images_are_skipped_and_listed(tmp_path, capsys):

@@ -23,13 +23,6 @@ from mixedae_fast.kernels.homologous_attention import (
 )
 from mixedae_fast.losses import hc_attention_loss
 
-TOL = {
-    # same math, different accumulation order (one matmul vs a per-query dot / SDPA's kernel)
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    # outputs are rounded to bf16 (8-bit mantissa: 2^-8 ~ 4e-3 relative per rounding, a few of them)
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-}
-
 
 def _qkv(G, H, r, n, d, dtype=torch.float32, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
@@ -99,9 +92,9 @@ def test_topk_reference_against_brute_force(G, H, r, n, d, K):
     assert tuple(hc_rows.shape) == (G, H, r * n, 2)
     want, _ = brute_force_topk(q, k, v, K)
     want_hc = brute_force_hc_rows(q, k, src)
-    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    torch.testing.assert_close(out, want, **tol(torch.float32))
     if r > 1 and n > 1:
-        torch.testing.assert_close(hc_rows, want_hc, **TOL[torch.float32])
+        torch.testing.assert_close(hc_rows, want_hc, **tol(torch.float32))
 
     # every gradient, through the output and the HC row terms at once
     gen = torch.Generator().manual_seed(1)
@@ -110,7 +103,7 @@ def test_topk_reference_against_brute_force(G, H, r, n, d, K):
     got = torch.autograd.grad((out * up_out).sum() + (hc_rows * up_hc).sum(), (q, k, v))
     ref = torch.autograd.grad((want * up_out).sum() + (want_hc * up_hc).sum(), (q, k, v))
     for name, a, b in zip("qkv", got, ref, strict=True):
-        torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m, name=name: f"d{name}: {m}")
+        torch.testing.assert_close(a, b, **tol(torch.float32), msg=lambda m, name=name: f"d{name}: {m}")
 
     # the op the model calls computes the reference
     out2, hc2 = homologous_attention(q, k, v, src, K, hc=True)
@@ -129,7 +122,7 @@ def test_topk_keeps_k_patch_keys_plus_cls_and_the_cls_row_sees_all():
     assert (w[:, :, 0] > 0).all(), "the CLS query attends to every key"
     assert (w[:, :, 1:, 0] > 0).all(), "every patch query keeps the CLS key"
     assert ((w[:, :, 1:, 1:] > 0).sum(-1) == K).all(), "distinct scores: exactly K patch keys"
-    torch.testing.assert_close(w.sum(-1), torch.ones(G, H, L), **TOL[torch.float32])
+    torch.testing.assert_close(w.sum(-1), torch.ones(G, H, L), **tol(torch.float32))
 
 
 def test_topk_keeps_ties_at_the_kth_value():
@@ -160,11 +153,11 @@ def test_topk_with_k_equal_rn_is_global_attention():
     q, k, v = _qkv(G, H, r, n, d, requires_grad=True)
     out, _ = homologous_attention_reference(q, k, v, _src(r, n), r * n)
     want = F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    torch.testing.assert_close(out, want, **tol(torch.float32))
     got = torch.autograd.grad(out.sum(), (q, k, v))
     ref = torch.autograd.grad(want.sum(), (q, k, v))
     for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a, b, **TOL[torch.float32])
+        torch.testing.assert_close(a, b, **tol(torch.float32))
     # and a smaller K is not
     assert not torch.allclose(homologous_attention_reference(q, k, v, _src(r, n), n)[0], want, atol=1e-3)
 
@@ -176,9 +169,9 @@ def test_topk_bf16_inputs():
     out, hc_rows = homologous_attention_reference(q, k, v, src, K, hc=True)
     assert out.dtype == torch.bfloat16 and hc_rows.dtype == torch.float32
     want, _ = brute_force_topk(q, k, v, K)  # fp32 from the upcast inputs, cast to bf16
-    torch.testing.assert_close(out, want, **TOL[torch.bfloat16])
+    torch.testing.assert_close(out, want, **tol(torch.bfloat16, kind="reference"))
     # hc rows are fp32 math on the upcast inputs: fp32 tolerance
-    torch.testing.assert_close(hc_rows, brute_force_hc_rows(q, k, src), **TOL[torch.float32])
+    torch.testing.assert_close(hc_rows, brute_force_hc_rows(q, k, src), **tol(torch.float32))
     grads = torch.autograd.grad(out.float().sum() + hc_rows.sum(), (q, k, v))
     assert all(gr.dtype == torch.bfloat16 for gr in grads)
 
@@ -224,7 +217,7 @@ def test_hc_rows_by_hand():
         [math.log(e(0.5) + e(-0.5) + e(1)), 1.0],
     ]).view(1, 1, 4, 2)
     _, hc_rows = homologous_attention_reference(q, k, v, _src(2, 2), 2, hc=True)
-    torch.testing.assert_close(hc_rows, want, **TOL[torch.float32])
+    torch.testing.assert_close(hc_rows, want, **tol(torch.float32))
     # L_hc = mean over queries of -log(Σ_same exp / Σ_{k≠q} exp)
     loss = hc_attention_loss([hc_rows])
     want_loss = sum(-math.log(math.exp(float(p)) / math.exp(float(a))) for a, p in want.view(4, 2)) / 4
@@ -267,7 +260,7 @@ def test_oracle_attention_against_per_source_sequences(backend, G, H, r, n, d):
     q, k, v = _qkv(G, H, r, n, d, seed=4)
     out = oracle_attention(q, k, v, r, n, backend)
     assert tuple(out.shape) == (G, H, 1 + r * n, d)
-    torch.testing.assert_close(out, _oracle_loop(q, k, v, r, n), **TOL[torch.float32])
+    torch.testing.assert_close(out, _oracle_loop(q, k, v, r, n), **tol(torch.float32))
 
 
 # -- logged stats --------------------------------------------------------------------------------
@@ -322,7 +315,7 @@ def test_homologous_attention_backends_agree(mode):
 
     out_sdpa, g_sdpa = run("sdpa")
     out_eager, g_eager = run("eager")
-    torch.testing.assert_close(out_sdpa, out_eager, **TOL[torch.float32])
+    torch.testing.assert_close(out_sdpa, out_eager, **tol(torch.float32))
     for a, b in zip(g_sdpa, g_eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # summed over the batch: looser
     # oracle is not global attention
@@ -341,7 +334,7 @@ def test_homologous_attention_module_topk_returns_rows_and_stats():
     out, hc_rows, stats = attn(x, layout)
     assert tuple(out.shape) == tuple(x.shape) and tuple(hc_rows.shape) == (3, 2, r * n, 2)
     q, k, v = attn.qkv(x).reshape(3, 1 + r * n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
-    torch.testing.assert_close(hc_rows, brute_force_hc_rows(q, k, _src(r, n)), **TOL[torch.float32])
+    torch.testing.assert_close(hc_rows, brute_force_hc_rows(q, k, _src(r, n)), **tol(torch.float32))
     assert set(stats) == {"recognition", "jaccard", "w_self", "w_same", "w_other", "w_cls"}
     assert layout.hc_rows == () and layout.stats == ()
     _, none_rows, none_stats = attn(x, MixLayout(r, n, mode="topk", topk=2))

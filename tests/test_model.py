@@ -13,15 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import tol
 
 from mixedae_fast.models import MixedAutoencoderViT
 
-TOL = {
-    # same function, different summation order (token order, SDPA vs explicit softmax, conv vs linear)
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    # float64 end to end: only rounding at 1e-16 scale remains
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-}
 STAT_NAMES = ("recognition", "w_self", "w_same", "w_other", "w_cls")
 
 
@@ -185,9 +180,9 @@ def test_mae_special_case_equals_reference_mae(dtype):
 
     assert used == set(dict(model.named_parameters())), "the model has parameters MAE does not"
     assert torch.equal(out["loss_mask"], mask.bool())
-    torch.testing.assert_close(out["pred"], pred, **TOL[dtype])
+    torch.testing.assert_close(out["pred"], pred, **tol(dtype))
     # targets and the loss are fp32 by contract (docs/method.md §6), whatever the model dtype
-    torch.testing.assert_close(out["targets"], target.float(), **TOL[torch.float32])
+    torch.testing.assert_close(out["targets"], target.float(), **tol(torch.float32))
     assert out["loss"].dtype == torch.float32
     rel = abs(float(out["loss"]) - float(loss)) / abs(float(loss))
     assert rel <= 1e-5, f"loss {float(out['loss'])} vs MAE {float(loss)}: relative {rel:.2e}"
@@ -263,7 +258,7 @@ def test_ha_layers_subset():
         x = model.patch_embed(mixed) + model.pos_embed[0, 1:][ids.long()]
         x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), x], dim=1)
         x = model.blocks[1](model.blocks[0](x, model.make_layout()), None)
-        torch.testing.assert_close(model.norm(x), latent, **TOL[torch.float32])
+        torch.testing.assert_close(model.norm(x), latent, **tol(torch.float32))
 
 
 # -- what each attention mode means at model level -------------------------------------------------
@@ -302,8 +297,8 @@ def test_topk_with_k_equal_rn_is_naive_mixing():
     naive.load_state_dict(model.state_dict())
     images = images_for(model, 2 * r)
     a, b = model(images, step=2), naive(images, step=2)
-    torch.testing.assert_close(a["pred"], b["pred"], **TOL[torch.float32])
-    torch.testing.assert_close(a["loss"], b["loss"], **TOL[torch.float32])
+    torch.testing.assert_close(a["pred"], b["pred"], **tol(torch.float32))
+    torch.testing.assert_close(a["loss"], b["loss"], **tol(torch.float32))
     # a smaller K is different
     small = tiny(ha="topk", group_size=r, topk=2, hc_weight=0.0)
     small.load_state_dict(model.state_dict())
@@ -415,9 +410,9 @@ def test_forward_features_is_a_plain_vit():
         for i in range(len(model.blocks)):
             x = mae_block(W, f"blocks.{i}.", x, model.blocks[i].attn.num_heads)
         want = F.layer_norm(x, (32,), W["norm.weight"], W["norm.bias"], eps=1e-6)
-    torch.testing.assert_close(tokens, want, **TOL[torch.float32])
+    torch.testing.assert_close(tokens, want, **tol(torch.float32))
     twin = tiny(ha="none", group_size=2)
     twin.load_state_dict(model.state_dict())
-    torch.testing.assert_close(twin.forward_features(images), tokens, **TOL[torch.float32])
+    torch.testing.assert_close(twin.forward_features(images), tokens, **tol(torch.float32))
     with pytest.raises(ValueError, match="this model takes"):
         model.forward_features(torch.randn(2, 3, 8, 8))

@@ -7,16 +7,12 @@ gradients by hand (CLS: summed over the r sources, mask token: summed over maske
 """
 import pytest
 import torch
+from tolerances import tol
 
 from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix_reference, patchify
 from mixedae_fast.kernels.unmix import unmix, unmix_reference
 
-# unmix only gathers and adds one position embedding: fp32 results are exact up to the rounding of
-# that one add (checked by subtracting it back); bf16 rounds the add to an 8-bit mantissa.
-TOL = {
-    torch.float32: dict(rtol=1e-6, atol=1e-6),
-    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
-}
+# unmix only gathers and adds one position embedding: tolerances.py's "gather" rows.
 
 
 def _inputs(G, r, n, N, D, dtype=torch.float32, seed=0):
@@ -52,7 +48,7 @@ def test_unmix_reference_against_loop(G, r, n, N, D):
     out = unmix_reference(dec_tokens, ids, mask_token, dec_pos, r)
     assert out.dtype == torch.float32 and tuple(out.shape) == (G * r, N + 1, D)
     torch.testing.assert_close(out.double(), _unmix_loop(dec_tokens, ids, mask_token, dec_pos, r),
-                               **TOL[torch.float32])
+                               **tol(torch.float32, kind="gather"))
     # mask_token may also come flat [D]; the op the model calls computes the reference
     assert torch.equal(unmix_reference(dec_tokens, ids, mask_token.reshape(D), dec_pos, r), out)
     assert torch.equal(unmix(dec_tokens, ids, mask_token, dec_pos, r), out)
@@ -72,10 +68,10 @@ def test_unmix_inverts_mix(B, S, P, r, n):
     out = unmix_reference(torch.cat([cls, mixed], dim=1), ids, mask_token, dec_pos, r) - dec_pos
     patches = patchify(images, P)
     visible = ~loss_mask
-    tol = TOL[torch.float32]
-    torch.testing.assert_close(out[:, 1:][visible], patches[visible], **tol)
-    torch.testing.assert_close(out[:, 1:][loss_mask], mask_token.expand(int(loss_mask.sum()), D), **tol)
-    torch.testing.assert_close(out[:, 0], cls[:, 0].repeat_interleave(r, dim=0), **tol)
+    gather = tol(torch.float32, kind="gather")
+    torch.testing.assert_close(out[:, 1:][visible], patches[visible], **gather)
+    torch.testing.assert_close(out[:, 1:][loss_mask], mask_token.expand(int(loss_mask.sum()), D), **gather)
+    torch.testing.assert_close(out[:, 0], cls[:, 0].repeat_interleave(r, dim=0), **gather)
 
 
 @pytest.mark.parametrize("G,r,n,N", [(2, 4, 3, 16), (1, 2, 5, 16)])
@@ -110,7 +106,7 @@ def test_unmix_bf16_keeps_dtype():
     out = unmix_reference(dec_tokens, ids, mask_token, dec_pos, r)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), _unmix_loop(dec_tokens, ids, mask_token, dec_pos, r),
-                               **TOL[torch.bfloat16])
+                               **tol(torch.bfloat16, kind="gather"))
     # gradients reach the bf16 tokens and the fp32 mask token in their own dtypes
     dec_tokens.requires_grad_(True)
     mask_token.requires_grad_(True)
