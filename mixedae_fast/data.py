@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.pipelines.files import scan_image_folder, scan_images, verify_images
+from mixedae_fast.pipelines.files import rate_line, scan_image_folder, scan_images, verify_images, verify_subset
 from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader, spread_subset
 
@@ -33,6 +33,7 @@ class Loaders:
     train_path: str | None
     val_path: str | None
     skipped: list            # (file, reason) for unreadable images, as found by verification
+    verify_rate: str | None = None  # what verification cost (images/s), when it decoded anything
 
 
 def dali_importable() -> bool:
@@ -80,7 +81,8 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
         plain = dict(common, batch_size=250)
         val = _loader(backend, val_path, fmt, d, plain, augment=False, seed=seed)
         bank = _loader(backend, train_path, fmt, d, plain, augment=False, seed=seed, limit=EVAL_BANK)
-    return Loaders(train, bank, val, backend, train_path, val_path, list(getattr(train, "bad", [])))
+    return Loaders(train, bank, val, backend, train_path, val_path, list(getattr(train, "bad", [])),
+                   getattr(train, "verify_rate", None))
 
 
 def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards=1, limit=None, labels=True):
@@ -104,18 +106,22 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
         if fmt == "imagefolder":
             paths, labs = (scan_image_folder(path)[:2] if labels else (scan_images(path), None))
             labs = labs or [0] * len(paths)
-            good, bad = verify_images(paths)
+            checked = verify_subset(len(paths), d.verify, seed)
+            good_checked, bad = verify_images([paths[i] for i in checked]) if checked else ([], [])
+            drop = set(checked) - {checked[i] for i in good_checked}
+            good = [i for i in range(len(paths)) if i not in drop]
             pairs = spread_subset([(paths[i], labs[i]) for i in good], limit)
             files, labels = [p for p, _ in pairs], [lab for _, lab in pairs]
         loader = DaliLoader(path, fmt, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
                             drop_last=augment, shard_id=shard_id, num_shards=num_shards,
                             num_threads=max(d.num_workers, 1), files=files, labels=labels, **common)
         loader.bad = bad
+        loader.verify_rate = rate_line(path) if checked else None
         return loader
     if backend == "torch":
         return FileImageLoader(path, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
                                drop_last=augment, fmt=fmt, num_workers=d.num_workers, shard_id=shard_id,
-                               num_shards=num_shards, limit=limit, labels=labels, **common)
+                               num_shards=num_shards, limit=limit, labels=labels, verify=d.verify, **common)
     raise ValueError(f"data.backend = {backend!r} is not one of auto, dali, torch, synthetic")
 
 

@@ -114,6 +114,8 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
     train, eval_train, val = data.train, data.bank, data.val
     say(f"data: {data.train_path or 'embedded (in memory)'} via the {data.backend} loader, {len(train)} batches "
         f"an epoch{' per rank' if dist.active else ''} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    if data.verify_rate:
+        say(f"data: {data.verify_rate}", flush=True)
 
     torch.manual_seed(cfg.run.seed)
     model = dist.wrap(build_model(cfg).to(device))

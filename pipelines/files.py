@@ -346,10 +346,37 @@ def _stats(sources: Sequence[Source]) -> list[tuple[str, int, int] | None]:
     return out
 
 
+VERIFY_MODES = ("full", "sample", "off")
+SAMPLE_MIN, SAMPLE_FRACTION = 1000, 0.01  # data.verify=sample: 1% of the images, at least 1,000
+
+
+def verify_subset(n: int, mode: str, seed: int = 0) -> list[int]:
+    """Indices of the ``n`` sources that ``data.verify`` checks: all (``full``), none (``off``), or a
+    seeded random ``max(1000, 1%)`` of them (``sample``: the bad rate is estimated, not every bad file
+    found; the torch loader replaces a file that fails later, DALI cannot)."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"data.verify = {mode!r}: must be one of {', '.join(VERIFY_MODES)}")
+    if mode == "full":
+        return list(range(n))
+    if mode == "off":
+        return []
+    k = min(n, max(SAMPLE_MIN, int(n * SAMPLE_FRACTION)))
+    import random
+
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+# the last inspect_images call's cost: decoded (not cached) images and seconds; read for the rate line
+LAST_RUN = {"decoded": 0, "cached": 0, "seconds": 0.0}
+
+
 def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
                    cache: str | Path | bool | None = True) -> list[tuple[str, int, int]]:
     """``check_image`` of every source, in order, reusing and updating the cache (see the module
     docstring; ``cache`` True = the default file, a path = that file, False/None = none)."""
+    import time
+
+    t0 = time.perf_counter()
     sources = list(sources)
     stats = _stats(sources)
     cache_file = None if not cache or not sources else (_default_cache(sources) if cache is True else Path(cache))
@@ -387,7 +414,19 @@ def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
                 os.replace(tmp, cache_file)
             except OSError as e:
                 warnings.warn(f"could not write the verification cache {cache_file}: {e}", stacklevel=2)
+    LAST_RUN.update(decoded=len(todo), cached=len(sources) - len(todo), seconds=time.perf_counter() - t0)
     return results
+
+
+def rate_line(what: str) -> str | None:
+    """``verified ...: N images decoded in T s (R images/s), M from the cache`` after inspect_images, or
+    None when nothing was decoded."""
+    r = LAST_RUN
+    if not r["decoded"]:
+        return None
+    rate = r["decoded"] / max(r["seconds"], 1e-9)
+    return (f"verified {what}: {r['decoded']} images decoded in {r['seconds']:.1f} s ({rate:.0f} images/s; "
+            f"1.28 M would take {1_281_167 / rate / 60:.0f} min), {r['cached']} from the cache")
 
 
 def split_results(sources: Sequence[Source], results) -> tuple[list[int], list[tuple[str, str]]]:

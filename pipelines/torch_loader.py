@@ -22,7 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixedae_fast.pipelines.files import describe, inspect_images, open_source, read_bytes, split_results, to_rgb
+from mixedae_fast.pipelines.files import (
+    describe,
+    inspect_images,
+    open_source,
+    rate_line,
+    read_bytes,
+    split_results,
+    to_rgb,
+    verify_subset,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -382,7 +391,7 @@ class FileImageLoader:
     def __init__(self, path, batch_size: int, img_size: int, device="cpu", dtype=torch.float32,
                  augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, *, fmt: str = "imagefolder", num_workers: int = 0, shard_id: int = 0,
-                 num_shards: int = 1, gpu_decode: bool = False, verify: bool = True, cache=True,
+                 num_shards: int = 1, gpu_decode: bool = False, verify: bool | str = True, cache=True,
                  jpeg_draft: bool = True, prefetch_factor: int = 2, limit: int | None = None, pil_transform=None,
                  labels: bool = True):
         self.device, self.dtype = torch.device(device), dtype
@@ -393,18 +402,28 @@ class FileImageLoader:
         samples, self.classes = open_source(path, fmt, labels)  # labels=False: any images, labels -1
         self.bad: list[tuple[str, str]] = []
         self.num_small: int | None = None
-        if verify:
-            results = inspect_images([s for s, _ in samples], cache=cache)
+        self.verify_rate: str | None = None  # "verified ...: N images decoded in T s (R images/s) ..."
+        mode = {True: "full", False: "off"}.get(verify, verify)  # data.verify: full | sample | off
+        checked = verify_subset(len(samples), mode, seed)
+        if checked:
+            subset = [samples[i] for i in checked]
+            results = inspect_images([s for s, _ in subset], cache=cache)
+            self.verify_rate = rate_line(str(path))
             if all(r[0] for r in results):
-                first = "; ".join(f"{describe(s)}: {r[0]}" for (s, _), r in zip(samples[:3], results))
-                raise ValueError(f"none of the {len(samples)} images of {str(path)!r} can be decoded ({first}); "
+                first = "; ".join(f"{describe(s)}: {r[0]}" for (s, _), r in zip(subset[:3], results))
+                raise ValueError(f"none of the {len(subset)} images checked of {str(path)!r} can be decoded ({first}); "
                                  "fix or regenerate the data (`mixedae-fast make-data`) or point data.path elsewhere")
-            good, self.bad = split_results([s for s, _ in samples], results)
+            good, self.bad = split_results([s for s, _ in subset], results)
             self.num_small = sum(min(results[i][1:]) < img_size for i in good)
             if self.num_small:
                 warnings.warn(f"{self.num_small} images smaller than {img_size} px were upscaled "
-                              f"(of {len(good)} in {str(path)!r})", stacklevel=2)
-            samples = [samples[i] for i in good]
+                              f"(of {len(good)} checked in {str(path)!r})", stacklevel=2)
+            drop = set(checked) - {checked[i] for i in good}
+            if mode == "sample" and self.bad:
+                warnings.warn(f"data.verify=sample: {len(self.bad)} of {len(subset)} checked images of {str(path)!r} "
+                              f"are bad (~{100 * len(self.bad) / len(subset):.1f}%); the unchecked ones are replaced "
+                              "when they fail; data.verify=full finds them all", stacklevel=2)
+            samples = [s for i, s in enumerate(samples) if i not in drop]
         samples = spread_subset(samples, limit)
         self.sampler = EpochBatchSampler(len(samples), batch_size, seed, shuffle, drop_last, shard_id, num_shards)
         if len(self.sampler) == 0:
