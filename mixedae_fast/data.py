@@ -101,10 +101,9 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
         from mixedae_fast.pipelines.dali import DaliLoader
 
         # DALI stops on an undecodable file: verify once (cached) and hand it the good ones
-        files = labels = None
-        bad = []
+        want_labels, files, labels, bad, checked = labels, None, None, [], []
         if fmt == "imagefolder":
-            paths, labs = (scan_image_folder(path)[:2] if labels else (scan_images(path), None))
+            paths, labs = (scan_image_folder(path)[:2] if want_labels else (scan_images(path), None))
             labs = labs or [0] * len(paths)
             checked = verify_subset(len(paths), d.verify, seed)
             good_checked, bad = verify_images([paths[i] for i in checked]) if checked else ([], [])

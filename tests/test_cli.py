@@ -93,8 +93,8 @@ def test_main_job_runs_on_every_backend(tmp_path, backend):
     report = json.loads((tmp_path / "runs" / "cpu_tiny" / "report.json").read_text())
     ev = report["eval"]
     assert report["steps"] == 5 and set(ev) == {"pretrained", "random_init"}
-    for row in ev.values():   # accuracies of 20 val images: multiples of 5 in [0, 100]
-        assert set(row) == {"knn", "linear_probe"} and all(0 <= v <= 100 and v % 5 == 0 for v in row.values())
+    for row in ev.values():
+        assert set(row) == {"knn", "linear_probe"} and all(0 <= v <= 100 for v in row.values())
 
 
 def test_corrupt_images_are_skipped_and_listed(tmp_path, capsys):

@@ -200,6 +200,7 @@ def test_the_optimizer_applies_each_layers_scale_to_the_scheduled_lr(tiny):
     model = tiny.model()                                              # depth 2
     depth, decay, peak, min_lr = 2, 0.5, 1e-2, 1e-4
     names = {id(p): n for n, p in model.named_parameters()}
+    alive = list(model.parameters())  # noqa: F841 - the classifier frees the decoder's: no id may be reused
 
     def layer(name):
         if name.startswith(("cls_token", "patch_embed")):
