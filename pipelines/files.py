@@ -370,16 +370,31 @@ def verify_subset(n: int, mode: str, seed: int = 0) -> list[int]:
 LAST_RUN = {"decoded": 0, "cached": 0, "seconds": 0.0}
 
 
-def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
-                   cache: str | Path | bool | None = True) -> list[tuple[str, int, int]]:
-    """``check_image`` of every source, in order, reusing and updating the cache (see the module
-    docstring; ``cache`` True = the default file, a path = that file, False/None = none)."""
-    import time
+def _cache_lock(cache_file: Path):
+    """An exclusive ``flock`` on ``<cache>.lock`` (a no-op where the folder cannot hold one)."""
+    import contextlib
 
-    t0 = time.perf_counter()
-    sources = list(sources)
-    stats = _stats(sources)
-    cache_file = None if not cache or not sources else (_default_cache(sources) if cache is True else Path(cache))
+    @contextlib.contextmanager
+    def held():
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            f = open(cache_file.with_name(cache_file.name + ".lock"), "a")
+        except OSError:
+            yield
+            return
+        with f:
+            try:
+                import fcntl
+
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except (ImportError, OSError):
+                pass  # no lock there: each process verifies on its own, as before
+            yield
+
+    return held()
+
+
+def _inspect_locked(sources, stats, cache_file, num_workers):
     entries: dict = {}
     if cache_file is not None and cache_file.is_file():
         try:
@@ -414,6 +429,27 @@ def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
                 os.replace(tmp, cache_file)
             except OSError as e:
                 warnings.warn(f"could not write the verification cache {cache_file}: {e}", stacklevel=2)
+    return results, todo
+
+
+def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
+                   cache: str | Path | bool | None = True) -> list[tuple[str, int, int]]:
+    """``check_image`` of every source, in order, reusing and updating the cache (see the module
+    docstring; ``cache`` True = the default file, a path = that file, False/None = none).
+
+    Processes verifying the same data at once (the ranks of a job) take turns on a lock beside the
+    cache file: the first decodes and writes the cache, the others then find every file in it, so a
+    data set is decoded once per machine (per cluster where the cache folder is shared and supports
+    ``flock``)."""
+    import contextlib
+    import time
+
+    t0 = time.perf_counter()
+    sources = list(sources)
+    stats = _stats(sources)
+    cache_file = None if not cache or not sources else (_default_cache(sources) if cache is True else Path(cache))
+    with _cache_lock(cache_file) if cache_file is not None else contextlib.nullcontext():
+        results, todo = _inspect_locked(sources, stats, cache_file, num_workers)
     LAST_RUN.update(decoded=len(todo), cached=len(sources) - len(todo), seconds=time.perf_counter() - t0)
     return results
 
