@@ -51,13 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", default="cpu_tiny",
                         help=f"a preset ({', '.join(available_presets())}) or a YAML file (default cpu_tiny)")
     pretrain_opts = _pretrain_options()
-    from mixedae_fast.config_docs import describe_config  # no torch import there
-
-    keys = dict(epilog=describe_config(load_config("cpu_tiny")), formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_parser("pretrain", parents=[common, pretrain_opts], **keys,
-                   help="MixedAE pretraining, then evaluation and a report")
-    sub.add_parser("config", parents=[common], **keys,
-                   help="print the resolved config as YAML, the derived values as a commented block")
+    keys = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+    _list_config_keys(sub.add_parser("pretrain", parents=[common, pretrain_opts], **keys,
+                                     help="MixedAE pretraining, then evaluation and a report"))
+    _list_config_keys(sub.add_parser("config", parents=[common], **keys,
+                                     help="print the resolved config as YAML, the derived values as a commented block"))
     sub.add_parser("bench", add_help=False, help="training throughput: MixedAE vs MAE vs the official recipe "
                    "(mixedae-fast bench --help)")
     md = sub.add_parser("make-data", help="write a dataset as JPEGs (ImageFolder layout, train/ and val/), cached")
@@ -72,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     _downstream_parsers(sub)
     _study_parser(sub, common)
     return p
+
+
+def _list_config_keys(parser: argparse.ArgumentParser) -> None:
+    """``--help`` of ``parser`` ends with every config key (config_docs.py), built only when help is shown."""
+    plain = parser.format_help
+
+    def format_help() -> str:
+        from mixedae_fast.config_docs import describe_config  # no torch import there
+
+        parser.epilog = describe_config(load_config("cpu_tiny"))
+        return plain()
+
+    parser.format_help = format_help
 
 
 def _pretrain_options() -> argparse.ArgumentParser:
@@ -176,13 +187,9 @@ def _study_parser(sub, common) -> None:
 
 
 def cmd_study(args, overrides) -> int:
-    from mixedae_fast.study import StudyError, run_study
+    from mixedae_fast.study import run_study
 
-    try:
-        return run_study(args, overrides)
-    except StudyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_study(args, overrides)  # a StudyError is a ValueError: main() prints its one error line, exit 2
 
 
 def cmd_pretrain(args, overrides) -> int:
