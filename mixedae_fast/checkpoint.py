@@ -92,6 +92,14 @@ def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / f"ckpt-{step:08d}.pt"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step in a checkpoint's name (``ckpt-00000040.pt`` -> 40)."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named as a checkpoint (ckpt-<8-digit step>.pt)")
+    return int(match.group(1))
+
+
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in ``ckpt_dir``, oldest first (temp files are never listed)."""
     d = Path(ckpt_dir)

@@ -21,6 +21,7 @@ from mixedae_fast.checkpoint import (
     OVERRIDABLE,
     RESUMABLE,
     CheckpointError,
+    checkpoint_step,
     config_mismatch,
     list_checkpoints,
     load_training_state,
@@ -372,7 +373,7 @@ class Trainer:
     def _nan_message(self, consecutive: int, first_bad: int) -> str:
         """The NaN stop: the first non-finite step, and the newest checkpoint written before it (one
         written later may hold weights that already diverged)."""
-        good = [p for p in list_checkpoints(self.ckpt_dir) if 0 <= first_bad and int(p.name[5:13]) <= first_bad]
+        good = [p for p in list_checkpoints(self.ckpt_dir) if 0 <= first_bad and checkpoint_step(p) <= first_bad]
         where = (f"The newest checkpoint written before it is {good[-1]}: continue from it with a lower lr, e.g. "
                  f"--run.resume={good[-1]} --run.resume_override=true --optim.base_lr=LOWER" if good else
                  f"No checkpoint was written before it (in {self.ckpt_dir}): start a new run with a lower "

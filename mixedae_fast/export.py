@@ -106,7 +106,8 @@ def write_hub_folder(pretrained: Pretrained, out_dir: str | os.PathLike, pool: s
     for borrowed in ("license", "hf_hub_id", "url", "tag"):
         cfg.pop(borrowed, None)
     cfg["tag"] = TAG
-    config["mixedae_fast"] = {"pool": pool, "checkpoint": str(pretrained.checkpoint), "step": pretrained.step}
+    # the checkpoint by name only: the folder may be pushed to the Hub, and its path is this machine's
+    config["mixedae_fast"] = {"pool": pool, "checkpoint": Path(pretrained.checkpoint).name, "step": pretrained.step}
     atomic_write_json(config, out_dir / CONFIG)
     atomic_write(out_dir / CARD, lambda f: f.write(model_card(pretrained, config).encode()))
     return out_dir

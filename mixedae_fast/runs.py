@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from mixedae_fast.checkpoint import atomic_write, list_checkpoints
+from mixedae_fast.checkpoint import atomic_write, checkpoint_step, list_checkpoints
 from mixedae_fast.config import ConfigError
 
 LOCK_NAME = ".lock"
@@ -137,7 +137,7 @@ def check_fresh(run_dir: str | os.PathLike, resume: str) -> None:
 def set_aside_later_checkpoints(ckpt_dir: str | os.PathLike, step: int) -> Path | None:
     """Move checkpoints later than ``step`` (a branch abandoned by resuming from an older one) into
     ``ckpt_dir/abandoned-<step>/``; returns that folder, or None when there were none."""
-    later = [p for p in list_checkpoints(ckpt_dir) if int(p.name[5:13]) > step]
+    later = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > step]
     if not later:
         return None
     target = Path(ckpt_dir) / f"abandoned-{step:08d}"
