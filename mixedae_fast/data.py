@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.pipelines.files import rate_line, scan_image_folder, scan_images, verify_images, verify_subset
+from mixedae_fast.pipelines.files import rate_line, scan_image_folder, scan_images, verify_sources
 from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader, spread_subset
 
@@ -101,14 +101,11 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
         from mixedae_fast.pipelines.dali import DaliLoader
 
         # DALI stops on an undecodable file: verify once (cached) and hand it the good ones
-        want_labels, files, labels, bad, checked = labels, None, None, [], []
+        want_labels, files, labels, bad, checked = labels, None, None, [], {}
         if fmt == "imagefolder":
             paths, labs = (scan_image_folder(path)[:2] if want_labels else (scan_images(path), None))
             labs = labs or [0] * len(paths)
-            checked = verify_subset(len(paths), d.verify, seed)
-            good_checked, bad = verify_images([paths[i] for i in checked]) if checked else ([], [])
-            drop = set(checked) - {checked[i] for i in good_checked}
-            good = [i for i in range(len(paths)) if i not in drop]
+            good, bad, checked = verify_sources(paths, d.verify, seed, where=f" of {path!r}")
             pairs = spread_subset([(paths[i], labs[i]) for i in good], limit)
             files, labels = [p for p, _ in pairs], [lab for _, lab in pairs]
         loader = DaliLoader(path, fmt, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,

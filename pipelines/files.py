@@ -454,6 +454,31 @@ def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
     return results
 
 
+def verify_sources(sources: Sequence[Source], mode: str = "full", seed: int = 0, cache=True,
+                   where: str = "") -> tuple[list[int], list[tuple[str, str]], dict[int, tuple[str, int, int]]]:
+    """``data.verify`` over ``sources`` (both loaders use it): ``(keep, bad, checked)`` — the indices to
+    keep (every source but the checked ones that failed), ``(source, reason)`` of those, and
+    ``check_image``'s result of every checked source that decodes, by index. Refuses a set whose every
+    checked image fails; warns with the estimated bad rate in ``sample`` mode."""
+    picked = verify_subset(len(sources), mode, seed)
+    if not picked:
+        return list(range(len(sources))), [], {}
+    subset = [sources[i] for i in picked]
+    results = inspect_images(subset, cache=cache)
+    if all(r[0] for r in results):
+        first = "; ".join(f"{describe(src)}: {r[0]}" for src, r in zip(subset[:3], results))
+        raise ValueError(f"none of the {len(subset)} images checked{where} can be decoded ({first}); fix or "
+                         "regenerate the data (`mixedae-fast make-data`) or point data.path elsewhere")
+    good, bad = split_results(subset, results)
+    checked = {picked[i]: results[i] for i in good}
+    if mode == "sample" and bad:
+        warnings.warn(f"data.verify=sample: {len(bad)} of {len(subset)} checked images{where} are bad "
+                      f"(~{100 * len(bad) / len(subset):.1f}%); the unchecked ones are replaced when they fail (torch "
+                      "loader; DALI stops on one); data.verify=full finds them all", stacklevel=3)
+    dropped = set(picked) - set(checked)
+    return [i for i in range(len(sources)) if i not in dropped], bad, checked
+
+
 def rate_line(what: str) -> str | None:
     """``verified ...: N images decoded in T s (R images/s), M from the cache`` after inspect_images, or
     None when nothing was decoded."""

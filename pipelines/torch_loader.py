@@ -24,13 +24,11 @@ import torch.nn.functional as F
 
 from mixedae_fast.pipelines.files import (
     describe,
-    inspect_images,
     open_source,
     rate_line,
     read_bytes,
-    split_results,
     to_rgb,
-    verify_subset,
+    verify_sources,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -404,26 +402,14 @@ class FileImageLoader:
         self.num_small: int | None = None
         self.verify_rate: str | None = None  # "verified ...: N images decoded in T s (R images/s) ..."
         mode = {True: "full", False: "off"}.get(verify, verify)  # data.verify: full | sample | off
-        checked = verify_subset(len(samples), mode, seed)
+        keep, self.bad, checked = verify_sources([s for s, _ in samples], mode, seed, cache, f" of {str(path)!r}")
         if checked:
-            subset = [samples[i] for i in checked]
-            results = inspect_images([s for s, _ in subset], cache=cache)
             self.verify_rate = rate_line(str(path))
-            if all(r[0] for r in results):
-                first = "; ".join(f"{describe(s)}: {r[0]}" for (s, _), r in zip(subset[:3], results))
-                raise ValueError(f"none of the {len(subset)} images checked of {str(path)!r} can be decoded ({first}); "
-                                 "fix or regenerate the data (`mixedae-fast make-data`) or point data.path elsewhere")
-            good, self.bad = split_results([s for s, _ in subset], results)
-            self.num_small = sum(min(results[i][1:]) < img_size for i in good)
+            self.num_small = sum(min(r[1:]) < img_size for r in checked.values())
             if self.num_small:
                 warnings.warn(f"{self.num_small} images smaller than {img_size} px were upscaled "
-                              f"(of {len(good)} checked in {str(path)!r})", stacklevel=2)
-            drop = set(checked) - {checked[i] for i in good}
-            if mode == "sample" and self.bad:
-                warnings.warn(f"data.verify=sample: {len(self.bad)} of {len(subset)} checked images of {str(path)!r} "
-                              f"are bad (~{100 * len(self.bad) / len(subset):.1f}%); the unchecked ones are replaced "
-                              "when they fail; data.verify=full finds them all", stacklevel=2)
-            samples = [s for i, s in enumerate(samples) if i not in drop]
+                              f"(of {len(checked)} checked in {str(path)!r})", stacklevel=2)
+            samples = [samples[i] for i in keep]
         samples = spread_subset(samples, limit)
         self.sampler = EpochBatchSampler(len(samples), batch_size, seed, shuffle, drop_last, shard_id, num_shards)
         if len(self.sampler) == 0:
