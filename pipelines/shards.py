@@ -24,17 +24,14 @@ batches: the same batches again (the workers' streams interleave in a fixed orde
 from __future__ import annotations
 
 import glob
-import io
 import os
 import random
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mixedae_fast.pipelines.files import to_rgb
-from mixedae_fast.pipelines.torch_loader import normalize, sample_params
+from mixedae_fast.pipelines.torch_loader import ImageFileDataset, normalize
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -99,17 +96,17 @@ class _Stream(torch.utils.data.IterableDataset):
     """One epoch of one rank's samples: ``(uint8 [3, S, S], label)``."""
 
     def __init__(self, urls, epoch, seed, img_size, augment, crop_scale, labels, shuffle, buffer):
-        self.urls, self.epoch, self.seed, self.img_size = urls, epoch, seed, img_size
-        self.augment, self.crop_scale, self.labels = augment, crop_scale, labels
+        self.urls, self.epoch, self.seed, self.labels = urls, epoch, seed, labels
         self.shuffle, self.buffer = shuffle, buffer
+        # the file loader's decode + crop + flip, keyed by (seed, epoch, position in this rank's stream)
+        self.cropper = ImageFileDataset([], img_size, augment, crop_scale, seed)
 
     def __iter__(self):
         import webdataset as wds
-        from PIL import Image
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        S, i = self.img_size, 0
+        i = 0
         # Passes repeat until the loader has its batches: a rank whose shards hold fewer samples than
         # its share still gives a full epoch (each pass reshuffled).
         for rep in range(1 << 30):
@@ -125,16 +122,8 @@ class _Stream(torch.utils.data.IterableDataset):
                 stream = stream.shuffle(self.buffer, rng=random.Random(f"{self.seed}:{self.epoch}:{rep}:{wid}"))
             for sample in stream:
                 data, label = _image_and_label(sample, self.labels)
-                with Image.open(io.BytesIO(data)) as im:
-                    im = to_rgb(im)
-                    width, height = im.size
-                    (top, left, h, w), flip = sample_params(self.seed, self.epoch, i * nw + wid, height, width,
-                                                            self.augment, self.crop_scale)
-                    im = im.resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h))
-                if flip:
-                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                yield self.cropper.crop(data, self.epoch, i * nw + wid), label
                 i += 1
-                yield torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))), label
 
 
 class ShardLoader:
