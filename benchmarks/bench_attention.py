@@ -44,7 +44,8 @@ from mixedae_fast.attention import (
     topk_attention,
     xformers_problem,
 )
-from mixedae_fast.benchmarks.common import device_name, git_sha, median_ms
+from mixedae_fast.benchmarks.common import median_ms
+from mixedae_fast.provenance import device_name, git_sha
 
 # name -> (G groups, H heads, r, n, head dim): L = 1 + r*n = 197 for ViT-B/16 and ViT-L/16 at 224 px
 SHAPES = {

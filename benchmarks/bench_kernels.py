@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.benchmarks.common import device_name, git_sha, median_ms
+from mixedae_fast.benchmarks.common import median_ms
 from mixedae_fast.config import derive, load_config
 from mixedae_fast.device import resolve_precision
 from mixedae_fast.kernels.patch_mix import (
@@ -42,6 +42,7 @@ from mixedae_fast.kernels.patch_mix import (
     patch_mix_reference,
 )
 from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
+from mixedae_fast.provenance import device_name, git_sha
 
 
 def _unmix_step(unmix_fn):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.benchmarks.common import device_name, git_sha
 from mixedae_fast.pipelines.dali import DaliLoader
+from mixedae_fast.provenance import device_name, git_sha
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.benchmarks.common import device_name, git_sha
 from mixedae_fast.config import derive, load_config
 from mixedae_fast.device import resolve_precision
 from mixedae_fast.models import build_model
 from mixedae_fast.optim import build_optimizer, param_groups
+from mixedae_fast.provenance import device_name, git_sha
 
 _MAE = ["--mixing.group_size=1", "--mixing.ha=none", "--mixing.hc_weight=0"]
 MODES = {

@@ -215,7 +215,7 @@ def run_one(cfg, run_dir: Path, train_dir, val_dir, args) -> dict:
 
 
 def _stamp() -> dict:
-    from mixedae_fast.benchmarks.common import git_sha
+    from mixedae_fast.provenance import git_sha
 
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": git_sha(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
