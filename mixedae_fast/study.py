@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -215,11 +214,9 @@ def run_one(cfg, run_dir: Path, train_dir, val_dir, args) -> dict:
 
 
 def _stamp() -> dict:
-    from mixedae_fast.provenance import git_sha
+    from mixedae_fast.provenance import provenance
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": git_sha(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {**provenance(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 # -- the table ---------------------------------------------------------------------------------------
