@@ -27,6 +27,17 @@ class MissingLogger(ValueError):
     """A sink in ``run.loggers`` whose package is not installed; the message names the extra."""
 
 
+def require(names) -> None:
+    """Refuse, before a run starts, a sink in ``run.loggers`` whose package is missing (MissingLogger)."""
+    for name, module in (("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")):
+        if name in names:
+            try:
+                __import__(module)
+            except ImportError:
+                raise MissingLogger(f"run.loggers has {name} but it is not installed: pip install "
+                                    f"'mixedae_fast[log]' (or {name}), or drop it from run.loggers") from None
+
+
 class Loggers:
     """The sinks of one run (rank 0 only). ``scalars(row, step)`` and ``image(name, array, step)`` go to
     every sink; ``close()`` flushes them."""
@@ -37,6 +48,7 @@ class Loggers:
             raise ValueError(f"run.loggers: {unknown} not among {', '.join(LOGGERS)}")
         self.run_dir = Path(run_dir)
         self.names = tuple(dict.fromkeys(names))
+        require(self.names)
         self._tb = self._tensorboard() if "tensorboard" in self.names else None
         self._wandb = self._wandb_run(config or {}, run_name or self.run_dir.name) if "wandb" in self.names else None
 
@@ -45,19 +57,13 @@ class Loggers:
         return self._tb is not None or self._wandb is not None
 
     def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MissingLogger("run.loggers has tensorboard but it is not installed: pip install "
-                                "'mixedae_fast[log]' (or tensorboard), or drop it from run.loggers") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(str(self.run_dir / "tb"))
 
     def _wandb_run(self, config: dict, run_name: str):
-        try:
-            import wandb
-        except ImportError:
-            raise MissingLogger("run.loggers has wandb but it is not installed: pip install 'mixedae_fast[log]' "
-                                "(or wandb), or drop it from run.loggers") from None
+        import wandb
+
         id_file = self.run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         if not id_file.is_file():

@@ -43,7 +43,10 @@ def pretrain(cfg: Config, *, max_steps: int | None = None, num_train: int = 5000
     from mixedae_fast.distributed import init_distributed
     from mixedae_fast.runs import RunLock, check_fresh
 
+    from mixedae_fast.loggers import require
+
     check_resume_target(cfg)
+    require(cfg.run.loggers)  # a missing logger package refused before a run folder exists
     dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
     check_backend_on(cfg, dist.device.type)
     if not name_given and cfg.run.resume == "none" and not dist.active and not dist.env.slurm_job_id:

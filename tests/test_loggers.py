@@ -81,3 +81,15 @@ def test_a_training_run_logs_to_tensorboard_and_traces_its_profile_window(tiny, 
     assert not (tmp_path / "run" / "pictures").exists()
     trace = tmp_path / "run" / "profile" / "steps-2-3.pt.trace.json"
     assert trace.is_file() and '"forward"' in trace.read_text() and '"backward"' in trace.read_text()
+
+
+def test_a_missing_logger_is_refused_before_the_run_folder_exists(tiny, tmp_path, monkeypatch, capsys):
+    from mixedae_fast.cli import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)                # as if not installed
+    argv = ["pretrain", "--no-progress", "--num-train", "16", "--num-val", "8", *tiny.overrides,
+            "--run.loggers=[csv,wandb]", f"--run.out_dir={tmp_path}", "--run.name=r"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: run.loggers has wandb") and "mixedae_fast[log]" in err[0]
+    assert not (tmp_path / "r").exists()
