@@ -41,9 +41,8 @@ def pretrain(cfg: Config, *, max_steps: int | None = None, num_train: int = 5000
     signal (the checkpoint is saved; SIGUSR1 under SLURM requeues the job first), ``ValueError`` /
     ``ConfigError`` for bad input."""
     from mixedae_fast.distributed import init_distributed
-    from mixedae_fast.runs import RunLock, check_fresh
-
     from mixedae_fast.loggers import require
+    from mixedae_fast.runs import RunLock, check_fresh
 
     check_resume_target(cfg)
     require(cfg.run.loggers)  # a missing logger package refused before a run folder exists
