@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixing.segment_embed": ("none", "encoder"),
     "mixing.hc_form": ("infonce", "hinge"),  # mixedae_fast.losses.HC_FORMS
     "mixing.hc_grad": ("full", "qk"),  # mixedae_fast.losses.HC_GRADS
+    "mixing.hc_select": ("attention", "proj"),  # mixedae_fast.models.HC_SELECT
     "runtime.attention_backend": ATTENTION_BACKENDS,
     "runtime.kernels": KERNEL_BACKENDS,
     "runtime.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -89,6 +90,10 @@ class MixingConfig:
     hc_form: str = "infonce"  # infonce | hinge (ranking: same-source keys above the best other by hc_margin)
     hc_margin: float = 1.0  # hinge margin in logit units
     hc_grad: str = "full"  # full | qk (the loss trains only the q/k projections; tokens get no HC gradient)
+    hc_select: str = "attention"  # attention (TopK on each head's q·k) | proj (one selection per block from a
+    #   separate hc_select_dim-wide projection that the HC loss trains; the heads' logits stay free)
+    hc_select_dim: int = 16  # width of the query and key parts of that projection
+    topk_self: bool = False  # the query's own key always kept, plus its K-1 best other keys
     segment_embed: str = "none"  # encoder = learned per-slot embedding; leaks the grouping (ablation)
     norm_pix_loss: bool = True  # per-patch normalised pixel targets, as MAE
 
@@ -458,6 +463,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     **{f"model.{f.name}": _GT0 for f in dataclasses.fields(ModelConfig)},
     "mixing.group_size": _GE1, "mixing.hc_tau": _GT0, "mixing.hc_weight": _GE0, "mixing.hc_margin": _GE0,
     "mixing.hc_heads": (lambda v: v is None or v >= 1, "must be >= 1, or null (every head)"),
+    "mixing.hc_select_dim": _GE1,
     "mixing.mask_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "runtime.device": (_DEVICE.fullmatch, "must be auto, cpu, cuda or cuda:N"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
@@ -580,10 +586,21 @@ def validate(cfg: Config) -> Config:
     if backend == "triton" and x.ha == "topk" and 1 + r * n > 256:
         errors.append(f"runtime.attention_backend = 'triton': the fused TopK kernel takes sequences of <= 256 "
                       f"tokens, this config makes 1 + group_size * n_visible = {1 + r * n}; use flex, sdpa or eager")
+    research = [f"mixing.{k} = {v!r}" for k, v in (("hc_select", x.hc_select), ("topk_self", x.topk_self))
+                if v != getattr(MixingConfig, k)]
+    if research and x.ha == "topk" and backend in ("triton", "xformers", "flex"):
+        errors.append(f"{' and '.join(research)} run on the reference path (one dense mask through SDPA), not on "
+                      f"runtime.attention_backend = {backend!r}; set it to auto, sdpa or eager")
+    hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
+    if x.hc_select == "proj" and not (hc_attention and x.hc_form == "infonce" and x.hc_heads is None):
+        errors.append(f"mixing.hc_select = 'proj': the selection projection is trained by the attention HC loss "
+                      f"in its InfoNCE form on one shared selection; needs hc_weight > 0, hc_on attention or both, "
+                      f"ha = topk, group_size > 1, hc_form = infonce and hc_heads = null (got hc_weight="
+                      f"{x.hc_weight}, hc_on={x.hc_on}, ha={x.ha}, group_size={r}, hc_form={x.hc_form}, "
+                      f"hc_heads={x.hc_heads})")
     if errors:
         raise ConfigError(_join(errors))
 
-    hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
     if (hc_attention or hc_features) and n < 2:
         raise ConfigError(f"mixing.mask_ratio = {x.mask_ratio!r}: the homologous contrastive loss needs "
                           f"n_visible >= 2 (a same-source positive besides the query), got {n}; "

@@ -31,6 +31,7 @@ import_timm()
 from timm.models.vision_transformer import Block  # noqa: E402  (after the torchvision shim)
 
 HC_ON = ("attention", "head", "tokens", "both")
+HC_SELECT = ("attention", "proj")
 SEGMENT_EMBED = ("none", "encoder")
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -64,9 +65,11 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
 class MixedBlock(Block):
     """timm's ViT ``Block`` (same parameter names) with attention that follows a :class:`MixLayout`."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto",
+                 select_dim: int = 0, select_detach: bool = False):
         super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
-        self.attn = HomologousAttention(dim, num_heads, qkv_bias=True, backend=backend)
+        self.attn = HomologousAttention(dim, num_heads, qkv_bias=True, backend=backend, select_dim=select_dim,
+                                        select_detach=select_detach)
 
     def forward(self, x: torch.Tensor, layout: MixLayout | None = None) -> torch.Tensor:
         return self.forward_homologous(x, layout)[0]
@@ -86,7 +89,8 @@ class MixedAutoencoderViT(nn.Module):
                  hc_on: str = "attention", hc_weight: float = 1.0, hc_tau: float = 0.2,
                  segment_embed: str = "none", norm_pix_loss: bool = True, attention_backend: str = "auto",
                  kernels: str = "auto", hc_heads: int | None = None, hc_form: str = "infonce",
-                 hc_margin: float = 1.0, hc_grad: str = "full"):
+                 hc_margin: float = 1.0, hc_grad: str = "full", hc_select: str = "attention",
+                 hc_select_dim: int = 16, topk_self: bool = False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -124,16 +128,28 @@ class MixedAutoencoderViT(nn.Module):
         if hc_heads is not None and not 1 <= hc_heads <= num_heads:
             raise ValueError(f"hc_heads={hc_heads} must lie in [1, num_heads = {num_heads}] or be None (all)")
         self.hc_heads, self.hc_margin = hc_heads, hc_margin
+        # hc_select="proj": each HA block selects (one set for all heads) on a separate select_dim-wide
+        # projection that the HC loss trains instead of the heads' logits; topk_self: the query's own key
+        # always kept. Both run on the reference path (attention.selected_topk_attention).
+        self.hc_select, self.topk_self = _choice("hc_select", hc_select, HC_SELECT), bool(topk_self)
+        if hc_select == "proj" and not (self.hc_attention and hc_form == "infonce" and hc_heads is None
+                                        and hc_select_dim >= 1):
+            raise ValueError("hc_select='proj' needs the attention HC loss on (hc_weight > 0, ha='topk', "
+                             "group_size > 1), hc_form='infonce', hc_heads=None and hc_select_dim >= 1")
+        select_dim = hc_select_dim if hc_select == "proj" else 0
         # forms the attention op's row terms do not give: the loss from logits recomputed per block
-        self.hc_from_scores = self.hc_attention and (hc_form != "infonce" or hc_grad != "full")
+        self.hc_from_scores = self.hc_attention and hc_select == "attention" and (hc_form != "infonce"
+                                                                                   or hc_grad != "full")
 
         # encoder
         self.patch_embed = nn.Linear(self.patch_dim, embed_dim)  # a Linear on (p, q, c) patch vectors
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid)[None])
         self.seg_embed = nn.Parameter(torch.zeros(r, embed_dim)) if segment_embed == "encoder" else None
-        self.blocks = nn.ModuleList(MixedBlock(embed_dim, num_heads, mlp_ratio, attention_backend)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            MixedBlock(embed_dim, num_heads, mlp_ratio, attention_backend,
+                       select_dim=select_dim if i in self.ha_layers else 0, select_detach=hc_grad == "qk")
+            for i in range(depth))
         self.norm = LayerNorm(embed_dim)
         self.hc_head = None
         if self.hc_features and hc_on in ("head", "both"):
@@ -178,7 +194,8 @@ class MixedAutoencoderViT(nn.Module):
 
     def make_layout(self, hc: bool | None = None, collect_stats: bool = False) -> MixLayout:
         hc = self.hc_attention and not self.hc_from_scores if hc is None else hc
-        return MixLayout(self.group_size, self.n_visible, self.ha, self.topk, hc=hc, collect_stats=collect_stats)
+        return MixLayout(self.group_size, self.n_visible, self.ha, self.topk, hc=hc, collect_stats=collect_stats,
+                         topk_self=self.topk_self)
 
     def forward_encoder(self, mixed: torch.Tensor, ids: torch.Tensor, layout: MixLayout | None = None,
                         hc_scores: list | None = None):
@@ -312,5 +329,5 @@ def build_model(cfg) -> MixedAutoencoderViT:
         hc_on=x.hc_on, hc_weight=x.hc_weight, hc_tau=x.hc_tau, segment_embed=x.segment_embed,
         norm_pix_loss=x.norm_pix_loss, attention_backend=cfg.runtime.attention_backend,
         kernels=cfg.runtime.kernels, hc_heads=x.hc_heads, hc_form=x.hc_form, hc_margin=x.hc_margin,
-        hc_grad=x.hc_grad,
+        hc_grad=x.hc_grad, hc_select=x.hc_select, hc_select_dim=x.hc_select_dim, topk_self=x.topk_self,
     )

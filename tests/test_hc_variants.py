@@ -1,6 +1,6 @@
-"""HC loss variants (mixing.hc_heads / hc_form / hc_margin / hc_grad) against float64 loops written
-here, where their gradients go, their config validation, and the heads' TopK overlap (Jaccard) that
-the trainer logs per block."""
+"""HC loss variants (mixing.hc_heads / hc_form / hc_margin / hc_grad) and the selection switches
+(mixing.topk_self, mixing.hc_select=proj) against float64 loops written here, where their gradients
+go, their config validation, and the heads' TopK overlap (Jaccard) that the trainer logs per block."""
 import itertools
 import math
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from tolerances import tol
 
-from mixedae_fast.attention import topk_stats
+from mixedae_fast.attention import selected_topk_attention, selection_keep, topk_stats
 from mixedae_fast.config import ConfigError, load_config
-from mixedae_fast.kernels.homologous_attention import hc_row_terms, topk_keep_mask
+from mixedae_fast.kernels.homologous_attention import hc_row_terms, homologous_attention_reference, topk_keep_mask
 from mixedae_fast.losses import hc_attention_loss, hc_hinge_terms, hc_scores_loss
 from mixedae_fast.models import build_model
 from mixedae_fast.visualize import homologous_selection
@@ -167,3 +167,110 @@ def test_per_block_columns_and_the_pictures_overlap():
         assert stats[f"ha{i}/recognition_b{i}"] is stats[f"ha{i}/recognition"]
     sel = homologous_selection(model, images, block=1, seed=3, step=7)
     assert sel["block_jaccard"] == pytest.approx(stats["ha1/jaccard"].item(), rel=1e-6)
+
+
+# -- mixing.topk_self and mixing.hc_select=proj: the reference path of the research switches ---------
+
+def _qkv(G=2, H=3, d=8, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(G, H, 1 + R * N_VIS, d, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+def test_selection_on_the_heads_logits_is_the_topk_contract():
+    """selected_topk_attention on q·k itself (no switch on) computes what the eager reference does."""
+    q, k, v = _qkv()
+    sel = _scores_of(q, k)
+    out, rows, keep = selected_topk_attention(q, k, v, sel, SRC, N_VIS, hc=True)
+    ref_out, ref_rows = homologous_attention_reference(q, k, v, SRC, N_VIS, hc=True)
+    # the reference computes in fp32 whatever the input dtype
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol(torch.float32))
+    torch.testing.assert_close(rows.float(), ref_rows.float(), **tol(torch.float32))
+    assert torch.equal(keep, topk_keep_mask(sel, N_VIS))
+
+
+def _scores_of(q, k):
+    return (q @ k.mT)[..., 1:, 1:] * q.shape[-1] ** -0.5
+
+
+def test_topk_self_keeps_the_query_and_its_k_minus_1_best_others():
+    q, k, _ = _qkv()
+    sel = _scores_of(q, k)
+    keep = selection_keep(sel, N_VIS, self_in=True)
+    G, H, M, _ = keep.shape
+    for g, h, i in itertools.product(range(G), range(H), range(M)):
+        others = [j for j in range(M) if j != i]
+        best = sorted(others, key=lambda j: -sel[g, h, i, j].item())[:N_VIS - 1]
+        assert set(torch.nonzero(keep[g, h, i]).flatten().tolist()) == {i, *best}
+    assert not torch.equal(keep, selection_keep(sel, N_VIS))  # the switch changes some rows here
+
+
+def _selection_model(*overrides, depth=1):
+    return _model("--mixing.hc_select=proj", "--mixing.hc_select_dim=8", *overrides, depth=depth)
+
+
+@pytest.mark.parametrize("grad", ["full", "qk"])
+def test_proj_selection_takes_the_hc_loss_off_the_heads_logits(grad):
+    """One block: the HC loss trains the selection projection, never the block's own q/k weights; with
+    hc_grad=qk not the tokens either."""
+    model = _selection_model(f"--mixing.hc_grad={grad}")
+    out = model(torch.randn(8, 3, 16, 16), collect_stats=True)
+    out["loss_hc"].backward()
+    attn = model.blocks[0].attn
+    assert attn.select.weight.grad.abs().max() > 0
+    assert attn.qkv.weight.grad is None or attn.qkv.weight.grad.abs().max() == 0
+    embed = model.patch_embed.weight.grad
+    assert (embed is not None and embed.abs().max().item() > 0) == (grad == "full")
+    assert math.isnan(out["stats"]["ha0/jaccard"].item())  # one set shared by the heads
+    assert 0 <= out["stats"]["ha0/recognition"].item() <= 1
+
+
+def test_proj_selection_matches_a_dense_loop_and_is_used_by_the_picture():
+    """The block's attention = softmax over (CLS + the projection's TopK keys) of the heads' logits, one
+    keep set for every head; the picture shows that set."""
+    model = _selection_model(depth=2)
+    images = torch.randn(4, 3, 16, 16)
+    ids = model.assign(1, seed=3, step=7)
+    captured = {}
+    attn = model.blocks[1].attn
+    attn.register_forward_hook(lambda mod, inp, out: captured.update(x=inp[0], out=out[0]))
+    stats = model(images, ids, collect_stats=True)["stats"]
+    x = captured["x"].double()
+    a = attn.double()
+    G, L, C = x.shape
+    q, k, v = a.qkv(x).reshape(G, L, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    qs, ks = a.select(x[:, 1:]).chunk(2, dim=-1)
+    keep = topk_keep_mask((qs @ ks.mT) / math.sqrt(qs.shape[-1]), model.topk)          # [G, M, M]
+    logits = (q @ k.mT) / math.sqrt(a.head_dim)
+    logits[..., 1:, 1:] = logits[..., 1:, 1:].masked_fill(~keep[:, None], float("-inf"))
+    want = a.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(G, L, C))
+    torch.testing.assert_close(captured["out"].double(), want, **tol(torch.float32))
+    model.float()
+    sel = homologous_selection(model, images, block=1, seed=3, step=7)
+    assert sel["keep"].shape == (1, model.group_size * model.n_visible)
+    assert sel["block_recognition"] == pytest.approx(stats["ha1/recognition"].item(), rel=1e-6)
+
+
+def test_proj_selection_is_left_out_of_the_timm_export():
+    from mixedae_fast._compat import import_timm
+    from mixedae_fast.export import timm_model_spec, timm_state_dict
+
+    cfg = load_config("cpu_tiny", [*TINY, "--model.depth=2", "--mixing.hc_select=proj"])
+    model = build_model(cfg)
+    assert any(".attn.select." in k for k in model.state_dict())
+    name, kwargs = timm_model_spec(vars(cfg.model))
+    vit = import_timm().create_model(name, pretrained=False, **kwargs)
+    vit.load_state_dict(timm_state_dict(model.state_dict(), cfg.model.patch_size), strict=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--mixing.hc_select=proj", "--mixing.hc_weight=0"], "mixing.hc_select = 'proj': the selection projection"),
+    (["--mixing.hc_select=proj", "--mixing.hc_heads=1"], "needs hc_weight > 0"),
+    (["--mixing.hc_select=proj", "--mixing.hc_form=hinge"], "hc_form = infonce"),
+    (["--mixing.hc_select=proj", "--runtime.attention_backend=flex"], "run on the reference path"),
+    (["--mixing.topk_self=true", "--runtime.attention_backend=flex"], "mixing.topk_self = True run on"),
+    (["--mixing.hc_select_dim=0"], "mixing.hc_select_dim = 0: must be >= 1"),
+    (["--mixing.hc_select=attn"], "mixing.hc_select = 'attn': must be one of attention, proj"),
+])
+def test_selection_switches_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config("cpu_tiny", [*TINY[:-1], *override])
