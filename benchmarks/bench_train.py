@@ -51,6 +51,7 @@ from mixedae_fast.device import resolve_precision
 from mixedae_fast.models import build_model
 from mixedae_fast.optim import build_optimizer, param_groups
 from mixedae_fast.provenance import device_name, git_sha
+from mixedae_fast.step import TrainStep
 
 _MAE = ["--mixing.group_size=1", "--mixing.ha=none", "--mixing.hc_weight=0"]
 MODES = {
@@ -95,42 +96,32 @@ def _range(name: str, cuda: bool):
 
 
 class StepRunner:
-    """One benchmark row's model, optimiser and training step."""
+    """One benchmark row's model, optimiser and training step: :class:`mixedae_fast.step.TrainStep`, the
+    step the trainer runs (clipping, the NaN guard and the optimiser branches included)."""
 
     def __init__(self, cfg, device: torch.device, official: bool, compile_mode: str | None):
         torch.manual_seed(cfg.run.seed)
         self.cfg, self.device = cfg, device
         self.model = build_model(cfg).to(device)
         self.amp = resolve_precision(cfg.runtime.precision, device)
-        if official:   # the official recipe: unfused AdamW (foreach where available) and a GradScaler
-            self.opt = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=1e-4,
-                                         betas=tuple(cfg.optim.betas))
+        if official:   # the official recipe: unfused AdamW (foreach where available), a GradScaler, no NaN skip
+            opt = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=1e-4,
+                                    betas=tuple(cfg.optim.betas))
+            device_skip = False
         else:
-            self.opt, _ = build_optimizer(self.model, cfg, 1e-4, device)
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
-        self.forward = self.model
+            opt, device_skip = build_optimizer(self.model, cfg, 1e-4, device)
+        self.opt = opt
+        forward = self.model
         if compile_mode is not None:
-            self.forward = torch.compile(self.model, mode=None if compile_mode == "default" else compile_mode)
-        self.groups = lambda batch: batch // self.model.group_size
+            forward = torch.compile(self.model, mode=None if compile_mode == "default" else compile_mode)
+        self.train_step = TrainStep(self.model, opt, device, self.amp, clip_grad=cfg.optim.clip_grad,
+                                    seed=cfg.run.seed, device_skip=device_skip, forward=forward, nan_guard=not official,
+                                    scaler=torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None)
 
     def step(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        ids = self.model.assign(self.groups(images.shape[0]), self.cfg.run.seed, step, device=images.device)
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            loss = self.forward(images, ids)["loss"]
-        self._backward(loss)
-        self._update()
+        loss = self.train_step.micro(images, step)["loss"]
+        self.train_step.update()
         return loss
-
-    def _backward(self, loss):
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def _update(self):
-        if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
     def phased_step(self, next_images, step: int, clock: Clock) -> tuple[torch.Tensor, dict[str, float]]:
         """The same step, eager, with a mark between the method's steps (``model.forward`` spelled out)."""
@@ -145,27 +136,28 @@ class StepRunner:
             if hasattr(next_images, "wait"):  # a Source: the loader's own stream, if any, joins the data phase
                 next_images.wait(torch.cuda.current_stream(self.device) if cuda else None)
         done()
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        with self.train_step.autocast():
             with _range("assign", cuda):
-                ids = m.assign(self.groups(images.shape[0]), self.cfg.run.seed, step, device=images.device)
+                ids = m.assign(images.shape[0] // m.group_size, self.cfg.run.seed, step, device=images.device)
             done()
             with _range("mix", cuda):
                 mixed, targets, loss_mask = m.mix(images, ids)
             done()
             with _range("encoder", cuda):
-                latent, layout = m.forward_encoder(mixed, ids)
+                hc_scores = [] if m.hc_from_scores else None
+                latent, layout = m.forward_encoder(mixed, ids, hc_scores=hc_scores)
             done()
             with _range("decoder", cuda):
                 pred = m.forward_decoder(m.unmix(latent, ids))
             done()
             with _range("losses", cuda):
-                loss = m.forward_loss(pred, targets, loss_mask) + m.hc_weight * m.forward_hc(latent, layout)
+                loss = m.forward_loss(pred, targets, loss_mask) + m.hc_weight * m.forward_hc(latent, layout, hc_scores)
             done()
         with _range("backward", cuda):
-            self._backward(loss)
+            self.train_step.backward(loss)
         done()
         with _range("optimizer", cuda):
-            self._update()
+            self.train_step.update()
         done()
         return loss, {name: clock.ms(a, b) for name, a, b in zip(PHASES, marks, marks[1:])}
 

@@ -34,6 +34,7 @@ from mixedae_fast.distributed import Dist, DistEnv, unwrap
 from mixedae_fast.optim import build_optimizer, lr_at
 from mixedae_fast.profiling import StepProfiler
 from mixedae_fast.runs import set_aside_later_checkpoints, truncate_metrics
+from mixedae_fast.step import SkippedSteps, TrainStep
 
 
 def _rng_states() -> dict:
@@ -57,6 +58,33 @@ def _set_rng_states(states: dict) -> None:
 
 class StopRequested(Exception):
     pass
+
+
+class _Window:
+    """What one metrics row averages: the loss parts summed on the device since the last row, images,
+    data wait and wall time, the newest stats."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.sums = {k: torch.zeros((), device=device) for k in ("loss", "loss_rec", "loss_hc")}
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        for v in self.sums.values():
+            v.zero_()
+        self.t0, self.images, self.wait, self.step0, self.stats = time.perf_counter(), 0, 0.0, step, {}
+
+    def timed_next(self, batches):
+        t0 = time.perf_counter()
+        images = next(batches)
+        self.wait += time.perf_counter() - t0
+        return images
+
+    def add(self, out: dict, images: torch.Tensor, accum: int) -> None:
+        for k in self.sums:
+            self.sums[k] += out[k].detach() / accum
+        self.images += images.shape[0]
+        if "stats" in out:
+            self.stats = out["stats"]
 
 
 class Trainer:
@@ -215,15 +243,8 @@ class Trainer:
         self._stop_signal = signal.Signals(signum).name
 
     def fit(self) -> list[dict]:
-        cfg, model, opt, dev = self.cfg, self.model, self.optimizer, self.device
-        d = self.derived
-        G = cfg.data.batch_size // cfg.mixing.group_size
-        log_every = cfg.run.log_every
-        zeros = lambda: torch.zeros((), device=dev)  # noqa: E731
-        sums = {k: zeros() for k in ("loss", "loss_rec", "loss_hc")}
-        bad_run, bad_max, bad_total = zeros(), zeros(), zeros()
-        first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # index of the first non-finite step
-        stats_last: dict = {}
+        """Train from ``self.step`` to ``total_steps``; returns the metrics rows logged."""
+        cfg, model = self.cfg, self.model
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._open_loggers()
@@ -231,84 +252,30 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="pretrain",
                    unit="step", dynamic_ncols=True)
-        batches = self._batches()
         # runtime.compile: the model's forward compiled (the assignment is drawn outside, so the step
         # number never enters the graph; log steps, which collect stats, compile a second graph)
-        forward = torch.compile(model) if cfg.runtime.compile else model
-        t_log, n_log, wait_log, step_log = time.perf_counter(), 0, 0.0, self.step
+        step_fn = TrainStep(model, self.optimizer, self.device, self.amp_dtype, clip_grad=cfg.optim.clip_grad,
+                            seed=cfg.run.seed, accum=self.accum, device_skip=self.device_skip, scaler=self.scaler,
+                            forward=torch.compile(model) if cfg.runtime.compile else model, no_sync=self.dist.no_sync)
+        window = _Window(self.device, self.step)
+        skipped = SkippedSteps(self.device)
+        batches = self._batches()
         model.train()
         try:
             while self.step < self.total_steps:
                 profiler.before_step(self.step + 1)
-                lr = lr_at(self.step / self.steps_per_epoch, d.lr, cfg.optim.warmup_epochs, cfg.optim.epochs,
-                           cfg.optim.min_lr)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                log_now = (self.step + 1) % log_every == 0 or self.step + 1 == self.total_steps
+                lr = self._set_lr()
+                log_now = (self.step + 1) % cfg.run.log_every == 0 or self.step + 1 == self.total_steps
                 for a in range(self.accum):
-                    t0 = time.perf_counter()
-                    images = next(batches)
-                    wait_log += time.perf_counter() - t0
-                    # the global index of this micro-batch's first group in the step (docs/method.md §1)
-                    first_group = (a * self.world_size + self.rank) * G
-                    with self.dist.no_sync(model, a < self.accum - 1):
-                        with profiler.range("forward"), torch.autocast(
-                                dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                            ids = self.module.assign(G, cfg.run.seed, self.step, first_group, images.device)
-                            out = forward(images, ids, collect_stats=log_now and a == self.accum - 1)
-                        loss = out["loss"] / self.accum
-                        with profiler.range("backward"):
-                            (self.scaler.scale(loss) if self.scaler else loss).backward()
-                    for k in sums:
-                        sums[k] += out[k].detach() / self.accum
-                    n_log += images.shape[0]
-                    if "stats" in out:
-                        stats_last = out["stats"]
-                if self.scaler:
-                    self.scaler.unscale_(opt)
-                params = [p for p in model.parameters() if p.grad is not None]
-                clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                found_inf = (~torch.isfinite(norm)).float()
-                if self.scaler:
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                elif self.device_skip:
-                    opt.found_inf = found_inf
-                    opt.step()
-                elif not bool(found_inf):  # apex: one host sync per step
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                bad_run = (bad_run + 1) * found_inf
-                bad_max = torch.maximum(bad_max, bad_run)
-                bad_total += found_inf
-                first_bad = torch.where((first_bad < 0) & (found_inf > 0), torch.full_like(first_bad, self.step),
-                                        first_bad)
+                    images = window.timed_next(batches)
+                    last = a == self.accum - 1
+                    out = step_fn.micro(images, self.step, first_group=self._first_group(a, images), last=last,
+                                        collect_stats=log_now and last, ranges=profiler.range)
+                    window.add(out, images, self.accum)
+                skipped.record(step_fn.update(), self.step)
                 self.step += 1
                 bar.update(1)
-                trace = profiler.after_step(self.step)
-                if trace is not None:
-                    self._say(f"profile: steps {cfg.run.profile_steps} traced to {trace}", bar)
-                if log_now:
-                    elapsed = time.perf_counter() - t_log
-                    row = self._log_row(sums, self.step - step_log, lr, n_log, elapsed, wait_log, bad_total,
-                                        stats_last)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", hc=f"{row['loss_hc']:.3f}",
-                                    img_s=f"{row['img_per_s']:.0f}")
-                    self._say(self._log_line(row, elapsed / max(self.step - step_log, 1)), bar)
-                    if bad_max.item() >= cfg.optim.max_nan_steps:
-                        raise FloatingPointError(self._nan_message(int(bad_max.item()), int(first_bad.item())))
-                    bad_max.zero_()
-                    for v in sums.values():
-                        v.zero_()
-                    t_log, n_log, wait_log, step_log = time.perf_counter(), 0, 0.0, self.step
-                if cfg.run.vis_every and self.step % cfg.run.vis_every == 0 and self.rank == 0:
-                    self._log_pictures(images)
-                if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
-                    self.save()
-                stop = self.dist.agree_stop(self._stop_signal)
-                if stop:
-                    raise StopRequested(stop)
+                self._after_step(profiler, bar, window, skipped, lr, log_now, images)
             self.dist.finish_votes()
         except StopRequested as e:
             if self.rank == 0:
@@ -328,6 +295,42 @@ class Trainer:
         if self.rank == 0 and self.step % cfg.run.ckpt_every:
             self.save()
         return self.history
+
+    def _set_lr(self) -> float:
+        o = self.cfg.optim
+        lr = lr_at(self.step / self.steps_per_epoch, self.derived.lr, o.warmup_epochs, o.epochs, o.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _first_group(self, micro: int, images: torch.Tensor) -> int:
+        """The global index of micro-batch ``micro``'s first group in the step (docs/method.md §1)."""
+        return (micro * self.world_size + self.rank) * (images.shape[0] // self.cfg.mixing.group_size)
+
+    def _after_step(self, profiler, bar, window, skipped, lr, log_now, images) -> None:
+        """What follows an optimizer step: the profiler, the log row and the NaN check (at log steps),
+        pictures, the checkpoint, the stop vote."""
+        cfg = self.cfg
+        trace = profiler.after_step(self.step)
+        if trace is not None:
+            self._say(f"profile: steps {cfg.run.profile_steps} traced to {trace}", bar)
+        if log_now:
+            elapsed = time.perf_counter() - window.t0
+            row = self._log_row(window.sums, self.step - window.step0, lr, window.images, elapsed, window.wait,
+                                skipped.total, window.stats)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", hc=f"{row['loss_hc']:.3f}", img_s=f"{row['img_per_s']:.0f}")
+            self._say(self._log_line(row, elapsed / max(self.step - window.step0, 1)), bar)
+            longest = skipped.take_longest()
+            if longest >= cfg.optim.max_nan_steps:
+                raise FloatingPointError(self._nan_message(longest, int(skipped.first.item())))
+            window.reset(self.step)
+        if cfg.run.vis_every and self.step % cfg.run.vis_every == 0 and self.rank == 0:
+            self._log_pictures(images)
+        if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
+            self.save()
+        stop = self.dist.agree_stop(self._stop_signal)
+        if stop:
+            raise StopRequested(stop)
 
     def _log_row(self, sums, steps, lr, n_images, elapsed, wait, bad_total, stats) -> dict:
         """One metrics row: loss parts averaged over the ``steps`` since the last row."""

@@ -145,6 +145,38 @@ def test_phased_step_is_the_model_step():
         assert torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("hc", ["--mixing.hc_form=hinge", "--mixing.hc_select=proj"])
+def test_phased_step_takes_every_hc_form(hc):
+    """The spelled-out step hands the recomputed logits to the HC loss too (forms the op's rows lack)."""
+    from mixedae_fast.benchmarks.bench_train import Clock, StepRunner
+    from mixedae_fast.config import load_config
+
+    cfg = load_config("cpu_tiny", ["--data.batch_size=8", hc])
+    images = torch.randn(8, 3, 32, 32)
+    a, b = (StepRunner(cfg, torch.device("cpu"), official=False, compile_mode=None) for _ in range(2))
+    loss_b, _ = b.phased_step(lambda: images, step=3, clock=Clock(torch.device("cpu")))
+    assert torch.equal(a.step(images, step=3), loss_b)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_the_bench_step_is_the_training_step(official):
+    """The benchmark runs the trainer's step (mixedae_fast.step.TrainStep): clipping applies and a
+    non-finite step is skipped; the official-recipe row steps whatever it gets, as that recipe does."""
+    from mixedae_fast.benchmarks.bench_train import StepRunner
+    from mixedae_fast.config import load_config
+
+    cfg = load_config("cpu_tiny", ["--data.batch_size=8", "--optim.clip_grad=1e-6"])
+    runner = StepRunner(cfg, torch.device("cpu"), official=official, compile_mode=None)
+    assert runner.train_step.clip_grad == 1e-6
+    before = [p.detach().clone() for p in runner.model.parameters()]
+    images = torch.randn(8, 3, 32, 32)
+    images[0, 0, 0, 0] = float("nan")
+    runner.step(images, step=0)
+    finite = all(torch.isfinite(p).all() for p in runner.model.parameters())
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, runner.model.parameters()))
+    assert (finite and unchanged) != official
+
+
 def test_bench_cli_and_errors(capsys):
     from mixedae_fast.cli import main
 
