@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.pipelines.files import rate_line, scan_image_folder, scan_images, verify_sources
+from mixedae_fast.pipelines.files import open_source, rate_line, verify_sources
 from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader, spread_subset
 
@@ -87,9 +87,9 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
 
 def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards=1, limit=None, labels=True):
     shuffle = augment
-    if backend == "dali" and not labels and fmt != "imagefolder":
-        raise ValueError(f"data.labels=none with data.format={fmt} reads through the torch loader: set "
-                         "data.backend=torch (DALI's readers want labels there)")
+    if backend == "dali" and not labels and fmt == "webdataset":
+        raise ValueError("data.labels=none with data.format=webdataset reads through the torch loader: set "
+                         "data.backend=torch (DALI's webdataset reader wants a .cls per sample)")
     if backend == "torch" and fmt == "webdataset" and augment:
         from mixedae_fast.pipelines.shards import ShardLoader
 
@@ -101,16 +101,16 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
         from mixedae_fast.pipelines.dali import DaliLoader
 
         # DALI stops on an undecodable file: verify once (cached) and hand it the good ones
-        want_labels, files, labels, bad, checked = labels, None, None, [], {}
-        if fmt == "imagefolder":
-            paths, labs = (scan_image_folder(path)[:2] if want_labels else (scan_images(path), None))
-            labs = labs or [0] * len(paths)
+        files, file_labels, bad, checked = None, None, [], {}
+        if fmt != "webdataset":  # the one discovery (pipelines/files.py), then the good files to DALI
+            samples, _ = open_source(path, fmt, labels)
+            paths = [p for p, _ in samples]
             good, bad, checked = verify_sources(paths, d.verify, seed, where=f" of {path!r}")
-            pairs = spread_subset([(paths[i], labs[i]) for i in good], limit)
-            files, labels = [p for p, _ in pairs], [lab for _, lab in pairs]
+            pairs = spread_subset([(paths[i], max(samples[i][1], 0)) for i in good], limit)
+            files, file_labels = [p for p, _ in pairs], [lab for _, lab in pairs]
         loader = DaliLoader(path, fmt, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
                             drop_last=augment, shard_id=shard_id, num_shards=num_shards,
-                            num_threads=max(d.num_workers, 1), files=files, labels=labels, **common)
+                            num_threads=max(d.num_workers, 1), files=files, labels=file_labels, **common)
         loader.bad = bad
         loader.verify_rate = rate_line(path) if checked else None
         return loader

@@ -2,9 +2,11 @@
 training device, int64 labels ``[B]``), decoding and augmenting on the GPU (``device="cuda:N"``) or CPU.
 
 Layers, top to bottom: the augmentation graphs (``train_graph``, ``eval_graph``) are plain functions
-of DataNodes; the three pipelines (``image_folder_pipeline``, ``file_list_pipeline``,
-``webdataset_pipeline``) add a reader and take batch size, threads, device and seed at call time, as
-``@pipeline_def`` functions do; ``DaliLoader`` iterates one of them.
+of DataNodes; the two pipelines (``file_pipeline``: an explicit list of files, ``webdataset_pipeline``:
+tars) add a reader and take batch size, threads, device and seed at call time, as ``@pipeline_def``
+functions do; ``DaliLoader`` iterates one of them. Which files or tars: ``pipelines/files.py`` finds
+them (``open_source``, ``tar_paths``) for this loader and the torch loader alike, so both read the same
+samples from the same ``data.path``.
 
     loader = DaliLoader("data/train", batch_size=256, img_size=224, device="cuda:0", dtype=torch.bfloat16)
     for epoch in range(start_epoch, epochs):
@@ -44,7 +46,6 @@ emits fp32 and torch casts it: one correctly rounded cast, the same numbers as
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import math
 import os
@@ -54,14 +55,11 @@ from pathlib import Path
 
 import torch
 
+from mixedae_fast.pipelines.files import FORMATS, WEBDATASET_IMAGE_EXTENSIONS, open_source, tar_paths
 from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 
-FORMATS = ("imagefolder", "filelist", "webdataset")
-# torchvision's IMG_EXTENSIONS, so an ImageFolder lists the same files here and there (case-insensitive).
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-WDS_EXT = ("jpg;jpeg;png;webp", "cls")
+WDS_EXT = (";".join(WEBDATASET_IMAGE_EXTENSIONS), "cls")
 INSTALL_HINT = "pip install nvidia-dali-cuda130  (or: pip install -e '.[dali]')"
-_DATA_HINT = "create data with `mixedae-fast make-data` or fix data.path"
 _CLS_BYTES = 12          # longest .cls text read (digits plus whitespace)
 
 
@@ -171,29 +169,14 @@ def _outputs(images, labels):
 
 
 @_pipeline_def
-def image_folder_pipeline(root, graph, files=None, labels=None, shard_id=0, num_shards=1, shuffle=True,
-                          pad_last_batch=False, reader_seed=0):
-    """``root/<class>/<image>``: labels are the sorted class folder names' indices (byte order, as
-    torchvision's ImageFolder; empty class folders keep their index); only files directly inside a
-    class folder with an ``IMG_EXTENSIONS`` suffix. With ``files`` (paths relative to ``root``, or
-    absolute) and ``labels``, exactly those files."""
+def file_pipeline(root, graph, files, labels, shard_id=0, num_shards=1, shuffle=True, pad_last_batch=False,
+                  reader_seed=0):
+    """Exactly ``files`` (paths relative to ``root``, or absolute) with their ``labels``: the list
+    ``pipelines/files.py`` found (the one discovery both loaders read), so DALI and the torch loader
+    read the same files from the same folder or file list."""
     fn = _dali().fn
     reader = _reader_args(shard_id, num_shards, shuffle, pad_last_batch, reader_seed)
-    if files is None:
-        jpegs, labels = fn.readers.file(file_root=str(root), file_filters=[f"*{e}" for e in IMG_EXTENSIONS],
-                                        **reader)
-    else:
-        jpegs, labels = fn.readers.file(files=[str(Path(root, f)) for f in files], labels=list(labels), **reader)
-    return _outputs(graph(jpegs), labels)
-
-
-@_pipeline_def
-def file_list_pipeline(list_path, graph, shard_id=0, num_shards=1, shuffle=True, pad_last_batch=False,
-                       reader_seed=0):
-    """A text file of ``relative/path label`` lines, paths relative to the list's folder."""
-    fn = _dali().fn
-    jpegs, labels = fn.readers.file(file_list=str(list_path),
-                                    **_reader_args(shard_id, num_shards, shuffle, pad_last_batch, reader_seed))
+    jpegs, labels = fn.readers.file(files=[str(Path(root, f)) for f in files], labels=list(labels), **reader)
     return _outputs(graph(jpegs), labels)
 
 
@@ -274,42 +257,6 @@ def wds_index_paths(tars: Sequence, cache_dir=None) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Sources: check the data once, up front, with errors that name the path and the fix.
-
-def _check_image_folder(root: Path) -> None:
-    classes = sorted(d for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class folders; an ImageFolder is {root}/<class>/<image> ({_DATA_HINT})")
-    for d in classes:
-        if any(f.suffix.lower() in IMG_EXTENSIONS and f.is_file() for f in d.iterdir()):
-            return
-    raise ValueError(f"no images directly inside the class folders of {root} (DALI does not descend further; "
-                     f"for a dataset root with train/ and val/, point at one split) ({_DATA_HINT})")
-
-
-def _check_file_list(path: Path) -> None:
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise ValueError(f"file list {path} is empty ({_DATA_HINT})")
-    for i, ln in enumerate(lines[:1000]):
-        parts = ln.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{path}:{i + 1}: expected 'relative/path label', got {ln!r}")
-
-
-def find_tars(path: Path) -> list[Path]:
-    """A tar, a folder of ``*.tar`` or a glob pattern (``shards/train-*.tar``) -> sorted tar paths."""
-    if path.is_file():
-        return [path]
-    tars = sorted(path.glob("*.tar")) if path.is_dir() else sorted(map(Path, glob.glob(str(path))))
-    if tars:
-        return tars
-    if path.is_dir():
-        raise ValueError(f"no *.tar files in {path} ({_DATA_HINT})")
-    raise FileNotFoundError(f"data path {path} does not exist ({_DATA_HINT})")
-
-
 class DaliLoader:
     """Batches ``(images [B, 3, S, S] in dtype on device, labels int64 [B] on device)`` from a DALI
     pipeline; the contract and API of ``torch_loader.TensorBatchLoader`` (see the module docstring for
@@ -354,27 +301,21 @@ class DaliLoader:
                              f"of {batch_size}")
 
     def _resolve_source(self, files, labels):
+        """The reader and its arguments. Files come from ``pipelines/files.py`` (``open_source``: the same
+        discovery the torch loader uses) unless ``files=`` names them; tars from ``files.tar_paths``."""
         if files is not None:
             if self.fmt == "webdataset":
                 raise ValueError("files= lists image files; it does not combine with fmt='webdataset'")
             if labels is None or len(labels) != len(files) or not files:
                 raise ValueError("files= needs a non-empty list and labels= of the same length")
-            return image_folder_pipeline, {"root": self.path, "files": [str(f) for f in files],
-                                           "labels": [int(x) for x in labels]}
-        if self.fmt == "webdataset":
-            tars = find_tars(self.path)
-            return webdataset_pipeline, {"tars": tars, "index_paths": wds_index_paths(tars)}
-        if not self.path.exists():
-            raise FileNotFoundError(f"data path {self.path} does not exist ({_DATA_HINT})")
-        if self.fmt == "filelist":
-            if not self.path.is_file():
-                raise ValueError(f"fmt='filelist' needs a text file, {self.path} is not one")
-            _check_file_list(self.path)
-            return file_list_pipeline, {"list_path": self.path}
-        if not self.path.is_dir():
-            raise ValueError(f"fmt='imagefolder' needs a folder, {self.path} is not one")
-        _check_image_folder(self.path)
-        return image_folder_pipeline, {"root": self.path}
+        elif self.fmt == "webdataset":
+            self.sources = [str(t) for t in tar_paths(self.path)]
+            return webdataset_pipeline, {"tars": self.sources, "index_paths": wds_index_paths(self.sources)}
+        else:
+            samples, _ = open_source(self.path, self.fmt)
+            files, labels = [s for s, _ in samples], [lab for _, lab in samples]
+        self.sources = [str(Path(self.path, f)) for f in files]
+        return file_pipeline, {"root": self.path, "files": [str(f) for f in files], "labels": [int(x) for x in labels]}
 
     def _open(self, epoch: int) -> None:
         """Build the pipeline seeded for ``epoch`` and its iterator (which starts decoding)."""

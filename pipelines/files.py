@@ -209,7 +209,9 @@ def scan_images(root: str | Path) -> list[str]:
     return paths
 
 
-def _tar_paths(paths) -> list[Path]:
+def tar_paths(paths) -> list[Path]:
+    """A tar, a folder of ``*.tar``, a glob (``shards/train-*.tar``) or a list of those -> the tar paths,
+    each folder's sorted (the one tar discovery: the torch loader's and DALI's)."""
     if isinstance(paths, str | Path):
         paths = [paths]
     out = []
@@ -234,7 +236,7 @@ def read_webdataset(paths, labels: bool = True) -> list[tuple[TarMember, int]]:
     workers can read a member with one seek."""
     want_labels = labels
     samples = []
-    for tar_path in _tar_paths(paths):
+    for tar_path in tar_paths(paths):
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
             with tarfile.open(tar_path, mode="r:") as tar:
@@ -270,7 +272,7 @@ def read_webdataset(paths, labels: bool = True) -> list[tuple[TarMember, int]]:
                              f"(first: {unlabelled[:3]}); each sample needs <key>.cls holding its integer class, "
                              "or set data.labels=none (pretraining needs no labels)")
     if not samples:
-        raise ValueError(f"no samples (<key>.jpg|jpeg|png + <key>.cls) in {[str(p) for p in _tar_paths(paths)]}")
+        raise ValueError(f"no samples (<key>.jpg|jpeg|png + <key>.cls) in {[str(p) for p in tar_paths(paths)]}")
     return samples
 
 

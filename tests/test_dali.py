@@ -283,21 +283,21 @@ def test_errors(tmp_path, root):
         DaliLoader(tmp_path / "missing", batch_size=2, img_size=16)
     with pytest.raises(FileNotFoundError, match="make-data"):
         DaliLoader(tmp_path / "missing", "webdataset", batch_size=2, img_size=16)
-    with pytest.raises(ValueError, match="no class folders"):
+    with pytest.raises(ValueError, match="no class subfolders"):
         DaliLoader(tmp_path, batch_size=2, img_size=16)
     (tmp_path / "cls").mkdir()
     with pytest.raises(ValueError, match="no images"):
         DaliLoader(tmp_path, batch_size=2, img_size=16)
-    with pytest.raises(ValueError, match="no images"):   # the dataset root, not a split
+    with pytest.warns(UserWarning, match="did you mean"):   # the dataset root, not a split: as the torch loader
         DaliLoader(root, batch_size=2, img_size=16)
-    with pytest.raises(ValueError, match="no \\*.tar"):
+    with pytest.raises(ValueError, match="no .tar files"):
         DaliLoader(tmp_path, "webdataset", batch_size=2, img_size=16)
     with pytest.raises(ValueError, match="fewer than one batch"):
         DaliLoader(root / "val", batch_size=64, img_size=16)
     with pytest.raises(ValueError, match="fmt must be one of"):
         DaliLoader(root / "val", "lmdb", batch_size=2, img_size=16)
     (tmp_path / "list.txt").write_text("only_a_path.jpg\n")
-    with pytest.raises(ValueError, match="relative/path label"):
+    with pytest.raises(ValueError, match="expected '<path> <integer label>'"):
         DaliLoader(tmp_path / "list.txt", "filelist", batch_size=2, img_size=16)
 
 
@@ -347,3 +347,35 @@ def test_gpu_mixed_decode(root, dtype):
     cpu, cpu_labels, _ = epoch(DaliLoader(root / "val", batch_size=5, img_size=40, augment=False, shuffle=False))
     assert torch.equal(gpu_labels.cpu(), cpu_labels)
     assert (gpu.float().cpu() - cpu).abs().mean() < 0.05
+
+
+def test_both_loaders_list_the_same_samples(root, tmp_path):
+    """One discovery (pipelines/files.py) for DALI and the torch loader: the same files from a folder
+    (nested subfolders, upper-case and non-JPEG suffixes, hidden files included), a file list and a
+    shard set."""
+    from PIL import Image
+
+    from mixedae_fast.pipelines.torch_loader import FileImageLoader
+
+    folder = tmp_path / "tree"
+    shutil.copytree(root / "val", folder)
+    jpg = next(folder.rglob("*.jpg"))
+    (folder / CLASSES[0] / "deeper").mkdir()
+    shutil.copy(jpg, folder / CLASSES[0] / "deeper" / "x.JPG")
+    Image.open(jpg).save(folder / CLASSES[1] / "y.png")
+    shutil.copy(jpg, folder / CLASSES[1] / ".hidden.jpg")
+    (folder / CLASSES[1] / "notes.txt").write_text("not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"tree/{p} {label}\n" for p, label in folder_samples(root / "val")[:7]))
+    members = [m for k, p in enumerate(sorted(folder.rglob("*.jpg"))[:6])
+               for m in ((f"s{k}.jpg", p.read_bytes()), (f"s{k}.cls", b"1"))]
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "a.tar", members[:6])
+    write_tar(tmp_path / "shards" / "b.tar", members[6:])
+
+    for path, fmt in ((folder, "imagefolder"), (listing, "filelist"), (tmp_path / "shards", "webdataset")):
+        dali_loader = DaliLoader(path, fmt, batch_size=2, img_size=16, drop_last=False)
+        torch_loader = FileImageLoader(path, batch_size=2, img_size=16, fmt=fmt, drop_last=False, verify="off")
+        torch_sources = [s if isinstance(s, str) else s.tar for s, _ in torch_loader.dataset.samples]
+        assert sorted(dali_loader.sources) == sorted(dict.fromkeys(map(str, torch_sources))), fmt
+    assert any(s.endswith("x.JPG") for s in DaliLoader(folder, batch_size=2, img_size=16).sources)
