@@ -19,13 +19,14 @@ from types import SimpleNamespace
 
 import torch
 
+from mixedae_fast.choices import KERNEL_BACKENDS
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # triton is Linux-only (setup.py); the reference paths must import without it
     triton, tl = SimpleNamespace(jit=lambda fn: fn), None
 
-KERNEL_BACKENDS = ("auto", "triton", "torch")
 KERNEL_OPS = ("assignment", "patch_mix", "unmix")
 TABLE = importlib.resources.files("mixedae_fast") / "kernel_backends.json"
 
@@ -158,3 +159,9 @@ def use_triton(backend: str, *where: torch.Tensor | torch.device, op: str = "pat
                                "kernels='auto' (the torch reference on CPU)")
         return True
     raise ValueError(f"kernels={backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+
+
+def _buffer_dtype(dtype: torch.dtype, kernel) -> torch.dtype:
+    """The dtype a kernel writes its output in: ``dtype``, except bf16 under the interpreter, which truncates
+    fp32 -> bf16 instead of rounding to nearest even: there the kernel writes fp32 and torch rounds."""
+    return torch.float32 if dtype == torch.bfloat16 and _interpreted(kernel) else dtype

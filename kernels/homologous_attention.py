@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import torch
 
-from mixedae_fast.kernels.patch_mix import _interpreted, tl, triton
-from mixedae_fast.kernels.unmix import _buffer_dtype
+from mixedae_fast.choices import TRITON_TOPK_MAX_SEQ
+from mixedae_fast.kernels._triton import _buffer_dtype, _interpreted, tl, triton
 
-MAX_SEQ = 256  # the fused kernel keeps every key of a row in one tile
+MAX_SEQ = TRITON_TOPK_MAX_SEQ  # the fused kernel keeps every key of a row in one tile
 _FP32_MIN = torch.finfo(torch.float32).min  # the reference's fill for an empty HC set
 
 
@@ -69,11 +69,16 @@ def hc_row_terms(scores_pp: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return torch.stack([lse_all, lse_pos], dim=-1)
 
 
+def qk_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The attention logits ``q·kᵀ/√d`` in fp32, rounded as every reference path rounds them (the fp32
+    matmul, then the scale): the one place the score formula is written."""
+    return (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+
+
 def homologous_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor,
                                    topk: int, hc: bool = False):
     """Eager TopK homologous attention in fp32 (the definition every fast path is tested against)."""
-    d = q.shape[-1]
-    s = (q.float() @ k.float().transpose(-2, -1)) * d ** -0.5          # [G, H, L, L] fp32
+    s = qk_scores(q, k)                                                 # [G, H, L, L] fp32
     s_pp = s[..., 1:, 1:]
     keep = topk_keep_mask(s_pp, topk)
     patch_rows = torch.cat([s[..., 1:, :1], s_pp.masked_fill(~keep, float("-inf"))], dim=-1)

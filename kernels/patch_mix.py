@@ -34,15 +34,7 @@ from __future__ import annotations
 
 import torch
 
-# the plumbing lives in _triton; re-exported here, where the other kernels and the model import it from
-from mixedae_fast.kernels._triton import (  # noqa: F401
-    KERNEL_BACKENDS,
-    _interpreted,
-    kernels_verified,
-    tl,
-    triton,
-    use_triton,
-)
+from mixedae_fast.kernels._triton import tl, triton, use_triton
 
 _M32 = 0xFFFFFFFF
 # odd 32-bit constants (murmur3's finaliser and the golden ratio) for the counter-based hash

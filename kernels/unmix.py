@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from mixedae_fast.kernels._triton import _interpreted, tl, triton, use_triton
+from mixedae_fast.kernels._triton import _buffer_dtype, tl, triton, use_triton
 
 
 def unmix_reference(dec_tokens: torch.Tensor, ids: torch.Tensor, mask_token: torch.Tensor,
@@ -127,12 +127,6 @@ def _shapes(dec_tokens: torch.Tensor, ids: torch.Tensor, dec_pos: torch.Tensor, 
         raise ValueError(f"dec_tokens {tuple(dec_tokens.shape)} and ids {tuple(ids.shape)} do not fit "
                          f"group_size {r}")
     return G, r, n, dec_pos.shape[1] - 1, D
-
-
-def _buffer_dtype(dtype: torch.dtype, kernel) -> torch.dtype:
-    # the interpreter truncates fp32 -> bf16 instead of rounding to nearest even: there the kernel
-    # writes fp32 and torch rounds
-    return torch.float32 if dtype == torch.bfloat16 and _interpreted(kernel) else dtype
 
 
 def _blocks(rows: int, D: int, max_d: int, tile: int):

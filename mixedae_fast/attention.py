@@ -40,16 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixedae_fast.choices import ATTENTION_BACKENDS, HA_MODES
 from mixedae_fast.kernels.homologous_attention import (
     check_triton,
     hc_row_terms,
     homologous_attention_reference,
     homologous_attention_triton,
+    qk_scores,
     topk_keep_mask,
 )
 
-BACKENDS = ("auto", "triton", "xformers", "sdpa", "flex", "eager")
-HA_MODES = ("topk", "oracle", "none")
+BACKENDS = ATTENTION_BACKENDS
 ENV_BACKEND = "MIXEDAE_ATTENTION_BACKEND"
 TABLE = Path(__file__).with_name("attention_backends.json")
 
@@ -341,7 +342,7 @@ def _oracle_block_mask(group_size: int, n_visible: int, device: str):
 def global_attention(q, k, v, backend: str = "sdpa"):
     """Softmax attention over every key; ``q, k, v: [..., H, L, d]``."""
     if backend == "eager":
-        attn = ((q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        attn = qk_scores(q, k).softmax(dim=-1)
         return (attn @ v.float()).to(q.dtype)
     if backend == "xformers":
         return _xformers(q, k, v)
@@ -373,7 +374,7 @@ def oracle_attention(q, k, v, group_size: int, n_visible: int, backend: str = "s
 def _scores(q, k, with_grad: bool) -> torch.Tensor:
     """fp32 ``q·kᵀ/√d``, exactly as the reference rounds it (matmul, then the scale)."""
     with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-        return (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return qk_scores(q, k)
 
 
 def topk_attention(q, k, v, mask: HomologousMask, hc: bool = False, backend: str = "eager"):
@@ -438,8 +439,7 @@ def topk_stats(q, k, v_unused, src: torch.Tensor, topk: int, keep: torch.Tensor 
     same keys; NaN with one head, and NaN when one selection ``keep [G, 1, M, M]`` made elsewhere is
     shared by every head: there are no per-head sets then).
     """
-    d = q.shape[-1]
-    s = (q.float() @ k.float().transpose(-2, -1)) * d ** -0.5
+    s = qk_scores(q, k)
     s_pp = s[..., 1:, 1:]
     shared = keep is not None and keep.shape[1] == 1
     keep = topk_keep_mask(s_pp, topk) if keep is None else keep.expand(s_pp.shape)
@@ -526,7 +526,7 @@ class HomologousAttention(nn.Module):
         x = x.detach() if self.select_detach else x
         qs, ks = self.select(x[:, 1:]).float().unsqueeze(1).chunk(2, dim=-1)  # [G, 1, M, ds] each
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-            return (qs @ ks.transpose(-2, -1)) * qs.shape[-1] ** -0.5
+            return qk_scores(qs, ks)
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -25,27 +25,28 @@ from pathlib import Path
 
 import yaml
 
-# Allowed values of the enum-like fields; a new backend is one more entry in its tuple.
-ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "flex", "eager")  # mixedae_fast.attention.BACKENDS
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+from mixedae_fast import choices
+
+# Allowed values of the enum-like fields (mixedae_fast/choices.py: a new backend is one more entry there).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "mixing.ha": ("topk", "oracle", "none"),
-    "mixing.hc_on": ("attention", "head", "tokens", "both"),
-    "mixing.segment_embed": ("none", "encoder"),
-    "mixing.hc_form": ("infonce", "hinge"),  # mixedae_fast.losses.HC_FORMS
-    "mixing.hc_grad": ("full", "qk"),  # mixedae_fast.losses.HC_GRADS
-    "mixing.hc_select": ("attention", "proj"),  # mixedae_fast.models.HC_SELECT
-    "runtime.attention_backend": ATTENTION_BACKENDS,
-    "runtime.kernels": KERNEL_BACKENDS,
-    "runtime.precision": ("auto", "fp32", "bf16", "fp16"),
-    "data.backend": ("auto", "dali", "torch", "synthetic"),
-    "data.format": ("imagefolder", "filelist", "webdataset"),
-    "data.labels": ("auto", "none"),
-    "data.verify": ("full", "sample", "off"),
-    "optim.optimizer": ("auto", "torch", "apex"),
-    "dist.backend": ("auto", "nccl", "gloo"),
+    "mixing.ha": choices.HA_MODES,
+    "mixing.hc_on": choices.HC_ON,
+    "mixing.segment_embed": choices.SEGMENT_EMBED,
+    "mixing.hc_form": choices.HC_FORMS,
+    "mixing.hc_grad": choices.HC_GRADS,
+    "mixing.hc_select": choices.HC_SELECT,
+    "runtime.attention_backend": choices.ATTENTION_BACKENDS,
+    "runtime.kernels": choices.KERNEL_BACKENDS,
+    "runtime.precision": choices.PRECISIONS,
+    "data.backend": choices.DATA_BACKENDS,
+    "data.format": choices.DATA_FORMATS,
+    "data.labels": choices.DATA_LABELS,
+    "data.verify": choices.DATA_VERIFY,
+    "optim.optimizer": choices.OPTIMIZERS,
+    "dist.backend": choices.DIST_BACKENDS,
     "dist.grad_comm": ("fp32", "bf16"),
 }
+ATTENTION_BACKENDS = choices.ATTENTION_BACKENDS
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # PyYAML (YAML 1.1) reads "1e-3" as a string; float fields accept such strings.
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -211,17 +212,11 @@ class Derived:
 
 
 def _resolve_ha_layers(mixing: MixingConfig, depth: int) -> tuple[int, ...]:
-    if mixing.ha == "none":
-        return ()
-    layers = range(depth) if mixing.ha_layers is None else mixing.ha_layers
-    return tuple(sorted({i % depth for i in layers}))
+    return choices.resolve_ha_layers(mixing.ha, mixing.ha_layers, depth)
 
 
 def _hc_flags(mixing: MixingConfig, ha_layers: tuple[int, ...]) -> tuple[bool, bool]:
-    on = mixing.hc_weight > 0 and mixing.group_size > 1
-    attention = on and mixing.hc_on in ("attention", "both") and mixing.ha == "topk" and bool(ha_layers)
-    features = on and mixing.hc_on in ("head", "tokens", "both")
-    return attention, features
+    return choices.hc_flags(mixing.hc_weight, mixing.group_size, mixing.hc_on, mixing.ha, ha_layers)
 
 
 def derive(cfg: Config, world_size: int = 1) -> Derived:
@@ -231,7 +226,7 @@ def derive(cfg: Config, world_size: int = 1) -> Derived:
     m, x = cfg.model, cfg.mixing
     grid = m.img_size // m.patch_size
     num_patches = grid * grid
-    n = int(num_patches * (1 - x.mask_ratio))
+    n = choices.n_visible(num_patches, x.mask_ratio)
     ha_layers = _resolve_ha_layers(x, m.depth)
     hc_attention, hc_features = _hc_flags(x, ha_layers)
     global_batch = cfg.data.batch_size * world_size * cfg.optim.accum_steps
@@ -552,7 +547,7 @@ def validate(cfg: Config) -> Config:
         if a % per:
             errors.append(f"model.{what} = {a} % {per} = {a % per}: must be 0")
     r, big_n = x.group_size, (m.img_size // m.patch_size) ** 2
-    n = int(big_n * (1 - x.mask_ratio))
+    n = choices.n_visible(big_n, x.mask_ratio)
     if n < 1:
         errors.append(f"mixing.mask_ratio = {x.mask_ratio!r}: leaves n_visible = int({big_n} * "
                       f"(1 - {x.mask_ratio})) = {n}; lower it so that n_visible >= 1")
@@ -583,8 +578,9 @@ def validate(cfg: Config) -> Config:
             check_backend_on(cfg, "cpu")
         except ConfigError as e:
             errors.append(str(e))
-    if backend == "triton" and x.ha == "topk" and 1 + r * n > 256:
-        errors.append(f"runtime.attention_backend = 'triton': the fused TopK kernel takes sequences of <= 256 "
+    if backend == "triton" and x.ha == "topk" and 1 + r * n > choices.TRITON_TOPK_MAX_SEQ:
+        errors.append(f"runtime.attention_backend = 'triton': the fused TopK kernel takes sequences of <= "
+                      f"{choices.TRITON_TOPK_MAX_SEQ} "
                       f"tokens, this config makes 1 + group_size * n_visible = {1 + r * n}; use flex, sdpa or eager")
     research = [f"mixing.{k} = {v!r}" for k, v in (("hc_select", x.hc_select), ("topk_self", x.topk_self))
                 if v != getattr(MixingConfig, k)]
@@ -605,11 +601,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"mixing.mask_ratio = {x.mask_ratio!r}: the homologous contrastive loss needs "
                           f"n_visible >= 2 (a same-source positive besides the query), got {n}; "
                           "lower mixing.mask_ratio or set mixing.hc_weight=0")
-    ignored = []
-    if x.hc_weight > 0 and x.hc_on in ("attention", "both") and not hc_attention:
-        ignored.append(f"hc_on={x.hc_on} (attention part) needs ha=topk, group_size > 1 and HA blocks")
-    if x.hc_weight > 0 and x.hc_on in ("head", "tokens", "both") and not hc_features:
-        ignored.append(f"hc_on={x.hc_on} (head/tokens part) needs group_size > 1")
+    ignored = choices.hc_ignored(x.hc_weight, r, x.hc_on, x.ha, _resolve_ha_layers(x, m.depth))
     if ignored:
         level, frame = 1, sys._getframe()  # point the warning at the caller outside this module
         while frame is not None and frame.f_code.co_filename == __file__:

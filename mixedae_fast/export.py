@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.checkpoint import Pretrained, atomic_write, atomic_write_json
+from mixedae_fast.checkpoint import Pretrained, atomic_write_json
 from mixedae_fast.errors import RunFailure
+from mixedae_fast.fsutil import atomic_write
 
 # (embed_dim, depth, num_heads) of timm's named ViT sizes (mlp_ratio 4)
 TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large",

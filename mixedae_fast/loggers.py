@@ -95,7 +95,7 @@ class Loggers:
         if not self.has_picture_sink:
             from PIL import Image
 
-            from mixedae_fast.checkpoint import atomic_write
+            from mixedae_fast.fsutil import atomic_write
 
             atomic_write(self.run_dir / "pictures" / f"{name}-{step:08d}.png",
                          lambda f: Image.fromarray(array).save(f, format="PNG"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mixedae_fast.choices import HC_FORMS
+
 
 def reconstruction_loss(pred: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """MSE per patch (mean over its values), averaged over the positions not visible to their source.
@@ -15,8 +17,6 @@ def reconstruction_loss(pred: torch.Tensor, targets: torch.Tensor, loss_mask: to
     return (per_patch * mask).sum() / mask.sum()
 
 
-HC_FORMS = ("infonce", "hinge")  # mixing.hc_form
-HC_GRADS = ("full", "qk")  # mixing.hc_grad
 
 
 def select_heads(t: torch.Tensor, heads: int | None) -> torch.Tensor:

@@ -22,17 +22,29 @@ import torch
 from torch import nn
 
 from mixedae_fast._compat import import_timm
-from mixedae_fast.attention import BACKENDS, HA_MODES, HomologousAttention, MixLayout
-from mixedae_fast.kernels.patch_mix import KERNEL_BACKENDS, draw_assignment, patch_mix, patchify
+from mixedae_fast.attention import HomologousAttention, MixLayout
+from mixedae_fast.choices import (
+    ATTENTION_BACKENDS,
+    HA_MODES,
+    HC_FORMS,
+    HC_GRADS,
+    HC_ON,
+    HC_SELECT,
+    KERNEL_BACKENDS,
+    SEGMENT_EMBED,
+    hc_flags,
+    hc_ignored,
+    n_visible,
+    resolve_ha_layers,
+)
+from mixedae_fast.kernels.homologous_attention import qk_scores
+from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix, patchify
 from mixedae_fast.kernels.unmix import unmix as unmix_op
-from mixedae_fast.losses import HC_FORMS, HC_GRADS, hc_attention_loss, hc_scores_loss, reconstruction_loss, supcon_loss
+from mixedae_fast.losses import hc_attention_loss, hc_scores_loss, reconstruction_loss, supcon_loss
 
 import_timm()
 from timm.models.vision_transformer import Block  # noqa: E402  (after the torchvision shim)
 
-HC_ON = ("attention", "head", "tokens", "both")
-HC_SELECT = ("attention", "proj")
-SEGMENT_EMBED = ("none", "encoder")
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
@@ -90,7 +102,7 @@ class MixedAutoencoderViT(nn.Module):
                  segment_embed: str = "none", norm_pix_loss: bool = True, attention_backend: str = "auto",
                  kernels: str = "auto", hc_heads: int | None = None, hc_form: str = "infonce",
                  hc_margin: float = 1.0, hc_grad: str = "full", hc_select: str = "attention",
-                 hc_select_dim: int = 16, topk_self: bool = False):
+                 hc_select_dim: int = 16, topk_self: bool = False, warn_ignored: bool = True):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -99,27 +111,25 @@ class MixedAutoencoderViT(nn.Module):
         self.num_patches = self.grid ** 2
         self.patch_dim = patch_size ** 2 * in_chans
         self.group_size = r = group_size
-        self.n_visible = n = int(self.num_patches * (1 - mask_ratio))  # int, as MAE
+        self.n_visible = n = n_visible(self.num_patches, mask_ratio)
         if r < 1 or n < 1 or r * n > self.num_patches:
             raise ValueError(f"group_size * n_visible = {r} * {n} must lie in [1, num_patches = "
                              f"{self.num_patches}] (mask_ratio {mask_ratio})")
         self.ha = _choice("ha", ha, HA_MODES)
         self.hc_on = _choice("hc_on", hc_on, HC_ON)
         self.segment_embed = _choice("segment_embed", segment_embed, SEGMENT_EMBED)
-        _choice("attention_backend", attention_backend, BACKENDS)
+        _choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         self.kernels = _choice("kernels", kernels, KERNEL_BACKENDS)  # patch_mix / unmix: auto | triton | torch
         self.topk = n if topk is None else topk
         if not 1 <= self.topk <= r * n:
             raise ValueError(f"topk={self.topk} must lie in [1, r*n = {r * n}]")
-        layers = range(depth) if ha_layers is None else ha_layers
-        self.ha_layers = () if ha == "none" else tuple(sorted({i % depth for i in layers}))
+        self.ha_layers = resolve_ha_layers(ha, ha_layers, depth)
         self.hc_weight, self.hc_tau, self.norm_pix_loss = hc_weight, hc_tau, norm_pix_loss
-        self.hc_attention = (hc_weight > 0 and r > 1 and ha == "topk" and hc_on in ("attention", "both")
-                             and bool(self.ha_layers))
-        self.hc_features = hc_weight > 0 and r > 1 and hc_on in ("head", "tokens", "both")
-        if hc_weight > 0 and hc_on in ("attention", "both") and not self.hc_attention:
-            warnings.warn(f"hc_on={hc_on!r} with ha={ha!r}, group_size={r}: the attention HC loss needs "
-                          "ha='topk' and group_size > 1; it is ignored", stacklevel=2)
+        self.hc_attention, self.hc_features = hc_flags(hc_weight, r, hc_on, ha, self.ha_layers)
+        ignored = hc_ignored(hc_weight, r, hc_on, ha, self.ha_layers)
+        if ignored and warn_ignored:
+            warnings.warn(f"hc_weight = {hc_weight} partly or wholly ignored: {'; '.join(ignored)} (got ha={ha}, "
+                          f"group_size={r})", stacklevel=2)
         if (self.hc_attention or self.hc_features) and n < 2:
             raise ValueError(f"the homologous contrastive loss needs n_visible >= 2 (got {n})")
         # variants of the attention HC loss (losses.py): on the first hc_heads heads; infonce | hinge;
@@ -227,8 +237,8 @@ class MixedAutoencoderViT(nn.Module):
         x = x.detach() if self.hc_grad == "qk" else x
         G, L, _ = x.shape
         qk = attn.qkv(blk.norm1(x)).reshape(G, L, 3, attn.num_heads, attn.head_dim)[:, 1:, :2]
-        q, k = qk.float().permute(2, 0, 3, 1, 4).unbind(0)
-        return (q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+        return qk_scores(q, k)
 
     def unmix(self, latent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``latent [G, 1 + r*n, D]`` -> decoder input ``[B, N + 1, Dd]`` (docs/method.md §5)."""
@@ -330,4 +340,5 @@ def build_model(cfg) -> MixedAutoencoderViT:
         norm_pix_loss=x.norm_pix_loss, attention_backend=cfg.runtime.attention_backend,
         kernels=cfg.runtime.kernels, hc_heads=x.hc_heads, hc_form=x.hc_form, hc_margin=x.hc_margin,
         hc_grad=x.hc_grad, hc_select=x.hc_select, hc_select_dim=x.hc_select_dim, topk_self=x.topk_self,
+        warn_ignored=False,  # load_config warned already
     )

@@ -121,7 +121,7 @@ def reconstruction_figure(model, images: torch.Tensor, out_png: str | Path, seed
 
 
 def _save(fig, out_png: str | Path) -> Path:
-    from mixedae_fast.checkpoint import atomic_write
+    from mixedae_fast.fsutil import atomic_write
 
     try:
         return atomic_write(out_png, lambda f: fig.savefig(f, format="png"))

@@ -48,13 +48,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from mixedae_fast.fsutil import atomic_write_text, cache_root
 from mixedae_fast.pipelines.files import FORMATS, WEBDATASET_IMAGE_EXTENSIONS, open_source, tar_paths
 from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 
@@ -223,9 +223,7 @@ def write_wds_index(tar_path, index_path) -> int:
             samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
     if not samples:
         raise ValueError(f"{tar_path} holds no webdataset samples")
-    tmp = Path(f"{index_path}.tmp-{os.getpid()}")
-    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
-    os.replace(tmp, index_path)
+    atomic_write_text(index_path, f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
     return len(samples)
 
 
@@ -246,8 +244,7 @@ def wds_index_paths(tars: Sequence, cache_dir=None) -> list[str]:
             continue
         except PermissionError:
             pass
-        cache = Path(cache_dir or Path(os.environ.get("MIXEDAE_CACHE", "~/.cache/mixedae_fast")) / "wds_index")
-        cache = cache.expanduser()
+        cache = Path(cache_dir).expanduser() if cache_dir else cache_root() / "wds_index"
         key = hashlib.sha1(f"{tar.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
         cached = cache / f"{tar.stem}-{key}.idx"
         if not cached.is_file():

@@ -31,9 +31,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from mixedae_fast.choices import DATA_FORMATS
+from mixedae_fast.fsutil import atomic_write_text, cache_root
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-FORMATS = ("imagefolder", "filelist", "webdataset")
+FORMATS = DATA_FORMATS
 _CACHE_VERSION = 1
 _MAKE_DATA_HINT = ("create the default dataset with `mixedae-fast make-data`, or set data.path to an existing "
                    "ImageFolder root, file list or webdataset tar")
@@ -327,8 +330,7 @@ def _default_cache(sources: Sequence[Source]) -> Path:
     files = {s.tar if isinstance(s, TarMember) else s for s in sources}
     root = os.path.commonpath([os.path.abspath(f) for f in files])
     digest = hashlib.sha1(root.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MIXEDAE_CACHE", "~/.cache/mixedae_fast")).expanduser()
-    return cache / "verified" / f"{digest}.json"
+    return cache_root() / "verified" / f"{digest}.json"
 
 
 def _stats(sources: Sequence[Source]) -> list[tuple[str, int, int] | None]:
@@ -425,10 +427,8 @@ def _inspect_locked(sources, stats, cache_file, num_workers):
                     entries[stats[i][0]] = [stats[i][1], stats[i][2], *r]
         if cache_file is not None:
             try:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file.with_name(f"{cache_file.name}.tmp-{os.getpid()}")
-                tmp.write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, separators=(",", ":")))
-                os.replace(tmp, cache_file)
+                atomic_write_text(cache_file, json.dumps({"version": _CACHE_VERSION, "entries": entries},
+                                                         separators=(",", ":")))
             except OSError as e:
                 warnings.warn(f"could not write the verification cache {cache_file}: {e}", stacklevel=2)
     return results, todo

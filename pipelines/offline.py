@@ -11,11 +11,11 @@ layout, for ``mixedae-fast eval`` and the loaders. The folder appears atomically
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mixedae_fast.fsutil import cache_root
 from mixedae_fast.pipelines.synthetic import atomic_dataset_folder
 
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -88,8 +88,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 
 def default_offline_root(name: str, size: int) -> Path:
-    cache = Path(os.environ.get("MIXEDAE_CACHE", "~/.cache/mixedae_fast")).expanduser()
-    return cache / f"{name}-{size}px"
+    return cache_root() / f"{name}-{size}px"
 
 
 def write_offline_folder(name: str, root: str | Path | None = None, size: int = 32, val_fraction: float = 0.25,

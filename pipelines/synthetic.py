@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mixedae_fast.fsutil import cache_root
+
 # Alphabetical, so torchvision's ImageFolder (which sorts folder names) gives the same label indices.
 # Nine of the ten classes are a texture that fills a large object, so most patches of an image show
 # its class; the tenth ("disc") is the one flat object. Outline and texture go together per class.
@@ -263,8 +265,7 @@ def default_data_root(size: int = 32, num_train: int = DEFAULT_NUM_TRAIN, num_va
                       seed: int = 0) -> Path:
     """``$MIXEDAE_CACHE`` (default ``~/.cache/mixedae_fast``) /
     ``synthetic-v<VERSION>-<size>px-<num_train>-<num_val>-s<seed>``."""
-    cache = Path(os.environ.get("MIXEDAE_CACHE", "~/.cache/mixedae_fast")).expanduser()
-    return cache / f"synthetic-v{VERSION}-{size}px-{num_train}-{num_val}-s{seed}"
+    return cache_root() / f"synthetic-v{VERSION}-{size}px-{num_train}-{num_val}-s{seed}"
 
 
 def _check_marker(root: Path, params: dict) -> bool:

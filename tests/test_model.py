@@ -225,9 +225,10 @@ def test_every_parameter_gets_a_finite_gradient(cfg):
         model = MixedAutoencoderViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4,
                                     decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
                                     mlp_ratio=2.0, mask_ratio=0.75, **full)
-    # the attention HC loss needs TopK and r > 1: otherwise it is dropped with a warning
-    warned = any("is ignored" in str(w.message) for w in caught)
-    assert warned == (wants_attention_hc and (full["ha"] != "topk" or r == 1))
+    # the attention HC loss needs TopK and r > 1, the head/tokens one r > 1: otherwise dropped with a warning
+    warned = any("ignored" in str(w.message) for w in caught)
+    wants_feature_hc = hc_on in ("head", "tokens", "both")
+    assert warned == ((wants_attention_hc and (full["ha"] != "topk" or r == 1)) or (wants_feature_hc and r == 1))
     perturb(model)
     out = model(images_for(model, 2 * r), step=1)
     hc_active = model.hc_attention or model.hc_features
