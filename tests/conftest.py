@@ -32,9 +32,10 @@ def _deterministic():
 
 # -- one tiny model for new tests -----------------------------------------------------------------
 # 16 px images in patches of 4 (N = 16), embed 32, 2 blocks; r = 4 and n = 4 from cpu_tiny's mixing.
-TINY_OVERRIDES = ("--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
-                  "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-                  "--model.decoder_num_heads=2", "--data.batch_size=8")
+TINY_MODEL = ("--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
+              "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
+              "--model.decoder_num_heads=2")
+TINY_OVERRIDES = (*TINY_MODEL, "--data.batch_size=8")  # the model and a batch of 2 groups
 
 
 class Tiny:

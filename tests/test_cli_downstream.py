@@ -3,14 +3,13 @@ files and pictures, and the errors bad input gives."""
 import json
 
 import pytest
+from conftest import TINY_OVERRIDES
 from PIL import Image
 
 from mixedae_fast.cli import main
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2", "--data.batch_size=8", "--optim.epochs=1", "--optim.warmup_epochs=1",
-        "--run.log_every=2", "--run.ckpt_every=3", "--run.eval=false"]
+TINY = [*TINY_OVERRIDES, "--optim.epochs=1", "--optim.warmup_epochs=1", "--run.log_every=2",
+        "--run.ckpt_every=3", "--run.eval=false"]
 
 
 @pytest.fixture(scope="module")

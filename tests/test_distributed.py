@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 
 from mixedae_fast.cli import main
 from mixedae_fast.config import ConfigError, load_config
@@ -24,10 +25,8 @@ from mixedae_fast.launch import SlurmJob, sbatch_script
 from mixedae_fast.pipelines.torch_loader import EpochBatchSampler, TensorBatchLoader, shard_batches
 
 # 40 images, batch 8 a rank: 2 ranks x 2 batches = 2 steps an epoch, 4 epochs = 8 steps
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2", "--data.batch_size=8", "--optim.epochs=4", "--optim.warmup_epochs=1",
-        "--run.log_every=1", "--run.ckpt_every=4", "--run.keep_last=10", "--run.eval=false"]
+TINY = [*TINY_OVERRIDES, "--optim.epochs=4", "--optim.warmup_epochs=1", "--run.log_every=1",
+        "--run.ckpt_every=4", "--run.keep_last=10", "--run.eval=false"]
 DATA = ["--no-progress", "--num-train", "40", "--num-val", "20"]
 LIMIT = 120  # seconds any one process may take before the test fails (they take a few)
 # DDP sums the ranks' gradients in the backend's order while one rank adds its micro-batches up in

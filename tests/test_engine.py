@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 
 from mixedae_fast.checkpoint import atomic_save, config_mismatch, list_checkpoints, resolve_resume
 from mixedae_fast.config import load_config
@@ -13,10 +14,8 @@ from mixedae_fast.models import build_model
 from mixedae_fast.optim import lr_at, param_groups
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader, random_resized_crop_flip
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2", "--data.batch_size=8", "--optim.epochs=3", "--optim.warmup_epochs=1",
-        "--run.log_every=2", "--run.ckpt_every=4"]
+TINY = [*TINY_OVERRIDES, "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.log_every=2",
+        "--run.ckpt_every=4"]
 
 
 def _images(num=24, size=16, seed=0):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_OVERRIDES
 
 from mixedae_fast.checkpoint import CheckpointError, load_pretrained, save_checkpoint
 from mixedae_fast.config import ConfigError, config_to_dict, load_config, save_config
@@ -19,9 +20,7 @@ from mixedae_fast.evaluate import (
 from mixedae_fast.models import build_model
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2", "--data.batch_size=8"]
+TINY = [*TINY_OVERRIDES]
 
 
 def _run_dir(tmp_path, steps=(3, 7), overrides=()):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from safetensors.torch import load_file
 
 from mixedae_fast import export as ex
@@ -14,9 +15,7 @@ from mixedae_fast.config import config_to_dict, load_config
 from mixedae_fast.kernels.patch_mix import patchify
 from mixedae_fast.models import build_model
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2"]
+TINY = [*TINY_MODEL]
 
 
 def _pretrained(overrides=(), run_dir=Path(".")):

@@ -3,6 +3,7 @@ settings are checked, and a short run learns an easy task."""
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from mixedae_fast.config import load_config
 from mixedae_fast.finetune import (
@@ -17,9 +18,7 @@ from mixedae_fast.finetune import (
 from mixedae_fast.models import build_model
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=3",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2", "--mixing.hc_on=both"]
+TINY = [*TINY_MODEL, "--model.depth=3", "--mixing.hc_on=both"]
 
 
 def test_layer_ids_and_defaults():

@@ -11,13 +11,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import TINY_OVERRIDES
 
 from mixedae_fast.cli import main
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2", "--data.batch_size=8", "--data.num_workers=0", "--optim.epochs=2",
-        "--optim.warmup_epochs=1", "--run.log_every=2", "--run.ckpt_every=2", "--run.keep_last=3", "--run.eval=false"]
+TINY = [*TINY_OVERRIDES, "--data.num_workers=0", "--optim.epochs=2", "--optim.warmup_epochs=1",
+        "--run.log_every=2", "--run.ckpt_every=2", "--run.keep_last=3", "--run.eval=false"]
 
 
 def _pretrain(out_dir, *extra):

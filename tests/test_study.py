@@ -4,15 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 
 from mixedae_fast import study
 from mixedae_fast.cli import main
 from mixedae_fast.config import load_config
 from mixedae_fast.pipelines.synthetic import write_image_folder
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=1",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2", "--data.batch_size=8", "--optim.warmup_epochs=0", "--run.log_every=2"]
+TINY = [*TINY_OVERRIDES, "--model.depth=1", "--optim.warmup_epochs=0", "--run.log_every=2"]
 
 
 @pytest.mark.parametrize("name", list(study.VARIANTS))

@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from PIL import Image
 from tolerances import tol
 
@@ -22,9 +23,7 @@ from mixedae_fast.visualize import (
     reconstruction_panels,
 )
 
-TINY = ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=1",
-        "--model.num_heads=2", "--model.decoder_embed_dim=16", "--model.decoder_depth=1",
-        "--model.decoder_num_heads=2"]
+TINY = [*TINY_MODEL, "--model.depth=1"]
 
 
 def test_loss_curve_png(tmp_path):
