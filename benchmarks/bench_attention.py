@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import sys
 import warnings
@@ -44,8 +43,7 @@ from mixedae_fast.attention import (
     topk_attention,
     xformers_problem,
 )
-from mixedae_fast.benchmarks.common import median_ms
-from mixedae_fast.provenance import device_name, git_sha
+from mixedae_fast.benchmarks.common import median_ms, result_head
 
 # name -> (G groups, H heads, r, n, head dim): L = 1 + r*n = 197 for ViT-B/16 and ViT-L/16 at 224 px
 SHAPES = {
@@ -238,14 +236,9 @@ def main(argv=None) -> int:
         p.error(f"unknown row(s) {bad}; choose mode:backend from {', '.join(f'{m}:{b}' for m, b in ROWS)}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the eager rows in fp32: true fp32 matmuls
-    result = {
-        "benchmark": "attention", "device": device_name(device), "device_type": device.type, **_versions(),
-        "git_sha": git_sha(),
-        "date": datetime.date.today().isoformat(), "dtype": str(dtype).removeprefix("torch."),
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "mixedae_fast.benchmarks.bench_attention",
-                             *(argv if argv is not None else sys.argv[1:])]),
-        "warmup": args.warmup, "iters": args.iters, "rows": [],
-    }
+    result = result_head("attention", device, ["python", "-m", "mixedae_fast.benchmarks.bench_attention"], argv,
+                         device_type=device.type, **_versions(), dtype=str(dtype).removeprefix("torch."),
+                         warmup=args.warmup, iters=args.iters, rows=[])
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         base = measure("none", "baseline", shape, dtype, device, args.warmup, args.iters)

@@ -24,7 +24,6 @@ eager and the compiled reference at every batch of the file (``unmix`` judged on
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from functools import partial
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.benchmarks.common import median_ms
+from mixedae_fast.benchmarks.common import median_ms, result_head
 from mixedae_fast.config import derive, load_config
 from mixedae_fast.device import resolve_precision
 from mixedae_fast.kernels.patch_mix import (
@@ -42,7 +41,6 @@ from mixedae_fast.kernels.patch_mix import (
     patch_mix_reference,
 )
 from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
-from mixedae_fast.provenance import device_name, git_sha
 
 
 def _unmix_step(unmix_fn):
@@ -168,14 +166,8 @@ def main(argv=None) -> int:
         p.error(f"batch sizes {bad} are not multiples of the group size {cfg.mixing.group_size}")
     import triton
 
-    result = {
-        "benchmark": "kernels", "config": args.config, "device": device_name(device),
-        "torch": torch.__version__, "triton": triton.__version__, "git_sha": git_sha(),
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "mixedae_fast.benchmarks.bench_kernels",
-                             *(argv if argv is not None else sys.argv[1:])]),
-        "batches": [],
-    }
+    result = result_head("kernels", device, ["python", "-m", "mixedae_fast.benchmarks.bench_kernels"], argv,
+                         triton=triton.__version__, config=args.config, batches=[])
     step = None
     if args.step_json:
         with open(args.step_json) as f:

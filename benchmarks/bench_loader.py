@@ -13,17 +13,15 @@ git SHA, date and command.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from mixedae_fast.benchmarks.common import result_head
 from mixedae_fast.pipelines.dali import DaliLoader
-from mixedae_fast.provenance import device_name, git_sha
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -91,10 +89,8 @@ def main(argv=None) -> dict:
         "backend": args.backend, "images_per_s": statistics.median(rates), "windows_images_per_s": rates,
         "batch": args.batch, "img_size": args.img_size, "dtype": str(dtype).removeprefix("torch."),
         "threads": args.threads, "num_images": loader.num_samples, "path": str(path),
-        "device": device_name(device), "torch": torch.__version__, "dali": nvidia.dali.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_sha": git_sha(),
-        "command": " ".join(["python -m mixedae_fast.benchmarks.bench_loader",
-                             *(argv if argv is not None else sys.argv[1:])]),
+        **result_head("loader", device, ["python", "-m", "mixedae_fast.benchmarks.bench_loader"], argv,
+                      dali=nvidia.dali.__version__),
     }
     print(f"{args.backend}: {result['images_per_s']:,.0f} img/s (median of {len(rates)} windows of "
           f"{args.window}x{args.batch}; {result['dtype']} {args.img_size}px on {result['device']})")

@@ -4,26 +4,25 @@
 
 Rows: ``mae`` (r=1, ha=none, no HC: MAE's function, the baseline row), ``naive`` (r=4, global
 attention), ``oracle``, ``topk`` (r=4, TopK + HC loss; the default MixedAE). One step = forward,
-backward, fused AdamW step, under bf16 autocast on CUDA (fp32 on CPU). Untimed warm-up, then the
-median of ``--iters`` steps timed with CUDA events (wall clock on CPU). Throughput counts source
+backward, fused AdamW step (the trainer's step: ``mixedae_fast.step.TrainStep``), under bf16 autocast on
+CUDA (fp32 on CPU). Untimed warm-up, then the median of ``--iters`` steps timed with CUDA events (wall
+clock on CPU). Throughput counts source
 images per second. The result file carries device, versions, git SHA, date and command.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import statistics
 import sys
-import time
 
 import torch
 
+from mixedae_fast.benchmarks.common import median_ms, result_head
 from mixedae_fast.config import load_config
 from mixedae_fast.device import resolve_precision
 from mixedae_fast.models import build_model
 from mixedae_fast.optim import build_optimizer
-from mixedae_fast.provenance import device_name, git_sha
+from mixedae_fast.step import TrainStep
 
 MODES = {
     "mae": ["--mixing.group_size=1", "--mixing.ha=none", "--mixing.hc_weight=0"],
@@ -34,38 +33,26 @@ MODES = {
 
 
 def time_steps(config: str, overrides: list[str], batch: int, warmup: int, iters: int, device: torch.device) -> dict:
+    """One mode's row: the training step (:class:`mixedae_fast.step.TrainStep`) on one batch of device tensors."""
     cfg = load_config(config, [*overrides, f"--data.batch_size={batch}"])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     amp = resolve_precision(cfg.runtime.precision, device)
-    opt, _ = build_optimizer(model, cfg, 1e-4, device)
+    opt, device_skip = build_optimizer(model, cfg, 1e-4, device)
+    train_step = TrainStep(model, opt, device, amp, clip_grad=cfg.optim.clip_grad, device_skip=device_skip)
     images = torch.randn(batch, 3, cfg.model.img_size, cfg.model.img_size, device=device)
     if amp is not None:
         images = images.to(amp)
-    times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        else:
-            t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = model(images, step=i)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            ms = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(ms)
-    med = statistics.median(times)
-    row = {"ms_per_step": med, "img_per_s": batch / med * 1e3, "loss": float(loss.detach())}
+    step, losses = iter(range(1 << 30)), []
+
+    def one_step():
+        losses.append(train_step.micro(images, next(step))["loss"])
+        train_step.update()
+
+    med = median_ms(one_step, device, warmup, iters)
+    row = {"ms_per_step": med, "img_per_s": batch / med * 1e3, "loss": float(losses[-1].detach())}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
@@ -85,13 +72,8 @@ def main(argv=None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
-    result = {
-        "benchmark": "model_step", "config": args.config, "batch": args.batch, "device": device_name(device),
-        "torch": torch.__version__, "git_sha": git_sha(), "date": datetime.date.today().isoformat(),
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "mixedae_fast.benchmarks.bench_step",
-                             *(argv if argv is not None else sys.argv[1:])]),
-        "rows": {},
-    }
+    result = result_head("model_step", device, ["python", "-m", "mixedae_fast.benchmarks.bench_step"], argv,
+                         config=args.config, batch=args.batch, rows={})
     for mode in modes:
         row = time_steps(args.config, MODES[mode] + extra, args.batch, args.warmup, args.iters, device)
         result["rows"][mode] = row

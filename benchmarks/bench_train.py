@@ -37,20 +37,18 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from mixedae_fast.benchmarks.common import Clock, result_head
 from mixedae_fast.config import derive, load_config
 from mixedae_fast.device import resolve_precision
 from mixedae_fast.models import build_model
 from mixedae_fast.optim import build_optimizer, param_groups
-from mixedae_fast.provenance import device_name, git_sha
 from mixedae_fast.step import TrainStep
 
 _MAE = ["--mixing.group_size=1", "--mixing.ha=none", "--mixing.hc_weight=0"]
@@ -60,26 +58,6 @@ MODES = {
     "mixedae": [],
 }
 PHASES = ("data", "assign", "mix", "encoder", "decoder", "losses", "backward", "optimizer")
-
-
-class Clock:
-    """Marks on the device's timeline: CUDA events on a GPU, the wall clock (after a sync) elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, start, end) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end)
-        return (end - start) * 1e3
 
 
 @contextlib.contextmanager
@@ -363,13 +341,8 @@ def main(argv=None) -> int:
     batch = base.data.batch_size
     import triton
 
-    result = {
-        "benchmark": "train_step", "config": args.config, "batch": batch, "device": device_name(device),
-        "torch": torch.__version__, "triton": triton.__version__, "git_sha": git_sha(),
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["mixedae-fast bench", *(argv if argv is not None else sys.argv[1:])]),
-        "overrides": overrides, "rows": {},
-    }
+    result = result_head("train_step", device, ["mixedae-fast", "bench"], argv, triton=triton.__version__,
+                         config=args.config, batch=batch, overrides=overrides, rows={})
     amp = resolve_precision(base.runtime.precision, device)
     result["matmul_tflops"] = matmul_ceiling_tflops(device, amp)
     print(f"{result['device']}: matmul ceiling {result['matmul_tflops']:.1f} TFLOP/s "
