@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.pipelines.files import open_source, rate_line, verify_sources
+from mixedae_fast.pipelines.files import open_source, verify_sources
 from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader, spread_subset
 
@@ -105,14 +105,14 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
         if fmt != "webdataset":  # the one discovery (pipelines/files.py), then the good files to DALI
             samples, _ = open_source(path, fmt, labels)
             paths = [p for p, _ in samples]
-            good, bad, checked = verify_sources(paths, d.verify, seed, where=f" of {path!r}")
+            good, bad, checked, cost = verify_sources(paths, d.verify, seed, where=f" of {path!r}")
             pairs = spread_subset([(paths[i], max(samples[i][1], 0)) for i in good], limit)
             files, file_labels = [p for p, _ in pairs], [lab for _, lab in pairs]
         loader = DaliLoader(path, fmt, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
                             drop_last=augment, shard_id=shard_id, num_shards=num_shards,
                             num_threads=max(d.num_workers, 1), files=files, labels=file_labels, **common)
         loader.bad = bad
-        loader.verify_rate = rate_line(path) if checked else None
+        loader.verify_rate = cost.rate_line(path) if checked else None
         return loader
     if backend == "torch":
         return FileImageLoader(path, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,

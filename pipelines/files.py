@@ -370,8 +370,29 @@ def verify_subset(n: int, mode: str, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
-# the last inspect_images call's cost: decoded (not cached) images and seconds; read for the rate line
-LAST_RUN = {"decoded": 0, "cached": 0, "seconds": 0.0}
+class Cost(NamedTuple):
+    """What a verification cost: images decoded (not found in the cache), found cached, seconds."""
+    decoded: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+    def rate_line(self, what: str) -> str | None:
+        """``verified ...: N images decoded in T s (R images/s), M from the cache``, or None when nothing
+        was decoded."""
+        if not self.decoded:
+            return None
+        rate = self.decoded / max(self.seconds, 1e-9)
+        return (f"verified {what}: {self.decoded} images decoded in {self.seconds:.1f} s ({rate:.0f} images/s; "
+                f"1.28 M would take {1_281_167 / rate / 60:.0f} min), {self.cached} from the cache")
+
+
+class Verified(NamedTuple):
+    """:func:`verify_sources`'s answer: the indices to keep, ``(source, reason)`` of the bad ones,
+    ``check_image``'s result of every checked good source by index, and what the check cost."""
+    keep: list[int]
+    bad: list[tuple[str, str]]
+    checked: dict[int, tuple[str, int, int]]
+    cost: Cost
 
 
 def _cache_lock(cache_file: Path):
@@ -435,9 +456,10 @@ def _inspect_locked(sources, stats, cache_file, num_workers):
 
 
 def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
-                   cache: str | Path | bool | None = True) -> list[tuple[str, int, int]]:
-    """``check_image`` of every source, in order, reusing and updating the cache (see the module
-    docstring; ``cache`` True = the default file, a path = that file, False/None = none).
+                   cache: str | Path | bool | None = True) -> tuple[list[tuple[str, int, int]], Cost]:
+    """``(results, cost)``: ``check_image`` of every source, in order, reusing and updating the cache (see
+    the module docstring; ``cache`` True = the default file, a path = that file, False/None = none), and
+    what it cost.
 
     Processes verifying the same data at once (the ranks of a job) take turns on a lock beside the
     cache file: the first decodes and writes the cache, the others then find every file in it, so a
@@ -452,21 +474,20 @@ def inspect_images(sources: Sequence[Source], num_workers: int | None = None,
     cache_file = None if not cache or not sources else (_default_cache(sources) if cache is True else Path(cache))
     with _cache_lock(cache_file) if cache_file is not None else contextlib.nullcontext():
         results, todo = _inspect_locked(sources, stats, cache_file, num_workers)
-    LAST_RUN.update(decoded=len(todo), cached=len(sources) - len(todo), seconds=time.perf_counter() - t0)
-    return results
+    return results, Cost(len(todo), len(sources) - len(todo), time.perf_counter() - t0)
 
 
 def verify_sources(sources: Sequence[Source], mode: str = "full", seed: int = 0, cache=True,
-                   where: str = "") -> tuple[list[int], list[tuple[str, str]], dict[int, tuple[str, int, int]]]:
-    """``data.verify`` over ``sources`` (both loaders use it): ``(keep, bad, checked)`` — the indices to
-    keep (every source but the checked ones that failed), ``(source, reason)`` of those, and
-    ``check_image``'s result of every checked source that decodes, by index. Refuses a set whose every
+                   where: str = "") -> Verified:
+    """``data.verify`` over ``sources`` (both loaders use it): :class:`Verified` — the indices to keep
+    (every source but the checked ones that failed), ``(source, reason)`` of those, ``check_image``'s
+    result of every checked source that decodes, by index, and the cost. Refuses a set whose every
     checked image fails; warns with the estimated bad rate in ``sample`` mode."""
     picked = verify_subset(len(sources), mode, seed)
     if not picked:
-        return list(range(len(sources))), [], {}
+        return Verified(list(range(len(sources))), [], {}, Cost())
     subset = [sources[i] for i in picked]
-    results = inspect_images(subset, cache=cache)
+    results, cost = inspect_images(subset, cache=cache)
     if all(r[0] for r in results):
         first = "; ".join(f"{describe(src)}: {r[0]}" for src, r in zip(subset[:3], results))
         raise ValueError(f"none of the {len(subset)} images checked{where} can be decoded ({first}); fix or "
@@ -478,18 +499,7 @@ def verify_sources(sources: Sequence[Source], mode: str = "full", seed: int = 0,
                       f"(~{100 * len(bad) / len(subset):.1f}%); the unchecked ones are replaced when they fail (torch "
                       "loader; DALI stops on one); data.verify=full finds them all", stacklevel=3)
     dropped = set(picked) - set(checked)
-    return [i for i in range(len(sources)) if i not in dropped], bad, checked
-
-
-def rate_line(what: str) -> str | None:
-    """``verified ...: N images decoded in T s (R images/s), M from the cache`` after inspect_images, or
-    None when nothing was decoded."""
-    r = LAST_RUN
-    if not r["decoded"]:
-        return None
-    rate = r["decoded"] / max(r["seconds"], 1e-9)
-    return (f"verified {what}: {r['decoded']} images decoded in {r['seconds']:.1f} s ({rate:.0f} images/s; "
-            f"1.28 M would take {1_281_167 / rate / 60:.0f} min), {r['cached']} from the cache")
+    return Verified([i for i in range(len(sources)) if i not in dropped], bad, checked, cost)
 
 
 def split_results(sources: Sequence[Source], results) -> tuple[list[int], list[tuple[str, str]]]:
@@ -508,4 +518,4 @@ def verify_images(paths: Sequence[Source], num_workers: int | None = None,
     """``(good_indices, bad)`` where ``bad`` lists ``(path, reason)`` for every file that is missing,
     empty, not an image or corrupt (truncated included). Warns with the count and the first few;
     the caller gets the full list (e.g. to write into the run folder)."""
-    return split_results(paths, inspect_images(paths, num_workers, cache))
+    return split_results(paths, inspect_images(paths, num_workers, cache)[0])

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from mixedae_fast.pipelines.files import (
     describe,
     open_source,
-    rate_line,
     read_bytes,
     to_rgb,
     verify_sources,
@@ -402,9 +401,10 @@ class FileImageLoader:
         self.num_small: int | None = None
         self.verify_rate: str | None = None  # "verified ...: N images decoded in T s (R images/s) ..."
         mode = {True: "full", False: "off"}.get(verify, verify)  # data.verify: full | sample | off
-        keep, self.bad, checked = verify_sources([s for s, _ in samples], mode, seed, cache, f" of {str(path)!r}")
+        keep, self.bad, checked, cost = verify_sources([s for s, _ in samples], mode, seed, cache,
+                                                       f" of {str(path)!r}")
         if checked:
-            self.verify_rate = rate_line(str(path))
+            self.verify_rate = cost.rate_line(str(path))
             self.num_small = sum(min(r[1:]) < img_size for r in checked.values())
             if self.num_small:
                 warnings.warn(f"{self.num_small} images smaller than {img_size} px were upscaled "

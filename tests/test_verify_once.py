@@ -10,8 +10,8 @@ SCRIPT = textwrap.dedent("""
     import sys, time
     from mixedae_fast.pipelines import files
     paths = sorted(str(p) for p in __import__("pathlib").Path(sys.argv[1]).glob("*.png"))
-    files.inspect_images(paths)
-    print(files.LAST_RUN["decoded"], files.LAST_RUN["cached"])
+    _, cost = files.inspect_images(paths)
+    print(cost.decoded, cost.cached)
 """)
 
 
