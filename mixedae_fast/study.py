@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 # name -> (what it is, its config overrides)
@@ -194,29 +193,25 @@ def evaluate_run(model, train_dir, val_dir, img_size, device, heldout, shots, pr
 # -- one run ---------------------------------------------------------------------------------------
 
 def run_one(cfg, run_dir: Path, train_dir, val_dir, args) -> dict:
-    """Pretrain (resuming ``run_dir`` when it holds a checkpoint) and evaluate one variant x seed."""
-    import torch
+    """Pretrain one variant x seed as ``mixedae-fast pretrain`` does (:func:`mixedae_fast.pretrain.pretrain`:
+    its run folder, lock, resume, pictures and report; its own evaluation off), then evaluate the final
+    checkpoint on the study's splits."""
+    import dataclasses
 
-    from mixedae_fast.data import build_loaders
+    from mixedae_fast.checkpoint import load_pretrained
     from mixedae_fast.device import resolve_device, resolve_precision
-    from mixedae_fast.engine import Trainer
     from mixedae_fast.models import build_model
+    from mixedae_fast.pretrain import pretrain
 
+    report = pretrain(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval=False)), progress=False)
     device = resolve_device(cfg.runtime.device)
-    amp = resolve_precision(cfg.runtime.precision, device)
-    data = build_loaders(cfg, device, amp or torch.float32, progress=False)
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg).to(device)
-    trainer = Trainer(cfg, model, data.train, run_dir, device, progress=False)
-    resumed = trainer.maybe_resume()
-    t0 = time.perf_counter()
-    history = trainer.fit()
-    train_s = time.perf_counter() - t0
-    final = history[-1] if history else {}
+    model = build_model(cfg)
+    model.load_state_dict(load_pretrained(run_dir).model_state)
+    model.to(device)
     evals = evaluate_run(model, train_dir, val_dir, cfg.model.img_size, device, args.heldout, args.shots,
-                         args.probe_epochs, amp)
-    return {"steps": trainer.step, "train_seconds": train_s, "resumed_from": str(resumed) if resumed else None,
-            "final": final, "eval": evals}
+                         args.probe_epochs, resolve_precision(cfg.runtime.precision, device))
+    return {"steps": report["steps"], "train_seconds": report["train_seconds"],
+            "resumed_from": report["resumed_from"], "final": report["final"] or {}, "eval": evals}
 
 
 def _stamp() -> dict:
@@ -361,6 +356,12 @@ def run_study(args, overrides) -> int:
                                 f"--optim.epochs={args.epochs}", f"--run.out_dir={out_dir / 'runs'}"]
     plan = [(v, s) for v in variants for s in seeds]
     todo = [(v, s) for v, s in plan if not (out_dir / "results" / f"{v}-seed{s}.json").is_file()]
+    for v, s in plan:  # a finished run is reused only at this call's budget
+        done = out_dir / "results" / f"{v}-seed{s}.json"
+        epochs = json.loads(done.read_text()).get("epochs", args.epochs) if done.is_file() else args.epochs
+        if epochs != args.epochs:
+            raise StudyError(f"{done} was trained for --epochs {epochs}, this call asks for {args.epochs}: rerun with "
+                             f"--epochs {epochs}, or give another --out for the new budget")
     print(f"study {out_dir}: {len(plan)} runs ({len(plan) - len(todo)} done), {args.epochs} epochs each on {dataset} "
           f"({train_dir}); select on {args.select_split}, report {args.report_split}", flush=True)
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="study", unit="run", dynamic_ncols=True,
@@ -380,7 +381,7 @@ def run_study(args, overrides) -> int:
                 print(f"{stop}: {name} saved at its last step; rerun the same command to continue the study",
                       file=sys.stderr)
                 return 130
-            result.update(variant=v, seed=s, overrides=list(variant_overrides(v)), **_stamp())
+            result.update(variant=v, seed=s, epochs=args.epochs, overrides=list(variant_overrides(v)), **_stamp())
             atomic_write_json(result, out_dir / "results" / f"{name}.json")
             bar.update(1)
     finally:

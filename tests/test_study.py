@@ -78,3 +78,7 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "run_one", no_training)
     assert main(argv) == 0
     assert json.loads((out / "study.json").read_text())["rows"] == table["rows"]
+    assert (out / "runs" / "hinge_qk-seed0" / "report.json").is_file()  # a run folder as `pretrain` writes it
+    # another budget in the same folder is refused, not mixed into the table
+    assert main([a if a != "1" else "2" for a in argv]) == 2
+    assert "was trained for --epochs 1, this call asks for 2" in capsys.readouterr().err
