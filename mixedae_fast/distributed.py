@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
-import itertools
 import os
 import re
 import signal
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from mixedae_fast.config import ConfigError
+from mixedae_fast.launch import expand_nodelist
 
 DEFAULT_PORT = 29500
 
@@ -56,46 +56,6 @@ class DistEnv:
     master_port: int = DEFAULT_PORT
     launcher: str = "none"  # none | torchrun | slurm
     slurm_job_id: str | None = None
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compact host list -> host names, in order: ``node[01-04,07]`` -> node01, node02, node03,
-    node04, node07; ``a1,b[1-2]``; ``rack[1-2]-n[1-2]`` (every combination). Zero padding is kept."""
-    hosts = []
-    for item in _split_top_level(nodelist):
-        parts = re.split(r"(\[[^\[\]]*\])", item)  # text, [ranges], text, ...
-        if any(c in p for p in parts[::2] for c in "[]"):
-            raise ValueError(f"host list {nodelist!r}: unbalanced brackets in {item!r}")
-        choices = [[p] if i % 2 == 0 else _expand_ranges(p[1:-1], nodelist) for i, p in enumerate(parts)]
-        hosts += ["".join(c) for c in itertools.product(*choices)]
-    if not hosts:
-        raise ValueError(f"host list {nodelist!r} names no host")
-    return hosts
-
-
-def _split_top_level(text: str) -> list[str]:
-    items, depth, start = [], 0, 0
-    for i, c in enumerate(text):
-        depth += (c == "[") - (c == "]")
-        if depth not in (0, 1):
-            raise ValueError(f"host list {text!r}: unbalanced brackets")
-        if c == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    if depth:
-        raise ValueError(f"host list {text!r}: unbalanced brackets")
-    items.append(text[start:])
-    return [s.strip() for s in items if s.strip()]
-
-
-def _expand_ranges(spec: str, nodelist: str) -> list[str]:
-    out = []
-    for piece in spec.split(","):
-        lo, _, hi = piece.strip().partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
-            raise ValueError(f"host list {nodelist!r}: [{spec}] is not a list of numbers and ranges like 01-04")
-        out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
-    return out
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:

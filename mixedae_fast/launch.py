@@ -15,6 +15,7 @@ whatever its version; ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` gives them time to save
 """
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import sys
@@ -164,3 +165,45 @@ def sbatch_script(job: SlurmJob, pretrain_args: list[str], log_dir: Path, workdi
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" + ("s" if n != 1 else "")
+
+
+# -- SLURM host lists (read by distributed.dist_env for the rendezvous address) ---------------------
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list -> host names, in order: ``node[01-04,07]`` -> node01, node02, node03,
+    node04, node07; ``a1,b[1-2]``; ``rack[1-2]-n[1-2]`` (every combination). Zero padding is kept."""
+    hosts = []
+    for item in _split_top_level(nodelist):
+        parts = re.split(r"(\[[^\[\]]*\])", item)  # text, [ranges], text, ...
+        if any(c in p for p in parts[::2] for c in "[]"):
+            raise ValueError(f"host list {nodelist!r}: unbalanced brackets in {item!r}")
+        choices = [[p] if i % 2 == 0 else _expand_ranges(p[1:-1], nodelist) for i, p in enumerate(parts)]
+        hosts += ["".join(c) for c in itertools.product(*choices)]
+    if not hosts:
+        raise ValueError(f"host list {nodelist!r} names no host")
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "[") - (c == "]")
+        if depth not in (0, 1):
+            raise ValueError(f"host list {text!r}: unbalanced brackets")
+        if c == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"host list {text!r}: unbalanced brackets")
+    items.append(text[start:])
+    return [s.strip() for s in items if s.strip()]
+
+
+def _expand_ranges(spec: str, nodelist: str) -> list[str]:
+    out = []
+    for piece in spec.split(","):
+        lo, _, hi = piece.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise ValueError(f"host list {nodelist!r}: [{spec}] is not a list of numbers and ranges like 01-04")
+        out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
+    return out

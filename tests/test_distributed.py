@@ -20,8 +20,8 @@ from conftest import TINY_OVERRIDES
 
 from mixedae_fast.cli import main
 from mixedae_fast.config import ConfigError, load_config
-from mixedae_fast.distributed import DistEnv, dist_env, expand_nodelist, failure_message
-from mixedae_fast.launch import SlurmJob, sbatch_script
+from mixedae_fast.distributed import DistEnv, dist_env, failure_message
+from mixedae_fast.launch import SlurmJob, expand_nodelist, sbatch_script
 from mixedae_fast.pipelines.torch_loader import EpochBatchSampler, TensorBatchLoader, shard_batches
 
 # 40 images, batch 8 a rank: 2 ranks x 2 batches = 2 steps an epoch, 4 epochs = 8 steps
