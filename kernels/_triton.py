@@ -15,6 +15,7 @@ import importlib.resources
 import json
 import os
 import warnings
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -68,49 +69,39 @@ _VERIFIED: dict[str, bool] = {}
 
 def reset_self_check() -> None:
     _VERIFIED.clear()
+    _CHECKED_WITH.clear()
+
+
+# Each kernel file registers the check of its own kernels (register_self_check), so this module
+# imports none of them: name -> fn(device) -> None when the kernels agree with their references there,
+# else what differed.
+SELF_CHECKS: dict[str, Callable[[torch.device], str | None]] = {}
+_CHECKED_WITH: dict[str, frozenset] = {}
+
+
+def register_self_check(name: str):
+    """Decorator: ``fn(device) -> str | None`` joins the self-check under ``name``."""
+    def register(fn):
+        SELF_CHECKS[name] = fn
+        return fn
+    return register
 
 
 def _self_check(device: torch.device) -> str | None:
-    """Run the assignment, patch_mix and unmix kernels (forward and backward) against their references at
-    small odd shapes on ``device``, constant and far-from-zero patches included. Returns None when they
-    agree, else what differed."""
-    from mixedae_fast.kernels import patch_mix as pm
-    from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
-
-    gen = torch.Generator().manual_seed(0)
-    r, n, P, S, D = 4, 6, 8, 40, 24                                  # 5x5 grid: N = 25, r*n = 24 < N
-    N = (S // P) ** 2
-    ids = pm.draw_assignment(2, N, r, n, seed=1, step=2, device=device, backend="torch")
-    if not torch.equal(pm.assignment_forward(2, N, r, n, 1, 2, device=device), ids):
-        return "assignment ids differ from the torch draw"
-    images = torch.randn(2 * r, 3, S, S, generator=gen)
-    images[0, :, :P, :P] = 1000.1                                    # a constant patch: targets exactly 0
-    images[1] = 1000.0 + 1e-3 * images[1]                            # far from zero: no cancellation allowed
-    for dtype in (torch.float32, torch.bfloat16):
-        x = images.to(device=device, dtype=dtype)
-        got, want = pm.patch_mix_forward(x, ids, r, n, P), pm.patch_mix_reference(x, ids, r, n, P)
-        if not (torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])):
-            return "patch_mix: mixed patches or loss mask differ"
-        if not (torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-4) and not got[1][0, 0].any()):
-            return f"patch_mix: targets differ ({dtype})"
-    tokens = torch.randn(2, 1 + r * n, D, generator=gen).to(device).requires_grad_()
-    mask_token = torch.randn(1, 1, D, generator=gen).to(device).requires_grad_()
-    pos = torch.randn(1, N + 1, D, generator=gen).to(device)
-    grad = torch.randn(2 * r, N + 1, D, generator=gen).to(device)
-    outs = []
-    for fn in (lambda: unmix_triton(tokens, ids, mask_token, pos, r),
-               lambda: unmix_reference(tokens, ids, mask_token, pos, r)):
-        out = fn()
-        outs.append((out.detach(), *torch.autograd.grad(out, (tokens, mask_token), grad)))
-    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(*outs)):
-        return "unmix: output or gradients differ"
+    """Every registered kernel check on ``device`` (small odd shapes against the references). Returns None
+    when they all agree, else the first difference."""
+    for name, check in SELF_CHECKS.items():
+        problem = check(device)
+        if problem:
+            return f"{name}: {problem}"
     return None
 
 
 def kernels_verified(device: torch.device) -> bool:
     """Whether ``kernels=auto`` may take the Triton kernels on ``device`` (the self-check, cached)."""
     key = str(device)
-    if key not in _VERIFIED:
+    if key not in _VERIFIED or _CHECKED_WITH.get(key, frozenset(SELF_CHECKS)) != frozenset(SELF_CHECKS):
+        _CHECKED_WITH[key] = frozenset(SELF_CHECKS)  # a kernel file imported later is checked then
         if os.environ.get("MIXEDAE_KERNEL_SELFCHECK", "1") == "0":
             _VERIFIED[key] = True
         else:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from mixedae_fast.kernels._triton import tl, triton, use_triton
+from mixedae_fast.kernels._triton import register_self_check, tl, triton, use_triton
 
 _M32 = 0xFFFFFFFF
 # odd 32-bit constants (murmur3's finaliser and the golden ratio) for the counter-based hash
@@ -328,3 +328,26 @@ def patch_mix(images, ids, group_size, n_visible, patch_size, norm_pix=True, bac
     if use_triton(backend, images, ids, op="patch_mix"):
         return _patch_mix_op(images, ids, group_size, n_visible, patch_size, bool(norm_pix))
     return patch_mix_reference(images, ids, group_size, n_visible, patch_size, norm_pix)
+
+
+@register_self_check("patch_mix")
+def _check_kernels(device: torch.device) -> str | None:
+    """The assignment and patch_mix kernels against their references at small odd shapes on ``device``
+    (a constant and a far-from-zero patch included): None when they agree, else what differed."""
+    gen = torch.Generator().manual_seed(0)
+    r, n, P, S = 4, 6, 8, 40                                          # 5x5 grid: N = 25, r*n = 24 < N
+    N = (S // P) ** 2
+    ids = draw_assignment(2, N, r, n, seed=1, step=2, device=device, backend="torch")
+    if not torch.equal(assignment_forward(2, N, r, n, 1, 2, device=device), ids):
+        return "assignment ids differ from the torch draw"
+    images = torch.randn(2 * r, 3, S, S, generator=gen)
+    images[0, :, :P, :P] = 1000.1                                     # a constant patch: targets exactly 0
+    images[1] = 1000.0 + 1e-3 * images[1]                             # far from zero: no cancellation allowed
+    for dtype in (torch.float32, torch.bfloat16):
+        x = images.to(device=device, dtype=dtype)
+        got, want = patch_mix_forward(x, ids, r, n, P), patch_mix_reference(x, ids, r, n, P)
+        if not (torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])):
+            return "mixed patches or loss mask differ"
+        if not (torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-4) and not got[1][0, 0].any()):
+            return f"targets differ ({dtype})"
+    return None

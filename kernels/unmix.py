@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from mixedae_fast.kernels._triton import _buffer_dtype, tl, triton, use_triton
+from mixedae_fast.kernels._triton import _buffer_dtype, register_self_check, tl, triton, use_triton
 
 
 def unmix_reference(dec_tokens: torch.Tensor, ids: torch.Tensor, mask_token: torch.Tensor,
@@ -228,3 +228,23 @@ def unmix(dec_tokens, ids, mask_token, dec_pos, group_size, backend="auto"):
     if use_triton(backend, dec_tokens, ids, op="unmix"):
         return unmix_triton(dec_tokens, ids, mask_token, dec_pos, group_size)
     return unmix_reference(dec_tokens, ids, mask_token, dec_pos, group_size)
+
+
+@register_self_check("unmix")
+def _check_kernels(device: torch.device) -> str | None:
+    """The unmix kernel (forward and backward) against its reference at small odd shapes on ``device``:
+    None when they agree, else what differed."""
+    gen = torch.Generator().manual_seed(0)
+    G, r, n, N, D = 2, 4, 6, 25, 24                                    # r*n = 24 < N = 25
+    ids = torch.stack([torch.randperm(N, generator=gen)[:r * n] for _ in range(G)]).to(torch.int32).to(device)
+    tokens = torch.randn(G, 1 + r * n, D, generator=gen).to(device).requires_grad_()
+    mask_token = torch.randn(1, 1, D, generator=gen).to(device).requires_grad_()
+    pos = torch.randn(1, N + 1, D, generator=gen).to(device)
+    grad = torch.randn(G * r, N + 1, D, generator=gen).to(device)
+    outs = []
+    for fn in (unmix_triton, unmix_reference):
+        out = fn(tokens, ids, mask_token, pos, r)
+        outs.append((out.detach(), *torch.autograd.grad(out, (tokens, mask_token), grad)))
+    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(*outs)):
+        return "output or gradients differ"
+    return None

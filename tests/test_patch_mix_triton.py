@@ -167,6 +167,26 @@ def test_self_check_passes_on_this_device():
     assert kt._self_check(torch.device(DEVICE)) is None
 
 
+def test_each_kernel_file_registers_its_check_and_a_late_one_is_run(monkeypatch):
+    """_triton imports no kernel file: each registers its own check; one registered after a device was
+    checked makes the next decision for that device run the checks again."""
+    import mixedae_fast.kernels.unmix  # noqa: F401  (registers "unmix")
+
+    assert {"patch_mix", "unmix"} <= set(kt.SELF_CHECKS)
+    ran, device = [], torch.device("meta")
+    monkeypatch.setattr(kt, "SELF_CHECKS", {"probe": lambda device: ran.append(device) or None})
+    kt.reset_self_check()
+    try:
+        assert kt.kernels_verified(device) and ran == [device]
+        assert kt.kernels_verified(device) and ran == [device]          # cached
+        kt.register_self_check("late")(lambda device: "differs")
+        with pytest.warns(RuntimeWarning, match="late: differs"):
+            assert kt.kernels_verified(device) is False
+        assert ran == [device, device]
+    finally:
+        kt.reset_self_check()
+
+
 def test_auto_follows_the_measured_table_then_the_self_check(monkeypatch):
     """``auto`` asks the table for the op on this card; only a Triton entry runs the self-check."""
     asked = []
