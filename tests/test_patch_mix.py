@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from tolerances import tol
 
 from mixedae_fast.kernels.patch_mix import (
     draw_assignment,
@@ -22,8 +23,8 @@ from mixedae_fast.kernels.patch_mix import (
 )
 
 # Targets are fp32 whatever the image dtype (docs/method.md §6); they are compared with a float64 hand
-# formula on the same (upcast) pixel values, so the bound is fp32 rounding of values of size ~3.
-TARGET_TOL = dict(rtol=1e-5, atol=1e-5)
+# formula on the same (upcast) pixel values: tests/tolerances.py's fp64_oracle.
+TARGET_TOL = tol(torch.float32, "cpu", "fp64_oracle")
 
 
 def _images(B, S=16, dtype=torch.float32, seed=0):

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from tolerances import tol
 
 from mixedae_fast.config import load_config
 from mixedae_fast.kernels.patch_mix import draw_assignment
@@ -19,21 +20,8 @@ from mixedae_fast.models import MixedAutoencoderViT, build_model
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Against the reference in the same dtype. Inputs are randn, so |values| < 8.
-# - out: fp32 is the same single fp32 add (exact). In bf16/fp16 the reference rounds mask_token and
-#   dec_pos to the dtype before the add and the kernel rounds once after it: up to 2 ulps of an
-#   input below 8 (bf16 ulp there 2^-5, fp16 2^-8) on values that cancel, a rounding elsewhere.
-# - grad: token gradients are copies, the CLS a sum of r rows (fixed order vs torch's), the mask-token
-#   gradient an fp32 sum (order differs: ~1e-7 relative on sums of ~100 unit values, so an atol);
-#   in bf16/fp16 the reference rounds the CLS and mask-token sums to the dtype (half an ulp, relative).
-TOL = {
-    torch.float32: dict(out=dict(rtol=0, atol=0), grad=dict(rtol=1e-6, atol=1e-5)),
-    torch.bfloat16: dict(out=dict(rtol=1.6e-2, atol=2 ** -4), grad=dict(rtol=1.6e-2, atol=1e-5)),
-    torch.float16: dict(out=dict(rtol=2e-3, atol=2 ** -7), grad=dict(rtol=2e-3, atol=1e-5)),
-}
-# Independent of the dtype: the kernel's mask-token gradient is an fp32 sum of exactly-upcast values,
-# held against a float64 sum (bounded by fp32 accumulation over ~100 terms)
-MASK_GRAD_FP64 = dict(rtol=1e-5, atol=1e-5)
+# Tolerances: tests/tolerances.py (unmix_out, unmix_grad; fp64_oracle for the mask-token gradient's
+# float64 sum), with their reasons.
 
 # (G, r, n, N, D)
 SHAPES = [
@@ -75,12 +63,12 @@ def test_kernel_matches_reference(G, r, n, N, D, dtype):
     dec_tokens, ids, mask_token, dec_pos, upstream = args
     out, g_tok, g_mask = _run(unmix_triton, *args, r)
     ref_out, ref_tok, ref_mask = _run(unmix_reference, *args, r)
-    tol = TOL[dtype]
+    t_out, t_grad = tol(dtype, DEVICE, "unmix_out"), tol(dtype, DEVICE, "unmix_grad")
     assert out.dtype == dtype and g_tok.dtype == dtype and g_mask.dtype == torch.float32
     assert g_mask.shape == mask_token.shape
-    torch.testing.assert_close(out, ref_out, **tol["out"])
-    torch.testing.assert_close(g_tok, ref_tok, **tol["grad"])
-    torch.testing.assert_close(g_mask, ref_mask, **tol["grad"])
+    torch.testing.assert_close(out, ref_out, **t_out)
+    torch.testing.assert_close(g_tok, ref_tok, **t_grad)
+    torch.testing.assert_close(g_mask, ref_mask, **t_grad)
     # exact: one fp32 add, rounded once to the dtype
     with torch.no_grad():
         assert torch.equal(out, unmix_reference(dec_tokens.float(), ids, mask_token, dec_pos, r).to(dtype))
@@ -88,7 +76,7 @@ def test_kernel_matches_reference(G, r, n, N, D, dtype):
     masked = torch.ones(G, r, N, dtype=torch.bool, device=DEVICE)
     masked.scatter_(2, ids.view(G, r, n).long(), False)
     want = upstream[:, 1:].double()[masked.view(G * r, N)].sum(0)
-    torch.testing.assert_close(g_mask.reshape(D).double(), want, **MASK_GRAD_FP64)
+    torch.testing.assert_close(g_mask.reshape(D).double(), want, **tol(torch.float32, DEVICE, "fp64_oracle"))
 
 
 def test_no_gradient_to_dec_pos_and_flat_mask_token():
@@ -193,8 +181,8 @@ def test_vit_base_shapes_on_gpu(dtype):
     args = _inputs(G, r, n, N, D, dtype)
     out, g_tok, g_mask = _run(unmix_triton, *args, r)
     ref_out, ref_tok, ref_mask = _run(unmix_reference, *args, r)
-    tol = TOL[dtype]
-    torch.testing.assert_close(out, ref_out, **tol["out"])
-    torch.testing.assert_close(g_tok, ref_tok, **tol["grad"])
+    t_grad = tol(dtype, DEVICE, "unmix_grad")
+    torch.testing.assert_close(out, ref_out, **tol(dtype, DEVICE, "unmix_out"))
+    torch.testing.assert_close(g_tok, ref_tok, **t_grad)
     # ~37K masked rows summed: fp32 ordering error grows with the count
-    torch.testing.assert_close(g_mask, ref_mask, rtol=max(tol["grad"]["rtol"], 1e-5), atol=1e-3)
+    torch.testing.assert_close(g_mask, ref_mask, rtol=max(t_grad["rtol"], 1e-5), atol=1e-3)

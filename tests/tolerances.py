@@ -54,12 +54,30 @@ TABLE: dict[tuple[str, torch.dtype, str], tuple[float, float, str]] = {
     ("grad", torch.bfloat16, "cuda"): (5e-2, 5e-2, "bf16 P and dS recomputed and rounded in the backward"),
     ("out", torch.float16, "cuda"): (4e-3, 4e-3, "fp16 operands in both dots (P rounded before P@V)"),
     ("grad", torch.float16, "cuda"): (5e-3, 5e-3, "fp16 P and dS recomputed and rounded in the backward"),
+    # unmix kernel against its reference in the same dtype, inputs randn (|values| < 8); the same on CPU
+    # (interpreter) and GPU: the kernel does one fp32 add and rounds once, the reference rounds before it
+    **{("unmix_out", dt, dev): v for dev in ("cpu", "cuda") for dt, v in {
+        torch.float32: (0.0, 0.0, "the same single fp32 add: exact"),
+        torch.bfloat16: (1.6e-2, 2 ** -4, "the reference rounds mask_token and dec_pos to bf16 before the add, "
+                                          "the kernel once after: up to 2 ulps of an input below 8 (2^-5 each)"),
+        torch.float16: (2e-3, 2 ** -7, "as bf16 with fp16's ulp below 8 (2^-8)"),
+    }.items()},
+    **{("unmix_grad", dt, dev): v for dev in ("cpu", "cuda") for dt, v in {
+        torch.float32: (1e-6, 1e-5, "token gradients are copies; the CLS a sum of r rows and the mask-token "
+                                    "gradient an fp32 sum in another order (~1e-7 relative on ~100 unit values)"),
+        torch.bfloat16: (1.6e-2, 1e-5, "the reference rounds the CLS and mask-token sums to bf16 (half an ulp)"),
+        torch.float16: (2e-3, 1e-5, "the reference rounds the CLS and mask-token sums to fp16 (half an ulp)"),
+    }.items()},
+    **{("fp64_oracle", torch.float32, dev): (1e-5, 1e-5, "an fp32 result (norm-pix targets of values ~3, the "
+                                                         "unmix mask-token gradient summed over ~100 rows) "
+                                                         "against a float64 formula: fp32 rounding and "
+                                                         "accumulation order") for dev in ("cpu", "cuda")},
 }
 
 
 def tol(dtype: torch.dtype, device: torch.device | str = "cpu", kind: str = "out") -> dict[str, float]:
     """``dict(rtol=, atol=)`` for comparing a ``dtype`` result on ``device`` (``kind``: out | grad | hc | kernel |
-    targets | gather | reference)."""
+    targets | gather | reference | unmix_out | unmix_grad | fp64_oracle)."""
     dev = torch.device(device).type
     key = (kind, dtype, dev)
     if key not in TABLE:
