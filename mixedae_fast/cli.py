@@ -558,13 +558,19 @@ def _error_line(e: Exception, debug: bool) -> tuple[int, str]:
     return 1, f"{type(e).__name__}: {first[:500]} (unexpected{hint})"
 
 
-def _main(argv: list[str]) -> int:
-    if argv[:1] == ["bench"]:  # its own parser (benchmarks/bench_train.py)
-        from mixedae_fast.benchmarks.bench_train import main as bench_main
+def cmd_bench(args, overrides) -> int:
+    """``mixedae-fast bench``: benchmarks/bench_train.py parses its own options (they import torch, which
+    this parser does not), so everything after ``bench`` goes to it as it was typed."""
+    from mixedae_fast.benchmarks.bench_train import main as bench_main
 
-        return bench_main(argv[1:])
+    return bench_main(args.argv[args.argv.index("bench") + 1:])
+
+
+def _main(argv: list[str]) -> int:
     args, overrides = _parser().parse_known_args(argv)
     args.argv = argv
+    if args.command == "bench":
+        return cmd_bench(args, overrides)
     bad = [o for o in overrides if "=" not in o or not o.lstrip("-")]
     if bad:
         print(f"error: unrecognised arguments {bad}; config overrides look like --section.key=value",
