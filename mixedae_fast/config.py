@@ -87,7 +87,7 @@ class MixingConfig:
     hc_weight: float = 1.0  # lambda_hc; 0 turns the loss off
     hc_tau: float = 0.2  # temperature of the head/tokens SupCon loss
     # variants of the attention HC loss (mixedae_fast/losses.py); the defaults are the loss above
-    hc_heads: int | None = None  # the loss on heads 0 .. hc_heads-1 only; None = every head
+    hc_heads: int | None = 1  # the loss on heads 0 .. hc_heads-1 only (default: head 0); null = every head
     hc_form: str = "infonce"  # infonce | hinge (ranking: same-source keys above the best other by hc_margin)
     hc_margin: float = 1.0  # hinge margin in logit units
     hc_grad: str = "full"  # full | qk (the loss trains only the q/k projections; tokens get no HC gradient)
@@ -588,12 +588,11 @@ def validate(cfg: Config) -> Config:
         errors.append(f"{' and '.join(research)} run on the reference path (one dense mask through SDPA), not on "
                       f"runtime.attention_backend = {backend!r}; set it to auto, sdpa or eager")
     hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
-    if x.hc_select == "proj" and not (hc_attention and x.hc_form == "infonce" and x.hc_heads is None):
+    if x.hc_select == "proj" and not (hc_attention and x.hc_form == "infonce"):
         errors.append(f"mixing.hc_select = 'proj': the selection projection is trained by the attention HC loss "
-                      f"in its InfoNCE form on one shared selection; needs hc_weight > 0, hc_on attention or both, "
-                      f"ha = topk, group_size > 1, hc_form = infonce and hc_heads = null (got hc_weight="
-                      f"{x.hc_weight}, hc_on={x.hc_on}, ha={x.ha}, group_size={r}, hc_form={x.hc_form}, "
-                      f"hc_heads={x.hc_heads})")
+                      f"in its InfoNCE form (one selection for every head, so hc_heads does not apply); needs "
+                      f"hc_weight > 0, hc_on attention or both, ha = topk, group_size > 1 and hc_form = infonce (got "
+                      f"hc_weight={x.hc_weight}, hc_on={x.hc_on}, ha={x.ha}, group_size={r}, hc_form={x.hc_form})")
     if errors:
         raise ConfigError(_join(errors))
 

@@ -100,7 +100,7 @@ class MixedAutoencoderViT(nn.Module):
                  mask_ratio: float = 0.75, ha: str = "topk", ha_layers=None, topk: int | None = None,
                  hc_on: str = "attention", hc_weight: float = 1.0, hc_tau: float = 0.2,
                  segment_embed: str = "none", norm_pix_loss: bool = True, attention_backend: str = "auto",
-                 kernels: str = "auto", hc_heads: int | None = None, hc_form: str = "infonce",
+                 kernels: str = "auto", hc_heads: int | None = 1, hc_form: str = "infonce",
                  hc_margin: float = 1.0, hc_grad: str = "full", hc_select: str = "attention",
                  hc_select_dim: int = 16, topk_self: bool = False, warn_ignored: bool = True):
         super().__init__()
@@ -142,10 +142,10 @@ class MixedAutoencoderViT(nn.Module):
         # projection that the HC loss trains instead of the heads' logits; topk_self: the query's own key
         # always kept. Both run on the reference path (attention.selected_topk_attention).
         self.hc_select, self.topk_self = _choice("hc_select", hc_select, HC_SELECT), bool(topk_self)
-        if hc_select == "proj" and not (self.hc_attention and hc_form == "infonce" and hc_heads is None
-                                        and hc_select_dim >= 1):
+        if hc_select == "proj" and not (self.hc_attention and hc_form == "infonce" and hc_select_dim >= 1):
             raise ValueError("hc_select='proj' needs the attention HC loss on (hc_weight > 0, ha='topk', "
-                             "group_size > 1), hc_form='infonce', hc_heads=None and hc_select_dim >= 1")
+                             "group_size > 1), hc_form='infonce' and hc_select_dim >= 1 (hc_heads does not apply: "
+                             "one selection serves every head)")
         select_dim = hc_select_dim if hc_select == "proj" else 0
         # forms the attention op's row terms do not give: the loss from logits recomputed per block
         self.hc_from_scores = self.hc_attention and hc_select == "attention" and (hc_form != "infonce"

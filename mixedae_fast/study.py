@@ -20,6 +20,7 @@ command line starts fast).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -32,25 +33,29 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "oracle": ("oracle: same-source keys only, no HC", ("--mixing.ha=oracle", "--mixing.hc_weight=0")),
     "naive": ("naive mixing: global attention, no HC", ("--mixing.ha=none", "--mixing.hc_weight=0")),
     "topk": ("TopK, no HC loss", ("--mixing.ha=topk", "--mixing.hc_weight=0")),
-    "default": ("TopK + the config's HC loss as it stands (InfoNCE on every head's logits)", ()),
+    "default": ("TopK + the config's HC loss as it stands (since 2026-11-30: InfoNCE on head 0 only)", ()),
+    "hc_all": ("TopK + InfoNCE HC on every head (the default before 2026-11-30)",
+               ("--mixing.ha=topk", "--mixing.hc_heads=null")),
     "hc_head0": ("TopK + InfoNCE HC on head 0 only", ("--mixing.ha=topk", "--mixing.hc_heads=1")),
-    "hc_qk": ("TopK + InfoNCE HC, its gradient into q/k only (tokens detached)",
-              ("--mixing.ha=topk", "--mixing.hc_grad=qk")),
+    "hc_qk": ("TopK + InfoNCE HC on every head, its gradient into q/k only (tokens detached)",
+              ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_grad=qk")),
     "hc_self": ("TopK with the query's own key forced in (K-1 others) + InfoNCE HC on every head",
-                ("--mixing.ha=topk", "--mixing.topk_self=true")),
+                ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.topk_self=true")),
     "hc_proj": ("TopK on a separate 16-d selection projection (one set for all heads) + InfoNCE HC on it",
-                ("--mixing.ha=topk", "--mixing.hc_select=proj")),
+                ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_select=proj")),
     "hc_proj_qk": ("same, the HC gradient into the selection projection only (tokens detached)",
-                   ("--mixing.ha=topk", "--mixing.hc_select=proj", "--mixing.hc_grad=qk")),
-    "hinge": ("TopK + ranking hinge HC (margin 1) on every head", ("--mixing.ha=topk", "--mixing.hc_form=hinge")),
+                   ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_select=proj", "--mixing.hc_grad=qk")),
+    "hinge": ("TopK + ranking hinge HC (margin 1) on every head",
+              ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_form=hinge")),
     "hinge_head0": ("TopK + ranking hinge HC on head 0 only",
                     ("--mixing.ha=topk", "--mixing.hc_form=hinge", "--mixing.hc_heads=1")),
-    "hinge_qk": ("TopK + ranking hinge HC, gradient into q/k only",
-                 ("--mixing.ha=topk", "--mixing.hc_form=hinge", "--mixing.hc_grad=qk")),
+    "hinge_qk": ("TopK + ranking hinge HC on every head, gradient into q/k only",
+                 ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_form=hinge", "--mixing.hc_grad=qk")),
 }
-# what `mixedae-fast study` runs without --variants: the references and the HC forms still in question
-# (the hinge forms failed in the pilot: benchmarks/results/2026-11-30_cpu-2cores-study-pilot/)
-DEFAULT_VARIANTS = ("mae", "oracle", "naive", "topk", "default", "hc_head0", "hc_qk", "hc_self", "hc_proj",
+# what `mixedae-fast study` runs without --variants: the references, the default, the former default and
+# the HC forms still in question (the hinge forms failed in the pilot:
+# benchmarks/results/2026-11-30_cpu-2cores-study-pilot/)
+DEFAULT_VARIANTS = ("mae", "oracle", "naive", "topk", "default", "hc_all", "hc_qk", "hc_self", "hc_proj",
                     "hc_proj_qk")
 SPLITS = ("heldout", "val")
 DATASETS = ("embedded", "digits", "lfw", "photos")
@@ -224,6 +229,14 @@ def _stamp() -> dict:
     return {**provenance(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
+def _code_stamp() -> dict:
+    """The git SHA of the code this process loaded: taken once, when the study starts (a checkout changed
+    while a long study runs must not be written into results its process never ran)."""
+    from mixedae_fast.provenance import git_sha
+
+    return {"code_sha": git_sha()}
+
+
 # -- the table ---------------------------------------------------------------------------------------
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -279,7 +292,9 @@ def markdown_table(rows: list[dict], select: str, report: str, meta: dict) -> st
         f"split: {report} ({meta['sizes'][report]} images). Recognition, head Jaccard, w_self: the last logged "
         "training step, mean over homologous blocks (– where the variant has no TopK).",
         f"Chosen on the {select} split (best kNN): {best['variant']}.",
-        f"git {meta['git_sha']}, {meta['machine']}, OMP_NUM_THREADS={meta['omp_num_threads']}, {meta['date']}.",
+        f"Table written by git {meta['git_sha']} on {meta['machine']}, OMP_NUM_THREADS={meta['omp_num_threads']}, "
+        f"{meta['date']}; the runs' code: " + ", ".join(f"{sha} ({n} runs)" for sha, n in
+                                                         meta.get("run_shas", {}).items()) + ".",
         f"Command: {meta['command']}",
     ]
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
@@ -352,6 +367,7 @@ def run_study(args, overrides) -> int:
     from mixedae_fast.engine import StopRequested
 
     variants, seeds = check_args(args)
+    code = _code_stamp()
     base = load_config(args.config, overrides)
     train_dir, val_dir, dataset = data_folders(args, base.model.img_size)
     out_dir = Path(args.out or Path(base.run.out_dir) / f"study-{dataset}")
@@ -385,7 +401,8 @@ def run_study(args, overrides) -> int:
                 print(f"{stop}: {name} saved at its last step; rerun the same command to continue the study",
                       file=sys.stderr)
                 return 130
-            result.update(variant=v, seed=s, epochs=args.epochs, overrides=list(variant_overrides(v)), **_stamp())
+            result.update(variant=v, seed=s, epochs=args.epochs, overrides=list(variant_overrides(v)),
+                          **{**_stamp(), "git_sha": code["code_sha"]})
             atomic_write_json(result, out_dir / "results" / f"{name}.json")
             bar.update(1)
     finally:
@@ -398,7 +415,8 @@ def run_study(args, overrides) -> int:
             "overrides": list(overrides), "shots": args.shots, "probe_epochs": args.probe_epochs,
             "heldout_fraction": args.heldout, "sizes": first["eval"]["sizes"],
             "command": "mixedae-fast " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "mixedae-fast study",
-            **_stamp()}
+            **{**_stamp(), "git_sha": code["code_sha"]},
+            "run_shas": dict(collections.Counter(r.get("git_sha", "unknown") for rs in results.values() for r in rs))}
     rows = summarize(results, args.select_split, args.report_split)
     for path in write_outputs(out_dir, rows, args.select_split, args.report_split, meta):
         print(path)

@@ -264,7 +264,7 @@ def test_proj_selection_is_left_out_of_the_timm_export():
 
 @pytest.mark.parametrize("override, message", [
     (["--mixing.hc_select=proj", "--mixing.hc_weight=0"], "mixing.hc_select = 'proj': the selection projection"),
-    (["--mixing.hc_select=proj", "--mixing.hc_heads=1"], "needs hc_weight > 0"),
+    (["--mixing.hc_select=proj", "--mixing.hc_on=head"], "needs hc_weight > 0"),
     (["--mixing.hc_select=proj", "--mixing.hc_form=hinge"], "hc_form = infonce"),
     (["--mixing.hc_select=proj", "--runtime.attention_backend=flex"], "run on the reference path"),
     (["--mixing.topk_self=true", "--runtime.attention_backend=flex"], "mixing.topk_self = True run on"),
