@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.fsutil import atomic_write
+from mixedae_fast.fsutil import atomic_write, atomic_write_text
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -41,8 +41,7 @@ def finite_json(obj):
 
 def atomic_write_json(obj, path: str | os.PathLike) -> Path:
     """``obj`` as indented JSON at ``path``, atomically; non-finite floats written as null."""
-    text = json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    return atomic_write_text(path, json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
