@@ -175,15 +175,17 @@ class MixLayout:
 
 
 # -- choosing a backend ----------------------------------------------------------------------------
+def check_backend(value: str, what: str = "attention_backend") -> str:
+    """``value`` if it is one of :data:`BACKENDS`, else a ValueError naming ``what`` and the choices."""
+    if value not in BACKENDS:
+        raise ValueError(f"{what}={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
 def requested_backend(backend: str) -> str:
     """The config's backend, or ``$MIXEDAE_ATTENTION_BACKEND`` when set (for benchmarking)."""
     env = os.environ.get(ENV_BACKEND, "").strip()
-    if env and env not in BACKENDS:
-        raise ValueError(f"{ENV_BACKEND}={env!r} is not one of {', '.join(BACKENDS)}")
-    value = env or backend
-    if value not in BACKENDS:
-        raise ValueError(f"attention_backend={value!r} is not one of {', '.join(BACKENDS)}")
-    return value
+    return check_backend(env, ENV_BACKEND) if env else check_backend(backend)
 
 
 @functools.cache
@@ -496,9 +498,7 @@ class HomologousAttention(nn.Module):
         mode = "none" if layout is None else layout.mode
         if mode not in HA_MODES:
             raise ValueError(f"homologous attention mode {mode!r} is not one of {HA_MODES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"attention_backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
-        backend = resolve_backend(self.backend, str(x.device), mode)
+        backend = resolve_backend(check_backend(self.backend), str(x.device), mode)
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         hc_rows = stats = None
         if mode == "none":
@@ -531,8 +531,7 @@ class HomologousAttention(nn.Module):
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
     """Switch every :class:`HomologousAttention` in ``model`` to ``backend`` (one flag, same weights)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention_backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     for m in model.modules():
         if isinstance(m, HomologousAttention):
             m.backend = backend
