@@ -223,18 +223,13 @@ def run_one(cfg, run_dir: Path, train_dir, val_dir, args) -> dict:
             "resumed_from": report["resumed_from"], "final": report["final"] or {}, "eval": evals}
 
 
-def _stamp() -> dict:
+def _stamp(code_sha: str) -> dict:
+    """Provenance of a result or table, with the SHA of the code this process loaded (``code_sha``, taken
+    when the study starts: a checkout changed while a long study runs must not be written into results
+    its process never ran)."""
     from mixedae_fast.provenance import provenance
 
-    return {**provenance(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-
-
-def _code_stamp() -> dict:
-    """The git SHA of the code this process loaded: taken once, when the study starts (a checkout changed
-    while a long study runs must not be written into results its process never ran)."""
-    from mixedae_fast.provenance import git_sha
-
-    return {"code_sha": git_sha()}
+    return {**provenance(), "git_sha": code_sha, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 # -- the table ---------------------------------------------------------------------------------------
@@ -365,9 +360,10 @@ def run_study(args, overrides) -> int:
     from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.config import load_config
     from mixedae_fast.engine import StopRequested
+    from mixedae_fast.provenance import git_sha
 
     variants, seeds = check_args(args)
-    code = _code_stamp()
+    code_sha = git_sha()
     base = load_config(args.config, overrides)
     train_dir, val_dir, dataset = data_folders(args, base.model.img_size)
     out_dir = Path(args.out or Path(base.run.out_dir) / f"study-{dataset}")
@@ -375,10 +371,13 @@ def run_study(args, overrides) -> int:
     common = list(overrides) + [f"--data.path={train_dir}", f"--data.val_path={val_dir}", "--data.format=imagefolder",
                                 f"--optim.epochs={args.epochs}", f"--run.out_dir={out_dir / 'runs'}"]
     plan = [(v, s) for v in variants for s in seeds]
-    todo = [(v, s) for v, s in plan if not (out_dir / "results" / f"{v}-seed{s}.json").is_file()]
-    for v, s in plan:  # a finished run is reused only at this call's budget
+    todo = []
+    for v, s in plan:  # a finished run is kept, at this call's budget only
         done = out_dir / "results" / f"{v}-seed{s}.json"
-        epochs = json.loads(done.read_text()).get("epochs", args.epochs) if done.is_file() else args.epochs
+        if not done.is_file():
+            todo.append((v, s))
+            continue
+        epochs = json.loads(done.read_text()).get("epochs", args.epochs)
         if epochs != args.epochs:
             raise StudyError(f"{done} was trained for --epochs {epochs}, this call asks for {args.epochs}: rerun with "
                              f"--epochs {epochs}, or give another --out for the new budget")
@@ -402,7 +401,7 @@ def run_study(args, overrides) -> int:
                       file=sys.stderr)
                 return 130
             result.update(variant=v, seed=s, epochs=args.epochs, overrides=list(variant_overrides(v)),
-                          **{**_stamp(), "git_sha": code["code_sha"]})
+                          **_stamp(code_sha))
             atomic_write_json(result, out_dir / "results" / f"{name}.json")
             bar.update(1)
     finally:
@@ -415,7 +414,7 @@ def run_study(args, overrides) -> int:
             "overrides": list(overrides), "shots": args.shots, "probe_epochs": args.probe_epochs,
             "heldout_fraction": args.heldout, "sizes": first["eval"]["sizes"],
             "command": "mixedae-fast " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "mixedae-fast study",
-            **{**_stamp(), "git_sha": code["code_sha"]},
+            **_stamp(code_sha),
             "run_shas": dict(collections.Counter(r.get("git_sha", "unknown") for rs in results.values() for r in rs))}
     rows = summarize(results, args.select_split, args.report_split)
     for path in write_outputs(out_dir, rows, args.select_split, args.report_split, meta):
