@@ -12,6 +12,7 @@ images per second. The result file carries device, versions, git SHA, date and c
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -45,14 +46,14 @@ def time_steps(config: str, overrides: list[str], batch: int, warmup: int, iters
         images = images.to(amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step, losses = iter(range(1 << 30)), []
+    steps, last = itertools.count(), {}
 
     def one_step():
-        losses.append(train_step.micro(images, next(step))["loss"])
+        last["loss"] = train_step.micro(images, next(steps))["loss"]
         train_step.update()
 
     med = median_ms(one_step, device, warmup, iters)
-    row = {"ms_per_step": med, "img_per_s": batch / med * 1e3, "loss": float(losses[-1].detach())}
+    row = {"ms_per_step": med, "img_per_s": batch / med * 1e3, "loss": float(last["loss"].detach())}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
