@@ -58,15 +58,23 @@ def topk_keep_mask(scores_pp: torch.Tensor, topk: int) -> torch.Tensor:
         return scores_pp >= kth
 
 
-def hc_row_terms(scores_pp: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``[..., M, M]`` fp32 patch-to-patch logits -> ``[..., M, 2]`` (lse over k≠q, lse over same source)."""
+def hc_row_terms(scores_pp: torch.Tensor, src: torch.Tensor, form: str = "infonce") -> torch.Tensor:
+    """``[..., M, M]`` fp32 patch-to-patch logits -> ``[..., M, 2]`` row terms whose difference
+    (column 0 − column 1) is a query's HC loss: column 0 the lse over k≠q; column 1 the lse over its
+    same-source keys (``infonce``: one positive set, the fused kernel's form) or their mean logit
+    (``supcon``: −log-softmax averaged over each positive, so every same-source key is pulled up)."""
     M = scores_pp.shape[-1]
     eye = torch.eye(M, dtype=torch.bool, device=scores_pp.device)
     same = (src[:, None] == src[None, :]) & ~eye
     neg_inf = torch.finfo(scores_pp.dtype).min
     lse_all = scores_pp.masked_fill(eye, neg_inf).logsumexp(dim=-1)
-    lse_pos = scores_pp.masked_fill(~same, neg_inf).logsumexp(dim=-1)
-    return torch.stack([lse_all, lse_pos], dim=-1)
+    if form == "infonce":
+        pos = scores_pp.masked_fill(~same, neg_inf).logsumexp(dim=-1)
+    elif form == "supcon":
+        pos = scores_pp.masked_fill(~same, 0.0).sum(dim=-1) / same.sum(dim=-1).to(scores_pp.dtype)
+    else:
+        raise ValueError(f"hc_row_terms: form={form!r} is not infonce or supcon")
+    return torch.stack([lse_all, pos], dim=-1)
 
 
 def qk_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

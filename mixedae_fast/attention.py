@@ -161,6 +161,7 @@ class MixLayout:
     hc_rows: tuple = ()
     stats: tuple = ()
     topk_self: bool = False  # the query's own key always kept (K-1 others): the reference path's switch
+    hc_form: str = "infonce"  # the row terms selected_topk_attention returns (infonce | supcon)
 
     def source_ids(self, device) -> torch.Tensor:
         return torch.arange(self.group_size, device=device).repeat_interleave(self.n_visible)
@@ -414,18 +415,19 @@ def selection_keep(sel: torch.Tensor, topk: int, self_in: bool = False) -> torch
 
 
 def selected_topk_attention(q, k, v, sel: torch.Tensor, src: torch.Tensor, topk: int, hc: bool = False,
-                            self_in: bool = False):
+                            self_in: bool = False, form: str = "infonce"):
     """TopK attention whose keep set is chosen on ``sel`` (fp32 patch-to-patch scores ``[G, h, M, M]``,
     ``h`` = 1 or the heads: a separate selection projection's, or ``q·k`` itself) -> ``(out, hc_rows,
-    keep)``; the HC row terms come from ``sel`` (with its gradient). The attention over the kept keys
-    (and the CLS key) uses the heads' own logits, through SDPA with a dense boolean mask: the reference
-    path of the research switches (``mixing.hc_select=proj``, ``mixing.topk_self``), on every backend."""
+    keep)``; the HC row terms (``form``: infonce | supcon) come from ``sel`` (with its gradient). The
+    attention over the kept keys (and the CLS key) uses the heads' own logits, through SDPA with a dense
+    boolean mask: the reference path of the research switches (``mixing.hc_select=proj``,
+    ``mixing.topk_self``), on every backend."""
     keep = selection_keep(sel, topk, self_in)
     G, _, M, _ = keep.shape
     mask = torch.ones(G, keep.shape[1], M + 1, M + 1, dtype=torch.bool, device=q.device)
     mask[..., 1:, 1:] = keep
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out, (hc_row_terms(sel, src) if hc else None), keep
+    return out, (hc_row_terms(sel, src, form) if hc else None), keep
 
 
 @torch.no_grad()
@@ -508,7 +510,8 @@ class HomologousAttention(nn.Module):
         elif self.select is not None or layout.topk_self:
             sel = self.selection_scores(x, q, k, layout.hc)
             src = layout.source_ids(x.device)
-            out, hc_rows, keep = selected_topk_attention(q, k, v, sel, src, layout.topk, layout.hc, layout.topk_self)
+            out, hc_rows, keep = selected_topk_attention(q, k, v, sel, src, layout.topk, layout.hc, layout.topk_self,
+                                                         layout.hc_form)
             if layout.collect_stats:
                 stats = topk_stats(q, k, v, src, layout.topk, keep)
         else:

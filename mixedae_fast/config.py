@@ -88,7 +88,8 @@ class MixingConfig:
     hc_tau: float = 0.2  # temperature of the head/tokens SupCon loss
     # variants of the attention HC loss (mixedae_fast/losses.py); the defaults are the loss above
     hc_heads: int | None = 1  # the loss on heads 0 .. hc_heads-1 only (default: head 0); null = every head
-    hc_form: str = "infonce"  # infonce | hinge (ranking: same-source keys above the best other by hc_margin)
+    hc_form: str = "infonce"  # infonce | supcon (each same-source key pulled up) | hinge (ranking: same-source
+    #   keys above the best other by hc_margin)
     hc_margin: float = 1.0  # hinge margin in logit units
     hc_grad: str = "full"  # full | qk (the loss trains only the q/k projections; tokens get no HC gradient)
     hc_select: str = "attention"  # attention (TopK on each head's q·k) | proj (one selection per block from a
@@ -588,10 +589,11 @@ def validate(cfg: Config) -> Config:
         errors.append(f"{' and '.join(research)} run on the reference path (one dense mask through SDPA), not on "
                       f"runtime.attention_backend = {backend!r}; set it to auto, sdpa or eager")
     hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
-    if x.hc_select == "proj" and not (hc_attention and x.hc_form == "infonce"):
+    if x.hc_select == "proj" and not (hc_attention and x.hc_form in ("infonce", "supcon")):
         errors.append(f"mixing.hc_select = 'proj': the selection projection is trained by the attention HC loss "
-                      f"in its InfoNCE form (one selection for every head, so hc_heads does not apply); needs "
-                      f"hc_weight > 0, hc_on attention or both, ha = topk, group_size > 1 and hc_form = infonce (got "
+                      f"in its InfoNCE or SupCon form (one selection for every head, so hc_heads does not apply); "
+                      f"needs hc_weight > 0, hc_on attention or both, ha = topk, group_size > 1 and hc_form = infonce "
+                      f"or supcon (got "
                       f"hc_weight={x.hc_weight}, hc_on={x.hc_on}, ha={x.ha}, group_size={r}, hc_form={x.hc_form})")
     if errors:
         raise ConfigError(_join(errors))

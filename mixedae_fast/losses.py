@@ -60,8 +60,8 @@ def hc_scores_loss(scores: list[torch.Tensor], src: torch.Tensor, form: str = "i
                    heads: int | None = None) -> torch.Tensor:
     """The HC loss from each homologous block's fp32 patch-to-patch logits ``[G, H, M, M]`` (the
     reference path, for forms the fused kernel's row terms do not give): ``infonce`` (the same loss as
-    :func:`hc_attention_loss`) or ``hinge`` (:func:`hc_hinge_terms`), averaged over queries, the first
-    ``heads`` heads, then blocks."""
+    :func:`hc_attention_loss`), ``supcon`` (the per-positive form, :func:`hc_row_terms`) or ``hinge``
+    (:func:`hc_hinge_terms`), averaged over queries, the first ``heads`` heads, then blocks."""
     from mixedae_fast.kernels.homologous_attention import hc_row_terms
 
     if form not in HC_FORMS:
@@ -71,8 +71,8 @@ def hc_scores_loss(scores: list[torch.Tensor], src: torch.Tensor, form: str = "i
     per_block = []
     for s in scores:
         s = select_heads(s.to(torch.promote_types(s.dtype, torch.float32)), heads)
-        if form == "infonce":
-            rows = hc_row_terms(s, src)
+        if form in ("infonce", "supcon"):
+            rows = hc_row_terms(s, src, form)
             per_block.append((rows[..., 0] - rows[..., 1]).mean())
         else:
             per_block.append(hc_hinge_terms(s, src, margin).mean())

@@ -132,7 +132,7 @@ class MixedAutoencoderViT(nn.Module):
                           f"group_size={r})", stacklevel=2)
         if (self.hc_attention or self.hc_features) and n < 2:
             raise ValueError(f"the homologous contrastive loss needs n_visible >= 2 (got {n})")
-        # variants of the attention HC loss (losses.py): on the first hc_heads heads; infonce | hinge;
+        # variants of the attention HC loss (losses.py): on the first hc_heads heads; infonce | supcon | hinge;
         # hc_grad="qk": its gradient reaches the q/k projections only, not the tokens
         self.hc_form, self.hc_grad = _choice("hc_form", hc_form, HC_FORMS), _choice("hc_grad", hc_grad, HC_GRADS)
         if hc_heads is not None and not 1 <= hc_heads <= num_heads:
@@ -142,10 +142,11 @@ class MixedAutoencoderViT(nn.Module):
         # projection that the HC loss trains instead of the heads' logits; topk_self: the query's own key
         # always kept. Both run on the reference path (attention.selected_topk_attention).
         self.hc_select, self.topk_self = _choice("hc_select", hc_select, HC_SELECT), bool(topk_self)
-        if hc_select == "proj" and not (self.hc_attention and hc_form == "infonce" and hc_select_dim >= 1):
+        if hc_select == "proj" and not (self.hc_attention and hc_form in ("infonce", "supcon")
+                                        and hc_select_dim >= 1):
             raise ValueError("hc_select='proj' needs the attention HC loss on (hc_weight > 0, ha='topk', "
-                             "group_size > 1), hc_form='infonce' and hc_select_dim >= 1 (hc_heads does not apply: "
-                             "one selection serves every head)")
+                             "group_size > 1), hc_form 'infonce' or 'supcon' and hc_select_dim >= 1 (hc_heads "
+                             "does not apply: one selection serves every head)")
         select_dim = hc_select_dim if hc_select == "proj" else 0
         # forms the attention op's row terms do not give: the loss from logits recomputed per block
         self.hc_from_scores = self.hc_attention and hc_select == "attention" and (hc_form != "infonce"
@@ -205,7 +206,7 @@ class MixedAutoencoderViT(nn.Module):
     def make_layout(self, hc: bool | None = None, collect_stats: bool = False) -> MixLayout:
         hc = self.hc_attention and not self.hc_from_scores if hc is None else hc
         return MixLayout(self.group_size, self.n_visible, self.ha, self.topk, hc=hc, collect_stats=collect_stats,
-                         topk_self=self.topk_self)
+                         topk_self=self.topk_self, hc_form=self.hc_form)
 
     def forward_encoder(self, mixed: torch.Tensor, ids: torch.Tensor, layout: MixLayout | None = None,
                         hc_scores: list | None = None):

@@ -83,11 +83,47 @@ def test_infonce_on_a_subset_of_heads_matches_a_float64_loop(heads):
     torch.testing.assert_close(s2.grad, s.grad, **tol(torch.float64, kind="grad"))
 
 
+def _loop_supcon(s, heads):
+    terms = []
+    for g, h, q in itertools.product(range(s.shape[0]), range(heads), range(s.shape[2])):
+        den = sum(math.exp(s[g, h, q, k]) for k in range(s.shape[3]) if k != q)
+        pos = [k for k in range(s.shape[3]) if k != q and SRC[k] == SRC[q]]
+        terms.append(-sum(math.log(math.exp(s[g, h, q, p]) / den) for p in pos) / len(pos))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_supcon_form_matches_a_float64_loop(heads):
+    a, b = _scores(seed=4), _scores(seed=5)
+    want = (_loop_supcon(a, heads or 3) + _loop_supcon(b, heads or 3)) / 2
+    got = hc_scores_loss([a, b], SRC, "supcon", heads=heads)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    # the row-terms form (what the selection projection's path returns) gives the same loss
+    torch.testing.assert_close(hc_attention_loss([hc_row_terms(a, SRC, "supcon")], heads),
+                               torch.tensor(_loop_supcon(a, heads or 3), dtype=torch.float64), **tol(torch.float64))
+
+
+def test_supcon_pulls_every_same_source_key_where_infonce_stops():
+    """One same-source key far above the rest satisfies InfoNCE (its gradient on the other same-source
+    keys vanishes); the per-positive form still pulls each of them up. This is why it can raise TopK
+    precision (recognition) when InfoNCE has settled on a few near-identical neighbours."""
+    s = torch.zeros(1, 1, R * N_VIS, R * N_VIS, dtype=torch.float64)
+    s[0, 0, 0, 1] = 30.0                      # query 0's first same-source key, far above everything
+    grads = {}
+    for form in ("infonce", "supcon"):
+        x = s.clone().requires_grad_(True)
+        hc_scores_loss([x], SRC, form).backward()
+        grads[form] = x.grad[0, 0, 0]
+    others = [k for k in range(2, R * N_VIS) if SRC[k] == SRC[0]]
+    assert grads["infonce"][others].abs().max().item() < 1e-10
+    assert (grads["supcon"][others] < -1e-3).all()    # descending the loss raises these logits
+
+
 def test_hinge_loss_over_blocks_and_heads():
     a, b = _scores(seed=2), _scores(seed=3)
     want = (_loop_hinge(a, 1.0)[:, :2].mean() + _loop_hinge(b, 1.0)[:, :2].mean()) / 2
     torch.testing.assert_close(hc_scores_loss([a, b], SRC, "hinge", 1.0, heads=2), want, **tol(torch.float64))
-    with pytest.raises(ValueError, match="hc_form='nce' is not one of infonce, hinge"):
+    with pytest.raises(ValueError, match="hc_form='nce' is not one of infonce, supcon, hinge"):
         hc_scores_loss([a], SRC, "nce")
 
 
@@ -128,7 +164,7 @@ def test_hc_heads_leaves_the_other_heads_alone():
 @pytest.mark.parametrize("override, message", [
     ("--mixing.hc_heads=5", "mixing.hc_heads = 5: must be <= model.num_heads = 4"),
     ("--mixing.hc_heads=0", "mixing.hc_heads = 0: must be >= 1"),
-    ("--mixing.hc_form=nce", "mixing.hc_form = 'nce': must be one of infonce, hinge"),
+    ("--mixing.hc_form=nce", "mixing.hc_form = 'nce': must be one of infonce, supcon, hinge"),
     ("--mixing.hc_grad=values", "mixing.hc_grad = 'values': must be one of full, qk"),
     ("--mixing.hc_margin=-1", "mixing.hc_margin = -1.0: must be >= 0"),
 ])
@@ -250,6 +286,21 @@ def test_proj_selection_matches_a_dense_loop_and_is_used_by_the_picture():
     assert sel["block_recognition"] == pytest.approx(stats["ha1/recognition"].item(), rel=1e-6)
 
 
+def test_proj_selection_trains_on_the_supcon_form():
+    """hc_select=proj with hc_form=supcon: the loss is the per-positive form of the projection's logits."""
+    model = _selection_model("--mixing.hc_form=supcon")
+    captured = {}
+    model.blocks[0].attn.register_forward_hook(lambda mod, inp, out: captured.update(x=inp[0]))
+    out = model(torch.randn(8, 3, 16, 16), seed=1)
+    a, x = model.blocks[0].attn, captured["x"].detach()
+    qs, ks = a.select(x[:, 1:]).double().chunk(2, dim=-1)
+    sel = ((qs @ ks.mT) / math.sqrt(qs.shape[-1]))[:, None]
+    src = torch.arange(model.group_size).repeat_interleave(model.n_visible)
+    want = hc_attention_loss([hc_row_terms(sel, src, "supcon")])
+    assert out["loss_hc"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert out["loss_hc"].item() != pytest.approx(hc_attention_loss([hc_row_terms(sel, src)]).item(), rel=1e-3)
+
+
 def test_proj_selection_is_left_out_of_the_timm_export():
     from mixedae_fast._compat import import_timm
     from mixedae_fast.export import timm_model_spec, timm_state_dict
@@ -265,7 +316,7 @@ def test_proj_selection_is_left_out_of_the_timm_export():
 @pytest.mark.parametrize("override, message", [
     (["--mixing.hc_select=proj", "--mixing.hc_weight=0"], "mixing.hc_select = 'proj': the selection projection"),
     (["--mixing.hc_select=proj", "--mixing.hc_on=head"], "needs hc_weight > 0"),
-    (["--mixing.hc_select=proj", "--mixing.hc_form=hinge"], "hc_form = infonce"),
+    (["--mixing.hc_select=proj", "--mixing.hc_form=hinge"], "hc_form = infonce or supcon"),
     (["--mixing.hc_select=proj", "--runtime.attention_backend=flex"], "run on the reference path"),
     (["--mixing.topk_self=true", "--runtime.attention_backend=flex"], "mixing.topk_self = True run on"),
     (["--mixing.hc_select_dim=0"], "mixing.hc_select_dim = 0: must be >= 1"),
