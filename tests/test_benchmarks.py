@@ -240,3 +240,46 @@ def test_bench_train_data_phase_waits_for_the_loader_stream():
     assert stream.waited == [event] and plain.data_stream == "step"
     src.wait(None)                      # CPU: no stream, nothing to wait for
     assert stream.waited == [event]
+
+
+def test_recognition_is_the_logged_definition():
+    """Features that name the source give 1; identical features keep every key (all tie), so the
+    kept keys are the group's mix: exactly chance (n-1)/(r*n-1); random features as a loop counts."""
+    from mixedae_fast.benchmarks.recognition_ceiling import recognition
+
+    r, n = 3, 4
+    src = torch.arange(r).repeat_interleave(n)
+    onehot = torch.nn.functional.one_hot(src, r).float()[None]
+    assert recognition(onehot, src, n).item() == 1.0
+    assert recognition(torch.ones(1, r * n, 5), src, n).item() == pytest.approx((n - 1) / (r * n - 1))
+    # random features (no ties): a loop keeping each query's n-1 most similar others
+    feats = torch.randn(2, r * n, 6, generator=torch.Generator().manual_seed(0))
+    z = torch.nn.functional.normalize(feats, dim=-1)
+    want = []
+    for g in range(2):
+        right = 0
+        for q in range(r * n):
+            others = sorted((k for k in range(r * n) if k != q), key=lambda k: -float(z[g, q] @ z[g, k]))[:n - 1]
+            right += sum(int(src[k] == src[q]) for k in others) / (n - 1)
+        want.append(right / (r * n))
+    torch.testing.assert_close(recognition(feats, src, n), torch.tensor(want))
+
+
+def test_recognition_ceiling_runs_and_writes_its_table(tmp_path, monkeypatch):
+    from mixedae_fast.benchmarks import recognition_ceiling
+    from mixedae_fast.pipelines.synthetic import write_image_folder
+
+    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    out = tmp_path / "rc" / "r.json"
+    from conftest import TINY_OVERRIDES
+    assert recognition_ceiling.main(["--data-dir", str(data), "--steps", "3", "--eval-at", "1", "--out", str(out),
+                                     *TINY_OVERRIDES]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["recogniser"], r["step"]) for r in result["rows"]] == [("content", 1), ("content", 3),
+                                                                      ("context", 1), ("context", 3)]
+    assert all(0 <= r["recognition"] <= 1 for r in result["rows"])
+    assert result["topk"] == 4 and result["chance"] == pytest.approx(3 / 15) and result["val_images"] == 24
+    assert "| context |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        recognition_ceiling.main(["--recognisers", "mlp"])
