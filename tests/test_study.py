@@ -1,6 +1,7 @@
 """``mixedae-fast study``: the variant registry, the evaluation splits kept apart, the few-shot and
 mean ± std arithmetic, a tiny study end to end, its resume, and bad input."""
 import json
+import sys
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
     data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
     argv = ["study", "--data-dir", str(data), "--out", str(tmp_path / "st"), "--variants", "mae,hinge_qk",
-            "--seeds", "0", "--epochs", "1", "--probe-epochs", "2", "--no-progress", *TINY]
+            "--seeds", "0", "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", *TINY]
     assert main(argv) == 0
     out = tmp_path / "st"
     table = json.loads((out / "study.json").read_text())
@@ -82,3 +83,51 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     # another budget in the same folder is refused, not mixed into the table
     assert main([a if a != "1" else "2" for a in argv]) == 2
     assert "was trained for --epochs 1, this call asks for 2" in capsys.readouterr().err
+
+
+def test_jobs_runs_children_side_by_side_and_stamps_the_study_command(tmp_path, monkeypatch):
+    """--jobs 2: each run is a child process (one thread each on 2 cores), its log kept; the results carry
+    the study's command, not the child's; the parent writes the table."""
+    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["mixedae-fast", "study", "--jobs", "2"])
+    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    out = tmp_path / "st"
+    assert main(["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae,naive", "--seeds", "0",
+                 "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "2", *TINY]) == 0
+    for name in ("mae-seed0", "naive-seed0"):
+        result = json.loads((out / "results" / f"{name}.json").read_text())
+        assert result["steps"] == 6 and result["command"] == "mixedae-fast study --jobs 2"
+        assert result["omp_num_threads"] == str(max(1, study.usable_cores() // 2))
+        assert (out / "logs" / f"{name}.log").read_text().strip()
+    table = json.loads((out / "study.json").read_text())
+    assert [r["variant"] for r in table["rows"]] == ["mae", "naive"]
+
+
+def test_a_failed_child_is_named_with_its_error_line_and_log(tmp_path):
+    from tqdm import tqdm
+
+    from mixedae_fast.errors import RunFailure
+
+    def argv_of(v, s):
+        code = ("print('step 1'); print('error: the disk is full'); raise SystemExit(3)" if v == "bad"
+                else "import time; time.sleep(2)")  # finishes after the failure is seen
+        return [sys.executable, "-c", code]
+
+    bar = tqdm(total=3, disable=True)
+    with pytest.raises(RunFailure, match=r"study run bad-seed0 failed \(exit 3\): the disk is full; its log: .*"
+                                         r"bad-seed0.log; finished runs are kept"):
+        study.run_children([("ok", 0), ("bad", 0), ("ok", 1)], 2, 1, argv_of, tmp_path / "logs", bar)
+    assert (tmp_path / "logs" / "ok-seed0.log").is_file()
+    assert not (tmp_path / "logs" / "ok-seed1.log").exists()   # nothing new is started after a failure
+
+
+@pytest.mark.parametrize("jobs, device, todo, want", [
+    ("auto", "cpu", 30, min(study.usable_cores(), 8)), ("auto", "cpu", 1, 1), ("3", "cpu", 2, 2), ("1", "cpu", 9, 1)])
+def test_resolve_jobs(jobs, device, todo, want):
+    n, threads = study.resolve_jobs(jobs, device, todo)
+    assert n == want and threads == max(1, study.usable_cores() // n)
+
+
+def test_jobs_must_be_a_count(capsys):
+    assert main(["study", "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --jobs '0': give a number of processes >= 1, or auto")
