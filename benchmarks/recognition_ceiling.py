@@ -213,14 +213,15 @@ def main(argv=None) -> int:
     loaders = build_loaders(cfg, device, torch.float32, progress=False)
     r = cfg.mixing.group_size
     n = n_visible((cfg.model.img_size // cfg.model.patch_size) ** 2, cfg.mixing.mask_ratio)
-    rows = []
-    for name in names:
-        rows += train_and_measure(cfg, name, loaders.train, loaders.val, steps, args.tau, device)
+    # provenance (git SHA included) taken before training: the code this process loaded
     result = result_head("recognition_ceiling", device, ["python", "-m", "mixedae_fast.benchmarks.recognition_ceiling"],
                          argv, dataset=dataset, config=args.config, batch_size=cfg.data.batch_size, group_size=r,
                          topk=n, chance=(n - 1) / (r * n - 1), tau=args.tau, seed=args.seed,
-                         val_images=rows[0]["val_images"],
-                         omp_num_threads=os.environ.get("OMP_NUM_THREADS"), rows=rows)
+                         omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+    rows = []
+    for name in names:
+        rows += train_and_measure(cfg, name, loaders.train, loaders.val, steps, args.tau, device)
+    result.update(val_images=rows[0]["val_images"], rows=rows)
     text = json.dumps(result, indent=1)
     if args.out:
         out = Path(args.out)
