@@ -299,7 +299,7 @@ def run_children(todo, jobs: int, threads: int, argv_of, log_dir: Path, bar) -> 
 
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    queue, running, failed = list(todo), {}, []
+    queue, running, failed, shown = list(todo), {}, [], None
     try:
         while queue or running:
             while queue and len(running) < jobs and not failed:
@@ -308,7 +308,9 @@ def run_children(todo, jobs: int, threads: int, argv_of, log_dir: Path, bar) -> 
                 with open(log, "wb") as f:
                     running[(v, s)] = (subprocess.Popen(argv_of(v, s), stdout=f, stderr=subprocess.STDOUT, env=env),
                                        log)
-            bar.set_postfix_str(", ".join(f"{v}-seed{s}" for v, s in running))
+            now = ", ".join(f"{v}-seed{s}" for v, s in running)
+            if now != shown:
+                bar.set_postfix_str(shown := now)
             time.sleep(0.5)
             for key, (proc, log) in list(running.items()):
                 if proc.poll() is None:
@@ -534,8 +536,7 @@ def run_study(args, overrides) -> int:
             "steps": first["steps"], "seeds": seeds, "runs": len(plan), "config": args.config,
             "overrides": list(overrides), "shots": args.shots, "probe_epochs": args.probe_epochs,
             "heldout_fraction": args.heldout, "sizes": first["eval"]["sizes"],
-            "command": command,
-            **_stamp(code_sha),
+            **_stamp(code_sha, command),
             "run_shas": dict(collections.Counter(r.get("git_sha", "unknown") for rs in results.values() for r in rs))}
     rows = summarize(results, args.select_split, args.report_split)
     for path in write_outputs(out_dir, rows, args.select_split, args.report_split, meta):

@@ -89,7 +89,7 @@ def test_jobs_runs_children_side_by_side_and_stamps_the_study_command(tmp_path, 
     """--jobs 2: each run is a child process (one thread each on 2 cores), its log kept; the results carry
     the study's command, not the child's; the parent writes the table."""
     monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sys, "argv", ["mixedae-fast", "study", "--jobs", "2"])
+    monkeypatch.setattr(sys, "argv", ["/x/mixedae_fast/cli.py", "study", "--jobs", "2"])  # as `python -m` sets it
     data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
     out = tmp_path / "st"
     assert main(["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae,naive", "--seeds", "0",
@@ -101,6 +101,7 @@ def test_jobs_runs_children_side_by_side_and_stamps_the_study_command(tmp_path, 
         assert (out / "logs" / f"{name}.log").read_text().strip()
     table = json.loads((out / "study.json").read_text())
     assert [r["variant"] for r in table["rows"]] == ["mae", "naive"]
+    assert table["meta"]["command"] == "mixedae-fast study --jobs 2"
 
 
 def test_a_failed_child_is_named_with_its_error_line_and_log(tmp_path):
