@@ -11,7 +11,12 @@ Layout of a study folder (``--out``)::
 
     runs/<variant>-seed<k>/    the run (config.yaml, metrics.csv, checkpoints/); resumed if interrupted
     results/<variant>-seed<k>.json   its finished result; a rerun skips runs that have one
+    logs/<variant>-seed<k>.log       its output, when runs train side by side (``--jobs`` > 1)
     study.md, study.json, study.csv, study.png   the table (mean ± std over seeds) and its plot
+
+With ``--jobs`` > 1 each run is a child process (``python -m mixedae_fast.cli study`` for that one
+variant and seed, ``OMP_NUM_THREADS`` = cores / jobs) and this process schedules them, counts them on
+the progress bar and writes the table.
 
 Variants are named config overrides (:data:`VARIANTS`), applied after ``--config`` and the command
 line's own ``--section.key=value`` overrides. This module imports torch only inside functions (the
