@@ -24,9 +24,14 @@ class KeyDoc:
     doc: str
 
 
+def _continues(line: str) -> bool:
+    """A comment line that continues the trailing comment of the field line above it: ``#   text``."""
+    return line.strip().startswith("#  ")
+
+
 def _field_comments(cls: type) -> dict[str, str]:
-    """``{field: comment}`` from the class source: a field line's trailing comment, else the comment
-    lines right above it."""
+    """``{field: comment}`` from the class source: a field line's trailing comment (with the ``#   ``
+    lines right below it), else the comment lines right above it."""
     source = inspect.getsource(cls)
     trailing = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline)
@@ -39,10 +44,13 @@ def _field_comments(cls: type) -> dict[str, str]:
         if not colon or name.strip() not in names:
             continue
         if i in trailing:
-            comments[name.strip()] = trailing[i]
+            text, k = trailing[i], i
+            while k < len(lines) and _continues(lines[k]):  # "#   more" lines below continue it
+                text, k = f"{text} {lines[k].strip().lstrip('#').strip()}", k + 1
+            comments[name.strip()] = text
             continue
         block, j = [], i - 1
-        while j >= 1 and lines[j - 1].strip().startswith("#"):
+        while j >= 1 and lines[j - 1].strip().startswith("#") and not _continues(lines[j - 1]):
             block.insert(0, lines[j - 1].strip().lstrip("#").strip())
             j -= 1
         if block:

@@ -21,9 +21,12 @@ def test_comments_are_read_from_the_line_or_the_lines_above():
         # spread over
         # two lines
         b: str = "x # not a comment"
-        c: float = 0.5
+        c: float = 0.5  # a long one
+        #   that goes on below
+        d: int = 2  # d's own
 
-    assert _field_comments(Demo) == {"a": "the first", "b": "spread over two lines"}
+    assert _field_comments(Demo) == {"a": "the first", "b": "spread over two lines",
+                                     "c": "a long one that goes on below", "d": "d's own"}
 
 
 def test_help_text_shows_choices_and_a_presets_values():
