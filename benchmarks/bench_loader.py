@@ -20,19 +20,10 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.benchmarks.common import result_head
+from mixedae_fast.benchmarks.common import batches, result_head
 from mixedae_fast.pipelines.dali import DaliLoader
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def batches(loader):
-    """Batches forever, one epoch after another."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def time_loader(loader, device: torch.device, warmup: int, iters: int, window: int) -> list[float]:

@@ -45,6 +45,15 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters
     return statistics.median(times)
 
 
+def batches(loader):
+    """A loader's batches forever, one epoch after another (``set_epoch`` before each)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def result_head(benchmark: str, device: torch.device, command: list[str], argv=None, **fields) -> dict:
     """The first fields of a result file: ``benchmark``, provenance (date, git SHA, host, machine,
     command, device, versions), ``torch``, then ``fields``. ``command``: how it was invoked without its

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixedae_fast.benchmarks.common import result_head
+from mixedae_fast.benchmarks.common import batches, result_head
 
 RECOGNISERS = ("content", "context")
 
@@ -84,39 +84,32 @@ def recognition(features: torch.Tensor, src: torch.Tensor, topk: int) -> torch.T
     return ((others & same).sum(-1).float() / others.sum(-1).clamp_min(1).float()).mean(-1)
 
 
-def build(cfg, name: str, device: torch.device) -> nn.Module:
+def build(cfg, name: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """``(recogniser name, the config's model)``: the model mixes the batches (assignment and
+    ``patch_mix`` use none of its weights); ``content`` takes its patch size and position table,
+    ``context`` trains its encoder."""
     from mixedae_fast.models import build_model
 
     model = build_model(cfg).to(device)
     if name == "content":
-        return ContentRecogniser(model.patch_dim, model.pos_embed[0, 1:], model.pos_embed.shape[-1]).to(device)
-    return ContextRecogniser(model).to(device)
-
-
-def batches(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        for images, _ in loader:
-            yield images
-        epoch += 1
+        return ContentRecogniser(model.patch_dim, model.pos_embed[0, 1:], model.pos_embed.shape[-1]).to(device), model
+    return ContextRecogniser(model).to(device), model
 
 
 def train_and_measure(cfg, name: str, train, val, steps: list[int], tau: float, device, progress=print) -> list[dict]:
     """Train recogniser ``name`` for ``max(steps)`` steps; recognition on ``val`` after each of ``steps``."""
     from mixedae_fast.losses import supcon_loss
-    from mixedae_fast.models import build_model
 
     torch.manual_seed(cfg.run.seed)
-    net = build(cfg, name, device)
-    mixer = build_model(cfg).to(device)  # assignment and patch_mix only (no parameters are used)
-    r, n = mixer.group_size, mixer.n_visible
-    src = torch.arange(r, device=device).repeat_interleave(n)
+    net, mixer = build(cfg, name, device)
+    src = torch.arange(mixer.group_size, device=device).repeat_interleave(mixer.n_visible)
     params = [p for p in net.parameters() if p.requires_grad]
+    # the config's lr rule for the batch one step sees (this loop does no accumulation across steps)
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * cfg.data.batch_size / 256
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     warmup = max(1, min(steps) // 4)
-    out, start, it = [], time.perf_counter(), batches(train)
+    r = mixer.group_size
+    out, start, it = [], time.perf_counter(), (images for images, _ in batches(train))
     for step in range(1, max(steps) + 1):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / warmup)
@@ -174,8 +167,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     import os
 
-    from mixedae_fast.choices import n_visible
-    from mixedae_fast.config import load_config
+    from mixedae_fast.config import derive, load_config
     from mixedae_fast.data import build_loaders
     from mixedae_fast.fsutil import atomic_write_text
     from mixedae_fast.study import DATASETS, data_folders
@@ -211,12 +203,12 @@ def main(argv=None) -> int:
                                     f"--data.path={train_dir}", f"--data.val_path={val_dir}",
                                     "--data.format=imagefolder", "--data.backend=torch"])
     loaders = build_loaders(cfg, device, torch.float32, progress=False)
-    r = cfg.mixing.group_size
-    n = n_visible((cfg.model.img_size // cfg.model.patch_size) ** 2, cfg.mixing.mask_ratio)
+    derived = derive(cfg)
+    r, n, topk = cfg.mixing.group_size, derived.n_visible, derived.topk
     # provenance (git SHA included) taken before training: the code this process loaded
     result = result_head("recognition_ceiling", device, ["python", "-m", "mixedae_fast.benchmarks.recognition_ceiling"],
                          argv, dataset=dataset, config=args.config, batch_size=cfg.data.batch_size, group_size=r,
-                         topk=n, chance=(n - 1) / (r * n - 1), tau=args.tau, seed=args.seed,
+                         topk=topk, chance=(n - 1) / (r * n - 1), tau=args.tau, seed=args.seed,
                          omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
     rows = []
     for name in names:
