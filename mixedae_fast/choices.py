@@ -5,6 +5,7 @@ act on them. Imports nothing, so every layer may import it (kernels and pipeline
 HA_MODES = ("topk", "oracle", "none")                 # mixing.ha: recognition | upper bound | naive mixing
 HC_ON = ("attention", "head", "tokens", "both")       # mixing.hc_on: where the HC loss acts
 HC_FORMS = ("infonce", "supcon", "hinge")             # mixing.hc_form
+HC_ROW_FORMS = ("infonce", "supcon")                  # the forms a query's two row terms give (hc_row_terms)
 HC_GRADS = ("full", "qk")                             # mixing.hc_grad
 HC_SELECT = ("attention", "proj")                     # mixing.hc_select: TopK on q·k | on a separate projection
 SEGMENT_EMBED = ("none", "encoder")                   # mixing.segment_embed

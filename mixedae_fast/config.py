@@ -589,7 +589,7 @@ def validate(cfg: Config) -> Config:
         errors.append(f"{' and '.join(research)} run on the reference path (one dense mask through SDPA), not on "
                       f"runtime.attention_backend = {backend!r}; set it to auto, sdpa or eager")
     hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
-    if x.hc_select == "proj" and not (hc_attention and x.hc_form in ("infonce", "supcon")):
+    if x.hc_select == "proj" and not (hc_attention and x.hc_form in choices.HC_ROW_FORMS):
         errors.append(f"mixing.hc_select = 'proj': the selection projection is trained by the attention HC loss "
                       f"in its InfoNCE or SupCon form (one selection for every head, so hc_heads does not apply); "
                       f"needs hc_weight > 0, hc_on attention or both, ha = topk, group_size > 1 and hc_form = infonce "

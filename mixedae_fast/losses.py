@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixedae_fast.choices import HC_FORMS
+from mixedae_fast.choices import HC_FORMS, HC_ROW_FORMS
 
 
 def reconstruction_loss(pred: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ def hc_scores_loss(scores: list[torch.Tensor], src: torch.Tensor, form: str = "i
     per_block = []
     for s in scores:
         s = select_heads(s.to(torch.promote_types(s.dtype, torch.float32)), heads)
-        if form in ("infonce", "supcon"):
+        if form in HC_ROW_FORMS:
             rows = hc_row_terms(s, src, form)
             per_block.append((rows[..., 0] - rows[..., 1]).mean())
         else:

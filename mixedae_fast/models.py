@@ -29,6 +29,7 @@ from mixedae_fast.choices import (
     HC_FORMS,
     HC_GRADS,
     HC_ON,
+    HC_ROW_FORMS,
     HC_SELECT,
     KERNEL_BACKENDS,
     SEGMENT_EMBED,
@@ -142,7 +143,7 @@ class MixedAutoencoderViT(nn.Module):
         # projection that the HC loss trains instead of the heads' logits; topk_self: the query's own key
         # always kept. Both run on the reference path (attention.selected_topk_attention).
         self.hc_select, self.topk_self = _choice("hc_select", hc_select, HC_SELECT), bool(topk_self)
-        if hc_select == "proj" and not (self.hc_attention and hc_form in ("infonce", "supcon")
+        if hc_select == "proj" and not (self.hc_attention and hc_form in HC_ROW_FORMS
                                         and hc_select_dim >= 1):
             raise ValueError("hc_select='proj' needs the attention HC loss on (hc_weight > 0, ha='topk', "
                              "group_size > 1), hc_form 'infonce' or 'supcon' and hc_select_dim >= 1 (hc_heads "
