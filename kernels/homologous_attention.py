@@ -8,8 +8,10 @@ group CLS, then the patch tokens; ``src: int [L-1]`` the source of each patch to
   CLS key; the others get −inf before the softmax. The selection is not differentiated.
 * the CLS query attends to every key.
 
-With ``hc=True`` it also returns ``hc_rows: fp32 [G, H, L-1, 2]``, per patch query ``q`` the two
-log-sum-exps of the homologous contrastive loss over the *full* (pre-TopK) patch logits::
+With ``hc=True`` it also returns ``hc_rows: fp32 [G, H', L-1, 2]`` for the first ``H' = hc_heads`` heads
+(default all; the loss reads head 0 only by default, and the kernels skip the other heads' HC work in
+both passes), per patch query ``q`` the two log-sum-exps of the homologous contrastive loss over the
+*full* (pre-TopK) patch logits::
 
     hc_rows[..., 0] = logsumexp_{k != q}            s_qk     # all of the group's patch keys but q
     hc_rows[..., 1] = logsumexp_{k != q, src_k = src_q} s_qk  # its same-source keys
@@ -34,13 +36,20 @@ uses the forward's selection exactly whatever its own rounding; one kernel accum
 block, one dQ per query block (no atomics: bitwise reproducible). The HC terms add
 ``g0·softmax_{k≠q}(s) + g1·softmax_{same}(s)`` to dS. On a GPU the dots run in the input dtype
 (bf16/fp16) with fp32 accumulation, fp32 inputs in IEEE fp32; under Triton's interpreter every dot is
-fp32 (the interpreter miscomputes bf16 math). Block sizes are untuned: not yet run on a GPU.
+fp32 (the interpreter miscomputes bf16 math). The forward comes in tilings (:data:`FWD_TILINGS`: rows a
+program x warps, which decide whether a row's counts cross warps), chosen per card from a measurement;
+``forward_variant(select=False)`` times it without the select. Not yet timed on a GPU.
 
 The kernels are two ``torch.library`` custom ops (``torch.ops.mixedae_fast.homologous_attention`` and
 ``..._backward``, fake implementations and an autograd formula): ``torch.compile(fullgraph=True)``
 keeps them whole, so a training step with the fused kernel compiles as one graph.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.resources
+import json
 
 import torch
 
@@ -84,15 +93,16 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def homologous_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor,
-                                   topk: int, hc: bool = False):
-    """Eager TopK homologous attention in fp32 (the definition every fast path is tested against)."""
+                                   topk: int, hc: bool = False, hc_heads: int | None = None):
+    """Eager TopK homologous attention in fp32 (the definition every fast path is tested against); the HC
+    rows of the first ``hc_heads`` heads (None: all)."""
     s = qk_scores(q, k)                                                 # [G, H, L, L] fp32
     s_pp = s[..., 1:, 1:]
     keep = topk_keep_mask(s_pp, topk)
     patch_rows = torch.cat([s[..., 1:, :1], s_pp.masked_fill(~keep, float("-inf"))], dim=-1)
     logits = torch.cat([s[..., :1, :], patch_rows], dim=-2)
     out = (logits.softmax(dim=-1) @ v.float()).to(q.dtype)
-    hc_rows = hc_row_terms(s_pp, src) if hc else None
+    hc_rows = hc_row_terms(s_pp[:, :_hc_count(q.shape[1], hc, hc_heads)], src) if hc else None
     return out, hc_rows
 
 
@@ -138,10 +148,9 @@ def _kth_largest(key, K):
 @triton.jit
 def _hc_lse(s, mask):
     """Row log-sum-exp of ``s`` over ``mask``; the fp32 minimum for an empty set (as the reference)."""
-    z = tl.where(mask, s, float("-inf"))
-    m = tl.max(z, axis=1)
+    m = tl.max(tl.where(mask, s, float("-inf")), axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp(z - m[:, None]), axis=1)
+    total = tl.sum(tl.where(mask, tl.exp(s - m[:, None]), 0.0), axis=1)   # no masked copy of s kept live
     return tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), -3.4028234663852886e38)
 
 
@@ -166,10 +175,11 @@ def _keep_bits(bits_ptr, bh, rows, cols, L, WORDS: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
-                sqg, sqh, sql, skg, skh, skl, svg, svh, svl, H, L, D, TOPK, scale,
+                sqg, sqh, sql, skg, skh, skl, svg, svh, svl, H, L, D, TOPK, HC_HEADS, scale,
                 HC: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """One program: group·head ``bh`` (axis 0) x ``BLOCK_M`` query rows (axis 1), all keys at once."""
+                BLOCK_D: tl.constexpr, SELECT: tl.constexpr = True):
+    """One program: group·head ``bh`` (axis 0) x ``BLOCK_M`` query rows (axis 1), all keys at once.
+    ``SELECT=False`` keeps every patch key (no TopK: an ablation that times the select, never trained)."""
     bh = tl.program_id(0).to(tl.int64)
     g, h = bh // H, bh % H
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -181,65 +191,70 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
     v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
     s = _mm(q, tl.trans(k), FP32) * _fp32(scale)       # [BM, BN] fp32, the reference's rounding
     s = tl.where(s == 0.0, 0.0, s)                             # -0 -> +0: the bit order then matches >=
+    row_ok = rows < L
+    if HC:  # first, so that only the keys stay live through the select
+        if h < HC_HEADS:  # the heads the loss reads (a whole program skips it: no divergence)
+            other, same = _hc_masks(src_ptr, rows, cols, L)
+            hc_row = ((g * HC_HEADS + h) * (L - 1) + rows - 1) * 2
+            patch = (rows >= 1) & row_ok
+            tl.store(hc_ptr + hc_row, _hc_lse(s, other), mask=patch)
+            tl.store(hc_ptr + hc_row + 1, _hc_lse(s, same), mask=patch)
+    s_cls = tl.sum(tl.where((cols == 0)[None, :], s, 0.0), axis=1)   # the CLS key's score, kept aside
     col_patch = (cols >= 1) & (cols < L)
     bits = s.to(tl.int32, bitcast=True)
     key = tl.where(col_patch[None, :], tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), INT_MIN)
-    kth = _kth_largest(key, TOPK)
-    keep = (key >= kth[:, None]) | (cols == 0)[None, :]
+    if SELECT:
+        keep = (key >= _kth_largest(key, TOPK)[:, None]) | (cols == 0)[None, :]
+    else:
+        keep = (cols < L)[None, :] & (rows >= 0)[:, None]
     keep = tl.where((rows == 0)[:, None], (cols < L)[None, :], keep)   # the CLS query sees every key
-
-    z = tl.where(keep, s, float("-inf"))
-    m = tl.max(z, axis=1)                                      # finite: the CLS key is always kept
-    p = tl.exp(z - m[:, None])
+    WORDS: tl.constexpr = BLOCK_N // 32
+    packed = tl.sum(tl.reshape(keep.to(tl.int32), [BLOCK_M, WORDS, 32]) << tl.arange(0, 32)[None, None, :], axis=2)
+    tl.store(bits_ptr + (bh * L + rows)[:, None] * WORDS + tl.arange(0, WORDS)[None, :], packed,
+             mask=row_ok[:, None])
+    # the patch scores back from their keys (the map is its own inverse), the CLS column from s_cls
+    s = tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    s = tl.where((cols == 0)[None, :], s_cls[:, None], s)
+    m = tl.max(tl.where(keep, s, float("-inf")), axis=1)      # finite: the CLS key is always kept
+    p = tl.where(keep, tl.exp(s - m[:, None]), 0.0)
     total = tl.sum(p, axis=1)
     if FP32:
         acc = _mm(p, v, FP32)
     else:
         acc = _mm(p.to(v.dtype), v, FP32)
     out = acc / total[:, None]
-    row_ok = rows < L
     tl.store(o_ptr + (bh * L + rows)[:, None] * D + dd[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok)
     tl.store(lse_ptr + bh * L + rows, m + tl.log(total), mask=row_ok)
-    WORDS: tl.constexpr = BLOCK_N // 32
-    packed = tl.sum(tl.reshape(keep.to(tl.int32), [BLOCK_M, WORDS, 32]) << tl.arange(0, 32)[None, None, :], axis=2)
-    tl.store(bits_ptr + (bh * L + rows)[:, None] * WORDS + tl.arange(0, WORDS)[None, :], packed,
-             mask=row_ok[:, None])
-    if HC:
-        other, same = _hc_masks(src_ptr, rows, cols, L)
-        hc_row = (bh * (L - 1) + rows - 1) * 2
-        patch = (rows >= 1) & row_ok
-        tl.store(hc_ptr + hc_row, _hc_lse(s, other), mask=patch)
-        tl.store(hc_ptr + hc_row + 1, _hc_lse(s, same), mask=patch)
-
-
 @triton.jit
-def _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, rows, cols, L, scale,
-                 HC: tl.constexpr, FP32: tl.constexpr, WORDS: tl.constexpr):
+def _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols, L, HC_HEADS,
+                 scale, HC: tl.constexpr, FP32: tl.constexpr, WORDS: tl.constexpr):
     """``(P, dS)`` of a ``rows x cols`` tile: P from the saved LSE and the forward's keep bits, dS
-    through the softmax plus, with ``HC``, through the two HC log-sum-exps (dS is w.r.t. the scaled
-    logits; the caller multiplies by ``scale``)."""
+    through the softmax plus, with ``HC`` and in the first ``HC_HEADS`` heads, through the two HC
+    log-sum-exps (dS is w.r.t. the scaled logits; the caller multiplies by ``scale``)."""
     s = _mm(q, tl.trans(k), FP32) * _fp32(scale)
     keep = _keep_bits(bits_ptr, bh, rows, cols, L, WORDS)
     p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), FP32)
     ds = p * (dp - delta[:, None])
     if HC:
-        other, same = _hc_masks(src_ptr, rows, cols, L)
-        patch = (rows >= 1) & (rows < L)
-        hc_row = (bh * (L - 1) + rows - 1) * 2
-        lse0 = tl.load(hc_ptr + hc_row, mask=patch, other=0.0)
-        lse1 = tl.load(hc_ptr + hc_row + 1, mask=patch, other=0.0)
-        g0 = tl.load(ghc_ptr + hc_row, mask=patch, other=0.0)
-        g1 = tl.load(ghc_ptr + hc_row + 1, mask=patch, other=0.0)
-        ds += tl.where(other, g0[:, None] * tl.exp(s - lse0[:, None]), 0.0)
-        ds += tl.where(same, g1[:, None] * tl.exp(s - lse1[:, None]), 0.0)
+        if h < HC_HEADS:
+            other, same = _hc_masks(src_ptr, rows, cols, L)
+            patch = (rows >= 1) & (rows < L)
+            hc_row = ((g * HC_HEADS + h) * (L - 1) + rows - 1) * 2
+            lse0 = tl.load(hc_ptr + hc_row, mask=patch, other=0.0)
+            lse1 = tl.load(hc_ptr + hc_row + 1, mask=patch, other=0.0)
+            g0 = tl.load(ghc_ptr + hc_row, mask=patch, other=0.0)
+            g1 = tl.load(ghc_ptr + hc_row + 1, mask=patch, other=0.0)
+            ds += tl.where(other, g0[:, None] * tl.exp(s - lse0[:, None]), 0.0)
+            ds += tl.where(same, g1[:, None] * tl.exp(s - lse1[:, None]), 0.0)
     return p, ds
 
 
 @triton.jit
 def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_ptr, ghc_ptr, bits_ptr,
-                     dk_ptr, dv_ptr, sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, scale,
+                     dk_ptr, dv_ptr, sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, HC_HEADS,
+                     scale,
                      HC: tl.constexpr, FP32: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORDS: tl.constexpr):
     """One program: group·head ``bh`` x ``BLOCK_N`` keys, looping over every query block."""
@@ -259,8 +274,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, h
         do = _load_tile(do_ptr, g, h, sdg, sdh, sdl, rows, dd, L, D)
         lse = tl.load(lse_ptr + bh * L + rows, mask=r_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * L + rows, mask=r_ok, other=0.0)
-        p, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, rows, cols, L,
-                             scale, HC, FP32, WORDS)
+        p, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols,
+                             L, HC_HEADS, scale, HC, FP32, WORDS)
         if FP32:
             dv += _mm(tl.trans(p), do, FP32)
             dk += _mm(tl.trans(ds), q, FP32)
@@ -274,7 +289,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, h
 
 @triton.jit
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_ptr, ghc_ptr, bits_ptr, dq_ptr,
-                   sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, scale,
+                   sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, HC_HEADS, scale,
                    HC: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, WORDS: tl.constexpr):
     """One program: group·head ``bh`` x ``BLOCK_M`` query rows, all keys at once."""
@@ -289,8 +304,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_
     v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
     lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
     delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
-    _, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, rows, cols, L, scale,
-                         HC, FP32, WORDS)
+    _, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols, L,
+                         HC_HEADS, scale, HC, FP32, WORDS)
     if FP32:
         dq = _mm(ds, k, FP32)
     else:
@@ -321,15 +336,71 @@ def _check(q, k, v, src, topk):
 
 def _blocks(L: int, d: int, ieee: bool):
     """(BLOCK_N, BLOCK_D, BLOCK_M, key block of the dK/dV kernel): every key in one power-of-two tile
-    of >= 32 (whole bit words), 32 query rows. Untuned (no GPU yet); checked with sm_90 ptxas, 8 warps:
-    at L = 197, d = 64 bf16 the forward takes 195 registers, dQ 240, dK/dV 200, none spills (64-row
-    blocks spill at L = 65). Compiled fp32 (IEEE dots, no tensor cores) takes 16 rows, and spills a
-    little even so (30-80 KB at 32 rows)."""
+    of >= 32 (whole bit words), 32 query rows. The backward's tiles are untuned (no GPU yet); checked with
+    sm_90 ptxas, 8 warps: at L = 197, d = 64 bf16 dQ takes 240 registers, dK/dV 200, neither spills.
+    Compiled fp32 (IEEE dots, no tensor cores) takes 16 rows, and spills a little even so (30-80 KB at 32
+    rows). The forward's rows and warps are a tiling (below)."""
     block_n = max(32, triton.next_power_of_2(L))
     return block_n, max(16, triton.next_power_of_2(d)), 16 if ieee else 32, 32 if ieee else min(64, block_n)
 
 
 NUM_WARPS = 8
+
+# The forward kernel's tilings, (query rows a program, warps), by name. Lowered for sm_90 at L = 197,
+# d = 64 bf16 (``python -m mixedae_fast.benchmarks.kernel_sass``; docs/kernel_notes.md has the figures):
+#   m32w8   Triton's mma v2 layout puts the 8 warps side by side along the 256 keys, so every row count
+#           of the 32-step select crosses warps through shared memory (136 barriers in the kernel)
+#   m64w4   one warpgroup of wgmma: each warp owns 16 whole rows, a row count stays inside its warp (13)
+#   m128w8  two warpgroups, the same per warp
+# Which one is fastest is measured per card (``bench_attention --triton-tilings``); the card's
+# attention_backends.json ``topk`` entry names it (``triton_tiling``); other cards take DEFAULT_TILING.
+# Every tiling computes the same contract (tested through the interpreter); the dots' summation order,
+# and so the last bits of bf16 results, may differ between them, so a card keeps one.
+FWD_TILINGS = {"m32w8": (32, 8), "m64w4": (64, 4), "m128w8": (128, 8)}
+DEFAULT_TILING = "m32w8"
+_VARIANT = {"tiling": None, "select": True}
+
+
+@contextlib.contextmanager
+def forward_variant(tiling: str | None = None, select: bool = True):
+    """Within the block, the fused forward runs ``tiling`` (a name of :data:`FWD_TILINGS`; ``None``: the
+    card's) and, with ``select=False``, keeps every patch key instead of the TopK ones: an ablation that
+    times the select, not TopK attention. For benchmarks; the default everywhere else."""
+    if tiling is not None and tiling not in FWD_TILINGS:
+        raise ValueError(f"unknown tiling {tiling!r}; choose from {', '.join(FWD_TILINGS)}")
+    saved = dict(_VARIANT)
+    _VARIANT.update(tiling=tiling, select=select)
+    try:
+        yield
+    finally:
+        _VARIANT.update(saved)
+
+
+def tiling_in(table: dict, card: str) -> str:
+    """The forward tiling an attention_backends.json ``table`` names for ``card``, else DEFAULT_TILING."""
+    entry = table["devices"].get(card, {}).get("topk")
+    name = entry.get("triton_tiling", DEFAULT_TILING) if isinstance(entry, dict) else DEFAULT_TILING
+    if name not in FWD_TILINGS:
+        raise ValueError(f"attention_backends.json: {card!r} names the tiling {name!r}, not one of "
+                         f"{', '.join(FWD_TILINGS)}")
+    return name
+
+
+@functools.cache
+def table_tiling(card: str) -> str:
+    """The forward tiling measured fastest on ``card``: :func:`tiling_in` of the shipped table."""
+    table = importlib.resources.files("mixedae_fast") / "attention_backends.json"
+    return tiling_in(json.loads(table.read_text("utf-8")), card)
+
+
+def forward_tiling(q: torch.Tensor, interpreted: bool) -> tuple[int, int]:
+    """(query rows, warps) of the forward for ``q``: fp32 compiled (IEEE dots) 16 rows on 8 warps; else
+    :func:`forward_variant`'s tiling, or the card's from the table (DEFAULT_TILING off CUDA)."""
+    if q.dtype == torch.float32 and not interpreted:
+        return 16, NUM_WARPS
+    name = _VARIANT["tiling"] or (table_tiling(torch.cuda.get_device_name(q.device)) if q.is_cuda
+                                  else DEFAULT_TILING)
+    return FWD_TILINGS[name]
 
 
 def _scale(d: int) -> float:
@@ -339,27 +410,38 @@ def _scale(d: int) -> float:
     return float(torch.tensor(d ** -0.5, dtype=torch.float32))
 
 
-def homologous_attention_forward(q, k, v, src, topk: int, hc: bool):
-    """``(out [G,H,L,d], lse fp32 [G*H, L], hc fp32 [G*H, L-1, 2] | None, bits int32 [G*H, L, L/32])``."""
+def _hc_count(H: int, hc: bool, hc_heads: int | None) -> int:
+    """How many heads (the first ones) the HC rows are made for: 0 without HC, else ``hc_heads`` (None: all)."""
+    if not hc:
+        return 0
+    if hc_heads is not None and not 1 <= hc_heads <= H:
+        raise ValueError(f"hc_heads={hc_heads}: need 1 <= hc_heads <= {H} heads, or None (all)")
+    return H if hc_heads is None else hc_heads
+
+
+def homologous_attention_forward(q, k, v, src, topk: int, hc_heads: int):
+    """``(out [G,H,L,d], lse fp32 [G*H, L], hc fp32 [G*hc_heads, L-1, 2] | None, bits int32 [G*H, L, L/32])``;
+    HC rows for the first ``hc_heads`` heads (0: none)."""
     G, H, L, d = _check(q, k, v, src, topk)
     interpreted = _interpreted(_fwd_kernel)
-    block_n, block_d, block_m, _ = _blocks(L, d, q.dtype == torch.float32 and not interpreted)
+    block_n, block_d, _, _ = _blocks(L, d, False)
+    block_m, num_warps = forward_tiling(q, interpreted)
     (q, *sq), (k, *sk), (v, *sv) = _strides(q), _strides(k), _strides(v)
     dev = q.device
     src = src.to(device=dev, dtype=torch.int32).contiguous()
     out = torch.empty(G, H, L, d, dtype=_buffer_dtype(q.dtype, _fwd_kernel), device=dev)
     lse = torch.empty(G * H, L, dtype=torch.float32, device=dev)
-    hc_rows = torch.empty(G * H, L - 1, 2, dtype=torch.float32, device=dev) if hc else lse
+    hc_rows = torch.empty(G * hc_heads, L - 1, 2, dtype=torch.float32, device=dev) if hc_heads else lse
     bits = torch.empty(G * H, L, block_n // 32, dtype=torch.int32, device=dev)
     grid = (G * H, triton.cdiv(L, block_m))
-    _fwd_kernel[grid](q, k, v, src, out, lse, hc_rows, bits, *sq, *sk, *sv, H, L, d, topk, _scale(d), HC=hc,
-                      FP32=q.dtype == torch.float32 or interpreted, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_D=block_d, num_warps=NUM_WARPS)
-    return out.to(q.dtype), lse, hc_rows if hc else None, bits
+    _fwd_kernel[grid](q, k, v, src, out, lse, hc_rows, bits, *sq, *sk, *sv, H, L, d, topk, hc_heads, _scale(d),
+                      HC=hc_heads > 0, FP32=q.dtype == torch.float32 or interpreted, BLOCK_M=block_m,
+                      BLOCK_N=block_n, BLOCK_D=block_d, SELECT=_VARIANT["select"], num_warps=num_warps)
+    return out.to(q.dtype), lse, hc_rows if hc_heads else None, bits
 
 
 def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
-    """``(dq, dk, dv)`` in q's dtype; ``grad_hc`` (``[G*H, L-1, 2]`` or None) is the HC rows' gradient."""
+    """``(dq, dk, dv)`` in q's dtype; ``grad_hc`` (``[G*hc_heads, L-1, 2]`` or None) is the HC rows' gradient."""
     G, H, L, d = q.shape
     interpreted = _interpreted(_bwd_dq_kernel)
     block_n, block_d, block_m, key_block = _blocks(L, d, q.dtype == torch.float32 and not interpreted)
@@ -367,6 +449,7 @@ def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, 
     dev = q.device
     delta = (do.float() * out.float()).sum(-1).reshape(G * H, L)
     hc = grad_hc is not None
+    hc_heads = grad_hc.shape[0] // G if hc else 0
     ghc = grad_hc.float().contiguous() if hc else delta
     hc_rows = hc_rows if hc else delta
     src = src.to(device=dev, dtype=torch.int32).contiguous()
@@ -375,10 +458,10 @@ def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, 
     common = dict(HC=hc, FP32=q.dtype == torch.float32 or interpreted, BLOCK_D=block_d, WORDS=block_n // 32,
                   num_warps=NUM_WARPS)
     _bwd_dkdv_kernel[(G * H, triton.cdiv(L, key_block))](
-        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, _scale(d),
+        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, hc_heads, _scale(d),
         M_BLOCKS=triton.cdiv(L, block_m), BLOCK_M=block_m, BLOCK_N=key_block, **common)
     _bwd_dq_kernel[(G * H, triton.cdiv(L, block_m))](
-        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dq, *sq, *sk, *sv, *sd, H, L, d, _scale(d),
+        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dq, *sq, *sk, *sv, *sd, H, L, d, hc_heads, _scale(d),
         BLOCK_M=block_m, BLOCK_N=block_n, **common)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
@@ -389,17 +472,18 @@ def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, 
 # the softmax scale is derived from d inside, never a Python float that dynamo could specialise.
 @torch.library.custom_op("mixedae_fast::homologous_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, topk: int,
-                  hc: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, lse, hc_rows, bits = homologous_attention_forward(q, k, v, src, topk, hc)
+                  hc_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, hc_rows, bits = homologous_attention_forward(q, k, v, src, topk, hc_heads)
     return out, lse, lse.new_empty(0) if hc_rows is None else hc_rows, bits
 
 
 @_attention_op.register_fake
-def _(q, k, v, src, topk, hc):
+def _(q, k, v, src, topk, hc_heads):
     G, H, L, d = _check(q, k, v, src, topk)
     block_n = _blocks(L, d, False)[0]
     lse = q.new_empty(G * H, L, dtype=torch.float32)
-    hc_rows = q.new_empty(G * H, L - 1, 2, dtype=torch.float32) if hc else q.new_empty(0, dtype=torch.float32)
+    hc_rows = q.new_empty(G * hc_heads, L - 1, 2, dtype=torch.float32) if hc_heads else \
+        q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse, hc_rows, \
         q.new_empty(G * H, L, block_n // 32, dtype=torch.int32)
 
@@ -418,34 +502,36 @@ def _(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, src, topk, hc = inputs
+    q, k, v, src, topk, hc_heads = inputs
     out, lse, hc_rows, bits = output
-    ctx.hc = hc
+    ctx.hc_heads = hc_heads
     ctx.save_for_backward(q, k, v, out, src, lse, hc_rows, bits)
     ctx.mark_non_differentiable(lse, bits)
 
 
 def _backward(ctx, grad_out, grad_lse, grad_hc, grad_bits):
     q, k, v, out, src, lse, hc_rows, bits = ctx.saved_tensors
-    G, H, L, _ = q.shape
-    hc = ctx.hc and grad_hc is not None
+    G, _, L, _ = q.shape
+    hc = ctx.hc_heads > 0 and grad_hc is not None
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, src, lse, hc_rows if hc else None,
-                                        grad_hc.reshape(G * H, L - 1, 2) if hc else None, bits)
+                                        grad_hc.reshape(G * ctx.hc_heads, L - 1, 2) if hc else None, bits)
     return dq, dk, dv, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def homologous_attention_triton(q, k, v, src, topk: int, hc: bool = False):
+def homologous_attention_triton(q, k, v, src, topk: int, hc: bool = False, hc_heads: int | None = None):
     """:func:`homologous_attention_reference` through the fused kernels, forward and backward:
-    ``(out, hc_rows [G, H, L-1, 2] | None)``. A custom op (``torch.ops.mixedae_fast.homologous_attention``):
+    ``(out, hc_rows [G, hc_heads, L-1, 2] | None)``; the heads past ``hc_heads`` (None: all) skip the HC
+    terms in both passes. A custom op (``torch.ops.mixedae_fast.homologous_attention``):
     ``torch.compile`` keeps it whole. ``src`` and ``topk`` get no gradient."""
     G, H, L, _ = q.shape
-    out, _, hc_rows, _ = _attention_op(q, k, v, src, topk, hc)
-    return out, (hc_rows.view(G, H, L - 1, 2) if hc else None)
+    count = _hc_count(H, hc, hc_heads)
+    out, _, hc_rows, _ = _attention_op(q, k, v, src, topk, count)
+    return out, (hc_rows.view(G, count, L - 1, 2) if count else None)
 
 
 def check_triton(device: torch.device) -> None:
@@ -457,9 +543,9 @@ def check_triton(device: torch.device) -> None:
                            "TRITON_INTERPRET=1 before mixedae_fast imports, or use auto / eager on CPU")
 
 
-def homologous_attention(q, k, v, src, topk, hc=False, backend="auto"):
+def homologous_attention(q, k, v, src, topk, hc=False, backend="auto", hc_heads=None):
     """The TopK op: ``triton`` = :func:`homologous_attention_triton`, anything else the reference
     (``mixedae_fast.attention`` routes the other backends)."""
     if backend == "triton":
-        return homologous_attention_triton(q, k, v, src, topk, hc)
-    return homologous_attention_reference(q, k, v, src, topk, hc)
+        return homologous_attention_triton(q, k, v, src, topk, hc, hc_heads)
+    return homologous_attention_reference(q, k, v, src, topk, hc, hc_heads)

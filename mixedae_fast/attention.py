@@ -162,6 +162,7 @@ class MixLayout:
     stats: tuple = ()
     topk_self: bool = False  # the query's own key always kept (K-1 others): the reference path's switch
     hc_form: str = "infonce"  # the row terms selected_topk_attention returns (infonce | supcon)
+    hc_heads: int | None = None  # the HC rows of the first hc_heads heads (the loss's heads; None: all)
 
     def source_ids(self, device) -> torch.Tensor:
         return torch.arange(self.group_size, device=device).repeat_interleave(self.n_visible)
@@ -380,17 +381,19 @@ def _scores(q, k, with_grad: bool) -> torch.Tensor:
         return qk_scores(q, k)
 
 
-def topk_attention(q, k, v, mask: HomologousMask, hc: bool = False, backend: str = "eager"):
+def topk_attention(q, k, v, mask: HomologousMask, hc: bool = False, backend: str = "eager",
+                   hc_heads: int | None = None):
     """TopK homologous attention through ``backend`` -> ``(out, hc_rows | None)`` (the contract of
-    :mod:`mixedae_fast.kernels.homologous_attention`). ``sdpa`` / ``xformers`` / ``flex`` select on
-    fp32 scores computed here (the HC terms come from the same scores, with their gradient)."""
+    :mod:`mixedae_fast.kernels.homologous_attention`; HC rows of the first ``hc_heads`` heads, None: all).
+    ``sdpa`` / ``xformers`` / ``flex`` select on fp32 scores computed here (the HC terms come from the
+    same scores, with their gradient)."""
     src = mask.source_ids(q.device)
     if backend == "triton":
-        return homologous_attention_triton(q, k, v, src, mask.topk, hc)
+        return homologous_attention_triton(q, k, v, src, mask.topk, hc, hc_heads)
     if backend == "eager":
-        return homologous_attention_reference(q, k, v, src, mask.topk, hc)
+        return homologous_attention_reference(q, k, v, src, mask.topk, hc, hc_heads)
     s = _scores(q, k, hc)
-    hc_rows = hc_row_terms(s[..., 1:, 1:], src) if hc else None
+    hc_rows = hc_row_terms(s[:, :hc_heads, 1:, 1:], src) if hc else None
     s = s.detach()
     if backend == "flex":
         return _flex("threshold", q, k, v, mask.threshold(s)), hc_rows
@@ -515,7 +518,7 @@ class HomologousAttention(nn.Module):
             if layout.collect_stats:
                 stats = topk_stats(q, k, v, src, layout.topk, keep)
         else:
-            out, hc_rows = topk_attention(q, k, v, layout.mask, layout.hc, backend)
+            out, hc_rows = topk_attention(q, k, v, layout.mask, layout.hc, backend, layout.hc_heads)
             if layout.collect_stats:
                 stats = topk_stats(q, k, v, layout.source_ids(x.device), layout.topk)
         return self.proj(out.transpose(1, 2).reshape(B, L, C)), hc_rows, stats

@@ -207,7 +207,7 @@ class MixedAutoencoderViT(nn.Module):
     def make_layout(self, hc: bool | None = None, collect_stats: bool = False) -> MixLayout:
         hc = self.hc_attention and not self.hc_from_scores if hc is None else hc
         return MixLayout(self.group_size, self.n_visible, self.ha, self.topk, hc=hc, collect_stats=collect_stats,
-                         topk_self=self.topk_self, hc_form=self.hc_form)
+                         topk_self=self.topk_self, hc_form=self.hc_form, hc_heads=self.hc_heads)
 
     def forward_encoder(self, mixed: torch.Tensor, ids: torch.Tensor, layout: MixLayout | None = None,
                         hc_scores: list | None = None):

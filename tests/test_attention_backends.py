@@ -312,8 +312,10 @@ def _oracle_attention_functions(monkeypatch):
                         lambda q, k, v, backend="sdpa": dense_oracle("none", q, k, v, 1, q.shape[-2] - 1, None)[0])
     monkeypatch.setattr(attention, "oracle_attention",
                         lambda q, k, v, r, n, backend="sdpa": dense_oracle("oracle", q, k, v, r, n, None)[0])
-    monkeypatch.setattr(attention, "topk_attention", lambda q, k, v, mask, hc=False, backend="eager": dense_oracle(
-        "topk", q, k, v, mask.group_size, mask.n_visible, mask.topk, hc))
+    def topk(q, k, v, mask, hc=False, backend="eager", hc_heads=None):
+        out, rows = dense_oracle("topk", q, k, v, mask.group_size, mask.n_visible, mask.topk, hc)
+        return out, None if rows is None else rows[:, :hc_heads]   # the HC rows of the loss's heads
+    monkeypatch.setattr(attention, "topk_attention", topk)
 
 
 @pytest.mark.parametrize("ha", MODES)
@@ -486,3 +488,19 @@ def test_topk_keep_set_is_exact_on_runs_of_adjacent_floats(backend, run):
         kept = w[0, :, 1:, 1:1 + r * n].cpu() > 0
         assert torch.equal(kept, want), f"{backend}, {run}, K={K}: {int((kept != want).sum())} keys differ"
     assert ties_seen, "no row had a tie at its K-th value: the tie rule went unexercised"
+
+
+@pytest.mark.parametrize("tiling", ["m64w4", "m128w8"])
+def test_every_forward_tiling_keeps_the_exact_set_on_adjacent_floats(tiling):
+    """The fused kernel's other tilings (one row per warp's lanes, scores rebuilt from their keys) keep
+    exactly the brute force's keys too: signed zeros, denormals and ties under the interpreter (the
+    hardest runs), one run on a GPU."""
+    from mixedae_fast.kernels.homologous_attention import forward_variant
+    r, n = 3, 7
+    for run in (["mixed", "tiny"] if DEVICE == "cpu" else ["negative"]):
+        q, k, v, scores = _adjacent_case(RUNS[run], r, n)
+        for K in (1, 11):
+            with torch.no_grad(), forward_variant(tiling):
+                w, _ = topk_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), HomologousMask(r, n, K), False,
+                                      "triton")
+            assert torch.equal(w[0, :, 1:, 1:1 + r * n].cpu() > 0, _brute_force_keep(scores, K)), (run, K)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from tolerances import tol
 
+import mixedae_fast.kernels.homologous_attention as ha
 from mixedae_fast.kernels.homologous_attention import (
     homologous_attention,
     homologous_attention_reference,
@@ -207,70 +208,121 @@ def test_errors():
         homologous_attention_triton(q, q[..., :8], q, src[:8], 2, False)
 
 
+@pytest.mark.parametrize("hc_heads", [1, 2])
+def test_hc_rows_of_the_first_heads_only(hc_heads):
+    """``hc_heads`` (the loss's heads; the default config trains head 0 only): the rows of those heads,
+    equal to the reference's, and gradients in which the other heads get none of the HC terms (the
+    kernels skip their HC work in both passes). On a GPU: one compile, bf16."""
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, k, v, src, up_out, up_hc = _case(2, 3, 4, 4, 16, dtype, seed=4)
+    up_hc = up_hc[:, :hc_heads]
+
+    def run(fn):
+        out, rows = fn(q, k, v, src, 5, True, hc_heads)
+        loss = (out.float() * up_out).sum() + (rows * up_hc).sum()
+        return out.detach(), rows.detach(), torch.autograd.grad(loss, (q, k, v))
+
+    out, rows, grads = run(homologous_attention_triton)
+    ref, ref_rows, ref_grads = run(homologous_attention_reference)
+    assert tuple(rows.shape) == (2, hc_heads, 16, 2)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(rows, ref_rows, **_tol(dtype, "hc"))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **_tol(dtype, "grad"))
+    with pytest.raises(ValueError, match="hc_heads=4: need 1 <= hc_heads <= 3"):
+        homologous_attention_triton(q, k, v, src, 5, True, 4)
+
+
+# -- the forward's tilings and its select ablation -------------------------------------------------
+@pytest.mark.parametrize("tiling", sorted(ha.FWD_TILINGS))
+def test_every_forward_tiling_computes_the_contract(tiling):
+    """Each tiling the bench may time and a card's table may name: ViT-B/16's sequence (L = 197, 2 or 4
+    query blocks, the last one partial), outputs, HC rows and every gradient (the backward reads the
+    forward's keep bits and LSE, so it checks those too). bf16 on a GPU: one compile a tiling."""
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, k, v, src, up_out, up_hc = _case(2, 2, 4, 49, 16, dtype, seed=5)
+    with ha.forward_variant(tiling):
+        out, hc_rows, grads = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
+    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(hc_rows, ref_hc, **_tol(dtype, "hc"))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **_tol(dtype, "grad"))
+
+
+def test_select_ablation_keeps_every_patch_key_and_is_scoped():
+    """``select=False`` (the bench's ablation row) is attention over every key, i.e. TopK with K = r*n,
+    whatever K it is handed; outside the block the kernel selects again."""
+    q, k, v, src, up_out, up_hc = _case(1, 2, 4, 4, 16, torch.float32, seed=2)
+    with ha.forward_variant(select=False):
+        out, hc_rows, grads = _grads(_kernel, q, k, v, src, 3, up_out, up_hc)
+    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 16, up_out, up_hc)
+    torch.testing.assert_close(out, ref, **_tol(torch.float32))
+    torch.testing.assert_close(hc_rows, ref_hc, **_tol(torch.float32, "hc"))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **_tol(torch.float32, "grad"))
+    assert ha._VARIANT == {"tiling": None, "select": True}
+    out3, _ = homologous_attention_triton(q, k, v, src, 3, False)
+    torch.testing.assert_close(out3, homologous_attention_reference(q, k, v, src, 3)[0], **_tol(torch.float32))
+    with pytest.raises(ValueError, match="unknown tiling 'm16w2'; choose from m32w8"):
+        with ha.forward_variant("m16w2"):
+            pass
+
+
+def test_the_table_names_a_cards_tiling(tmp_path):
+    """A card's ``topk`` entry may name its measured tiling; others take the default; a name that is
+    not a tiling is an error that says which card."""
+    table = {"devices": {"A": {"topk": {"backend": "triton", "triton_tiling": "m64w4"}},
+                         "B": {"topk": {"backend": "flex"}}, "C": {"topk": "eager"},
+                         "D": {"topk": {"backend": "triton", "triton_tiling": "m7w1"}}}}
+    assert ha.tiling_in(table, "A") == "m64w4"
+    assert ha.tiling_in(table, "B") == ha.tiling_in(table, "C") == ha.tiling_in(table, "Z") == ha.DEFAULT_TILING
+    with pytest.raises(ValueError, match="'D' names the tiling 'm7w1'"):
+        ha.tiling_in(table, "D")
+    assert ha.table_tiling("no such card") == ha.DEFAULT_TILING   # the shipped table parses
+
+
 # -- compiled for a GPU without one ---------------------------------------------------------------
 _AOT = textwrap.dedent("""
-    import inspect, os, subprocess, sys, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from mixedae_fast.benchmarks.kernel_sass import attention_cases, lower
     import mixedae_fast.kernels.homologous_attention as ha
 
-    DTYPE_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-
-    def signature(fn, dtype, consts, scale="fp32"):
-        sig = {}
-        for name in inspect.signature(fn.fn).parameters:
-            sig[name] = ("constexpr" if name in consts else "*" + dtype if name in DTYPE_PTRS
-                         else "*i32" if name in ("src_ptr", "bits_ptr") else "*fp32" if name.endswith("_ptr")
-                         else scale if name == "scale" else "i32")
-        return sig
-
     # inductor once handed the scale over as a float64: every kernel must still lower (fp32 scores)
-    bn, bd, bm, kb = ha._blocks(197, 64, False)
-    for fn, consts in ((ha._fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn)),
-                       (ha._bwd_dkdv_kernel, dict(M_BLOCKS=triton.cdiv(197, bm), BLOCK_M=bm, BLOCK_N=kb,
-                                                  WORDS=bn // 32)),
-                       (ha._bwd_dq_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, WORDS=bn // 32))):
-        consts = dict(consts, HC=True, FP32=False, BLOCK_D=bd)
-        triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16", consts, "fp64"), constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=ha.NUM_WARPS))
+    for case in attention_cases(tilings=(ha.DEFAULT_TILING,)):
+        lower(**case, scale="fp64")
     print("fp64 scale lowers")
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    for dtype, L in (("bf16", 197), ("fp16", 65), ("fp32", 197)):
-        ieee = dtype == "fp32"
-        bn, bd, bm, kb = ha._blocks(L, 64, ieee)
-        words = bn // 32
-        m_blocks = triton.cdiv(L, bm)
-        for fn, consts in ((ha._fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn)),
-                           (ha._bwd_dkdv_kernel, dict(M_BLOCKS=m_blocks, BLOCK_M=bm, BLOCK_N=kb, WORDS=words)),
-                           (ha._bwd_dq_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, WORDS=words))):
-            consts = dict(consts, HC=True, FP32=ieee, BLOCK_D=bd)
-            kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts),
-                                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=ha.NUM_WARPS))
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(kernel.asm["ptx"])
-            info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                                  capture_output=True, text=True, check=True).stderr
-            spills = [line for line in info.splitlines() if "spill stores" in line][0]
-            print(dtype, L, fn.fn.__name__, spills.split(":")[-1].strip())
+    # specialised as a real launch: 16-byte aligned pointers and strides, so the loads are vectorised
+    for dtype, seq in (("bf16", 197), ("fp16", 65), ("fp32", 197)):
+        for case in attention_cases(seq, dtype, tilings=(ha.DEFAULT_TILING,)):
+            row = lower(**case)
+            print(dtype, seq, row["kernel"], row["spill_stores"], row["spill_loads"], row["global"].get("LDG.E.128", 0))
+    # every other tiling a card's table may name lowers too (ViT-B bf16); its spills are printed, not judged
+    for case in attention_cases(tilings=tuple(t for t in ha.FWD_TILINGS if t != ha.DEFAULT_TILING))[:-2]:
+        row = lower(**case)
+        print("tiling", row["kernel"], row["spill_stores"], row["spill_loads"])
 """)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton ships ptxas for Linux only")
 def test_kernels_compile_for_sm90_without_spills_in_bf16():
     """The interpreter runs Python: it cannot tell whether a kernel lowers for a GPU. Triton compiles
-    for a target without one (its bundled ptxas): every kernel at ViT-B's L = 197, d = 64 for sm_90, in
-    bf16 / fp16 without register spills (fp32's IEEE dots spill a little; they are not the training path),
-    and with the softmax scale handed over as a float64 (as inductor once did) still in fp32."""
+    for a target without one (its bundled ptxas; benchmarks/kernel_sass.py specialises each kernel as a
+    real launch would): every kernel at ViT-B's L = 197, d = 64 for sm_90 (the forward in its default
+    tiling, and in every other tiling it must at least lower), in bf16 / fp16 without register spills (at
+    most 16 bytes in the forward: at ViT-B bf16 ptxas spills 8 bytes to fit 128 registers, two 8-warp
+    programs an SM, rather than take 177 registers and one) and with 16-byte loads (fp32's IEEE dots spill a little; they are not the training path), and with the
+    softmax scale handed over as a float64 (as inductor once did) still in fp32."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    assert lines[0] == "fp64 scale lowers" and len(lines) == 10, run.stdout
-    for line in lines[1:]:
-        if not line.startswith("fp32"):
-            assert line.endswith("0 bytes spill stores, 0 bytes spill loads"), line
+    assert lines[0] == "fp64 scale lowers" and len(lines) == 10 + len(ha.FWD_TILINGS) - 1, run.stdout
+    for line in lines[1:10]:
+        dtype, _, kernel, stores, loads, wide = line.split()
+        if dtype != "fp32":  # the forward may spill a register or two: ptxas keeps 2 programs an SM that way
+            assert int(stores) <= (16 if "fwd" in kernel else 0) and int(wide) > 0, line
+    assert [line.split()[1] for line in lines[10:]] == [f"topk_fwd[{t}]" for t in ha.FWD_TILINGS
+                                                        if t != ha.DEFAULT_TILING]
 
 
 # -- GPU: the shapes that matter --------------------------------------------------------------------
