@@ -5,8 +5,10 @@
 
 Rows: ``baseline`` (plain SDPA on the full sequence, no mask: the row every ratio divides by, measured
 in the same run), then every (mode, backend) of :mod:`mixedae_fast.attention`: ``none`` and ``oracle``
-through sdpa / xformers / flex / eager, ``topk`` (K = n, with the HC row terms and their gradient, as
-the model trains) through triton / xformers / sdpa / flex / eager. Inputs ``q, k, v: [G, H, 1+r*n, d]``
+through sdpa / xformers / flex / eager, ``topk`` (K = n, with the HC row terms of head 0 and their
+gradient, as the default config trains; ``--hc-heads``) through triton / xformers / sdpa / flex / eager.
+``--triton-tilings`` times the fused kernel in each forward tiling, ``--ablate-select`` also without its
+select (the difference is the select's time). Inputs ``q, k, v: [G, H, 1+r*n, d]``
 need gradients; the backward is ``autograd.grad`` of the outputs against random upstream gradients.
 Untimed warm-up (compiles flex and the Triton kernels), then the median of ``--iters`` runs timed
 with CUDA events (wall clock on CPU). A backend that cannot run here gets a row with the reason
@@ -44,6 +46,8 @@ from mixedae_fast.attention import (
     xformers_problem,
 )
 from mixedae_fast.benchmarks.common import median_ms, result_head
+from mixedae_fast.config import MixingConfig
+from mixedae_fast.kernels import homologous_attention as fused
 
 # name -> (G groups, H heads, r, n, head dim): L = 1 + r*n = 197 for ViT-B/16 and ViT-L/16 at 224 px
 SHAPES = {
@@ -58,18 +62,19 @@ ROWS = [("none", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (outputs, gradients) against the fp32 eager path on exact scores, each as rtol = atol: one rounding of
 # the output dtype, and on a GPU P and dS rounded before the dots (tests/tolerances.py's CUDA rows)
+HC_HEADS = MixingConfig.hc_heads  # the HC rows of the heads the default config's loss reads (head 0)
 CHECK_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (4e-3, 5e-3)}
 
 
-def _forward(mode: str, backend: str, q, k, v, r: int, n: int):
-    """The outputs that carry gradient: ``(out,)`` or ``(out, hc_rows)``."""
+def _forward(mode: str, backend: str, q, k, v, r: int, n: int, hc_heads: int | None = HC_HEADS):
+    """The outputs that carry gradient: ``(out,)`` or ``(out, hc_rows)`` (the first ``hc_heads`` heads')."""
     if backend == "baseline":
         return (F.scaled_dot_product_attention(q, k, v),)
     if mode == "none":
         return (global_attention(q, k, v, backend),)
     if mode == "oracle":
         return (oracle_attention(q, k, v, r, n, backend),)
-    out, hc_rows = topk_attention(q, k, v, HomologousMask(r, n, n, "topk"), True, backend)
+    out, hc_rows = topk_attention(q, k, v, HomologousMask(r, n, n, "topk"), True, backend, hc_heads)
     return out, hc_rows
 
 
@@ -93,12 +98,13 @@ def _inputs(shape: tuple, dtype: torch.dtype, device: torch.device):
             .to(dtype).requires_grad_(True) for _ in range(3)]
 
 
-def check(mode: str, backend: str, q, k, v, r: int, n: int, with_grad: bool = True) -> dict:
+def check(mode: str, backend: str, q, k, v, r: int, n: int, with_grad: bool = True,
+          hc_heads: int | None = HC_HEADS) -> dict:
     """``{"correct": bool, "max_err": float}``: this backend's outputs (and q/k/v gradients) against the
     fp32 eager path on the same inputs; ``max_err`` is the largest ``|a - b| / (atol + rtol |b|)``."""
     def run(name):
         with torch.set_grad_enabled(with_grad):
-            outs = _forward(mode, name, q, k, v, r, n)
+            outs = _forward(mode, name, q, k, v, r, n, hc_heads)
             if not with_grad:
                 return [o.float() for o in outs]
             ups = [torch.ones_like(o) / o.shape[-1] for o in outs]
@@ -113,15 +119,42 @@ def check(mode: str, backend: str, q, k, v, r: int, n: int, with_grad: bool = Tr
     return {"correct": worst <= 1.0, "max_err": worst}
 
 
+def variant(label: str) -> tuple[str, dict]:
+    """A row's backend label -> (backend, :func:`forward_variant` options): ``triton[m64w4]`` is the fused
+    kernel in that forward tiling, ``triton[m64w4,no-select]`` the same without its TopK select (an
+    ablation: its time minus the tiling's is the select's share; its outputs are not TopK attention)."""
+    if "[" not in label:
+        return label, {}
+    backend, _, inner = label.partition("[")
+    tiling, *flags = inner.rstrip("]").split(",")
+    if backend != "triton" or tiling not in fused.FWD_TILINGS or flags not in ([], ["no-select"]):
+        raise ValueError(f"unknown row {label!r}: triton[TILING] or triton[TILING,no-select], TILING one of "
+                         f"{', '.join(fused.FWD_TILINGS)}")
+    return backend, {"tiling": tiling, "select": not flags}
+
+
 def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: torch.device, warmup: int,
-            iters: int) -> dict:
+            iters: int, hc_heads: int | None = HC_HEADS) -> dict:
     G, H, r, n, d = shape
     row = {"mode": mode, "backend": backend, "G": G, "H": H, "L": 1 + r * n, "d": d, "K": n if mode == "topk" else None}
+    backend, options = variant(backend)
     reason = _unavailable(mode, backend, device)
     if reason:
         return {**row, "skipped": reason}
+    if backend == "triton":
+        row["tiling"] = options.get("tiling") or (fused.table_tiling(torch.cuda.get_device_name(device))
+                                                  if device.type == "cuda" else fused.DEFAULT_TILING)
+        row["ablation"] = not options.get("select", True)
+        with fused.forward_variant(**options):
+            return _timed(row, mode, backend, shape, dtype, device, warmup, iters, hc_heads)
+    return _timed(row, mode, backend, shape, dtype, device, warmup, iters, hc_heads)
+
+
+def _timed(row: dict, mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: torch.device, warmup: int,
+           iters: int, hc_heads: int | None) -> dict:
+    G, H, r, n, d = shape
     q, k, v = _inputs(shape, dtype, device)
-    fwd = lambda: _forward(mode, backend, q, k, v, r, n)
+    fwd = lambda: _forward(mode, backend, q, k, v, r, n, hc_heads)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -130,7 +163,7 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
             if device.type == "cpu" and backend == "flex":  # forward only, without autograd
                 with torch.no_grad():
                     row["fwd_ms"] = median_ms(fwd, device, warmup, iters)
-                return {**row, **check(mode, backend, q, k, v, r, n, with_grad=False),
+                return {**row, **check(mode, backend, q, k, v, r, n, with_grad=False, hc_heads=hc_heads),
                         "skipped_bwd": "FlexAttention has no CPU backward"}
             row["fwd_ms"] = median_ms(fwd, device, warmup, iters)
             outs = fwd()
@@ -142,7 +175,7 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
             row["fwd_bwd_ms"] = median_ms(both, device, warmup, iters)
             if device.type == "cuda":
                 row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            row.update(check(mode, backend, q, k, v, r, n))
+            row.update(check(mode, backend, q, k, v, r, n, hc_heads=hc_heads))
     except Exception as e:  # noqa: BLE001 - one backend failing must not end the run: record why
         row["error"] = f"{type(e).__name__}: {e}"[:500]
     return row
@@ -157,7 +190,8 @@ def table_row(result: dict, source: str) -> dict:
     row_out = {}
     for mode in ("none", "oracle", "topk"):
         totals = {}
-        for backend in sorted({r["backend"] for r in result["rows"] if r["mode"] == mode} - {"baseline"}):
+        for backend in sorted({r["backend"] for r in result["rows"] if r["mode"] == mode and not r.get("ablation")}
+                              - {"baseline"}):
             rows = [r for r in result["rows"] if (r["mode"], r["backend"]) == (mode, backend)]
             if {r["shape"] for r in rows} == set(shapes) and all("fwd_bwd_ms" in r and r.get("correct") for r in rows):
                 totals[backend] = sum(r["fwd_bwd_ms"] for r in rows)
@@ -170,9 +204,12 @@ def table_row(result: dict, source: str) -> dict:
                               for r in result["rows"] if (r["mode"], r["backend"]) == (mode, best)
                               and "vs_baseline" in r)
         runner_up = f"; next {ranked[1]} {totals[ranked[1]]:.3f} ms summed" if len(ranked) > 1 else ""
-        row_out[mode] = {"backend": best, "measured": (
+        row_out[mode] = {"backend": variant(best)[0], "measured": (
             f"{source} ({result['date']}, git {result['git_sha']}, {result['dtype']}, torch {result['torch']}): "
-            f"fwd+bwd {per_shape}{runner_up}")}
+            f"{best} fwd+bwd {per_shape}{runner_up}")}
+        tilings = {r.get("tiling") for r in result["rows"] if (r["mode"], r["backend"]) == (mode, best)} - {None}
+        if tilings:  # the fused kernel: the forward tiling it was timed in (one per backend label)
+            row_out[mode]["triton_tiling"] = tilings.pop()
     return {result["device"]: row_out}
 
 
@@ -215,6 +252,14 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="vit_b,vit_b_256,vit_l", help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--rows", default=None, help="comma-separated mode:backend pairs (default: all)")
+    p.add_argument("--triton-tilings", default=None, metavar="NAMES",
+                   help=f"time the fused kernel in each of these forward tilings (comma-separated from "
+                        f"{', '.join(fused.FWD_TILINGS)}, or 'all'), a row each, instead of the card's one")
+    p.add_argument("--ablate-select", action="store_true",
+                   help="also time the fused kernel without its TopK select, per tiling (rows marked ablation)")
+    p.add_argument("--hc-heads", default=str(HC_HEADS), metavar="N",
+                   help="topk rows: the HC row terms of the first N heads, as the config's mixing.hc_heads "
+                        f"(default {HC_HEADS}, the default config's) or 'all'")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="write the results as JSON here, and as CSV beside it")
@@ -230,21 +275,36 @@ def main(argv=None) -> int:
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         p.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
-    rows = ROWS if args.rows is None else [tuple(item.split(":")) for item in args.rows.split(",") if item]
+    rows = list(ROWS) if args.rows is None else [tuple(item.split(":")) for item in args.rows.split(",") if item]
     bad = [row for row in rows if row not in ROWS]
     if bad:
         p.error(f"unknown row(s) {bad}; choose mode:backend from {', '.join(f'{m}:{b}' for m, b in ROWS)}")
+    tilings = list(fused.FWD_TILINGS) if args.triton_tilings == "all" else \
+        [t for t in (args.triton_tilings or "").split(",") if t]
+    unknown = [t for t in tilings if t not in fused.FWD_TILINGS]
+    if unknown:
+        p.error(f"unknown tiling(s) {unknown}; choose from {', '.join(fused.FWD_TILINGS)} or all")
+    if ("topk", "triton") in rows and (tilings or args.ablate_select):
+        card = fused.table_tiling(torch.cuda.get_device_name(device)) if device.type == "cuda" else fused.DEFAULT_TILING
+        timed = [f"triton[{t}]" for t in tilings] or ["triton"]
+        ablations = [f"triton[{t},no-select]" for t in tilings or [card]] if args.ablate_select else []
+        at = rows.index(("topk", "triton"))
+        rows[at:at + 1] = [("topk", b) for b in timed + ablations]
+    if args.hc_heads != "all" and not (args.hc_heads.isdigit() and int(args.hc_heads) >= 1):
+        p.error(f"--hc-heads {args.hc_heads!r}: a number of heads >= 1, or all")
+    hc_heads = None if args.hc_heads == "all" else int(args.hc_heads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the eager rows in fp32: true fp32 matmuls
     result = result_head("attention", device, ["python", "-m", "mixedae_fast.benchmarks.bench_attention"], argv,
                          device_type=device.type, **_versions(), dtype=str(dtype).removeprefix("torch."),
-                         warmup=args.warmup, iters=args.iters, rows=[])
+                         warmup=args.warmup, iters=args.iters, hc_heads=hc_heads, rows=[])
+    width = max(9, *(len(b) + 1 for _, b in rows))
     for shape_name in shapes:
         shape = SHAPES[shape_name]
-        base = measure("none", "baseline", shape, dtype, device, args.warmup, args.iters)
+        base = measure("none", "baseline", shape, dtype, device, args.warmup, args.iters, hc_heads)
         for mode, backend in [("none", "baseline"), *rows]:
             row = base if backend == "baseline" else measure(mode, backend, shape, dtype, device, args.warmup,
-                                                             args.iters)
+                                                             args.iters, hc_heads)
             row = {"shape": shape_name, **row}
             if "fwd_bwd_ms" in row and "fwd_bwd_ms" in base:
                 row["vs_baseline"] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
@@ -252,14 +312,15 @@ def main(argv=None) -> int:
             times = "  ".join(f"{key} {row[key]:8.3f}" for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms") if key in row)
             note = row.get("skipped") or row.get("error") or row.get("skipped_bwd") or ""
             ratio = f"  x{row['vs_baseline']:.2f}" if "vs_baseline" in row else ""
-            ok = "" if "correct" not in row else "  ok" if row["correct"] else f"  WRONG (err x{row['max_err']:.1f})"
-            print(f"{shape_name:<10}{mode:<7}{backend:<9}{times}{ratio}{ok}  {note}"[:200], flush=True)
+            ok = "" if "correct" not in row else "  ablation (not TopK)" if row.get("ablation") else "  ok" \
+                if row["correct"] else f"  WRONG (err x{row['max_err']:.1f})"
+            print(f"{shape_name:<10}{mode:<7}{backend:<{width}}{times}{ratio}{ok}  {note}"[:200], flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        fields = ["shape", "mode", "backend", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
-                  "vs_baseline", "correct", "max_err", "peak_mem_mib", "skipped", "skipped_bwd", "error"]
+        fields = ["shape", "mode", "backend", "tiling", "ablation", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms",
+                  "fwd_bwd_ms", "vs_baseline", "correct", "max_err", "peak_mem_mib", "skipped", "skipped_bwd", "error"]
         header = {k: result[k] for k in ("device", "torch", "triton", "xformers", "git_sha", "date", "dtype")}
         with open(out.with_suffix(".csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[*header, *fields], extrasaction="ignore")

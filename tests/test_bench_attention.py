@@ -19,6 +19,7 @@ def test_bench_attention_smoke(tmp_path):
     for key in ("benchmark", "device", "torch", "triton", "xformers", "git_sha", "date", "dtype", "command"):
         assert key in result, key
     assert result["benchmark"] == "attention" and result["torch"] == torch.__version__
+    assert result["hc_heads"] == 1   # the HC rows of head 0, as the default config trains
     rows = {(r["mode"], r["backend"]): r for r in result["rows"]}
     assert set(rows) == {("none", "baseline"), *bench_attention.ROWS}
     base = rows[("none", "baseline")]
@@ -112,3 +113,42 @@ def test_table_row_refuses_bad_result_files(tmp_path, capsys, edit, message):
     assert bench_attention.main(["--table-row", str(path), "--write"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_tiling_rows_and_the_select_ablation(tmp_path):
+    """``--triton-tilings`` times the fused kernel once per forward tiling (each row says its tiling and
+    is checked against eager); ``--ablate-select`` adds the same kernel without its select, flagged as an
+    ablation (not TopK, so never correct at K < r*n)."""
+    out = tmp_path / "bench_attention.json"
+    assert bench_attention.main(["--shapes", "tiny", "--rows", "topk:triton,topk:eager", "--triton-tilings",
+                                 "m32w8,m64w4", "--ablate-select", "--warmup", "0", "--iters", "1",
+                                 "--out", str(out)]) == 0
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["baseline", "triton[m32w8]", "triton[m64w4]", "triton[m32w8,no-select]",
+                          "triton[m64w4,no-select]", "eager"]
+    for name in ("m32w8", "m64w4"):
+        assert rows[f"triton[{name}]"]["tiling"] == name and rows[f"triton[{name}]"]["correct"] is True
+        ablation = rows[f"triton[{name},no-select]"]
+        assert ablation["tiling"] == name and ablation["ablation"] is True and ablation["correct"] is False
+    assert bench_attention.ROWS.count(("topk", "triton")) == 1   # the module's row list is not edited
+    with pytest.raises(SystemExit):
+        bench_attention.main(["--shapes", "tiny", "--triton-tilings", "m16w2"])
+    with pytest.raises(ValueError, match="unknown row 'triton\\[m16w2\\]'"):
+        bench_attention.variant("triton[m16w2]")
+
+
+def test_table_row_names_the_fastest_tiling_and_skips_ablations(tmp_path):
+    """The fastest correct tiling wins the topk entry as ``triton`` with its ``triton_tiling``, which the
+    kernel then reads for that card; an ablation row, however fast, is never chosen."""
+    result = copy.deepcopy(FABRICATED)
+    result["rows"] = [r for r in result["rows"] if (r["mode"], r["backend"]) != ("topk", "triton")]
+    for label, tiling, ms, extra in (("triton[m32w8]", "m32w8", 2.0, {}), ("triton[m64w4]", "m64w4", 1.1, {}),
+                                     ("triton[m64w4,no-select]", "m64w4", 0.4,
+                                      {"ablation": True, "correct": False})):
+        for shape in ("vit_b", "vit_l"):
+            result["rows"].append({**_row(shape, "topk", label, ms), "tiling": tiling, **extra})
+    entry = bench_attention.table_row(result, "r.json")["NVIDIA Test Card"]["topk"]
+    assert (entry["backend"], entry["triton_tiling"]) == ("triton", "m64w4")
+    assert "triton[m64w4] fwd+bwd vit_b 1.100 ms" in entry["measured"]
+    from mixedae_fast.kernels.homologous_attention import tiling_in
+    assert tiling_in({"devices": {"NVIDIA Test Card": {"topk": entry}}}, "NVIDIA Test Card") == "m64w4"
