@@ -6,13 +6,15 @@
 #   kernels    the mixing kernels' GPU tests, their effective bandwidth against the eager and compiled
 #              references (with `step` first: their share of a step) and the card's kernel_backends.json row
 #   attention  every attention backend at ViT-B/16 (64 and 256 groups) and ViT-L against plain SDPA, each
-#              row checked for correctness; then the card's attention_backends.json row built from it
+#              row checked for correctness, the fused kernel in each forward tiling and without its select
+#              (the select's share); then the card's attention_backends.json row built from it (backend and
+#              tiling)
 #   triton     the model step with the fused TopK kernel (MIXEDAE_ATTENTION_BACKEND=triton)
 #   train      mixedae-fast bench, compiled: our MAE mode vs MixedAE with the fused TopK kernel
 #
 # A device session has 15 minutes, the machine's start (~2 min) included, and one call at most 10. Run:
 #   call 1:  STAGES=tests bash benchmarks/device_check.sh               (stage limit 270 s)
-#   call 2:  STAGES="attention train" bash benchmarks/device_check.sh   (180 s + 270 s)
+#   call 2:  STAGES="attention train" bash benchmarks/device_check.sh   (210 s + 30 s + 270 s)
 # right after each other (the machine stays warm ~30 s). step, kernels (~230 s) and triton fit another session.
 # Each stage tees its output into $OUT/device_check.log and, the moment it ends, appends "stage rc seconds"
 # to $OUT/stages.txt, so a call cut short still returns what finished. $OUT (or ./device-out) gets at most
@@ -59,10 +61,12 @@ if [[ $stages == *" kernels "* ]]; then
     --table-row '$out/bench_kernels.json' > '$out/kernel_backends_row.json'"
 fi
 if [[ $stages == *" attention "* ]]; then
-  stage attention 180 python3 -m mixedae_fast.benchmarks.bench_attention --shapes "${ATTN_SHAPES:-vit_b,vit_b_256,vit_l}" \
-    --out "$out/bench_attention.json"
+  stage attention 210 python3 -m mixedae_fast.benchmarks.bench_attention --shapes "${ATTN_SHAPES:-vit_b,vit_b_256,vit_l}" \
+    --triton-tilings all --ablate-select --out "$out/bench_attention.json"
+  # --write: this machine's copy of the table takes the row, so the train stage after it runs the fused
+  # kernel in the tiling just measured fastest (the committed table changes only by hand, from the result file)
   [[ -f $out/bench_attention.json ]] && stage table 30 sh -c "python3 -m mixedae_fast.benchmarks.bench_attention \
-    --table-row '$out/bench_attention.json' > '$out/attention_backends_row.json'"
+    --table-row '$out/bench_attention.json' --write > '$out/attention_backends_row.json'"
 fi
 if [[ $stages == *" triton "* ]]; then
   MIXEDAE_ATTENTION_BACKEND=triton timeout 150 python3 -m mixedae_fast.benchmarks.bench_step --config vit_base \
