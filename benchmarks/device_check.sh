@@ -13,8 +13,9 @@
 #   train      mixedae-fast bench, compiled: our MAE mode vs MixedAE with the fused TopK kernel
 #
 # A device session has 15 minutes, the machine's start (~2 min) included, and one call at most 10. Run:
-#   call 1:  STAGES=tests bash benchmarks/device_check.sh               (stage limit 270 s)
-#   call 2:  STAGES="attention train" bash benchmarks/device_check.sh   (210 s + 30 s + 270 s)
+#   call 1:  STAGES=tests bash benchmarks/device_check.sh               (stage limit 240 s)
+#   call 2:  STAGES="attention train" bash benchmarks/device_check.sh   (200 s + 20 s + 270 s)
+# worst case with the start (~2 min) and the two offline installs: ~880 s of the 900.
 # right after each other (the machine stays warm ~30 s). step, kernels (~230 s) and triton fit another session.
 # Each stage tees its output into $OUT/device_check.log and, the moment it ends, appends "stage rc seconds"
 # to $OUT/stages.txt, so a call cut short still returns what finished. $OUT (or ./device-out) gets at most
@@ -45,7 +46,7 @@ python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'trito
   | tee -a "$log"
 batch=${BENCH_BATCH:-256}
 if [[ $stages == *" tests "* ]]; then
-  stage tests 270 python3 -m pytest -q -rs --durations=15 --junitxml="$out/pytest.xml" ${TESTS:-tests/test_homologous_attention_triton.py \
+  stage tests 240 python3 -m pytest -q -rs --durations=15 --junitxml="$out/pytest.xml" ${TESTS:-tests/test_homologous_attention_triton.py \
     tests/test_attention_backends.py tests/test_compile.py tests/test_gpu.py tests/test_patch_mix_triton.py tests/test_unmix_triton.py}
 fi
 if [[ $stages == *" step "* ]]; then
@@ -61,11 +62,11 @@ if [[ $stages == *" kernels "* ]]; then
     --table-row '$out/bench_kernels.json' > '$out/kernel_backends_row.json'"
 fi
 if [[ $stages == *" attention "* ]]; then
-  stage attention 210 python3 -m mixedae_fast.benchmarks.bench_attention --shapes "${ATTN_SHAPES:-vit_b,vit_b_256,vit_l}" \
+  stage attention 200 python3 -m mixedae_fast.benchmarks.bench_attention --shapes "${ATTN_SHAPES:-vit_b,vit_b_256,vit_l}" \
     --triton-tilings all --ablate-select --out "$out/bench_attention.json"
   # --write: this machine's copy of the table takes the row, so the train stage after it runs the fused
   # kernel in the tiling just measured fastest (the committed table changes only by hand, from the result file)
-  [[ -f $out/bench_attention.json ]] && stage table 30 sh -c "python3 -m mixedae_fast.benchmarks.bench_attention \
+  [[ -f $out/bench_attention.json ]] && stage table 20 sh -c "python3 -m mixedae_fast.benchmarks.bench_attention \
     --table-row '$out/bench_attention.json' --write > '$out/attention_backends_row.json'"
 fi
 if [[ $stages == *" triton "* ]]; then

@@ -490,14 +490,15 @@ def test_topk_keep_set_is_exact_on_runs_of_adjacent_floats(backend, run):
     assert ties_seen, "no row had a tie at its K-th value: the tie rule went unexercised"
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU each tiling is compiled and checked (ties included) by "
+                    "test_every_forward_tiling_computes_the_contract; these runs cost two more compiles")
 @pytest.mark.parametrize("tiling", ["m64w4", "m128w8"])
 def test_every_forward_tiling_keeps_the_exact_set_on_adjacent_floats(tiling):
     """The fused kernel's other tilings (one row per warp's lanes, scores rebuilt from their keys) keep
-    exactly the brute force's keys too: signed zeros, denormals and ties under the interpreter (the
-    hardest runs), one run on a GPU."""
+    exactly the brute force's keys too: signed zeros, denormals and ties (the hardest runs)."""
     from mixedae_fast.kernels.homologous_attention import forward_variant
     r, n = 3, 7
-    for run in (["mixed", "tiny"] if DEVICE == "cpu" else ["negative"]):
+    for run in ("mixed", "tiny"):
         q, k, v, scores = _adjacent_case(RUNS[run], r, n)
         for K in (1, 11):
             with torch.no_grad(), forward_variant(tiling):
