@@ -166,10 +166,16 @@ def _hc_masks(src_ptr, rows, cols, L):
 
 
 @triton.jit
-def _keep_bits(bits_ptr, bh, rows, cols, L, WORDS: tl.constexpr):
-    """The forward's keep mask for ``rows x cols`` from its bit words (False outside the sequence)."""
-    ok = (rows < L)[:, None] & (cols < L)[None, :]
-    w = tl.load(bits_ptr + (bh * L + rows)[:, None] * WORDS + (cols // 32)[None, :], mask=ok, other=0)
+def _keep_bits(bits_ptr, bh, rows, cols, col0, L, WORDS: tl.constexpr):
+    """The forward's keep mask for ``rows x cols`` from its bit words (False outside the sequence):
+    ``cols = col0 + arange`` is a run of whole words (``col0`` a multiple of 32), loaded a word at a time
+    and spread to its 32 keys in registers."""
+    BM: tl.constexpr = rows.shape[0]
+    BN: tl.constexpr = cols.shape[0]
+    words = col0 // 32 + tl.arange(0, BN // 32)
+    w = tl.load(bits_ptr + (bh * L + rows)[:, None] * WORDS + words[None, :],
+                mask=(rows < L)[:, None] & (words < WORDS)[None, :], other=0)
+    w = tl.reshape(tl.broadcast_to(w[:, :, None], [BM, BN // 32, 32]), [BM, BN])
     return ((w >> (cols % 32)[None, :]) & 1) != 0
 
 
@@ -227,13 +233,13 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
              mask=row_ok[:, None] & d_ok)
     tl.store(lse_ptr + bh * L + rows, m + tl.log(total), mask=row_ok)
 @triton.jit
-def _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols, L, HC_HEADS,
+def _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols, col0, L, HC_HEADS,
                  scale, HC: tl.constexpr, FP32: tl.constexpr, WORDS: tl.constexpr):
     """``(P, dS)`` of a ``rows x cols`` tile: P from the saved LSE and the forward's keep bits, dS
     through the softmax plus, with ``HC`` and in the first ``HC_HEADS`` heads, through the two HC
     log-sum-exps (dS is w.r.t. the scaled logits; the caller multiplies by ``scale``)."""
     s = _mm(q, tl.trans(k), FP32) * _fp32(scale)
-    keep = _keep_bits(bits_ptr, bh, rows, cols, L, WORDS)
+    keep = _keep_bits(bits_ptr, bh, rows, cols, col0, L, WORDS)
     p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), FP32)
     ds = p * (dp - delta[:, None])
@@ -275,7 +281,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, h
         lse = tl.load(lse_ptr + bh * L + rows, mask=r_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * L + rows, mask=r_ok, other=0.0)
         p, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols,
-                             L, HC_HEADS, scale, HC, FP32, WORDS)
+                             tl.program_id(1) * BLOCK_N, L, HC_HEADS, scale, HC, FP32, WORDS)
         if FP32:
             dv += _mm(tl.trans(p), do, FP32)
             dk += _mm(tl.trans(ds), q, FP32)
@@ -304,7 +310,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_
     v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
     lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
     delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
-    _, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols, L,
+    _, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols, 0, L,
                          HC_HEADS, scale, HC, FP32, WORDS)
     if FP32:
         dq = _mm(ds, k, FP32)
