@@ -80,6 +80,15 @@ def _kernel(q, k, v, src, K, hc):
     return homologous_attention_triton(q, k, v, src, K, hc)
 
 
+def _assert_matches(got, want, dtype):
+    """``(out, hc_rows, grads)`` of the kernel against the reference's, at the dtype's tolerances."""
+    (out, hc_rows, grads), (ref, ref_hc, ref_grads) = got, want
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(hc_rows, ref_hc, **_tol(dtype, "hc"))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **_tol(dtype, "grad"))
+
+
 @pytest.mark.parametrize("shape,dtype", CASES, ids=str)
 def test_kernel_matches_reference(shape, dtype):
     G, H, r, n, d, K = shape
@@ -97,12 +106,8 @@ def test_kernel_matches_reference(shape, dtype):
 def test_one_sequence_of_197_tokens():
     """ViT-B/16's mixed sequence (r = 4, n = 49): keys padded to 256 in one tile, 7 query blocks."""
     q, k, v, src, up_out, up_hc = _case(1, 1, 4, 49, 16, torch.float32, seed=3)
-    out, hc_rows, grads = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
-    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc)
-    torch.testing.assert_close(out, ref, **_tol(torch.float32))
-    torch.testing.assert_close(hc_rows, ref_hc, **_tol(torch.float32, "hc"))
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **_tol(torch.float32, "grad"))
+    _assert_matches(_grads(_kernel, q, k, v, src, 49, up_out, up_hc),
+                    _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc), torch.float32)
 
 
 def test_gradient_through_the_hc_rows_alone_and_without_hc():
@@ -222,13 +227,9 @@ def test_hc_rows_of_the_first_heads_only(hc_heads):
         loss = (out.float() * up_out).sum() + (rows * up_hc).sum()
         return out.detach(), rows.detach(), torch.autograd.grad(loss, (q, k, v))
 
-    out, rows, grads = run(homologous_attention_triton)
-    ref, ref_rows, ref_grads = run(homologous_attention_reference)
-    assert tuple(rows.shape) == (2, hc_heads, 16, 2)
-    torch.testing.assert_close(out, ref, **_tol(dtype))
-    torch.testing.assert_close(rows, ref_rows, **_tol(dtype, "hc"))
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **_tol(dtype, "grad"))
+    got = run(homologous_attention_triton)
+    assert tuple(got[1].shape) == (2, hc_heads, 16, 2)
+    _assert_matches(got, run(homologous_attention_reference), dtype)
     with pytest.raises(ValueError, match="hc_heads=4: need 1 <= hc_heads <= 3"):
         homologous_attention_triton(q, k, v, src, 5, True, 4)
 
@@ -243,12 +244,8 @@ def test_every_forward_tiling_computes_the_contract(tiling):
     dtype = torch.bfloat16 if CUDA else torch.float32
     q, k, v, src, up_out, up_hc = _case(2, 2, 4, 49, 16, dtype, seed=5)
     with ha.forward_variant(tiling):
-        out, hc_rows, grads = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
-    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc)
-    torch.testing.assert_close(out, ref, **_tol(dtype))
-    torch.testing.assert_close(hc_rows, ref_hc, **_tol(dtype, "hc"))
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **_tol(dtype, "grad"))
+        got = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
+    _assert_matches(got, _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc), dtype)
 
 
 def test_select_ablation_keeps_every_patch_key_and_is_scoped():
@@ -256,12 +253,8 @@ def test_select_ablation_keeps_every_patch_key_and_is_scoped():
     whatever K it is handed; outside the block the kernel selects again."""
     q, k, v, src, up_out, up_hc = _case(1, 2, 4, 4, 16, torch.float32, seed=2)
     with ha.forward_variant(select=False):
-        out, hc_rows, grads = _grads(_kernel, q, k, v, src, 3, up_out, up_hc)
-    ref, ref_hc, ref_grads = _grads(homologous_attention_reference, q, k, v, src, 16, up_out, up_hc)
-    torch.testing.assert_close(out, ref, **_tol(torch.float32))
-    torch.testing.assert_close(hc_rows, ref_hc, **_tol(torch.float32, "hc"))
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **_tol(torch.float32, "grad"))
+        got = _grads(_kernel, q, k, v, src, 3, up_out, up_hc)
+    _assert_matches(got, _grads(homologous_attention_reference, q, k, v, src, 16, up_out, up_hc), torch.float32)
     assert ha._VARIANT == {"tiling": None, "select": True}
     out3, _ = homologous_attention_triton(q, k, v, src, 3, False)
     torch.testing.assert_close(out3, homologous_attention_reference(q, k, v, src, 3)[0], **_tol(torch.float32))
