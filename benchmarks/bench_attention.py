@@ -60,9 +60,9 @@ ROWS = [("none", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
        [("oracle", b) for b in ("sdpa", "xformers", "flex", "eager")] + \
        [("topk", b) for b in ("triton", "xformers", "sdpa", "flex", "eager")]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HC_HEADS = MixingConfig.hc_heads  # the HC rows of the heads the default config's loss reads (head 0)
 # (outputs, gradients) against the fp32 eager path on exact scores, each as rtol = atol: one rounding of
 # the output dtype, and on a GPU P and dS rounded before the dots (tests/tolerances.py's CUDA rows)
-HC_HEADS = MixingConfig.hc_heads  # the HC rows of the heads the default config's loss reads (head 0)
 CHECK_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (4e-3, 5e-3)}
 
 
@@ -142,8 +142,7 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
     if reason:
         return {**row, "skipped": reason}
     if backend == "triton":
-        row["tiling"] = options.get("tiling") or (fused.table_tiling(torch.cuda.get_device_name(device))
-                                                  if device.type == "cuda" else fused.DEFAULT_TILING)
+        row["tiling"] = options.get("tiling") or fused.card_tiling(device)
         row["ablation"] = not options.get("select", True)
         with fused.forward_variant(**options):
             return _timed(row, mode, backend, shape, dtype, device, warmup, iters, hc_heads)
@@ -285,9 +284,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown tiling(s) {unknown}; choose from {', '.join(fused.FWD_TILINGS)} or all")
     if ("topk", "triton") in rows and (tilings or args.ablate_select):
-        card = fused.table_tiling(torch.cuda.get_device_name(device)) if device.type == "cuda" else fused.DEFAULT_TILING
         timed = [f"triton[{t}]" for t in tilings] or ["triton"]
-        ablations = [f"triton[{t},no-select]" for t in tilings or [card]] if args.ablate_select else []
+        ablations = [f"triton[{t},no-select]" for t in tilings or [fused.card_tiling(device)]] \
+            if args.ablate_select else []
         at = rows.index(("topk", "triton"))
         rows[at:at + 1] = [("topk", b) for b in timed + ablations]
     if args.hc_heads != "all" and not (args.hc_heads.isdigit() and int(args.hc_heads) >= 1):

@@ -399,14 +399,19 @@ def table_tiling(card: str) -> str:
     return tiling_in(json.loads(table.read_text("utf-8")), card)
 
 
+def card_tiling(device: torch.device) -> str:
+    """The tiling the forward runs on ``device`` by default: the card's from the table on CUDA, else
+    DEFAULT_TILING."""
+    device = torch.device(device)
+    return table_tiling(torch.cuda.get_device_name(device)) if device.type == "cuda" else DEFAULT_TILING
+
+
 def forward_tiling(q: torch.Tensor, interpreted: bool) -> tuple[int, int]:
     """(query rows, warps) of the forward for ``q``: fp32 compiled (IEEE dots) 16 rows on 8 warps; else
-    :func:`forward_variant`'s tiling, or the card's from the table (DEFAULT_TILING off CUDA)."""
+    :func:`forward_variant`'s tiling, or :func:`card_tiling`."""
     if q.dtype == torch.float32 and not interpreted:
         return 16, NUM_WARPS
-    name = _VARIANT["tiling"] or (table_tiling(torch.cuda.get_device_name(q.device)) if q.is_cuda
-                                  else DEFAULT_TILING)
-    return FWD_TILINGS[name]
+    return FWD_TILINGS[_VARIANT["tiling"] or card_tiling(q.device)]
 
 
 def _scale(d: int) -> float:
