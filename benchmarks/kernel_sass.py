@@ -20,6 +20,7 @@ import argparse
 import collections
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -59,7 +60,8 @@ def specialise(fn, consts: dict, ptrs: dict, ints: dict, scale: str = "fp32") ->
 
 
 def _strides(*shape: int) -> tuple[int, ...]:
-    return tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
+    """A contiguous tensor's strides, in elements."""
+    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 def attention_cases(seq: int = L, dtype: str = "bf16", tilings: tuple[str, ...] | None = None,
