@@ -28,17 +28,18 @@ Equivalent PyTorch (:func:`homologous_attention_reference`)::
 The fused kernel (:func:`homologous_attention_triton`, ``L <= 256``): one program per (group·head,
 ``BLOCK_M`` query rows) holds the row's scores against every key in one tile (``L`` padded to a power
 of two), finds the K-th largest patch score *exactly* by a 32-step radix select on the scores' ordered
-bit patterns (``count(key >= t) >= K``, greedy from the top bit: ties at the K-th value are kept, as
-``topk_keep_mask``), masks, softmaxes, multiplies by V, and in the same pass writes the two HC
-log-sum-exps, the row's log-sum-exp and the keep mask as bits (``L/32`` words a row). The backward
-(flash-attention style: ``Δ = rowsum(dO∘O)``, P recomputed from the saved LSE) reads those bits, so it
-uses the forward's selection exactly whatever its own rounding; one kernel accumulates dK, dV per key
-block, one dQ per query block (no atomics: bitwise reproducible). The HC terms add
-``g0·softmax_{k≠q}(s) + g1·softmax_{same}(s)`` to dS. On a GPU the dots run in the input dtype
-(bf16/fp16) with fp32 accumulation, fp32 inputs in IEEE fp32; under Triton's interpreter every dot is
-fp32 (the interpreter miscomputes bf16 math). The forward comes in tilings (:data:`FWD_TILINGS`: rows a
-program x warps, which decide whether a row's counts cross warps), chosen per card from a measurement;
-``forward_variant(select=False)`` times it without the select. Not yet timed on a GPU.
+bit patterns (the largest ``t`` with ``count(s >= score_of(t)) >= K``, greedy from the top bit, each
+count a float compare of the scores: ties at the K-th value are kept, as ``topk_keep_mask``), masks,
+softmaxes, multiplies by V, and in the same pass writes the two HC log-sum-exps, the row's log-sum-exp
+and the keep mask as bits (``L/32`` words a row). The backward (flash-attention style: ``Δ =
+rowsum(dO∘O)``, P recomputed from the saved LSE) reads those bits, so it uses the forward's selection
+exactly whatever its own rounding; one kernel accumulates dK, dV per key block, one dQ per query block
+(no atomics: bitwise reproducible). The HC terms add ``g0·softmax_{k≠q}(s) + g1·softmax_{same}(s)`` to
+dS. On a GPU the dots run in the input dtype (bf16/fp16) with fp32 accumulation, fp32 inputs in IEEE
+fp32; under Triton's interpreter every dot is fp32 (the interpreter miscomputes bf16 math). The
+forward comes in tilings (:data:`FWD_TILINGS`: rows a program x warps, which decide whether a row's
+counts cross warps), chosen per card from a measurement; ``forward_variant(select=False)`` times it
+without the select. Not yet timed on a GPU (docs/kernel_notes.md: what it compiles to).
 
 The kernels are two ``torch.library`` custom ops (``torch.ops.mixedae_fast.homologous_attention`` and
 ``..._backward``, fake implementations and an autograd formula): ``torch.compile(fullgraph=True)``
@@ -107,7 +108,8 @@ def homologous_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 
 # -- Triton ----------------------------------------------------------------------------------------
-# below every score's ordered key (that bit pattern is a NaN): marks the keys that are not patches
+# the lowest ordered key (a NaN's bit pattern, below every score's): the select's start when fewer than K
+# scores are >= 0
 INT_MIN = tl.constexpr(-2147483648) if tl is not None else None
 
 
@@ -133,16 +135,28 @@ def _load_tile(ptr, g, h, s_g, s_h, s_l, idx, dd, L, D):
 
 
 @triton.jit
-def _kth_largest(key, K):
-    """``key: int32 [BM, BN]`` (ordered bit patterns) -> the K-th largest per row, exactly.
+def _score_of(key):
+    """The fp32 score whose ordered bit pattern is ``key`` (the map from scores to keys is the same)."""
+    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
-    The largest ``t`` with ``count(key >= t) >= K``: the sign bit first, then bits 30..0 greedily
-    (with the sign fixed, setting a lower bit raises a two's-complement value)."""
-    t = tl.where(tl.sum((key >= 0).to(tl.int32), axis=1) >= K, 0, INT_MIN)
+
+@triton.jit
+def _kth_largest_score(s, K):
+    """``s: fp32 [BM, BN]`` (-inf where not a candidate) -> the K-th largest per row, exactly.
+
+    A radix search over the scores' ordered bit patterns (``key``: the bits, the lower 31 flipped for
+    negative scores, so keys order as the scores do): the largest key ``t`` with ``count(s >= score_of(t))
+    >= K``, the sign bit first, then bits 30..0 greedily (with the sign fixed, setting a lower bit raises
+    a two's-complement value). Each step counts by comparing the *scores* with the candidate turned back
+    into a score (``FSET`` + ``FADD``: two instructions a key, where integer compares of the keys took
+    three), which orders as the keys do for every candidate the search visits while the K-th score is
+    finite; -0 and +0 compare equal, as in the reference's ``>=``."""
+    t = tl.where(tl.sum(tl.where(s >= 0.0, 1.0, 0.0), axis=1) >= K, 0, INT_MIN)
     for i in tl.static_range(31):
         cand = t | (1 << (30 - i))
-        t = tl.where(tl.sum((key >= cand[:, None]).to(tl.int32), axis=1) >= K, cand, t)
-    return t
+        count = tl.sum(tl.where(s >= _score_of(cand)[:, None], 1.0, 0.0), axis=1)
+        t = tl.where(count >= K, cand, t)
+    return _score_of(t)
 
 
 @triton.jit
@@ -196,7 +210,6 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
     k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
     v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
     s = _mm(q, tl.trans(k), FP32) * _fp32(scale)       # [BM, BN] fp32, the reference's rounding
-    s = tl.where(s == 0.0, 0.0, s)                             # -0 -> +0: the bit order then matches >=
     row_ok = rows < L
     if HC:  # first, so that only the keys stay live through the select
         if h < HC_HEADS:  # the heads the loss reads (a whole program skips it: no divergence)
@@ -206,11 +219,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
             tl.store(hc_ptr + hc_row, _hc_lse(s, other), mask=patch)
             tl.store(hc_ptr + hc_row + 1, _hc_lse(s, same), mask=patch)
     s_cls = tl.sum(tl.where((cols == 0)[None, :], s, 0.0), axis=1)   # the CLS key's score, kept aside
-    col_patch = (cols >= 1) & (cols < L)
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(col_patch[None, :], tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), INT_MIN)
+    s = tl.where(((cols >= 1) & (cols < L))[None, :], s, float("-inf"))   # the patch keys only
     if SELECT:
-        keep = (key >= _kth_largest(key, TOPK)[:, None]) | (cols == 0)[None, :]
+        keep = (s >= _kth_largest_score(s, TOPK)[:, None]) | (cols == 0)[None, :]
     else:
         keep = (cols < L)[None, :] & (rows >= 0)[:, None]
     keep = tl.where((rows == 0)[:, None], (cols < L)[None, :], keep)   # the CLS query sees every key
@@ -218,9 +229,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
     packed = tl.sum(tl.reshape(keep.to(tl.int32), [BLOCK_M, WORDS, 32]) << tl.arange(0, 32)[None, None, :], axis=2)
     tl.store(bits_ptr + (bh * L + rows)[:, None] * WORDS + tl.arange(0, WORDS)[None, :], packed,
              mask=row_ok[:, None])
-    # the patch scores back from their keys (the map is its own inverse), the CLS column from s_cls
-    s = tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-    s = tl.where((cols == 0)[None, :], s_cls[:, None], s)
+    s = tl.where((cols == 0)[None, :], s_cls[:, None], s)     # the CLS column back
     m = tl.max(tl.where(keep, s, float("-inf")), axis=1)      # finite: the CLS key is always kept
     p = tl.where(keep, tl.exp(s - m[:, None]), 0.0)
     total = tl.sum(p, axis=1)
