@@ -211,7 +211,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
     v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
     s = _mm(q, tl.trans(k), FP32) * _fp32(scale)       # [BM, BN] fp32, the reference's rounding
     row_ok = rows < L
-    if HC:  # first, so that only the keys stay live through the select
+    if HC:  # first: its masks and exps are dead before the select, which keeps only the scores live
         if h < HC_HEADS:  # the heads the loss reads (a whole program skips it: no divergence)
             other, same = _hc_masks(src_ptr, rows, cols, L)
             hc_row = ((g * HC_HEADS + h) * (L - 1) + rows - 1) * 2
