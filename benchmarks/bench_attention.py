@@ -180,6 +180,57 @@ def _timed(row: dict, mode: str, backend: str, shape: tuple, dtype: torch.dtype,
     return row
 
 
+def measure_parts(shape: tuple, dtype: torch.dtype, device: torch.device, tilings: list[str], ablate: bool,
+                  warmup: int, iters: int, hc_heads: int | None = HC_HEADS) -> list[dict]:
+    """The fused kernel's parts, each timed alone on the same inputs as the rows: per tiling the forward
+    (``fwd``; ``fwd_no_select`` with ``ablate``), then each stage of the backward
+    (:func:`~mixedae_fast.kernels.homologous_attention.backward_stages`, the card's tiling's forward
+    state), and ``sum`` (forward + stages: what the parts add up to, without autograd's overhead)."""
+    G, H, r, n, d = shape
+    head = {"mode": "topk", "backend": "triton", "G": G, "H": H, "L": 1 + r * n, "d": d, "K": n}
+    reason = _unavailable("topk", "triton", device)
+    if reason:
+        return [{**head, "tiling": "-", "part": "all", "skipped": reason}]
+    q, k, v = (t.detach() for t in _inputs(shape, dtype, device))
+    src = torch.arange(r, device=device).repeat_interleave(n)
+    count = H if hc_heads is None else hc_heads
+    rows, fwd_state = [], None
+    for tiling in tilings:
+        variants = [("fwd", True)] + ([("fwd_no_select", False)] if ablate else [])
+        for part, select in variants:
+            row = {**head, "tiling": tiling, "part": part}
+            try:
+                with fused.forward_variant(tiling, select):
+                    row["ms"] = median_ms(lambda: fused.homologous_attention_forward(q, k, v, src, n, count),
+                                          device, warmup, iters)
+                    if select:
+                        fwd_state = fused.homologous_attention_forward(q, k, v, src, n, count)
+                        fwd_ms = row["ms"]
+            except Exception as e:  # noqa: BLE001 - a part failing must not end the run: record why
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+            rows.append(row)
+        if fwd_state is None:
+            continue
+        out, lse, hc_rows, bits = fwd_state
+        gen = torch.Generator(device=device).manual_seed(1)
+        do = torch.randn(out.shape, generator=gen, device=device).to(dtype)
+        grad_hc = torch.randn(hc_rows.shape, generator=gen, device=device) if hc_rows is not None else None
+        total = fwd_ms
+        try:
+            stages, _ = fused.backward_stages(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits)
+            for _, run in stages:  # in order once: each stage's inputs (Δ) exist before it is timed alone
+                run()
+            for name, run in stages:
+                row = {**head, "tiling": tiling, "part": name, "ms": median_ms(run, device, warmup, iters)}
+                total += row["ms"]
+                rows.append(row)
+            rows.append({**head, "tiling": tiling, "part": "sum", "ms": total})
+        except Exception as e:  # noqa: BLE001
+            rows.append({**head, "tiling": tiling, "part": "backward", "error": f"{type(e).__name__}: {e}"[:500]})
+        fwd_state = None
+    return rows
+
+
 def table_row(result: dict, source: str) -> dict:
     """``{device: {mode: {"backend", "measured"}}}`` for ``attention_backends.json`` from a bench_attention
     result: per mode the backend with the least fwd+bwd time summed over the result's shapes, among those
@@ -236,6 +287,28 @@ def _table_row_cli(path: str, write: bool) -> int:
     return 0
 
 
+CSV_FIELDS = ["shape", "mode", "backend", "tiling", "ablation", "part", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms",
+              "fwd_bwd_ms", "ms", "vs_baseline", "correct", "max_err", "peak_mem_mib", "skipped", "skipped_bwd",
+              "error"]
+
+
+def write_result(result: dict, out: Path) -> None:
+    """The result as JSON at ``out`` and CSV beside it, each replaced whole (written after every row, so a
+    run cut short keeps the rows that finished)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    header = {k: result[k] for k in ("device", "torch", "triton", "xformers", "git_sha", "date", "dtype")}
+    tmp = out.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*header, *CSV_FIELDS], extrasaction="ignore")
+        writer.writeheader()
+        for row in result["rows"] + result.get("parts", []):
+            writer.writerow({**header, **row})
+    tmp.replace(out.with_suffix(".csv"))
+
+
 def _versions() -> dict:
     out = {"torch": torch.__version__}
     for name in ("triton", "xformers"):
@@ -256,6 +329,10 @@ def main(argv=None) -> int:
                         f"{', '.join(fused.FWD_TILINGS)}, or 'all'), a row each, instead of the card's one")
     p.add_argument("--ablate-select", action="store_true",
                    help="also time the fused kernel without its TopK select, per tiling (rows marked ablation)")
+    p.add_argument("--parts", action="store_true",
+                   help="also time the fused kernel's parts alone (forward per tiling, forward without the select "
+                        "with --ablate-select, then each backward stage), rows in the result's 'parts'")
+    p.add_argument("--only-parts", action="store_true", help="--parts without the backend rows (baseline kept)")
     p.add_argument("--hc-heads", default=str(HC_HEADS), metavar="N",
                    help="topk rows: the HC row terms of the first N heads, as the config's mixing.hc_heads "
                         f"(default {HC_HEADS}, the default config's) or 'all'")
@@ -292,11 +369,14 @@ def main(argv=None) -> int:
     if args.hc_heads != "all" and not (args.hc_heads.isdigit() and int(args.hc_heads) >= 1):
         p.error(f"--hc-heads {args.hc_heads!r}: a number of heads >= 1, or all")
     hc_heads = None if args.hc_heads == "all" else int(args.hc_heads)
+    parts = (tilings or [fused.card_tiling(device)]) if args.parts or args.only_parts else []
+    if args.only_parts:
+        rows = []
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the eager rows in fp32: true fp32 matmuls
     result = result_head("attention", device, ["python", "-m", "mixedae_fast.benchmarks.bench_attention"], argv,
                          device_type=device.type, **_versions(), dtype=str(dtype).removeprefix("torch."),
-                         warmup=args.warmup, iters=args.iters, hc_heads=hc_heads, rows=[])
+                         warmup=args.warmup, iters=args.iters, hc_heads=hc_heads, rows=[], parts=[])
     width = max(9, *(len(b) + 1 for _, b in rows))
     for shape_name in shapes:
         shape = SHAPES[shape_name]
@@ -314,18 +394,21 @@ def main(argv=None) -> int:
             ok = "" if "correct" not in row else "  ablation (not TopK)" if row.get("ablation") else "  ok" \
                 if row["correct"] else f"  WRONG (err x{row['max_err']:.1f})"
             print(f"{shape_name:<10}{mode:<7}{backend:<{width}}{times}{ratio}{ok}  {note}"[:200], flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        fields = ["shape", "mode", "backend", "tiling", "ablation", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms",
-                  "fwd_bwd_ms", "vs_baseline", "correct", "max_err", "peak_mem_mib", "skipped", "skipped_bwd", "error"]
-        header = {k: result[k] for k in ("device", "torch", "triton", "xformers", "git_sha", "date", "dtype")}
-        with open(out.with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*header, *fields], extrasaction="ignore")
-            writer.writeheader()
-            for row in result["rows"]:
-                writer.writerow({**header, **row})
+            if args.out:
+                write_result(result, Path(args.out))
+        if parts:
+            for row in measure_parts(shape, dtype, device, parts, args.ablate_select, args.warmup, args.iters,
+                                     hc_heads):
+                row = {"shape": shape_name, **row}
+                if "ms" in row and "fwd_bwd_ms" in base:
+                    row["vs_baseline"] = row["ms"] / base["fwd_bwd_ms"]
+                result["parts"].append(row)
+                label = f"{row['tiling']}:{row['part']}"
+                note = row.get("error", "")
+                ms = f"{row['ms']:8.3f}" if "ms" in row else ""
+                print(f"{shape_name:<10}part   {label:<{width + 6}}{ms}  {note}"[:200], flush=True)
+                if args.out:
+                    write_result(result, Path(args.out))
     return 0
 
 

@@ -460,14 +460,16 @@ def homologous_attention_forward(q, k, v, src, topk: int, hc_heads: int):
     return out.to(q.dtype), lse, hc_rows if hc_heads else None, bits
 
 
-def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
-    """``(dq, dk, dv)`` in q's dtype; ``grad_hc`` (``[G*hc_heads, L-1, 2]`` or None) is the HC rows' gradient."""
+def backward_stages(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
+    """The backward as named stages ``[(name, run)]`` and the ``(dq, dk, dv)`` buffers they fill: run in
+    order, each ``run()`` does its part (``delta``: Δ = rowsum(dO∘O); ``dkdv``, ``dq``: the two kernels).
+    :func:`homologous_attention_backward` runs them all; ``bench_attention --parts`` times each alone."""
     G, H, L, d = q.shape
     interpreted = _interpreted(_bwd_dq_kernel)
     block_n, block_d, block_m, key_block = _blocks(L, d, q.dtype == torch.float32 and not interpreted)
     (q, *sq), (k, *sk), (v, *sv), (do, *sd) = _strides(q), _strides(k), _strides(v), _strides(do)
     dev = q.device
-    delta = (do.float() * out.float()).sum(-1).reshape(G * H, L)
+    delta = torch.empty(G * H, L, dtype=torch.float32, device=dev)
     hc = grad_hc is not None
     hc_heads = grad_hc.shape[0] // G if hc else 0
     ghc = grad_hc.float().contiguous() if hc else delta
@@ -477,13 +479,29 @@ def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, 
     dq, dk, dv = (torch.empty(G, H, L, d, dtype=buf, device=dev) for _ in range(3))
     common = dict(HC=hc, FP32=q.dtype == torch.float32 or interpreted, BLOCK_D=block_d, WORDS=block_n // 32,
                   num_warps=NUM_WARPS)
-    _bwd_dkdv_kernel[(G * H, triton.cdiv(L, key_block))](
-        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, hc_heads, _scale(d),
-        M_BLOCKS=triton.cdiv(L, block_m), BLOCK_M=block_m, BLOCK_N=key_block, **common)
-    _bwd_dq_kernel[(G * H, triton.cdiv(L, block_m))](
-        q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dq, *sq, *sk, *sv, *sd, H, L, d, hc_heads, _scale(d),
-        BLOCK_M=block_m, BLOCK_N=block_n, **common)
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+    def run_delta():
+        delta.copy_((do.float() * out.float()).sum(-1).reshape(G * H, L))
+
+    def run_dkdv():
+        _bwd_dkdv_kernel[(G * H, triton.cdiv(L, key_block))](
+            q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, hc_heads,
+            _scale(d), M_BLOCKS=triton.cdiv(L, block_m), BLOCK_M=block_m, BLOCK_N=key_block, **common)
+
+    def run_dq():
+        _bwd_dq_kernel[(G * H, triton.cdiv(L, block_m))](
+            q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dq, *sq, *sk, *sv, *sd, H, L, d, hc_heads, _scale(d),
+            BLOCK_M=block_m, BLOCK_N=block_n, **common)
+
+    return [("delta", run_delta), ("dkdv", run_dkdv), ("dq", run_dq)], (dq, dk, dv)
+
+
+def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
+    """``(dq, dk, dv)`` in q's dtype; ``grad_hc`` (``[G*hc_heads, L-1, 2]`` or None) is the HC rows' gradient."""
+    stages, grads = backward_stages(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits)
+    for _, run in stages:
+        run()
+    return tuple(g.to(q.dtype) for g in grads)
 
 
 # The fused kernels as torch.library custom ops with an autograd formula: torch.compile keeps them
