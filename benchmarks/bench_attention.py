@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     result = result_head("attention", device, ["python", "-m", "mixedae_fast.benchmarks.bench_attention"], argv,
                          device_type=device.type, **_versions(), dtype=str(dtype).removeprefix("torch."),
                          warmup=args.warmup, iters=args.iters, hc_heads=hc_heads, rows=[], parts=[])
-    width = max(9, *(len(b) + 1 for _, b in rows))
+    width = max([9, *(len(b) + 1 for _, b in rows)])
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         base = measure("none", "baseline", shape, dtype, device, args.warmup, args.iters, hc_heads)
