@@ -119,18 +119,28 @@ def check(mode: str, backend: str, q, k, v, r: int, n: int, with_grad: bool = Tr
     return {"correct": worst <= 1.0, "max_err": worst}
 
 
+FLAGS = {"no-select": "none", "radix-select": "radix"}  # a row label's select flags -> kernel_variant's select
+
+
 def variant(label: str) -> tuple[str, dict]:
-    """A row's backend label -> (backend, :func:`forward_variant` options): ``triton[m64w4]`` is the fused
-    kernel in that forward tiling, ``triton[m64w4,no-select]`` the same without its TopK select (an
-    ablation: its time minus the tiling's is the select's share; its outputs are not TopK attention)."""
+    """A row's backend label -> (backend, :func:`kernel_variant` options): ``triton[m64w4]`` is the fused
+    kernel in that forward tiling, ``triton[m64w4,n64m64w4]`` also in that backward tiling;
+    ``triton[m64w4,radix-select]`` with the 32-step radix select instead of the bracketing search (a
+    TopK path, timed for comparison, never chosen for the table); ``triton[m64w4,no-select]`` without a
+    select (an ablation: its time minus the tiling's is the select's share; not TopK attention)."""
     if "[" not in label:
         return label, {}
     backend, _, inner = label.partition("[")
     tiling, *flags = inner.rstrip("]").split(",")
-    if backend != "triton" or tiling not in fused.FWD_TILINGS or flags not in ([], ["no-select"]):
-        raise ValueError(f"unknown row {label!r}: triton[TILING] or triton[TILING,no-select], TILING one of "
-                         f"{', '.join(fused.FWD_TILINGS)}")
-    return backend, {"tiling": tiling, "select": not flags}
+    bwd = [f for f in flags if f in fused.BWD_TILINGS]
+    selects = [FLAGS[f] for f in flags if f in FLAGS]
+    if backend != "triton" or tiling not in fused.FWD_TILINGS or len(bwd) > 1 or len(selects) > 1 or \
+            len(bwd) + len(selects) != len(flags):
+        raise ValueError(f"unknown row {label!r}: triton[TILING] or triton[TILING,FLAG...], TILING one of "
+                         f"{', '.join(fused.FWD_TILINGS)}, FLAG a backward tiling ({', '.join(fused.BWD_TILINGS)}) "
+                         f"or one of {', '.join(FLAGS)}")
+    return backend, {"tiling": tiling, "select": selects[0] if selects else "search",
+                     "bwd_tiling": bwd[0] if bwd else None}
 
 
 def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: torch.device, warmup: int,
@@ -143,8 +153,10 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
         return {**row, "skipped": reason}
     if backend == "triton":
         row["tiling"] = options.get("tiling") or fused.card_tiling(device)
-        row["ablation"] = not options.get("select", True)
-        with fused.forward_variant(**options):
+        row["bwd_tiling"] = options.get("bwd_tiling") or fused.card_tiling(device, "triton_bwd_tiling")
+        row["select"] = options.get("select", "search")
+        row["ablation"] = row["select"] == "none"
+        with fused.kernel_variant(**options):
             return _timed(row, mode, backend, shape, dtype, device, warmup, iters, hc_heads)
     return _timed(row, mode, backend, shape, dtype, device, warmup, iters, hc_heads)
 
@@ -180,12 +192,13 @@ def _timed(row: dict, mode: str, backend: str, shape: tuple, dtype: torch.dtype,
     return row
 
 
-def measure_parts(shape: tuple, dtype: torch.dtype, device: torch.device, tilings: list[str], ablate: bool,
-                  warmup: int, iters: int, hc_heads: int | None = HC_HEADS) -> list[dict]:
-    """The fused kernel's parts, each timed alone on the same inputs as the rows: per tiling the forward
-    (``fwd``; ``fwd_no_select`` with ``ablate``), then each stage of the backward
-    (:func:`~mixedae_fast.kernels.homologous_attention.backward_stages`, the card's tiling's forward
-    state), and ``sum`` (forward + stages: what the parts add up to, without autograd's overhead)."""
+def measure_parts(shape: tuple, dtype: torch.dtype, device: torch.device, tilings: list[str], bwd_tilings: list[str],
+                  ablate: bool, warmup: int, iters: int, hc_heads: int | None = HC_HEADS) -> list[dict]:
+    """The fused kernel's parts, each timed alone (no autograd) on the same inputs as the rows: per forward
+    tiling the forward (``fwd``; with ``ablate`` also ``fwd_radix``, the 32-step radix select, and
+    ``fwd_no_select``); per backward tiling each stage of the backward
+    (:func:`~mixedae_fast.kernels.homologous_attention.backward_stages`, on the first forward tiling's
+    saved state); ``sum``: the first forward tiling's forward plus the first backward tiling's stages."""
     G, H, r, n, d = shape
     head = {"mode": "topk", "backend": "triton", "G": G, "H": H, "L": 1 + r * n, "d": d, "K": n}
     reason = _unavailable("topk", "triton", device)
@@ -194,40 +207,39 @@ def measure_parts(shape: tuple, dtype: torch.dtype, device: torch.device, tiling
     q, k, v = (t.detach() for t in _inputs(shape, dtype, device))
     src = torch.arange(r, device=device).repeat_interleave(n)
     count = H if hc_heads is None else hc_heads
-    rows, fwd_state = [], None
-    for tiling in tilings:
-        variants = [("fwd", True)] + ([("fwd_no_select", False)] if ablate else [])
-        for part, select in variants:
-            row = {**head, "tiling": tiling, "part": part}
-            try:
-                with fused.forward_variant(tiling, select):
-                    row["ms"] = median_ms(lambda: fused.homologous_attention_forward(q, k, v, src, n, count),
-                                          device, warmup, iters)
-                    if select:
-                        fwd_state = fused.homologous_attention_forward(q, k, v, src, n, count)
-                        fwd_ms = row["ms"]
-            except Exception as e:  # noqa: BLE001 - a part failing must not end the run: record why
-                row["error"] = f"{type(e).__name__}: {e}"[:500]
-            rows.append(row)
-        if fwd_state is None:
-            continue
-        out, lse, hc_rows, bits = fwd_state
-        gen = torch.Generator(device=device).manual_seed(1)
-        do = torch.randn(out.shape, generator=gen, device=device).to(dtype)
-        grad_hc = torch.randn(hc_rows.shape, generator=gen, device=device) if hc_rows is not None else None
-        total = fwd_ms
+    rows, state, total = [], None, None
+
+    def timed(row, fn):
         try:
+            row["ms"] = median_ms(fn, device, warmup, iters)
+        except Exception as e:  # noqa: BLE001 - a part failing must not end the run: record why
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+        rows.append(row)
+        return row.get("ms")
+
+    for tiling in tilings:
+        selects = [("fwd", "search")] + ([("fwd_radix", "radix"), ("fwd_no_select", "none")] if ablate else [])
+        for part, select in selects:
+            with fused.kernel_variant(tiling, select):
+                ms = timed({**head, "tiling": tiling, "part": part},
+                           lambda: fused.homologous_attention_forward(q, k, v, src, n, count))
+                if state is None and select == "search" and ms is not None:
+                    state, total = fused.homologous_attention_forward(q, k, v, src, n, count), ms
+    if state is None:
+        return rows
+    out, lse, hc_rows, bits = state
+    gen = torch.Generator(device=device).manual_seed(1)
+    do = torch.randn(out.shape, generator=gen, device=device).to(dtype)
+    grad_hc = torch.randn(hc_rows.shape, generator=gen, device=device) if hc_rows is not None else None
+    for i, bwd in enumerate(bwd_tilings):
+        with fused.kernel_variant(bwd_tiling=bwd):
             stages, _ = fused.backward_stages(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits)
-            for _, run in stages:  # in order once: each stage's inputs (Δ) exist before it is timed alone
-                run()
             for name, run in stages:
-                row = {**head, "tiling": tiling, "part": name, "ms": median_ms(run, device, warmup, iters)}
-                total += row["ms"]
-                rows.append(row)
-            rows.append({**head, "tiling": tiling, "part": "sum", "ms": total})
-        except Exception as e:  # noqa: BLE001
-            rows.append({**head, "tiling": tiling, "part": "backward", "error": f"{type(e).__name__}: {e}"[:500]})
-        fwd_state = None
+                ms = timed({**head, "tiling": tilings[0], "bwd_tiling": bwd, "part": name}, run)
+                if i == 0:
+                    total = None if ms is None or total is None else total + ms
+    if total is not None:
+        rows.append({**head, "tiling": tilings[0], "bwd_tiling": bwd_tilings[0], "part": "sum", "ms": total})
     return rows
 
 
@@ -240,7 +252,8 @@ def table_row(result: dict, source: str) -> dict:
     row_out = {}
     for mode in ("none", "oracle", "topk"):
         totals = {}
-        for backend in sorted({r["backend"] for r in result["rows"] if r["mode"] == mode and not r.get("ablation")}
+        for backend in sorted({r["backend"] for r in result["rows"] if r["mode"] == mode and not r.get("ablation")
+                               and r.get("select", "search") == "search"}
                               - {"baseline"}):
             rows = [r for r in result["rows"] if (r["mode"], r["backend"]) == (mode, backend)]
             if {r["shape"] for r in rows} == set(shapes) and all("fwd_bwd_ms" in r and r.get("correct") for r in rows):
@@ -258,8 +271,11 @@ def table_row(result: dict, source: str) -> dict:
             f"{source} ({result['date']}, git {result['git_sha']}, {result['dtype']}, torch {result['torch']}): "
             f"{best} fwd+bwd {per_shape}{runner_up}")}
         tilings = {r.get("tiling") for r in result["rows"] if (r["mode"], r["backend"]) == (mode, best)} - {None}
-        if tilings:  # the fused kernel: the forward tiling it was timed in (one per backend label)
+        if tilings:  # the fused kernel: the tilings it was timed in (one each per backend label)
             row_out[mode]["triton_tiling"] = tilings.pop()
+            bwd = {r.get("bwd_tiling") for r in result["rows"] if (r["mode"], r["backend"]) == (mode, best)} - {None}
+            if bwd:
+                row_out[mode]["triton_bwd_tiling"] = bwd.pop()
     return {result["device"]: row_out}
 
 
@@ -287,18 +303,20 @@ def _table_row_cli(path: str, write: bool) -> int:
     return 0
 
 
-CSV_FIELDS = ["shape", "mode", "backend", "tiling", "ablation", "part", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms",
+CSV_FIELDS = ["shape", "mode", "backend", "tiling", "bwd_tiling", "select", "ablation", "part", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms",
               "fwd_bwd_ms", "ms", "vs_baseline", "correct", "max_err", "peak_mem_mib", "skipped", "skipped_bwd",
               "error"]
 
 
-def write_result(result: dict, out: Path) -> None:
-    """The result as JSON at ``out`` and CSV beside it, each replaced whole (written after every row, so a
-    run cut short keeps the rows that finished)."""
+def write_result(result: dict, out: Path, csv_too: bool = True) -> None:
+    """The result as JSON at ``out`` and (``csv_too``) CSV beside it, each replaced whole (written after every
+    row, so a run cut short keeps the rows that finished)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)
+    if not csv_too:
+        return
     header = {k: result[k] for k in ("device", "torch", "triton", "xformers", "git_sha", "date", "dtype")}
     tmp = out.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
@@ -327,11 +345,15 @@ def main(argv=None) -> int:
     p.add_argument("--triton-tilings", default=None, metavar="NAMES",
                    help=f"time the fused kernel in each of these forward tilings (comma-separated from "
                         f"{', '.join(fused.FWD_TILINGS)}, or 'all'), a row each, instead of the card's one")
+    p.add_argument("--bwd-tilings", default=None, metavar="NAMES",
+                   help=f"also time the fused kernel in each of these backward tilings (comma-separated from "
+                        f"{', '.join(fused.BWD_TILINGS)}, or 'all'), with the first forward tiling")
     p.add_argument("--ablate-select", action="store_true",
-                   help="also time the fused kernel without its TopK select, per tiling (rows marked ablation)")
+                   help="also time the fused kernel with the 32-step radix select and without a select, per "
+                        "forward tiling (the latter rows marked ablation)")
     p.add_argument("--parts", action="store_true",
-                   help="also time the fused kernel's parts alone (forward per tiling, forward without the select "
-                        "with --ablate-select, then each backward stage), rows in the result's 'parts'")
+                   help="also time the fused kernel's parts alone (forward per tiling, its select variants with "
+                        "--ablate-select, the backward per backward tiling), rows in the result's 'parts'")
     p.add_argument("--only-parts", action="store_true", help="--parts without the backend rows (baseline kept)")
     p.add_argument("--hc-heads", default=str(HC_HEADS), metavar="N",
                    help="topk rows: the HC row terms of the first N heads, as the config's mixing.hc_heads "
@@ -339,6 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="write the results as JSON here, and as CSV beside it")
+    p.add_argument("--no-csv", action="store_true", help="with --out: the JSON only")
     p.add_argument("--table-row", default=None, metavar="JSON",
                    help="measure nothing: print the attention_backends.json row built from this result file")
     p.add_argument("--write", action="store_true", help="with --table-row: also write the row into the table")
@@ -360,16 +383,23 @@ def main(argv=None) -> int:
     unknown = [t for t in tilings if t not in fused.FWD_TILINGS]
     if unknown:
         p.error(f"unknown tiling(s) {unknown}; choose from {', '.join(fused.FWD_TILINGS)} or all")
-    if ("topk", "triton") in rows and (tilings or args.ablate_select):
+    bwd_tilings = list(fused.BWD_TILINGS) if args.bwd_tilings == "all" else \
+        [t for t in (args.bwd_tilings or "").split(",") if t]
+    unknown = [t for t in bwd_tilings if t not in fused.BWD_TILINGS]
+    if unknown:
+        p.error(f"unknown backward tiling(s) {unknown}; choose from {', '.join(fused.BWD_TILINGS)} or all")
+    if ("topk", "triton") in rows and (tilings or bwd_tilings or args.ablate_select):
+        first = (tilings or [fused.card_tiling(device)])[0]
         timed = [f"triton[{t}]" for t in tilings] or ["triton"]
-        ablations = [f"triton[{t},no-select]" for t in tilings or [fused.card_tiling(device)]] \
-            if args.ablate_select else []
+        timed += [f"triton[{first},{b}]" for b in bwd_tilings if b != fused.card_tiling(device, "triton_bwd_tiling")]
+        ablations = [f"triton[{t},{flag}]" for t in tilings or [first] for flag in FLAGS] if args.ablate_select else []
         at = rows.index(("topk", "triton"))
         rows[at:at + 1] = [("topk", b) for b in timed + ablations]
     if args.hc_heads != "all" and not (args.hc_heads.isdigit() and int(args.hc_heads) >= 1):
         p.error(f"--hc-heads {args.hc_heads!r}: a number of heads >= 1, or all")
     hc_heads = None if args.hc_heads == "all" else int(args.hc_heads)
     parts = (tilings or [fused.card_tiling(device)]) if args.parts or args.only_parts else []
+    bwd_parts = bwd_tilings or [fused.card_tiling(device, "triton_bwd_tiling")]
     if args.only_parts:
         rows = []
     if device.type == "cuda":
@@ -395,20 +425,20 @@ def main(argv=None) -> int:
                 if row["correct"] else f"  WRONG (err x{row['max_err']:.1f})"
             print(f"{shape_name:<10}{mode:<7}{backend:<{width}}{times}{ratio}{ok}  {note}"[:200], flush=True)
             if args.out:
-                write_result(result, Path(args.out))
+                write_result(result, Path(args.out), not args.no_csv)
         if parts:
-            for row in measure_parts(shape, dtype, device, parts, args.ablate_select, args.warmup, args.iters,
-                                     hc_heads):
+            for row in measure_parts(shape, dtype, device, parts, bwd_parts, args.ablate_select, args.warmup,
+                                     args.iters, hc_heads):
                 row = {"shape": shape_name, **row}
                 if "ms" in row and "fwd_bwd_ms" in base:
                     row["vs_baseline"] = row["ms"] / base["fwd_bwd_ms"]
                 result["parts"].append(row)
-                label = f"{row['tiling']}:{row['part']}"
+                label = f"{row['tiling']}{',' + row['bwd_tiling'] if 'bwd_tiling' in row else ''}:{row['part']}"
                 note = row.get("error", "")
                 ms = f"{row['ms']:8.3f}" if "ms" in row else ""
                 print(f"{shape_name:<10}part   {label:<{width + 6}}{ms}  {note}"[:200], flush=True)
                 if args.out:
-                    write_result(result, Path(args.out))
+                    write_result(result, Path(args.out), not args.no_csv)
     return 0
 
 

@@ -187,9 +187,12 @@ def main(argv=None) -> int:
                 res["share_of_step"] = {"kernels_ms": ms, "step_ms": step_ms, "fraction": ms / step_ms}
                 print(f"{batch:>6} kernels {ms:.3f} ms = {ms / step_ms:.2%} of a {step_ms:.1f} ms TopK step")
         result["batches"].append(res)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        if args.out:  # after every batch: a run cut short keeps the batches that finished
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2))
+            tmp.replace(out)
     return 0
 
 

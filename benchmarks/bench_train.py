@@ -271,7 +271,7 @@ def _chart(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = {k: r for k, r in result["rows"].items() if "img_per_s" in r}   # failed rows: in the JSON and CSV
     labels = list(rows)
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
     colors = {"official": "#999999", "mae": "#4c72b0", "mixedae": "#dd8452"}
@@ -290,12 +290,14 @@ def _chart(result: dict, path: Path) -> None:
 
 
 CSV_FIELDS = ("row", "mode", "variant", "source", "loader", "ms_per_step", "img_per_s", "vs_official", "mfu",
-              "peak_mem_gib", "data_wait_fraction", "data_stream", *(f"{p}_ms" for p in PHASES))
+              "peak_mem_gib", "data_wait_fraction", "data_stream", *(f"{p}_ms" for p in PHASES), "error")
 
 
 def _write_outputs(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train.json").write_text(json.dumps(result, indent=2))
+    tmp = out / "bench_train.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out / "bench_train.json")
     with open(out / "bench_train.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
@@ -366,20 +368,28 @@ def main(argv=None) -> int:
                 compile_mode = None
                 if variant == "compiled":
                     compile_mode = "reduce-overhead" if args.cuda_graphs else "default"
-                runner = StepRunner(cfg, device, official=mode == "official", compile_mode=compile_mode)
-                row = time_row(runner, source, args.warmup, args.windows, args.steps,
-                               args.breakdown_steps if variant == "eager" else 0,
-                               Path(args.profile) if args.profile else None, label)
+                try:
+                    runner = StepRunner(cfg, device, official=mode == "official", compile_mode=compile_mode)
+                    row = time_row(runner, source, args.warmup, args.windows, args.steps,
+                                   args.breakdown_steps if variant == "eager" else 0,
+                                   Path(args.profile) if args.profile else None, label)
+                except Exception as e:  # noqa: BLE001 - a row failing (a compile error, memory) must not end the run
+                    row = {"error": f"{type(e).__name__}: {e}"[:800]}
+                    print(f"{label:<32}error: {row['error'][:160]}", flush=True)
+                runner = None
                 row.update(mode=mode, variant=variant, source=source_kind, loader=source.backend,
-                           flops_per_step=flops[mode],
-                           mfu=flops[mode] / (row["ms_per_step"] * 1e-3) / (result["matmul_tflops"] * 1e12))
-                base_row = result["rows"].get(f"official/{variant}/{source_kind}")
-                row["vs_official"] = row["img_per_s"] / base_row["img_per_s"] if base_row else None
+                           flops_per_step=flops[mode])
+                if "ms_per_step" in row:
+                    row["mfu"] = flops[mode] / (row["ms_per_step"] * 1e-3) / (result["matmul_tflops"] * 1e12)
+                    base_row = result["rows"].get(f"official/{variant}/{source_kind}")
+                    row["vs_official"] = row["img_per_s"] / base_row["img_per_s"] if base_row and \
+                        "img_per_s" in base_row else None
+                    print(f"{label:<32}{row['ms_per_step']:>9.1f}{row['img_per_s']:>9.0f}{row['mfu']:>7.1%}"
+                          f"{row.get('peak_mem_gib', float('nan')):>9.1f}"
+                          f"{100 * row.get('data_wait_fraction', float('nan')):>8.1f}", flush=True)
                 result["rows"][label] = row
-                print(f"{label:<32}{row['ms_per_step']:>9.1f}{row['img_per_s']:>9.0f}{row['mfu']:>7.1%}"
-                      f"{row.get('peak_mem_gib', float('nan')):>9.1f}"
-                      f"{100 * row.get('data_wait_fraction', float('nan')):>8.1f}", flush=True)
-                del runner
+                if args.out:  # after every row: a run cut short keeps the rows that finished
+                    _write_outputs(result, Path(args.out))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     if args.out:

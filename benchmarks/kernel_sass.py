@@ -65,16 +65,17 @@ def _strides(*shape: int) -> tuple[int, ...]:
 
 
 def attention_cases(seq: int = L, dtype: str = "bf16", tilings: tuple[str, ...] | None = None,
-                    ablations: bool = False) -> list[dict]:
+                    ablations: bool = False, bwd_tilings: tuple[str, ...] | None = None) -> list[dict]:
     """The fused TopK kernels at ``seq`` tokens, 12 heads of 64 channels, batch of 64 groups in ``dtype``:
-    the forward in each of ``tilings`` (default: all; with ``ablations`` also without its select), the
-    dK/dV and dQ kernels. ``fp32`` lowers as the library launches it on a GPU (IEEE dots, 16 rows)."""
+    the forward in each of ``tilings`` (default: all; with ``ablations`` also with the radix select and
+    without a select), the backward in each of ``bwd_tilings`` (default: the default one). ``fp32`` lowers
+    as the library launches it on a GPU (IEEE dots, 16 rows; :data:`BWD_FP32`)."""
     import triton
 
     from mixedae_fast.kernels import homologous_attention as ha
 
     att = {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
-    att.update(src_ptr="i32", bits_ptr="i32", lse_ptr="fp32", hc_ptr="fp32", ghc_ptr="fp32", delta_ptr="fp32")
+    att.update(src_ptr="i32", bits_ptr="i32", lse_ptr="fp32", hc_ptr="fp32", ghc_ptr="fp32", dqacc_ptr="fp32")
     H = 12
     # q, k, v as the attention module makes them: views of one [B, L, 3, H, d] projection; dO contiguous
     qkv = (seq * 3 * H * HEAD_DIM, HEAD_DIM, 3 * H * HEAD_DIM)
@@ -82,19 +83,21 @@ def attention_cases(seq: int = L, dtype: str = "bf16", tilings: tuple[str, ...] 
     ints.update(zip(("sdg", "sdh", "sdl"), _strides(64, H, seq, HEAD_DIM)[:3], strict=True))
     ints.update(H=H, L=seq, D=HEAD_DIM, TOPK=min(NV, seq - 1), HC_HEADS=1)  # the HC loss on head 0 (the default)
     ieee = dtype == "fp32"
-    bn, bd, bm, kb = ha._blocks(seq, HEAD_DIM, ieee)
+    bn, bd = ha._blocks(seq, HEAD_DIM)
     fwd = {"ieee": (16, ha.NUM_WARPS)} if ieee else {t: ha.FWD_TILINGS[t] for t in tilings or ha.FWD_TILINGS}
     out = []
     for tiling, (rows, warps) in fwd.items():
-        for select in (True, False) if ablations else (True,):
-            out.append(dict(name=f"topk_fwd[{tiling}{'' if select else ',no-select'}]", fn=ha._fwd_kernel,
-                            consts=dict(BLOCK_M=rows, BLOCK_N=bn, BLOCK_D=bd, HC=True, FP32=ieee, SELECT=select),
+        for select in ha.SELECTS if ablations else ("search",):
+            flag = "" if select == "search" else f",{select}-select" if select == "radix" else ",no-select"
+            out.append(dict(name=f"topk_fwd[{tiling}{flag}]", fn=ha._fwd_kernel,
+                            consts=dict(BLOCK_M=rows, BLOCK_N=bn, BLOCK_D=bd, HC=True, FP32=ieee,
+                                        SELECT=ha.SELECTS[select], MAX_PASSES=ha.MAX_PASSES),
                             ptrs=att, ints=ints, warps=warps))
-    common = dict(HC=True, FP32=ieee, BLOCK_D=bd, WORDS=bn // 32)
-    out.append(dict(name="topk_bwd_dkdv", fn=ha._bwd_dkdv_kernel, ptrs=att, ints=ints, warps=ha.NUM_WARPS,
-                    consts=dict(common, M_BLOCKS=triton.cdiv(seq, bm), BLOCK_M=bm, BLOCK_N=kb)))
-    out.append(dict(name="topk_bwd_dq", fn=ha._bwd_dq_kernel, ptrs=att, ints=ints, warps=ha.NUM_WARPS,
-                    consts=dict(common, BLOCK_M=bm, BLOCK_N=bn)))
+    bwd = {"ieee": ha.BWD_FP32} if ieee else {t: ha.BWD_TILINGS[t] for t in bwd_tilings or (ha.DEFAULT_BWD_TILING,)}
+    for tiling, (keys, rows, warps, stages) in bwd.items():
+        out.append(dict(name=f"topk_bwd[{tiling}]", fn=ha._bwd_kernel, ptrs=att, ints=ints, warps=warps, stages=stages,
+                        consts=dict(HC=True, FP32=ieee, M_BLOCKS=triton.cdiv(seq, rows), N_BLOCKS=triton.cdiv(seq, keys),
+                                    BLOCK_M=rows, BLOCK_N=keys, BLOCK_D=bd, WORDS=bn // 32)))
     return out
 
 
@@ -103,10 +106,11 @@ def cases() -> list[dict]:
     ViT-B/16's shapes, which decide the launcher's specialisation) and ``warps``."""
     import triton
 
+    from mixedae_fast.kernels import homologous_attention as ha
     from mixedae_fast.kernels import patch_mix as pm
     from mixedae_fast.kernels import unmix as um
 
-    out = attention_cases(ablations=True)
+    out = attention_cases(ablations=True, bwd_tilings=tuple(ha.BWD_TILINGS))
     mix = dict(img_ptr="bf16", ids_ptr="i32", mixed_ptr="bf16", tgt_ptr="fp32", mask_ptr="u8")
     grid_w = 224 // PATCH
     ints = dict(zip(("s_b", "s_c", "s_h", "s_w"), _strides(256, 3, 224, 224), strict=True), N=N, GRID_W=grid_w,
@@ -146,7 +150,8 @@ def census(sass: str) -> dict:
             "global": dict(sorted(memory.items()))}
 
 
-def lower(name: str, fn, consts: dict, ptrs: dict, ints: dict, warps: int, scale: str = "fp32") -> dict:
+def lower(name: str, fn, consts: dict, ptrs: dict, ints: dict, warps: int, scale: str = "fp32",
+          stages: int | None = None) -> dict:
     """One kernel lowered for sm_90a, specialised as a real launch would be (:func:`specialise`): ptxas's
     resource report and the SASS census."""
     import triton
@@ -156,7 +161,7 @@ def lower(name: str, fn, consts: dict, ptrs: dict, ints: dict, warps: int, scale
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     sig, consts, attrs = specialise(fn, consts, ptrs, ints, scale)
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **({} if stages is None else {"num_stages": stages})))
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         ptx.write_text(kernel.asm["ptx"])

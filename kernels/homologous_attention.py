@@ -27,19 +27,19 @@ Equivalent PyTorch (:func:`homologous_attention_reference`)::
 
 The fused kernel (:func:`homologous_attention_triton`, ``L <= 256``): one program per (group·head,
 ``BLOCK_M`` query rows) holds the row's scores against every key in one tile (``L`` padded to a power
-of two), finds the K-th largest patch score *exactly* by a 32-step radix select on the scores' ordered
-bit patterns (the largest ``t`` with ``count(s >= score_of(t)) >= K``, greedy from the top bit, each
-count a float compare of the scores: ties at the K-th value are kept, as ``topk_keep_mask``), masks,
-softmaxes, multiplies by V, and in the same pass writes the two HC log-sum-exps, the row's log-sum-exp
-and the keep mask as bits (``L/32`` words a row). The backward (flash-attention style: ``Δ =
-rowsum(dO∘O)``, P recomputed from the saved LSE) reads those bits, so it uses the forward's selection
-exactly whatever its own rounding; one kernel accumulates dK, dV per key block, one dQ per query block
-(no atomics: bitwise reproducible). The HC terms add ``g0·softmax_{k≠q}(s) + g1·softmax_{same}(s)`` to
-dS. On a GPU the dots run in the input dtype (bf16/fp16) with fp32 accumulation, fp32 inputs in IEEE
-fp32; under Triton's interpreter every dot is fp32 (the interpreter miscomputes bf16 math). The
-forward comes in tilings (:data:`FWD_TILINGS`: rows a program x warps, which decide whether a row's
-counts cross warps), chosen per card from a measurement; ``forward_variant(select=False)`` times it
-without the select. Not yet timed on a GPU (docs/kernel_notes.md: what it compiles to).
+of two), finds the K-th largest patch score *exactly* (:func:`_kth_largest_score`: a bracket between two
+of the row's scores, narrowed by interpolated probes, a few passes over the row; ties at the K-th value
+kept, as ``topk_keep_mask``), masks, softmaxes, multiplies by V, and in the same pass writes the two HC
+log-sum-exps, the row's log-sum-exp and the keep mask as bits (``L/32`` words a row). The backward is
+one kernel (:func:`_bwd_kernel`, flash-attention style: S and dP once per tile, ``Δ = rowsum(dO∘O)``
+inside, P from the saved LSE and the keep bits, so it uses the forward's selection exactly whatever its
+own rounding): one program per group·head owns the whole sequence, so dQ, dK and dV are summed in one
+fixed order without atomics (bitwise reproducible). The HC terms add ``g0·softmax_{k≠q}(s) +
+g1·softmax_{same}(s)`` to dS. On a GPU the dots run in the input dtype (bf16/fp16) with fp32
+accumulation, fp32 inputs in IEEE fp32; under Triton's interpreter every dot is fp32 (the interpreter
+miscomputes bf16 math). Both passes come in tilings (:data:`FWD_TILINGS`, :data:`BWD_TILINGS`), chosen per
+card from a measurement; :func:`kernel_variant` picks a tiling or select for benchmarks
+(docs/kernel_notes.md: what they compile to and what a card measured).
 
 The kernels are two ``torch.library`` custom ops (``torch.ops.mixedae_fast.homologous_attention`` and
 ``..._backward``, fake implementations and an autograd formula): ``torch.compile(fullgraph=True)``
@@ -141,22 +141,69 @@ def _score_of(key):
 
 
 @triton.jit
-def _kth_largest_score(s, K):
-    """``s: fp32 [BM, BN]`` (-inf where not a candidate) -> the K-th largest per row, exactly.
+def _kth_largest_radix(s, K):
+    """``s: fp32 [BM, BN]`` (-inf where not a candidate) -> the K-th largest per row, exactly, in 32 fixed steps.
 
     A radix search over the scores' ordered bit patterns (``key``: the bits, the lower 31 flipped for
     negative scores, so keys order as the scores do): the largest key ``t`` with ``count(s >= score_of(t))
     >= K``, the sign bit first, then bits 30..0 greedily (with the sign fixed, setting a lower bit raises
     a two's-complement value). Each step counts by comparing the *scores* with the candidate turned back
-    into a score (``FSET`` + ``FADD``: two instructions a key, where integer compares of the keys took
-    three), which orders as the keys do for every candidate the search visits while the K-th score is
-    finite; -0 and +0 compare equal, as in the reference's ``>=``."""
+    into a score, which orders as the keys do for every candidate the search visits while the K-th score
+    is finite; -0 and +0 compare equal, as in the reference's ``>=``. :func:`_kth_largest_score`'s
+    fallback (and the bench's ``radix-select`` rows)."""
     t = tl.where(tl.sum(tl.where(s >= 0.0, 1.0, 0.0), axis=1) >= K, 0, INT_MIN)
     for i in tl.static_range(31):
         cand = t | (1 << (30 - i))
         count = tl.sum(tl.where(s >= _score_of(cand)[:, None], 1.0, 0.0), axis=1)
         t = tl.where(count >= K, cand, t)
     return _score_of(t)
+
+
+@triton.jit
+def _kth_largest_score(s, cand, K, MAX_PASSES: tl.constexpr):
+    """``s: fp32 [BM, BN]``, ``cand``: the candidate keys (``[1, BN]`` or ``[BM, BN]``; -inf in ``s``
+    elsewhere) -> the K-th largest candidate score per row, exactly, in a few passes over the row.
+
+    A bracket ``lo <= v_K <= hi`` whose ends are both scores of the row, with ``count(s >= lo) >= K >
+    count(s > hi)`` (``lo``: the row's minimum, ``hi`` its maximum, to start). Each pass probes a value
+    ``x`` in ``[lo, hi)`` (interpolated from the two counts: where the K-th of the bracket's elements
+    would sit were they evenly spread) and with one compare per key counts ``c = count(s > x)``, the
+    least score above ``x`` and the greatest at or below it. ``c >= K``: v_K is above ``x``, so ``lo``
+    moves up to that least score (``count(s >= lo) = c``); else ``hi`` moves down to that greatest score.
+    Each pass moves an end past at least one score. A row is settled, with ``v_K = lo``, once
+    ``count(s >= lo) == K`` (exactly K scores at or above an element) or ``lo == hi`` (the ends met on
+    one value: ties at the K-th value, all kept as the reference keeps them). Measured offline on
+    197-token rows (normal, bf16 q·k, quarter-step, Student-t and exponential scores): 4-9 passes a row on
+    average, a 64-row program waiting 7-12 for its slowest. Rows still open after ``MAX_PASSES`` (never
+    seen) are finished by :func:`_kth_largest_radix` (32 fixed steps): exact either way. Only compares
+    decide (no rounding of the interpolation can change the result); fp32 compares keep denormals."""
+    INF: tl.constexpr = float("inf")
+    cand = tl.broadcast_to(cand, s.shape)
+    lo = tl.min(tl.where(cand, s, INF), axis=1)
+    hi = tl.max(tl.where(cand, s, -INF), axis=1)
+    c_lo = tl.sum(tl.where(cand, 1.0, 0.0), axis=1)          # count(s >= lo): every candidate
+    g_hi = tl.zeros_like(c_lo)                                 # count(s > hi)
+    k = tl.full([], K, tl.float32)
+    open_rows = tl.sum(tl.where((c_lo != k) & (lo != hi), 1, 0), axis=0)
+    passes = 0
+    while (open_rows > 0) & (passes < MAX_PASSES):
+        f = (c_lo - k - 0.5) / tl.maximum(c_lo - g_hi - 1.0, 1.0)   # < 0 on settled rows: the guard takes lo
+        x = lo + (hi - lo) * f
+        x = tl.where((x > lo) & (x < hi), x, lo)
+        above = s > x[:, None]
+        c = tl.sum(tl.where(above, 1.0, 0.0), axis=1)
+        least_above = tl.min(tl.where(above, s, INF), axis=1)
+        most_below = tl.max(tl.where(above, -INF, s), axis=1)
+        up = c >= k
+        lo = tl.where(up, least_above, lo)
+        c_lo = tl.where(up, c, c_lo)
+        hi = tl.where(up, hi, most_below)
+        g_hi = tl.where(up, g_hi, c)
+        open_rows = tl.sum(tl.where((c_lo != k) & (lo != hi), 1, 0), axis=0)
+        passes += 1
+    if open_rows > 0:
+        lo = tl.where((c_lo != k) & (lo != hi), _kth_largest_radix(s, K), lo)
+    return lo
 
 
 @triton.jit
@@ -197,9 +244,10 @@ def _keep_bits(bits_ptr, bh, rows, cols, col0, L, WORDS: tl.constexpr):
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
                 sqg, sqh, sql, skg, skh, skl, svg, svh, svl, H, L, D, TOPK, HC_HEADS, scale,
                 HC: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, SELECT: tl.constexpr = True):
+                BLOCK_D: tl.constexpr, SELECT: tl.constexpr, MAX_PASSES: tl.constexpr):
     """One program: group·head ``bh`` (axis 0) x ``BLOCK_M`` query rows (axis 1), all keys at once.
-    ``SELECT=False`` keeps every patch key (no TopK: an ablation that times the select, never trained)."""
+    ``SELECT``: 2 the bracketing search (:func:`_kth_largest_score`), 1 the 32-step radix search, 0 every
+    patch key kept (no TopK: an ablation that times the select, never trained)."""
     bh = tl.program_id(0).to(tl.int64)
     g, h = bh // H, bh % H
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -219,9 +267,12 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, src_ptr, o_ptr, lse_ptr, hc_ptr, bits_ptr,
             tl.store(hc_ptr + hc_row, _hc_lse(s, other), mask=patch)
             tl.store(hc_ptr + hc_row + 1, _hc_lse(s, same), mask=patch)
     s_cls = tl.sum(tl.where((cols == 0)[None, :], s, 0.0), axis=1)   # the CLS key's score, kept aside
-    s = tl.where(((cols >= 1) & (cols < L))[None, :], s, float("-inf"))   # the patch keys only
-    if SELECT:
-        keep = (s >= _kth_largest_score(s, TOPK)[:, None]) | (cols == 0)[None, :]
+    cand = ((cols >= 1) & (cols < L))[None, :]
+    s = tl.where(cand, s, float("-inf"))   # the patch keys only
+    if SELECT == 2:
+        keep = (s >= _kth_largest_score(s, cand, TOPK, MAX_PASSES)[:, None]) | (cols == 0)[None, :]
+    elif SELECT == 1:
+        keep = (s >= _kth_largest_radix(s, TOPK)[:, None]) | (cols == 0)[None, :]
     else:
         keep = (cols < L)[None, :] & (rows >= 0)[:, None]
     keep = tl.where((rows == 0)[:, None], (cols < L)[None, :], keep)   # the CLS query sees every key
@@ -267,66 +318,60 @@ def _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_ptr, ghc_ptr, bits_ptr,
-                     dk_ptr, dv_ptr, sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, HC_HEADS,
-                     scale,
-                     HC: tl.constexpr, FP32: tl.constexpr, M_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORDS: tl.constexpr):
-    """One program: group·head ``bh`` x ``BLOCK_N`` keys, looping over every query block."""
+def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, src_ptr, hc_ptr, ghc_ptr, bits_ptr, dq_ptr, dk_ptr, dv_ptr,
+                dqacc_ptr, sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, HC_HEADS, scale,
+                HC: tl.constexpr, FP32: tl.constexpr, M_BLOCKS: tl.constexpr, N_BLOCKS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORDS: tl.constexpr):
+    """The whole backward of one group·head ``bh`` in one program (flash-attention style, no atomics).
+
+    For each key block in order (``N_BLOCKS`` of ``BLOCK_N`` keys, their dK and dV in registers), for
+    each query block (``M_BLOCKS`` of ``BLOCK_M`` rows): S and dP once; Δ = rowsum(dO∘O) from the block's
+    dO and O (no pass before); P from the saved LSE and the forward's keep bits; dS (plus the HC terms
+    in the loss's heads); dV += Pᵀ dO, dK += dSᵀ Q, and the block's share of dQ = dS K, summed over the
+    key blocks in their fixed order in an fp32 scratch row of this program's own (``dqacc``; the last
+    key block adds its share and writes dQ). One program owns every key and query of its head, so the
+    sums run in one order whatever the scheduling: bitwise reproducible."""
     bh = tl.program_id(0).to(tl.int64)
     g, h = bh // H, bh % H
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
-    c_ok = (cols < L)[:, None] & (dd < D)[None, :]
-    k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
-    v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for i in range(M_BLOCKS):  # constexpr trip count: the interpreter rejects runtime ones
-        rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
-        r_ok = rows < L
-        q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
-        do = _load_tile(do_ptr, g, h, sdg, sdh, sdl, rows, dd, L, D)
-        lse = tl.load(lse_ptr + bh * L + rows, mask=r_ok, other=0.0)
-        delta = tl.load(delta_ptr + bh * L + rows, mask=r_ok, other=0.0)
-        p, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols,
-                             tl.program_id(1) * BLOCK_N, L, HC_HEADS, scale, HC, FP32, WORDS)
-        if FP32:
-            dv += _mm(tl.trans(p), do, FP32)
-            dk += _mm(tl.trans(ds), q, FP32)
-        else:
-            dv += _mm(tl.trans(p.to(do.dtype)), do, FP32)
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32)
-    out = (bh * L + cols)[:, None] * D + dd[None, :]
-    tl.store(dk_ptr + out, (dk * _fp32(scale)).to(dk_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=c_ok)
-
-
-@triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, src_ptr, hc_ptr, ghc_ptr, bits_ptr, dq_ptr,
-                   sqg, sqh, sql, skg, skh, skl, svg, svh, svl, sdg, sdh, sdl, H, L, D, HC_HEADS, scale,
-                   HC: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, WORDS: tl.constexpr):
-    """One program: group·head ``bh`` x ``BLOCK_M`` query rows, all keys at once."""
-    bh = tl.program_id(0).to(tl.int64)
-    g, h = bh // H, bh % H
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
-    do = _load_tile(do_ptr, g, h, sdg, sdh, sdl, rows, dd, L, D)
-    k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
-    v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
-    lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
-    delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
-    _, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols, 0, L,
-                         HC_HEADS, scale, HC, FP32, WORDS)
-    if FP32:
-        dq = _mm(ds, k, FP32)
-    else:
-        dq = _mm(ds.to(k.dtype), k, FP32)
-    dq = (dq * _fp32(scale)).to(dq_ptr.dtype.element_ty)
-    tl.store(dq_ptr + (bh * L + rows)[:, None] * D + dd[None, :], dq, mask=(rows < L)[:, None] & (dd < D)[None, :])
+    d_ok = (dd < D)[None, :]
+    for j in tl.static_range(N_BLOCKS):
+        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_ptr, g, h, skg, skh, skl, cols, dd, L, D)
+        v = _load_tile(v_ptr, g, h, svg, svh, svl, cols, dd, L, D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for i in range(M_BLOCKS):  # constexpr trip count: the interpreter rejects runtime ones
+            rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+            r_ok = rows < L
+            q = _load_tile(q_ptr, g, h, sqg, sqh, sql, rows, dd, L, D)
+            do = _load_tile(do_ptr, g, h, sdg, sdh, sdl, rows, dd, L, D)
+            o = tl.load(o_ptr + (bh * L + rows)[:, None] * D + dd[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            lse = tl.load(lse_ptr + bh * L + rows, mask=r_ok, other=0.0)
+            p, ds = _grad_scores(q, k, v, do, lse, delta, src_ptr, hc_ptr, ghc_ptr, bits_ptr, bh, g, h, rows, cols,
+                                 j * BLOCK_N, L, HC_HEADS, scale, HC, FP32, WORDS)
+            if FP32:
+                dv += _mm(tl.trans(p), do, FP32)
+                dk += _mm(tl.trans(ds), q, FP32)
+                dq = _mm(ds, k, FP32)
+            else:
+                dv += _mm(tl.trans(p.to(do.dtype)), do, FP32)
+                dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32)
+                dq = _mm(ds.to(k.dtype), k, FP32)
+            acc = dqacc_ptr + (bh * M_BLOCKS * BLOCK_M + rows)[:, None] * BLOCK_D + dd[None, :]
+            if j > 0:
+                dq += tl.load(acc, cache_modifier=".cg")
+            if j == N_BLOCKS - 1:
+                tl.store(dq_ptr + (bh * L + rows)[:, None] * D + dd[None, :],
+                         (dq * _fp32(scale)).to(dq_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok)
+            else:
+                tl.store(acc, dq)
+        out = (bh * L + cols)[:, None] * D + dd[None, :]
+        c_ok = (cols < L)[:, None] & d_ok
+        tl.store(dk_ptr + out, (dk * _fp32(scale)).to(dk_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=c_ok)
+        tl.debug_barrier()  # this key block's dQ shares are in dqacc before any thread reads them
 
 
 def _strides(t: torch.Tensor):
@@ -349,23 +394,19 @@ def _check(q, k, v, src, topk):
     return G, H, L, d
 
 
-def _blocks(L: int, d: int, ieee: bool):
-    """(BLOCK_N, BLOCK_D, BLOCK_M, key block of the dK/dV kernel): every key in one power-of-two tile
-    of >= 32 (whole bit words), 32 query rows. The backward's tiles are untuned (no GPU yet); checked with
-    sm_90 ptxas, 8 warps: at L = 197, d = 64 bf16 dQ takes 240 registers, dK/dV 200, neither spills.
-    Compiled fp32 (IEEE dots, no tensor cores) takes 16 rows, and spills a little even so (30-80 KB at 32
-    rows). The forward's rows and warps are a tiling (below)."""
-    block_n = max(32, triton.next_power_of_2(L))
-    return block_n, max(16, triton.next_power_of_2(d)), 16 if ieee else 32, 32 if ieee else min(64, block_n)
+def _blocks(L: int, d: int):
+    """(BLOCK_N, BLOCK_D) of the forward: every key in one power-of-two tile of >= 32 (whole bit words),
+    the head dim padded to a power of two >= 16."""
+    return max(32, triton.next_power_of_2(L)), max(16, triton.next_power_of_2(d))
 
 
 NUM_WARPS = 8
 
 # The forward kernel's tilings, (query rows a program, warps), by name. Lowered for sm_90 at L = 197,
 # d = 64 bf16 (``python -m mixedae_fast.benchmarks.kernel_sass``; docs/kernel_notes.md has the figures):
-#   m32w8   Triton's mma v2 layout puts the 8 warps side by side along the 256 keys, so every row count
-#           of the 32-step select crosses warps through shared memory (136 barriers in the kernel)
-#   m64w4   one warpgroup of wgmma: each warp owns 16 whole rows, a row count stays inside its warp (13)
+#   m32w8   Triton's mma v2 layout puts the 8 warps side by side along the 256 keys, so every row
+#           reduction of the select crosses warps through shared memory
+#   m64w4   one warpgroup of wgmma: each warp owns 16 whole rows, a row reduction stays inside its warp
 #   m128w8  two warpgroups, the same per warp
 # Which one is fastest is measured per card (``bench_attention --triton-tilings``); the card's
 # attention_backends.json ``topk`` entry names it (``triton_tiling``); other cards take DEFAULT_TILING.
@@ -373,54 +414,84 @@ NUM_WARPS = 8
 # and so the last bits of bf16 results, may differ between them, so a card keeps one.
 FWD_TILINGS = {"m32w8": (32, 8), "m64w4": (64, 4), "m128w8": (128, 8)}
 DEFAULT_TILING = "m32w8"
-_VARIANT = {"tiling": None, "select": True}
+# The backward's tilings, (keys a key block, query rows a block, warps, pipeline stages): one program a
+# group·head walks its key blocks, each over every query block. More keys a block: fewer fp32 dQ shares
+# through the scratch row (one key block: none) but larger dK/dV accumulators in registers. Lowered for
+# sm_90 at L = 197, d = 64 bf16, these spill no register but the last (124 bytes); 64-row query blocks
+# spilled 0.4-2.7 KB at every key block and warp count tried (docs/kernel_notes.md). Chosen per card as
+# the forward's (``triton_bwd_tiling``); fp32 compiled (IEEE dots, no tensor cores) takes BWD_FP32.
+BWD_TILINGS = {"n128m32w8": (128, 32, 8, 2), "n64m32w4": (64, 32, 4, 1), "n128m16w8": (128, 16, 8, 1),
+               "n256m16w16": (256, 16, 16, 1)}
+DEFAULT_BWD_TILING = "n128m32w8"
+BWD_FP32 = (64, 16, 8, 1)
+SELECTS = {"search": 2, "radix": 1, "none": 0}   # the forward's SELECT constexpr
+MAX_PASSES = 24  # the search's passes before the radix search finishes the rows still open (none seen past 14)
+_VARIANT = {"tiling": None, "select": "search", "bwd_tiling": None}
 
 
 @contextlib.contextmanager
-def forward_variant(tiling: str | None = None, select: bool = True):
+def kernel_variant(tiling: str | None = None, select: str = "search", bwd_tiling: str | None = None):
     """Within the block, the fused forward runs ``tiling`` (a name of :data:`FWD_TILINGS`; ``None``: the
-    card's) and, with ``select=False``, keeps every patch key instead of the TopK ones: an ablation that
-    times the select, not TopK attention. For benchmarks; the default everywhere else."""
+    card's), its K-th value search ``select`` (``search``: the bracketing search, the default; ``radix``:
+    the 32-step radix search it falls back on; ``none``: every patch key kept, an ablation that times the
+    select and is not TopK attention), and the backward ``bwd_tiling`` (:data:`BWD_TILINGS`; ``None``: the
+    card's). For benchmarks and tests; the defaults everywhere else."""
     if tiling is not None and tiling not in FWD_TILINGS:
         raise ValueError(f"unknown tiling {tiling!r}; choose from {', '.join(FWD_TILINGS)}")
+    if select not in SELECTS:
+        raise ValueError(f"unknown select {select!r}; choose from {', '.join(SELECTS)}")
+    if bwd_tiling is not None and bwd_tiling not in BWD_TILINGS:
+        raise ValueError(f"unknown backward tiling {bwd_tiling!r}; choose from {', '.join(BWD_TILINGS)}")
     saved = dict(_VARIANT)
-    _VARIANT.update(tiling=tiling, select=select)
+    _VARIANT.update(tiling=tiling, select=select, bwd_tiling=bwd_tiling)
     try:
         yield
     finally:
         _VARIANT.update(saved)
 
 
-def tiling_in(table: dict, card: str) -> str:
-    """The forward tiling an attention_backends.json ``table`` names for ``card``, else DEFAULT_TILING."""
+def tiling_in(table: dict, card: str, key: str = "triton_tiling") -> str:
+    """The tiling an attention_backends.json ``table`` names for ``card`` (``key``: ``triton_tiling``, the
+    forward's, or ``triton_bwd_tiling``, the backward's), else the default one."""
+    names, default = (FWD_TILINGS, DEFAULT_TILING) if key == "triton_tiling" else (BWD_TILINGS, DEFAULT_BWD_TILING)
     entry = table["devices"].get(card, {}).get("topk")
-    name = entry.get("triton_tiling", DEFAULT_TILING) if isinstance(entry, dict) else DEFAULT_TILING
-    if name not in FWD_TILINGS:
-        raise ValueError(f"attention_backends.json: {card!r} names the tiling {name!r}, not one of "
-                         f"{', '.join(FWD_TILINGS)}")
+    name = entry.get(key, default) if isinstance(entry, dict) else default
+    if name not in names:
+        raise ValueError(f"attention_backends.json: {card!r} names the {'backward ' * (names is BWD_TILINGS)}"
+                         f"tiling {name!r}, not one of {', '.join(names)}")
     return name
 
 
 @functools.cache
-def table_tiling(card: str) -> str:
-    """The forward tiling measured fastest on ``card``: :func:`tiling_in` of the shipped table."""
+def table_tiling(card: str, key: str = "triton_tiling") -> str:
+    """The tiling measured fastest on ``card``: :func:`tiling_in` of the shipped table."""
     table = importlib.resources.files("mixedae_fast") / "attention_backends.json"
-    return tiling_in(json.loads(table.read_text("utf-8")), card)
+    return tiling_in(json.loads(table.read_text("utf-8")), card, key)
 
 
-def card_tiling(device: torch.device) -> str:
-    """The tiling the forward runs on ``device`` by default: the card's from the table on CUDA, else
-    DEFAULT_TILING."""
+def card_tiling(device: torch.device, key: str = "triton_tiling") -> str:
+    """The tiling (the forward's, or with ``key="triton_bwd_tiling"`` the backward's) that runs on
+    ``device`` by default: the card's from the table on CUDA, else the default one."""
     device = torch.device(device)
-    return table_tiling(torch.cuda.get_device_name(device)) if device.type == "cuda" else DEFAULT_TILING
+    if device.type == "cuda":
+        return table_tiling(torch.cuda.get_device_name(device), key)
+    return DEFAULT_TILING if key == "triton_tiling" else DEFAULT_BWD_TILING
 
 
 def forward_tiling(q: torch.Tensor, interpreted: bool) -> tuple[int, int]:
     """(query rows, warps) of the forward for ``q``: fp32 compiled (IEEE dots) 16 rows on 8 warps; else
-    :func:`forward_variant`'s tiling, or :func:`card_tiling`."""
+    :func:`kernel_variant`'s tiling, or :func:`card_tiling`."""
     if q.dtype == torch.float32 and not interpreted:
         return 16, NUM_WARPS
     return FWD_TILINGS[_VARIANT["tiling"] or card_tiling(q.device)]
+
+
+def backward_tiling(q: torch.Tensor, interpreted: bool) -> tuple[int, int, int, int]:
+    """(keys a key block, query rows a block, warps, stages) of the backward for ``q``: :data:`BWD_FP32` for fp32
+    compiled; else :func:`kernel_variant`'s backward tiling, or the card's."""
+    if q.dtype == torch.float32 and not interpreted:
+        return BWD_FP32
+    return BWD_TILINGS[_VARIANT["bwd_tiling"] or card_tiling(q.device, "triton_bwd_tiling")]
 
 
 def _scale(d: int) -> float:
@@ -444,7 +515,7 @@ def homologous_attention_forward(q, k, v, src, topk: int, hc_heads: int):
     HC rows for the first ``hc_heads`` heads (0: none)."""
     G, H, L, d = _check(q, k, v, src, topk)
     interpreted = _interpreted(_fwd_kernel)
-    block_n, block_d, _, _ = _blocks(L, d, False)
+    block_n, block_d = _blocks(L, d)
     block_m, num_warps = forward_tiling(q, interpreted)
     (q, *sq), (k, *sk), (v, *sv) = _strides(q), _strides(k), _strides(v)
     dev = q.device
@@ -456,44 +527,42 @@ def homologous_attention_forward(q, k, v, src, topk: int, hc_heads: int):
     grid = (G * H, triton.cdiv(L, block_m))
     _fwd_kernel[grid](q, k, v, src, out, lse, hc_rows, bits, *sq, *sk, *sv, H, L, d, topk, hc_heads, _scale(d),
                       HC=hc_heads > 0, FP32=q.dtype == torch.float32 or interpreted, BLOCK_M=block_m,
-                      BLOCK_N=block_n, BLOCK_D=block_d, SELECT=_VARIANT["select"], num_warps=num_warps)
+                      BLOCK_N=block_n, BLOCK_D=block_d, SELECT=SELECTS[_VARIANT["select"]], MAX_PASSES=MAX_PASSES,
+                      num_warps=num_warps)
     return out.to(q.dtype), lse, hc_rows if hc_heads else None, bits
 
 
 def backward_stages(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
-    """The backward as named stages ``[(name, run)]`` and the ``(dq, dk, dv)`` buffers they fill: run in
-    order, each ``run()`` does its part (``delta``: Δ = rowsum(dO∘O); ``dkdv``, ``dq``: the two kernels).
-    :func:`homologous_attention_backward` runs them all; ``bench_attention --parts`` times each alone."""
+    """The backward as named stages ``[(name, run)]`` and the ``(dq, dk, dv)`` buffers they fill, run in
+    order: one, ``backward`` (:func:`_bwd_kernel`, Δ inside). :func:`homologous_attention_backward` runs
+    them; ``bench_attention --parts`` times each alone."""
     G, H, L, d = q.shape
-    interpreted = _interpreted(_bwd_dq_kernel)
-    block_n, block_d, block_m, key_block = _blocks(L, d, q.dtype == torch.float32 and not interpreted)
+    interpreted = _interpreted(_bwd_kernel)
+    _, block_d = _blocks(L, d)
+    block_n, block_m, num_warps, num_stages = backward_tiling(q, interpreted)
+    words = _blocks(L, d)[0] // 32
     (q, *sq), (k, *sk), (v, *sv), (do, *sd) = _strides(q), _strides(k), _strides(v), _strides(do)
+    out = out.contiguous()
     dev = q.device
-    delta = torch.empty(G * H, L, dtype=torch.float32, device=dev)
     hc = grad_hc is not None
     hc_heads = grad_hc.shape[0] // G if hc else 0
-    ghc = grad_hc.float().contiguous() if hc else delta
-    hc_rows = hc_rows if hc else delta
+    ghc = grad_hc.float().contiguous() if hc else lse
+    hc_rows = hc_rows if hc else lse
     src = src.to(device=dev, dtype=torch.int32).contiguous()
-    buf = _buffer_dtype(q.dtype, _bwd_dq_kernel)
+    buf = _buffer_dtype(q.dtype, _bwd_kernel)
     dq, dk, dv = (torch.empty(G, H, L, d, dtype=buf, device=dev) for _ in range(3))
-    common = dict(HC=hc, FP32=q.dtype == torch.float32 or interpreted, BLOCK_D=block_d, WORDS=block_n // 32,
-                  num_warps=NUM_WARPS)
+    m_blocks, n_blocks = triton.cdiv(L, block_m), triton.cdiv(L, block_n)
+    # each program's dQ shares between key blocks (fp32, its own rows); none with one key block
+    dqacc = torch.empty(G * H, m_blocks * block_m, block_d, dtype=torch.float32, device=dev) if n_blocks > 1 else lse
 
-    def run_delta():
-        delta.copy_((do.float() * out.float()).sum(-1).reshape(G * H, L))
+    def run():
+        _bwd_kernel[(G * H,)](
+            q, k, v, out, do, lse, src, hc_rows, ghc, bits, dq, dk, dv, dqacc, *sq, *sk, *sv, *sd, H, L, d, hc_heads,
+            _scale(d), HC=hc, FP32=q.dtype == torch.float32 or interpreted, M_BLOCKS=m_blocks, N_BLOCKS=n_blocks,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, WORDS=words, num_warps=num_warps,
+            num_stages=num_stages)
 
-    def run_dkdv():
-        _bwd_dkdv_kernel[(G * H, triton.cdiv(L, key_block))](
-            q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dk, dv, *sq, *sk, *sv, *sd, H, L, d, hc_heads,
-            _scale(d), M_BLOCKS=triton.cdiv(L, block_m), BLOCK_M=block_m, BLOCK_N=key_block, **common)
-
-    def run_dq():
-        _bwd_dq_kernel[(G * H, triton.cdiv(L, block_m))](
-            q, k, v, do, lse, delta, src, hc_rows, ghc, bits, dq, *sq, *sk, *sv, *sd, H, L, d, hc_heads, _scale(d),
-            BLOCK_M=block_m, BLOCK_N=block_n, **common)
-
-    return [("delta", run_delta), ("dkdv", run_dkdv), ("dq", run_dq)], (dq, dk, dv)
+    return [("backward", run)], (dq, dk, dv)
 
 
 def homologous_attention_backward(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits):
@@ -518,7 +587,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.
 @_attention_op.register_fake
 def _(q, k, v, src, topk, hc_heads):
     G, H, L, d = _check(q, k, v, src, topk)
-    block_n = _blocks(L, d, False)[0]
+    block_n = _blocks(L, d)[0]
     lse = q.new_empty(G * H, L, dtype=torch.float32)
     hc_rows = q.new_empty(G * hc_heads, L - 1, 2, dtype=torch.float32) if hc_heads else \
         q.new_empty(0, dtype=torch.float32)

@@ -26,9 +26,13 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+SHA_FILE = ".git_sha"  # written beside .git by `bash benchmarks/device_check.sh prepare`, for a copy without .git
+
+
 def git_sha() -> str:
-    """The checkout's short SHA (``+dirty`` with uncommitted changes to tracked files);
-    ``MIXEDAE_GIT_SHA`` where the copy has no .git (the lent GPU machine); else ``unknown``."""
+    """The checkout's short SHA (``+dirty`` with uncommitted changes to tracked files); where the copy has
+    no .git (the lent GPU machine): ``MIXEDAE_GIT_SHA``, else the ``.git_sha`` file at the repository's
+    root that ``benchmarks/device_check.sh prepare`` wrote from the checkout; else ``unknown``."""
     if os.environ.get("MIXEDAE_GIT_SHA"):
         return os.environ["MIXEDAE_GIT_SHA"]
     here = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +42,11 @@ def git_sha() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, check=True, cwd=here, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        try:
+            with open(os.path.join(os.path.dirname(here), SHA_FILE), encoding="utf-8") as f:
+                return f.read().strip() or "unknown"
+        except OSError:
+            return "unknown"
     return sha + ("+dirty" if dirty else "")
 
 

@@ -15,6 +15,16 @@ ensure_torchvision()
 HAS_CUDA = torch.cuda.is_available()
 
 
+def pytest_runtest_logreport(report):
+    """With ``MIXEDAE_FAILURE_LOG=FILE`` (benchmarks/device_check.sh sets it), each failure's report is
+    appended to FILE the moment it arrives (with pytest-xdist: on the controller), so a run cut short still
+    says what failed and why."""
+    path = os.environ.get("MIXEDAE_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"== FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -496,12 +496,12 @@ def test_topk_keep_set_is_exact_on_runs_of_adjacent_floats(backend, run):
 def test_every_forward_tiling_keeps_the_exact_set_on_adjacent_floats(tiling):
     """The fused kernel's other tilings (one row per warp's lanes, scores rebuilt from their keys) keep
     exactly the brute force's keys too: signed zeros, denormals and ties (the hardest runs)."""
-    from mixedae_fast.kernels.homologous_attention import forward_variant
+    from mixedae_fast.kernels.homologous_attention import kernel_variant
     r, n = 3, 7
     for run in ("mixed", "tiny"):
         q, k, v, scores = _adjacent_case(RUNS[run], r, n)
         for K in (1, 11):
-            with torch.no_grad(), forward_variant(tiling):
+            with torch.no_grad(), kernel_variant(tiling):
                 w, _ = topk_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), HomologousMask(r, n, K), False,
                                       "triton")
             assert torch.equal(w[0, :, 1:, 1:1 + r * n].cpu() > 0, _brute_force_keep(scores, K)), (run, K)

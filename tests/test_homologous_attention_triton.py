@@ -255,24 +255,54 @@ def test_every_forward_tiling_computes_the_contract(tiling):
     bf16 on a GPU: one compile a tiling."""
     dtype = torch.bfloat16 if CUDA else torch.float32
     q, k, v, src, up_out, up_hc = _case(2, 2, 4, 49, 16, dtype, seed=5)
-    with ha.forward_variant(tiling):
+    with ha.kernel_variant(tiling):
         got = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
     _assert_matches(got, _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc), dtype)
 
 
+@pytest.mark.parametrize("bwd_tiling", sorted(ha.BWD_TILINGS))
+def test_every_backward_tiling_computes_the_contract(bwd_tiling):
+    """Each backward tiling (one, two, four or eight key blocks at L = 197: dQ summed through the scratch
+    rows, or written at once): every gradient, through the output and the HC rows together."""
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, k, v, src, up_out, up_hc = _case(2, 2, 4, 49, 16, dtype, seed=8)
+    with ha.kernel_variant(bwd_tiling=bwd_tiling):
+        got = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
+    _assert_matches(got, _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc), dtype)
+
+
+@pytest.mark.parametrize("passes", [0, 1, 2])
+def test_rows_the_search_leaves_open_are_finished_exactly(passes, monkeypatch):
+    """``MAX_PASSES`` cut short (0: every row, 1-2: most rows still open): the radix search finishes the
+    open rows, the settled ones keep theirs, and the keep set is the reference's (quarter-step scores: ties
+    at the K-th value in many rows). The 32-step radix select alone (the bench's ``radix-select``) too."""
+    monkeypatch.setattr(ha, "MAX_PASSES", passes)
+    q, k, v, src, up_out, up_hc = _case(1, 2, 4, 12, 16, torch.float32, seed=9)
+    ref = homologous_attention_reference(q, k, v, src, 7, True)
+    with torch.no_grad():
+        for select in ("search", "radix"):
+            with ha.kernel_variant(select=select):
+                out, hc_rows = homologous_attention_triton(q, k, v, src, 7, True)
+            torch.testing.assert_close(out, ref[0], **_tol(torch.float32))
+            torch.testing.assert_close(hc_rows, ref[1], **_tol(torch.float32, "hc"))
+
+
 def test_select_ablation_keeps_every_patch_key_and_is_scoped():
-    """``select=False`` (the bench's ablation row) is attention over every key, i.e. TopK with K = r*n,
+    """``select="none"`` (the bench's ablation row) is attention over every key, i.e. TopK with K = r*n,
     whatever K it is handed; outside the block the kernel selects again."""
     q, k, v, src, up_out, up_hc = _case(1, 2, 4, 4, 16, torch.float32, seed=2)
-    with ha.forward_variant(select=False):
+    with ha.kernel_variant(select="none"):
         got = _grads(_kernel, q, k, v, src, 3, up_out, up_hc)
     _assert_matches(got, _grads(homologous_attention_reference, q, k, v, src, 16, up_out, up_hc), torch.float32)
-    assert ha._VARIANT == {"tiling": None, "select": True}
+    assert ha._VARIANT == {"tiling": None, "select": "search", "bwd_tiling": None}
     out3, _ = homologous_attention_triton(q, k, v, src, 3, False)
     torch.testing.assert_close(out3, homologous_attention_reference(q, k, v, src, 3)[0], **_tol(torch.float32))
-    with pytest.raises(ValueError, match="unknown tiling 'm16w2'; choose from m32w8"):
-        with ha.forward_variant("m16w2"):
-            pass
+    for bad, match in ((dict(tiling="m16w2"), "unknown tiling 'm16w2'; choose from m32w8"),
+                       (dict(select="sort"), "unknown select 'sort'; choose from search"),
+                       (dict(bwd_tiling="n1m1w1"), "unknown backward tiling 'n1m1w1'; choose from n128m32w8")):
+        with pytest.raises(ValueError, match=match):
+            with ha.kernel_variant(**bad):
+                pass
 
 
 def test_the_table_names_a_cards_tiling(tmp_path):
@@ -286,6 +316,12 @@ def test_the_table_names_a_cards_tiling(tmp_path):
     with pytest.raises(ValueError, match="'D' names the tiling 'm7w1'"):
         ha.tiling_in(table, "D")
     assert ha.table_tiling("no such card") == ha.DEFAULT_TILING   # the shipped table parses
+    table["devices"]["A"]["topk"]["triton_bwd_tiling"] = "n64m32w4"
+    assert ha.tiling_in(table, "A", "triton_bwd_tiling") == "n64m32w4"
+    assert ha.tiling_in(table, "B", "triton_bwd_tiling") == ha.DEFAULT_BWD_TILING
+    table["devices"]["A"]["topk"]["triton_bwd_tiling"] = "m64w4"
+    with pytest.raises(ValueError, match="'A' names the backward tiling 'm64w4'"):
+        ha.tiling_in(table, "A", "triton_bwd_tiling")
 
 
 # -- compiled for a GPU without one ---------------------------------------------------------------
@@ -303,7 +339,9 @@ _AOT = textwrap.dedent("""
             row = lower(**case)
             print(dtype, seq, row["kernel"], row["spill_stores"], row["spill_loads"], row["global"].get("LDG.E.128", 0))
     # every other tiling a card's table may name lowers too (ViT-B bf16); its spills are printed, not judged
-    for case in attention_cases(tilings=tuple(t for t in ha.FWD_TILINGS if t != ha.DEFAULT_TILING))[:-2]:
+    others = tuple(t for t in ha.FWD_TILINGS if t != ha.DEFAULT_TILING)
+    bwd = tuple(t for t in ha.BWD_TILINGS if t != ha.DEFAULT_BWD_TILING)
+    for case in attention_cases(tilings=others, bwd_tilings=bwd):
         row = lower(**case)
         print("tiling", row["kernel"], row["spill_stores"], row["spill_loads"])
 """)
@@ -313,23 +351,23 @@ _AOT = textwrap.dedent("""
 def test_kernels_compile_for_sm90_without_spills_in_bf16():
     """The interpreter runs Python: it cannot tell whether a kernel lowers for a GPU. Triton compiles
     for a target without one (its bundled ptxas; benchmarks/kernel_sass.py specialises each kernel as a
-    real launch would): every kernel at ViT-B's L = 197, d = 64 for sm_90 (the forward in its default
-    tiling, and in every other tiling it must at least lower), in bf16 / fp16 without register spills (at
-    most 16 bytes in the forward: at ViT-B bf16 ptxas spills 8 bytes to fit 128 registers, two 8-warp
-    programs an SM, rather than take 177 registers and one) and with 16-byte loads (fp32's IEEE dots
-    spill a little; they are not the training path), and with the softmax scale handed over as a
-    float64 (as inductor once did) still in fp32."""
+    real launch would): both kernels at ViT-B's L = 197, d = 64 for sm_90 in their default tilings (every
+    other tiling must at least lower), in bf16 / fp16 without register spills (at most 16 bytes in the
+    forward) and with 16-byte loads (fp32's IEEE dots spill a little; they are not the training path), and
+    with the softmax scale handed over as a float64 (as inductor once did) still in fp32."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    assert lines[0] == "fp64 scale lowers" and len(lines) == 10 + len(ha.FWD_TILINGS) - 1, run.stdout
-    for line in lines[1:10]:
+    others = len(ha.FWD_TILINGS) - 1 + len(ha.BWD_TILINGS) - 1
+    assert lines[0] == "fp64 scale lowers" and len(lines) == 7 + others, run.stdout
+    for line in lines[1:7]:
         dtype, _, kernel, stores, loads, wide = line.split()
         if dtype != "fp32":  # the forward may spill a register or two: ptxas keeps 2 programs an SM that way
             assert int(stores) <= (16 if "fwd" in kernel else 0) and int(wide) > 0, line
-    assert [line.split()[1] for line in lines[10:]] == [f"topk_fwd[{t}]" for t in ha.FWD_TILINGS
-                                                        if t != ha.DEFAULT_TILING]
+    assert [line.split()[1] for line in lines[7:]] == [f"topk_fwd[{t}]" for t in ha.FWD_TILINGS
+                                                       if t != ha.DEFAULT_TILING] + \
+        [f"topk_bwd[{t}]" for t in ha.BWD_TILINGS if t != ha.DEFAULT_BWD_TILING]
 
 
 # -- GPU: the shapes that matter --------------------------------------------------------------------
