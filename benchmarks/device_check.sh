@@ -32,6 +32,8 @@ if [[ ${1:-} == prepare ]]; then
   echo "wrote .git_sha: $sha (carry it: run(carry=[\".git_sha\"], ...))"
   exit 0
 fi
+# the code's SHA: the device copy may carry a stale .git of its own, so the prepared file wins there
+[[ -f .git_sha && -z ${MIXEDAE_GIT_SHA:-} ]] && export MIXEDAE_GIT_SHA=$(cat .git_sha)
 out=${OUT:-device-out}
 mkdir -p "$out"
 log="$out/log.txt"
