@@ -45,7 +45,7 @@ from mixedae_fast.attention import (
     topk_attention,
     xformers_problem,
 )
-from mixedae_fast.benchmarks.common import median_ms, result_head
+from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
 from mixedae_fast.config import MixingConfig
 from mixedae_fast.kernels import homologous_attention as fused
 
@@ -303,18 +303,15 @@ def _table_row_cli(path: str, write: bool) -> int:
     return 0
 
 
-CSV_FIELDS = ["shape", "mode", "backend", "tiling", "bwd_tiling", "select", "ablation", "part", "G", "H", "L", "d", "K", "fwd_ms", "bwd_ms",
-              "fwd_bwd_ms", "ms", "vs_baseline", "correct", "max_err", "peak_mem_mib", "skipped", "skipped_bwd",
-              "error"]
+CSV_FIELDS = ["shape", "mode", "backend", "tiling", "bwd_tiling", "select", "ablation", "part", "G", "H", "L", "d",
+              "K", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "ms", "vs_baseline", "correct", "max_err", "peak_mem_mib",
+              "skipped", "skipped_bwd", "error"]
 
 
 def write_result(result: dict, out: Path, csv_too: bool = True) -> None:
     """The result as JSON at ``out`` and (``csv_too``) CSV beside it, each replaced whole (written after every
     row, so a run cut short keeps the rows that finished)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(result, out)
     if not csv_too:
         return
     header = {k: result[k] for k in ("device", "torch", "triton", "xformers", "git_sha", "date", "dtype")}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.benchmarks.common import median_ms, result_head
+from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
 from mixedae_fast.config import derive, load_config
 from mixedae_fast.device import resolve_precision
 from mixedae_fast.kernels.patch_mix import (
@@ -188,11 +188,7 @@ def main(argv=None) -> int:
                 print(f"{batch:>6} kernels {ms:.3f} ms = {ms / step_ms:.2%} of a {step_ms:.1f} ms TopK step")
         result["batches"].append(res)
         if args.out:  # after every batch: a run cut short keeps the batches that finished
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2))
-            tmp.replace(out)
+            write_json(result, args.out)
     return 0
 
 

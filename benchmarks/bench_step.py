@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 
 import torch
 
-from mixedae_fast.benchmarks.common import median_ms, result_head
+from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
 from mixedae_fast.config import load_config
 from mixedae_fast.device import resolve_precision
 from mixedae_fast.models import build_model
@@ -80,9 +79,8 @@ def main(argv=None) -> int:
         result["rows"][mode] = row
         print(f"{mode:<8}{row['ms_per_step']:>10.1f} ms{row['img_per_s']:>10.0f} img/s"
               + (f"{row['peak_mem_gib']:>8.1f} GiB" if "peak_mem_gib" in row else ""), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        if args.out:  # after every row: a run cut short keeps the rows that finished
+            write_json(result, args.out)
     return 0
 
 

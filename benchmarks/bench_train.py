@@ -37,14 +37,13 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from mixedae_fast.benchmarks.common import Clock, result_head
+from mixedae_fast.benchmarks.common import Clock, result_head, write_json
 from mixedae_fast.config import derive, load_config
 from mixedae_fast.device import resolve_precision
 from mixedae_fast.models import build_model
@@ -294,10 +293,7 @@ CSV_FIELDS = ("row", "mode", "variant", "source", "loader", "ms_per_step", "img_
 
 
 def _write_outputs(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "bench_train.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "bench_train.json")
+    write_json(result, out / "bench_train.json")
     with open(out / "bench_train.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
@@ -392,8 +388,7 @@ def main(argv=None) -> int:
                     _write_outputs(result, Path(args.out))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    if args.out:
-        _write_outputs(result, Path(args.out))
+    if args.out:  # written after each row
         print(f"results: {args.out}/bench_train.{{json,csv,png}}")
     return 0
 

@@ -54,6 +54,19 @@ def batches(loader):
         epoch += 1
 
 
+def write_json(result: dict, path) -> None:
+    """``result`` as JSON at ``path``, replaced whole (a temporary file beside it, then a rename): the
+    benchmarks write after every row, so a run killed at any moment leaves the rows that finished."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+
+
 def result_head(benchmark: str, device: torch.device, command: list[str], argv=None, **fields) -> dict:
     """The first fields of a result file: ``benchmark``, provenance (date, git SHA, host, machine,
     command, device, versions), ``torch``, then ``fields``. ``command``: how it was invoked without its

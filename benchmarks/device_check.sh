@@ -3,24 +3,30 @@
 #
 #   bash benchmarks/device_check.sh prepare     here, in the checkout, before the calls: writes .git_sha (the
 #                                               code's SHA, for a copy without .git); carry it with each call
-#   STAGES="tests attention kernels" bash benchmarks/device_check.sh        call 1 (~5 min with the start)
-#   STAGES="train large" bash benchmarks/device_check.sh                    call 2 (~5 min with the start)
+#   STAGES="attention train" bash benchmarks/device_check.sh     call 1: ~7.5 min at most with the start
+#   STAGES="tests kernels" bash benchmarks/device_check.sh      call 2, at once after it: ~4 min at most
+# Limits sum to 425 + 200 s: with two starts (~35 s each on 2026-12-04) the plan fits 15 minutes with
+# over 3 to spare. Seen on an H200 (2026-12-04): tests 111 s, attention rows 45 s (once compiled), train
+# 171 s; the parts, which compile every variant first (9 forwards, 4 backwards), did not finish in 45 s.
 #
-# Stages, run in the order given, each under its own time limit (LIMIT_<STAGE>=seconds overrides it):
+# Stages, run in the order given, each under its own time limit (LIMIT_<STAGE>=seconds overrides it;
+# TILINGS / BWD_TILINGS narrow the fused kernel's forward / backward tilings, default all):
 #   tests      the GPU tests of the kernels, attention backends, compile and model files, in parallel
-#              (pytest -n 8, 120 s a test); each failure's report lands in failures.txt as it happens
-#   attention  ViT-B/16 alone: the fused kernel's parts (forward per tiling and select variant, the backward
-#              per tiling), then every attention backend's forward+backward against plain SDPA, each row
-#              checked for correctness; then the card's attention_backends.json row (written into this
-#              machine's copy of the table, so `train` runs the tilings just measured fastest)
+#              (pytest -n 8, 120 s a test) against the committed tables; each failure's report lands in
+#              failures.txt as it happens
+#   attention  ViT-B/16 alone: the fused kernel's parts timed alone (the forward per tiling and select
+#              variant, the backward per tiling: where the time goes), then every attention backend's
+#              forward+backward against plain SDPA, each row checked for correctness; then the card's
+#              attention_backends.json row, written into this copy's table so that `train` runs the
+#              tilings just measured fastest (the committed table is back when the script ends)
 #   kernels    the mixing kernels' bandwidth (bench_kernels, batch 256 and 1024) and their table row
 #   train      mixedae-fast bench, compiled: our MAE mode vs MixedAE with the fused kernel, ViT-B/16
-#   large      the attention rows at 256 groups and ViT-L (optional: after everything else)
+#   large      the attention rows at 256 groups and ViT-L (optional: only with time to spare)
 # Every benchmark rewrites its result file after each row, so a stage killed at its limit keeps the rows
 # that finished; each stage appends "name rc seconds" to stages.txt when it ends (rc 124: killed).
-# Results go to $OUT (or ./device-out): at most 8 files come back from a call, so each call writes:
-#   call 1: log.txt stages.txt failures.txt parts.json bench_attention.json attention_row.json
-#           bench_kernels.json kernel_row.json            call 2: log.txt stages.txt bench_train.json large.json
+# Results go to $OUT (or ./device-out); at most 8 files come back from a call:
+#   call 1: log.txt stages.txt parts.json bench_attention.json attention_row.json bench_train.json
+#   call 2: log.txt stages.txt failures.txt bench_kernels.json kernel_row.json (large.json)
 # DRY=1: the same stages on a CPU with tiny shapes through Triton's interpreter (tests/test_device_check.py).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,13 +48,20 @@ py=${PYTHON:-python3}
 dry=${DRY:-0}
 if [[ $dry == 1 ]]; then
   export TRITON_INTERPRET=1
-  shape=tiny; kcfg=(--config cpu_tiny --batch 8 --iters 2 --warmup 1); iters=(--warmup 1 --iters 2)
+  shape=tiny; kcfg=(--config cpu_tiny --batch 8 --iters 2 --warmup 1 --triton); iters=(--warmup 1 --iters 2)
+  tilings=${TILINGS:-m64w4}; bwd_tilings=${BWD_TILINGS:-n64m32w4}
   tcfg=(--config cpu_tiny --batch 8 --modes mixedae --compile eager --warmup 1 --windows 1 --steps 1
         --breakdown-steps 0 --model.depth=1)
 else
   shape=vit_b; kcfg=(--config vit_base --batch 256,1024); iters=()
+  tilings=${TILINGS:-all}; bwd_tilings=${BWD_TILINGS:-all}
   tcfg=(--config vit_base --batch 256 --modes mae,mixedae --compile compiled --warmup 3 --windows 3 --steps 10)
 fi
+
+# `attention` writes its row into this copy's attention_backends.json (so `train` runs the tilings just
+# measured fastest); the shipped table comes back when the script ends, so `tests` read what is committed
+table=mixedae_fast/attention_backends.json
+shipped=$(mktemp) && cp "$table" "$shipped" && trap 'cp "$shipped" "$table"; rm -f "$shipped"' EXIT
 
 stage() {  # stage NAME DEFAULT_SECONDS COMMAND...: run under its limit, tee into the log, record rc and time
   local name=$1 limit=$2 start=$SECONDS rc var
@@ -68,9 +81,10 @@ fi
 "$py" -c "import torch, triton; from mixedae_fast.provenance import git_sha; print('torch', torch.__version__, \
 'triton', triton.__version__, 'git', git_sha())" | tee -a "$log"
 
-for name in ${STAGES:-tests attention kernels}; do
+for name in ${STAGES:-attention train}; do
   case $name in
     tests)
+      cp "$shipped" "$table"   # the committed table (tests check what it says), after any --write
       opts=(-q -rfE --tb=short)
       "$py" -c "import xdist, pytest_timeout" 2>/dev/null && opts+=(-n "${TEST_WORKERS:-8}" --timeout 120)
       if [[ $dry == 1 ]]; then files=(tests/test_homologous_attention_triton.py -k "errors or table_names")
@@ -78,10 +92,10 @@ for name in ${STAGES:-tests attention kernels}; do
                   tests/test_gpu.py tests/test_patch_mix_triton.py tests/test_unmix_triton.py); fi
       MIXEDAE_FAILURE_LOG="$out/failures.txt" stage tests 120 "$py" -m pytest "${opts[@]}" "${files[@]}" ;;
     attention)
-      stage parts 45 "$py" -m mixedae_fast.benchmarks.bench_attention --shapes "$shape" --only-parts \
-        --triton-tilings all --bwd-tilings all --ablate-select "${iters[@]}" --no-csv --out "$out/parts.json"
-      stage attention 90 "$py" -m mixedae_fast.benchmarks.bench_attention --shapes "$shape" --triton-tilings all \
-        --bwd-tilings all --ablate-select "${iters[@]}" --no-csv --out "$out/bench_attention.json" \
+      stage parts 120 "$py" -m mixedae_fast.benchmarks.bench_attention --shapes "$shape" --only-parts \
+        --triton-tilings "$tilings" --bwd-tilings "$bwd_tilings" --ablate-select "${iters[@]}" --no-csv --out "$out/parts.json"
+      stage attention 90 "$py" -m mixedae_fast.benchmarks.bench_attention --shapes "$shape" \
+        --triton-tilings "$tilings" --bwd-tilings "$bwd_tilings" --ablate-select "${iters[@]}" --no-csv --out "$out/bench_attention.json" \
         --rows topk:triton,none:sdpa,topk:sdpa,topk:flex,oracle:sdpa,oracle:flex,none:flex,topk:eager,none:eager,oracle:eager
       if [[ -f $out/bench_attention.json ]]; then
         write=(--write); [[ $dry == 1 ]] && write=()

@@ -95,9 +95,10 @@ def attention_cases(seq: int = L, dtype: str = "bf16", tilings: tuple[str, ...] 
                             ptrs=att, ints=ints, warps=warps))
     bwd = {"ieee": ha.BWD_FP32} if ieee else {t: ha.BWD_TILINGS[t] for t in bwd_tilings or (ha.DEFAULT_BWD_TILING,)}
     for tiling, (keys, rows, warps, stages) in bwd.items():
-        out.append(dict(name=f"topk_bwd[{tiling}]", fn=ha._bwd_kernel, ptrs=att, ints=ints, warps=warps, stages=stages,
-                        consts=dict(HC=True, FP32=ieee, M_BLOCKS=triton.cdiv(seq, rows), N_BLOCKS=triton.cdiv(seq, keys),
-                                    BLOCK_M=rows, BLOCK_N=keys, BLOCK_D=bd, WORDS=bn // 32)))
+        consts = dict(HC=True, FP32=ieee, M_BLOCKS=triton.cdiv(seq, rows), N_BLOCKS=triton.cdiv(seq, keys),
+                      BLOCK_M=rows, BLOCK_N=keys, BLOCK_D=bd, WORDS=bn // 32)
+        out.append(dict(name=f"topk_bwd[{tiling}]", fn=ha._bwd_kernel, ptrs=att, ints=ints, warps=warps,
+                        stages=stages, consts=consts))
     return out
 
 
@@ -161,7 +162,8 @@ def lower(name: str, fn, consts: dict, ptrs: dict, ints: dict, warps: int, scale
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     sig, consts, attrs = specialise(fn, consts, ptrs, ints, scale)
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **({} if stages is None else {"num_stages": stages})))
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=warps, **({} if stages is None else {"num_stages": stages})))
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         ptx.write_text(kernel.asm["ptx"])

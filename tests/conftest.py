@@ -20,7 +20,7 @@ def pytest_runtest_logreport(report):
     appended to FILE the moment it arrives (with pytest-xdist: on the controller), so a run cut short still
     says what failed and why."""
     path = os.environ.get("MIXEDAE_FAILURE_LOG")
-    if path and report.failed:
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):   # once, on the controller
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"== FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
 

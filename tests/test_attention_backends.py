@@ -251,7 +251,7 @@ def test_backend_lists_and_auto_table():
         assert resolve_backend("auto", "cpu", mode) == table["cpu"][mode]
 
 
-@pytest.mark.parametrize("name,want", [("NVIDIA H200", dict(none="sdpa", oracle="sdpa", topk="flex")),
+@pytest.mark.parametrize("name,want", [("NVIDIA H200", dict(none="sdpa", oracle="flex", topk="triton")),
                                        ("Some Future GPU", dict(none="sdpa", oracle="sdpa", topk="eager"))])
 def test_auto_on_cuda_reads_the_table_by_device_name(monkeypatch, name, want):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)

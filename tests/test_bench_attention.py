@@ -115,26 +115,44 @@ def test_table_row_refuses_bad_result_files(tmp_path, capsys, edit, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
-def test_tiling_rows_and_the_select_ablation(tmp_path):
-    """``--triton-tilings`` times the fused kernel once per forward tiling (each row says its tiling and
-    is checked against eager); ``--ablate-select`` adds the same kernel without its select, flagged as an
-    ablation (not TopK, so never correct at K < r*n)."""
+def test_tiling_rows_select_variants_and_parts(tmp_path):
+    """``--triton-tilings`` times the fused kernel once per forward tiling and ``--bwd-tilings`` once per
+    other backward tiling (each row says its tilings and is checked against eager); ``--ablate-select``
+    adds each forward tiling with the radix select (TopK: correct) and without a select (an ablation: not
+    TopK, so never correct at K < r*n); ``--parts`` times the forward variants and the backward alone."""
     out = tmp_path / "bench_attention.json"
     assert bench_attention.main(["--shapes", "tiny", "--rows", "topk:triton,topk:eager", "--triton-tilings",
-                                 "m32w8,m64w4", "--ablate-select", "--warmup", "0", "--iters", "1",
-                                 "--out", str(out)]) == 0
-    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["baseline", "triton[m32w8]", "triton[m64w4]", "triton[m32w8,no-select]",
-                          "triton[m64w4,no-select]", "eager"]
+                                 "m32w8,m64w4", "--bwd-tilings", "n64m32w4", "--ablate-select", "--parts",
+                                 "--warmup", "0", "--iters", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert list(rows) == ["baseline", "triton[m32w8]", "triton[m64w4]", "triton[m32w8,n64m32w4]",
+                          "triton[m32w8,no-select]", "triton[m32w8,radix-select]", "triton[m64w4,no-select]",
+                          "triton[m64w4,radix-select]", "eager"]
     for name in ("m32w8", "m64w4"):
         assert rows[f"triton[{name}]"]["tiling"] == name and rows[f"triton[{name}]"]["correct"] is True
         ablation = rows[f"triton[{name},no-select]"]
         assert ablation["tiling"] == name and ablation["ablation"] is True and ablation["correct"] is False
+        radix = rows[f"triton[{name},radix-select]"]
+        assert (radix["select"], radix["ablation"], radix["correct"]) == ("radix", False, True)
+    assert rows["triton[m32w8,n64m32w4]"]["bwd_tiling"] == "n64m32w4" and rows["triton[m32w8,n64m32w4]"]["correct"]
+    parts = [(p["tiling"], p.get("bwd_tiling"), p["part"]) for p in result["parts"]]
+    assert parts == [("m32w8", None, "fwd"), ("m32w8", None, "fwd_radix"), ("m32w8", None, "fwd_no_select"),
+                     ("m64w4", None, "fwd"), ("m64w4", None, "fwd_radix"), ("m64w4", None, "fwd_no_select"),
+                     ("m32w8", "n64m32w4", "backward"), ("m32w8", "n64m32w4", "sum")]
+    assert all(p["ms"] > 0 for p in result["parts"])
+    assert out.with_suffix(".csv").read_text().count("\n") == 1 + len(rows) + len(parts)
     assert bench_attention.ROWS.count(("topk", "triton")) == 1   # the module's row list is not edited
     with pytest.raises(SystemExit):
         bench_attention.main(["--shapes", "tiny", "--triton-tilings", "m16w2"])
-    with pytest.raises(ValueError, match="unknown row 'triton\\[m16w2\\]'"):
-        bench_attention.variant("triton[m16w2]")
+    with pytest.raises(SystemExit):
+        bench_attention.main(["--shapes", "tiny", "--bwd-tilings", "m64w4"])
+    for bad in ("triton[m16w2]", "triton[m64w4,n64m32w4,n128m16w8]", "triton[m64w4,no-select,radix-select]",
+                "triton[m64w4,sorted]"):
+        with pytest.raises(ValueError, match="unknown row"):
+            bench_attention.variant(bad)
+    assert bench_attention.variant("triton[m64w4,n64m32w4,radix-select]") == \
+        ("triton", {"tiling": "m64w4", "select": "radix", "bwd_tiling": "n64m32w4"})
 
 
 def test_table_row_names_the_fastest_tiling_and_skips_ablations(tmp_path):
@@ -147,8 +165,14 @@ def test_table_row_names_the_fastest_tiling_and_skips_ablations(tmp_path):
                                       {"ablation": True, "correct": False})):
         for shape in ("vit_b", "vit_l"):
             result["rows"].append({**_row(shape, "topk", label, ms), "tiling": tiling, **extra})
+    result["rows"] += [{**_row(shape, "topk", "triton[m64w4,radix-select]", 0.5), "tiling": "m64w4",
+                        "select": "radix"} for shape in ("vit_b", "vit_l")]   # correct, but not the kernel's select
     entry = bench_attention.table_row(result, "r.json")["NVIDIA Test Card"]["topk"]
-    assert (entry["backend"], entry["triton_tiling"]) == ("triton", "m64w4")
+    assert (entry["backend"], entry["triton_tiling"]) == ("triton", "m64w4") and "triton_bwd_tiling" not in entry
+    for row in result["rows"]:
+        if row["backend"] == "triton[m64w4]":
+            row["bwd_tiling"] = "n64m32w4"
+    assert bench_attention.table_row(result, "r.json")["NVIDIA Test Card"]["topk"]["triton_bwd_tiling"] == "n64m32w4"
     assert "triton[m64w4] fwd+bwd vit_b 1.100 ms" in entry["measured"]
     from mixedae_fast.kernels.homologous_attention import tiling_in
     assert tiling_in({"devices": {"NVIDIA Test Card": {"topk": entry}}}, "NVIDIA Test Card") == "m64w4"

@@ -122,6 +122,31 @@ def test_bench_train_rows_fields_and_files(tmp_path):
     assert (out / "bench_train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_train_records_a_failing_row_and_goes_on(tmp_path, monkeypatch):
+    """A row that fails (here: its runner, as a compile error would) is recorded with its error, the rows
+    after it still run, and the result files are written after each row."""
+    from mixedae_fast.benchmarks import bench_train
+
+    real = bench_train.StepRunner
+    written = []
+    write = bench_train._write_outputs
+
+    def runner(cfg, *args, **kwargs):
+        if cfg.mixing.group_size == 1:   # the MAE-mode row
+            raise RuntimeError("inductor: a compile error")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(bench_train, "StepRunner", runner)
+    monkeypatch.setattr(bench_train, "_write_outputs", lambda result, out: (written.append(len(result["rows"])),
+                                                                           write(result, out)))
+    result, out = _bench_train(tmp_path, "--modes", "mae,mixedae", "--source", "synthetic", "--breakdown-steps", "0")
+    failed, ok = result["rows"]["mae/eager/synthetic"], result["rows"]["mixedae/eager/synthetic"]
+    assert failed["error"] == "RuntimeError: inductor: a compile error" and "ms_per_step" not in failed
+    assert ok["ms_per_step"] > 0 and ok["vs_official"] is None
+    assert written == [1, 2]
+    assert "inductor: a compile error" in (out / "bench_train.csv").read_text()
+
+
 @pytest.mark.slow
 def test_bench_train_compiled_row(tmp_path):
     result, _ = _bench_train(tmp_path, "--modes", "mixedae", "--source", "synthetic", "--compile", "both")

@@ -40,4 +40,7 @@ def test_vit_base_bf16_forward_backward():
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
-    assert len(out["stats"]) == 12 * 5
+    blocks = {key.split("/", 1)[0] for key in out["stats"]}
+    names = {key.split("/", 1)[1] for key in out["stats"]}
+    assert blocks == {f"ha{i}" for i in range(12)}, "every block is a TopK block and reports its statistics"
+    assert len(out["stats"]) == 12 * len(names) and "recognition" in names

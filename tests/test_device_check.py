@@ -1,0 +1,92 @@
+"""benchmarks/device_check.sh, the GPU plan, in its dry mode (``DRY=1``: tiny shapes on the CPU through
+Triton's interpreter): each stage writes its result files, a stage killed at its limit keeps the rows
+that finished and the stages after it still run, and ``prepare`` hands the code's SHA to a copy without
+.git. A GPU window is minutes a month: the script must not come back empty."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "device_check.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="the script needs bash and coreutils' timeout")
+
+
+def _run(out: Path, stages: str, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DRY": "1", "OUT": str(out), "PYTHON": sys.executable, "STAGES": stages,
+           "MIXEDAE_GIT_SHA": "", **env}
+    return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _stages(out: Path) -> dict[str, int]:
+    return {line.split()[0]: int(line.split()[1]) for line in (out / "stages.txt").read_text().splitlines()}
+
+
+@pytest.mark.slow  # ~40 s: every stage once, the fused kernel through the interpreter
+def test_every_stage_writes_its_files(tmp_path):
+    run = _run(tmp_path, "attention kernels train")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert _stages(tmp_path) == {"parts": 0, "attention": 0, "attention_row": 0, "kernels": 0, "kernel_row": 0,
+                                 "train": 0}
+    parts = json.loads((tmp_path / "parts.json").read_text())["parts"]
+    assert {p["part"] for p in parts} == {"fwd", "fwd_radix", "fwd_no_select", "backward", "sum"}
+    rows = json.loads((tmp_path / "bench_attention.json").read_text())["rows"]
+    fused = [r for r in rows if r["backend"].startswith("triton")]
+    assert fused and all(r["correct"] for r in fused if not r["ablation"]), fused
+    assert "topk" in next(iter(json.loads((tmp_path / "attention_row.json").read_text()).values()))
+    assert json.loads((tmp_path / "kernel_row.json").read_text())
+    assert json.loads((tmp_path / "bench_kernels.json").read_text())["batches"]
+    assert "mixedae/eager/synthetic" in json.loads((tmp_path / "bench_train.json").read_text())["rows"]
+    assert not (tmp_path / "train").exists()   # the bench's folder is folded into bench_train.json
+    assert len(list(tmp_path.iterdir())) <= 8, "more files than a device call brings back"
+    log = (tmp_path / "log.txt").read_text()
+    assert "== attention (limit 90s)" in log and "== stages (name rc seconds)" in log
+
+
+@pytest.mark.slow  # ~25 s
+def test_a_killed_stage_keeps_its_finished_rows_and_the_next_stage_runs(tmp_path):
+    """The attention stage cut at 15 s (the fused kernel's rows take ~10 s each through the interpreter,
+    the baseline row well under a second after the imports): its JSON holds the rows that finished, the
+    stage is recorded as killed (124), and the kernels stage after it still runs and writes."""
+    run = _run(tmp_path, "attention kernels", LIMIT_PARTS="1", LIMIT_ATTENTION="15", TILINGS="m32w8,m64w4,m128w8")
+    assert run.returncode == 0, run.stderr[-2000:]
+    stages = _stages(tmp_path)
+    assert stages["parts"] == 124 and stages["attention"] == 124 and stages["kernels"] == 0, stages
+    rows = json.loads((tmp_path / "bench_attention.json").read_text())["rows"]
+    assert rows and rows[0]["backend"] == "baseline" and "fwd_bwd_ms" in rows[0]
+    assert len(rows) < 14, "the stage was meant to be cut before its last row"
+    assert not list(tmp_path.glob("*.tmp")), "a result file is replaced whole, never left half written"
+    assert json.loads((tmp_path / "bench_kernels.json").read_text())["batches"]
+
+
+def test_prepare_writes_the_sha_a_copy_without_git_reports(tmp_path):
+    """``prepare`` writes .git_sha in the checkout; a copy of the package without .git reports it."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    sha_file = ROOT / ".git_sha"
+    saved = sha_file.read_text() if sha_file.exists() else None
+    try:
+        run = subprocess.run(["bash", str(SCRIPT), "prepare"], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        sha = sha_file.read_text().strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()
+        assert sha.removesuffix("+dirty") == head
+        copy = tmp_path / "copy"
+        shutil.copytree(ROOT / "mixedae_fast", copy / "mixedae_fast", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(sha_file, copy / ".git_sha")
+        env = {k: v for k, v in os.environ.items() if k not in ("MIXEDAE_GIT_SHA", "PYTHONPATH")}
+        env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)   # git finds no repository above the copy
+        got = subprocess.run([sys.executable, "-c", "from mixedae_fast.provenance import git_sha; print(git_sha())"],
+                             capture_output=True, text=True, cwd=copy, env=env, timeout=60)
+        assert got.stdout.strip() == sha, got.stderr
+    finally:
+        if saved is None:
+            sha_file.unlink(missing_ok=True)
+        else:
+            sha_file.write_text(saved)
