@@ -7,12 +7,15 @@ Rows: ``baseline`` (plain SDPA on the full sequence, no mask: the row every rati
 in the same run), then every (mode, backend) of :mod:`mixedae_fast.attention`: ``none`` and ``oracle``
 through sdpa / xformers / flex / eager, ``topk`` (K = n, with the HC row terms of head 0 and their
 gradient, as the default config trains; ``--hc-heads``) through triton / xformers / sdpa / flex / eager.
-``--triton-tilings`` times the fused kernel in each forward tiling, ``--ablate-select`` also without its
-select (the difference is the select's time). Inputs ``q, k, v: [G, H, 1+r*n, d]``
-need gradients; the backward is ``autograd.grad`` of the outputs against random upstream gradients.
+``--triton-tilings`` times the fused kernel in each forward tiling, ``--bwd-tilings`` in each backward
+tiling, ``--ablate-select`` also with the 32-step radix select and without a select (the difference is
+the select's time). ``--parts`` (``--only-parts``: without the rows) times each kernel alone, without
+autograd: the forward per tiling and select, the backward per tiling. Inputs ``q, k, v: [G, H, 1+r*n,
+d]`` need gradients; the backward is ``autograd.grad`` of the outputs against random upstream gradients.
 Untimed warm-up (compiles flex and the Triton kernels), then the median of ``--iters`` runs timed
-with CUDA events (wall clock on CPU). A backend that cannot run here gets a row with the reason
-(xformers on CPU; flex's backward on CPU). The result carries device, versions, git SHA, date, command.
+with CUDA events (wall clock on CPU). The result file is rewritten after every row. A backend that
+cannot run here gets a row with the reason (xformers on CPU; flex's backward on CPU). The result carries
+device, versions, git SHA, date, command.
 
 Inputs are multiples of 1/4 in [-3.75, 3.75]: at d = 64 every score is exact in fp32 and in bf16 dots
 with fp32 accumulation, so every path makes the same TopK selection, and each row records whether its

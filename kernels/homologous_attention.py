@@ -160,6 +160,14 @@ def _kth_largest_radix(s, K):
 
 
 @triton.jit
+def _float_below(x):
+    """The largest fp32 value below ``x`` (``x`` finite or +inf, not NaN; below ±0: the negative denormal)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(x > 0, bits - 1, tl.where(x < 0, bits + 1, -2147483647))   # -2147483647: 0x80000001
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _kth_largest_score(s, cand, K, MAX_PASSES: tl.constexpr):
     """``s: fp32 [BM, BN]``, ``cand``: the candidate keys (``[1, BN]`` or ``[BM, BN]``; -inf in ``s``
     elsewhere) -> the K-th largest candidate score per row, exactly, in a few passes over the row.
@@ -167,14 +175,15 @@ def _kth_largest_score(s, cand, K, MAX_PASSES: tl.constexpr):
     A bracket ``lo <= v_K <= hi`` whose ends are both scores of the row, with ``count(s >= lo) >= K >
     count(s > hi)`` (``lo``: the row's minimum, ``hi`` its maximum, to start). Each pass probes a value
     ``x`` in ``[lo, hi)`` (interpolated from the two counts: where the K-th of the bracket's elements
-    would sit were they evenly spread) and with one compare per key counts ``c = count(s > x)``, the
+    would sit were they evenly spread; the float just below ``hi`` where that rounds onto ``hi``, ``lo``
+    itself where it rounds onto ``lo``) and with one compare per key counts ``c = count(s > x)``, the
     least score above ``x`` and the greatest at or below it. ``c >= K``: v_K is above ``x``, so ``lo``
     moves up to that least score (``count(s >= lo) = c``); else ``hi`` moves down to that greatest score.
     Each pass moves an end past at least one score. A row is settled, with ``v_K = lo``, once
     ``count(s >= lo) == K`` (exactly K scores at or above an element) or ``lo == hi`` (the ends met on
-    one value: ties at the K-th value, all kept as the reference keeps them). Measured offline on
-    197-token rows (normal, bf16 q·k, quarter-step, Student-t and exponential scores): 4-9 passes a row on
-    average, a 64-row program waiting 7-12 for its slowest. Rows still open after ``MAX_PASSES`` (never
+    one value: ties at the K-th value, all kept as the reference keeps them). On 196-key rows of six score
+    distributions (``benchmarks/select_passes.py``, the same algorithm in PyTorch): 2-9 passes a row on
+    average, a 64-row program waiting 2-12 for its slowest. Rows still open after ``MAX_PASSES`` (never
     seen) are finished by :func:`_kth_largest_radix` (32 fixed steps): exact either way. Only compares
     decide (no rounding of the interpolation can change the result); fp32 compares keep denormals."""
     INF: tl.constexpr = float("inf")
@@ -189,7 +198,8 @@ def _kth_largest_score(s, cand, K, MAX_PASSES: tl.constexpr):
     while (open_rows > 0) & (passes < MAX_PASSES):
         f = (c_lo - k - 0.5) / tl.maximum(c_lo - g_hi - 1.0, 1.0)   # < 0 on settled rows: the guard takes lo
         x = lo + (hi - lo) * f
-        x = tl.where((x > lo) & (x < hi), x, lo)
+        x = tl.where(x < hi, x, _float_below(hi))    # rounded up onto hi: the float just below it
+        x = tl.where(x > lo, x, lo)                  # down onto lo (or settled): probe lo itself
         above = s > x[:, None]
         c = tl.sum(tl.where(above, 1.0, 0.0), axis=1)
         least_above = tl.min(tl.where(above, s, INF), axis=1)

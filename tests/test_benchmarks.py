@@ -308,3 +308,23 @@ def test_recognition_ceiling_runs_and_writes_its_table(tmp_path, monkeypatch):
     assert "| context |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         recognition_ceiling.main(["--recognisers", "mlp"])
+
+
+def test_select_passes_model_is_exact_and_short():
+    """The K-th value search as benchmarks/select_passes.py models it (the kernel's algorithm in PyTorch):
+    topk's value on every row (continuous, quarter-step, few-level and adjacent-float scores, K = 1, n/4
+    and every key), in far
+    fewer passes than the radix search's 32 steps; cut short, it hands the open rows to topk's value."""
+    from mixedae_fast.benchmarks.select_passes import distributions, main, search_kth
+
+    gen = torch.Generator().manual_seed(0)
+    rows = distributions(256, 196, 64, gen)
+    for name, s in rows.items():
+        s = s.float().contiguous()
+        for k in (1, 49, 196):
+            kth, passes = search_kth(s, k)
+            assert torch.equal(kth, s.topk(k, dim=1).values[:, -1]), (name, k)
+            assert int(passes.max()) <= 16, (name, k, int(passes.max()))
+    kth, passes = search_kth(rows["normal"], 49, max_passes=1)
+    assert torch.equal(kth, rows["normal"].topk(49, dim=1).values[:, -1]) and int(passes.max()) == 1
+    assert main(["--rows", "128"]) == 0

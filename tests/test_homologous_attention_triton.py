@@ -59,7 +59,7 @@ def _tol(dtype, kind="out"):
 # (G, H, r, n, d, K): L = 1 + r*n
 SHAPES = [
     (2, 2, 4, 4, 16, 4),     # L = 17: one query block, keys padded to 32
-    (1, 2, 4, 16, 24, 16),   # L = 65: keys padded to 128 (two backward key blocks), d = 24 padded to 32
+    (1, 2, 4, 16, 24, 16),   # L = 65: keys padded to 128 (one or two backward key blocks), d = 24 padded to 32
     (2, 1, 3, 4, 8, 1),      # K = 1, d = 8 (below tl.dot's 16: padded)
     (1, 3, 5, 13, 16, 65),   # L = 66, K = r*n: every patch key (global attention)
     (2, 2, 1, 12, 16, 5),    # r = 1 (MAE's sequence; HC has no positives)
