@@ -10,7 +10,8 @@
 # 171 s; the parts, which compile every variant first (9 forwards, 4 backwards), did not finish in 45 s.
 #
 # Stages, run in the order given, each under its own time limit (LIMIT_<STAGE>=seconds overrides it;
-# TILINGS / BWD_TILINGS narrow the fused kernel's forward / backward tilings, default all):
+# TILINGS / BWD_TILINGS narrow the fused kernel's forward / backward tilings, default all; ROWS the
+# attention rows, mode:backend pairs):
 #   tests      the GPU tests of the kernels, attention backends, compile and model files, in parallel
 #              (pytest -n 8, 120 s a test) against the committed tables; each failure's report lands in
 #              failures.txt as it happens
@@ -49,12 +50,13 @@ dry=${DRY:-0}
 if [[ $dry == 1 ]]; then
   export TRITON_INTERPRET=1
   shape=tiny; kcfg=(--config cpu_tiny --batch 8 --iters 2 --warmup 1 --triton); iters=(--warmup 1 --iters 2)
-  tilings=${TILINGS:-m64w4}; bwd_tilings=${BWD_TILINGS:-n64m32w4}
+  tilings=${TILINGS:-m64w4}; bwd_tilings=${BWD_TILINGS:-n64m32w4}; rows=${ROWS:-topk:triton,none:sdpa,oracle:sdpa}
   tcfg=(--config cpu_tiny --batch 8 --modes mixedae --compile eager --warmup 1 --windows 1 --steps 1
         --breakdown-steps 0 --model.depth=1)
 else
   shape=vit_b; kcfg=(--config vit_base --batch 256,1024); iters=()
   tilings=${TILINGS:-all}; bwd_tilings=${BWD_TILINGS:-all}
+  rows=${ROWS:-topk:triton,none:sdpa,topk:sdpa,topk:flex,oracle:sdpa,oracle:flex,none:flex,topk:eager,none:eager,oracle:eager}
   tcfg=(--config vit_base --batch 256 --modes mae,mixedae --compile compiled --warmup 3 --windows 3 --steps 10)
 fi
 
@@ -95,8 +97,8 @@ for name in ${STAGES:-attention train}; do
       stage parts 120 "$py" -m mixedae_fast.benchmarks.bench_attention --shapes "$shape" --only-parts \
         --triton-tilings "$tilings" --bwd-tilings "$bwd_tilings" --ablate-select "${iters[@]}" --no-csv --out "$out/parts.json"
       stage attention 90 "$py" -m mixedae_fast.benchmarks.bench_attention --shapes "$shape" \
-        --triton-tilings "$tilings" --bwd-tilings "$bwd_tilings" --ablate-select "${iters[@]}" --no-csv --out "$out/bench_attention.json" \
-        --rows topk:triton,none:sdpa,topk:sdpa,topk:flex,oracle:sdpa,oracle:flex,none:flex,topk:eager,none:eager,oracle:eager
+        --triton-tilings "$tilings" --bwd-tilings "$bwd_tilings" --ablate-select "${iters[@]}" --no-csv \
+        --out "$out/bench_attention.json" --rows "$rows"
       if [[ -f $out/bench_attention.json ]]; then
         write=(--write); [[ $dry == 1 ]] && write=()
         stage attention_row 15 sh -c "'$py' -m mixedae_fast.benchmarks.bench_attention --table-row \

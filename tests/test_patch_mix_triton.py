@@ -194,12 +194,12 @@ def test_auto_follows_the_measured_table_then_the_self_check(monkeypatch):
     monkeypatch.setattr(kt, "_card_name", lambda device: "NVIDIA H200")
     cuda = torch.device("cuda", 0)
     assert pm.use_triton("auto", cuda, op="patch_mix") is False and asked == []   # measured: the reference
-    assert pm.use_triton("auto", cuda, op="unmix") is False and asked == [cuda]   # check failed: the reference
-    assert pm.use_triton("auto", cuda, op="unmix") is True                         # check passed: the kernel
-    assert pm.use_triton("auto", cuda, op="assignment") is True
-    assert pm.use_triton("auto", torch.device("cpu"), op="unmix") is False and len(asked) == 3  # CPU: never asked
+    assert pm.use_triton("auto", cuda, op="unmix") is False and asked == []       # measured: the reference
+    assert pm.use_triton("auto", cuda, op="assignment") is False and asked == [cuda]   # check failed: the reference
+    assert pm.use_triton("auto", cuda, op="assignment") is True                         # check passed: the kernel
+    assert pm.use_triton("auto", torch.device("cpu"), op="assignment") is False and len(asked) == 2  # CPU: never
     monkeypatch.setattr(kt, "_card_name", lambda device: "A card nobody measured")
-    assert not any(pm.use_triton("auto", cuda, op=op) for op in kt.KERNEL_OPS) and len(asked) == 3
+    assert not any(pm.use_triton("auto", cuda, op=op) for op in kt.KERNEL_OPS) and len(asked) == 2
     with pytest.raises(ValueError, match="op 'mix' is not one of assignment, patch_mix, unmix"):
         pm.use_triton("auto", cuda, op="mix")
 
