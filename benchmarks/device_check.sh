@@ -42,7 +42,7 @@ fi
 # the code's SHA: the device copy may carry a stale .git of its own, so the prepared file wins there
 [[ -f .git_sha && -z ${MIXEDAE_GIT_SHA:-} ]] && export MIXEDAE_GIT_SHA=$(cat .git_sha)
 out=${OUT:-device-out}
-mkdir -p "$out"
+mkdir -p "$out" && touch "$out/stages.txt"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}

@@ -91,7 +91,7 @@ def attention_cases(seq: int = L, dtype: str = "bf16", tilings: tuple[str, ...] 
             flag = "" if select == "search" else f",{select}-select" if select == "radix" else ",no-select"
             out.append(dict(name=f"topk_fwd[{tiling}{flag}]", fn=ha._fwd_kernel,
                             consts=dict(BLOCK_M=rows, BLOCK_N=bn, BLOCK_D=bd, HC=True, FP32=ieee,
-                                        SELECT=ha.SELECTS[select], MAX_PASSES=ha.MAX_PASSES),
+                                        SELECT=ha.SELECTS[select], MAX_PASSES=ha.MAX_PASSES, FALLBACK=True),
                             ptrs=att, ints=ints, warps=warps))
     bwd = {"ieee": ha.BWD_FP32} if ieee else {t: ha.BWD_TILINGS[t] for t in bwd_tilings or (ha.DEFAULT_BWD_TILING,)}
     for tiling, (keys, rows, warps, stages) in bwd.items():
