@@ -225,3 +225,79 @@ def test_the_optimizer_applies_each_layers_scale_to_the_scheduled_lr(tiny):
             for name in group_names:
                 assert lr == pytest.approx(sched * decay ** (depth + 1 - layer(name)), rel=1e-12, abs=0), (step, name)
     assert {name for _, ns in seen[0] for name in ns} >= {"cls_token", "blocks.1.attn.qkv.weight", "head"}
+
+
+def test_posterize_keeps_the_high_bits_and_zero_bits_is_black():
+    from PIL import Image, ImageOps
+
+    from mixedae_fast.finetune import posterize
+
+    pic = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    for bits in range(1, 8):
+        assert np.array_equal(np.asarray(posterize(pic, bits)), np.asarray(ImageOps.posterize(pic, bits))), bits
+    assert posterize(pic, 8) is pic
+    black = posterize(pic, 0)
+    assert black.mode == "RGB" and black.size == pic.size and not np.asarray(black).any()
+
+
+def _write_pngs(folder, images, labels):
+    from PIL import Image
+
+    for i, (im, y) in enumerate(zip(images, labels)):
+        (folder / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / str(y) / f"{i}.png")
+
+
+def test_the_mae_recipe_augments_two_thousand_samples(tmp_path, monkeypatch):
+    """Every per-sample and per-batch part of the recipe (crop + flip, timm's RandAugment in the loader,
+    Mixup/CutMix, random erasing) on 2,048 samples: timm 1.0.31 asks for posterize with 0 bits on ~0.15% of
+    them, which Pillow 13 refuses; the set below holds such samples, and they come out black."""
+    import mixedae_fast.finetune as ft
+    from mixedae_fast.pipelines.torch_loader import FileImageLoader
+
+    zero_bits = []
+    real = ft.posterize
+
+    def counted(image, bits, **kw):
+        out = real(image, bits, **kw)
+        if bits <= 0:
+            zero_bits.append(np.asarray(out).max())
+        return out
+
+    monkeypatch.setattr(ft, "posterize", counted)
+    reg = FinetuneConfig().regularisation(depth=12)                    # ViT-B: the mae recipe
+    _write_pngs(tmp_path, *_stripes(64, 5))
+    loader = FileImageLoader(tmp_path, batch_size=64, img_size=16, verify=False,
+                             pil_transform=ft.RandAugmentPIL(reg["auto_augment"], 16, seed=0))
+    mix, criterion = ft._mixing(reg, 0.1, num_classes=2)
+    erase = ft._random_erasing(reg["reprob"], "cpu")
+    seen = 0
+    for epoch in range(32):
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            images, targets = mix(images, labels)
+            images = erase(images)
+            assert torch.isfinite(images).all() and torch.isfinite(criterion(torch.zeros(64, 2), targets))
+            seen += len(images)
+    assert seen == 2048 and loader.substituted == 0
+    assert len(zero_bits) >= 1 and max(zero_bits) == 0, zero_bits     # the case that crashed, now black
+
+
+def test_a_failing_augmentation_is_named_as_such_not_as_missing_data(tmp_path):
+    from mixedae_fast.pipelines.torch_loader import AugmentationError, FileImageLoader
+
+    _write_pngs(tmp_path, *_stripes(8, 3))
+
+    def broken(image, epoch, index):
+        raise ValueError("bits must be between or equal to 1 and 8")
+
+    for workers in (0, 1):
+        loader = FileImageLoader(tmp_path, batch_size=4, img_size=16, verify=False, num_workers=workers,
+                                 pil_transform=broken)
+        with pytest.raises(AugmentationError) as caught:
+            next(iter(loader))
+        message = str(caught.value)
+        assert message.startswith("the augmentation <function"), message
+        assert ".png (sample" in message and "ValueError: bits must be" in message, message
+        assert "bug in the augmentation" in message and "still there" not in message, message
+        assert "\n" not in message and loader.substituted == 0
