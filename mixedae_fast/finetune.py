@@ -18,6 +18,7 @@ Each part can be set on its own and overrides the recipe.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -55,30 +56,56 @@ class FinetuneConfig:
     reprob: float | None = None  # random erasing probability (MAE 0.25); 0 = off
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (+ flip)
     seed: int = 0
+    accum_steps: int = 1  # batches per optimizer step (gradient accumulation): global batch = batch x this x ranks
 
     def __post_init__(self):
         errors = []
-        if self.epochs < 1 or self.batch_size < 2:
-            errors.append(f"epochs = {self.epochs} and batch_size = {self.batch_size}: need epochs >= 1, "
-                          "batch_size >= 2")
-        if (self.blr is not None and self.blr <= 0) or (self.lr is not None and self.lr <= 0):
-            errors.append(f"blr = {self.blr}, lr = {self.lr}: must be > 0")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            errors.append(f"layer_decay = {self.layer_decay}: must be in (0, 1] (1 = no decay)")
-        if not 0 <= (self.drop_path or 0) < 1 or not 0 <= self.label_smoothing < 1:
-            errors.append(f"drop_path = {self.drop_path}, label_smoothing = {self.label_smoothing}: each in [0, 1)")
+
+        def refuse(name: str, rule: str) -> None:
+            flag = "" if name in ("betas", "crop_scale") else f" (--{name.replace('_', '-')})"  # no CLI option
+            errors.append(f"{name} = {getattr(self, name)!r}{flag}: {rule}")
+
+        def number(name: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
+                   fix: str = "") -> None:
+            """A finite number (or None where None means a default) in the range: inf or nan here would
+            train to chance and exit 0."""
+            value = getattr(self, name)
+            if value is None:
+                return
+            ok = (isinstance(value, (int, float)) and math.isfinite(value) and (lo < value if lo_open else lo <= value)
+                  and (value < hi if hi_open else value <= hi))
+            if not ok:
+                span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+                refuse(name, (f"must be a finite number > {lo:g}" if hi == math.inf and lo_open else
+                              f"must be a finite number >= {lo:g}" if hi == math.inf else f"must be in {span}")
+                       + (f" ({fix})" if fix else ""))
+
+        if self.epochs < 1:
+            refuse("epochs", "must be >= 1")
+        if self.batch_size < 2:
+            refuse("batch_size", "must be >= 2 (images a step on each rank)")
+        if self.accum_steps < 1:
+            refuse("accum_steps", "must be >= 1 (batches per optimizer step; 1 = no accumulation)")
+        number("blr", 0, lo_open=True, fix="e.g. --blr 5e-4 as MAE's ViT-B, or leave it out for the default by depth")
+        number("lr", 0, lo_open=True, fix="e.g. --lr 1e-3, or leave it out for blr x global batch / 256")
+        number("layer_decay", 0, 1, lo_open=True, fix="1 = no decay, MAE: 0.65 for ViT-B, 0.75 for ViT-L")
+        number("weight_decay", 0, fix="MAE: 0.05, 0 = none")
+        number("warmup_epochs", 0, fix="MAE: 5")
+        number("min_lr", 0, fix="MAE: 1e-6")
+        number("drop_path", 0, 1, hi_open=True, fix="MAE: 0.1 for ViT-B")
+        number("label_smoothing", 0, 1, hi_open=True, fix="MAE: 0.1")
+        number("mixup", 0, fix="MAE: 0.8, 0 = off")
+        number("cutmix", 0, fix="MAE: 1.0, 0 = off")
+        number("reprob", 0, 1, fix="MAE: 0.25, 0 = off")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            refuse("betas", "must be two numbers in [0, 1)")
         if self.recipe not in (None, *RECIPES):
-            errors.append(f"recipe = {self.recipe!r}: one of {', '.join(RECIPES)}")
-        if (self.mixup or 0) < 0 or (self.cutmix or 0) < 0 or not 0 <= (self.reprob or 0) <= 1:
-            errors.append(f"mixup = {self.mixup}, cutmix = {self.cutmix}, reprob = {self.reprob}: mixup and cutmix "
-                          ">= 0, reprob in [0, 1]")
-        if self.auto_augment not in (None, "none") and not self.auto_augment.startswith("rand"):
-            errors.append(f"auto_augment = {self.auto_augment!r}: a timm RandAugment spec such as "
-                          "'rand-m9-mstd0.5-inc1', or 'none'")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
-            errors.append("warmup_epochs, weight_decay and min_lr must be >= 0")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            errors.append(f"crop_scale = {self.crop_scale}: must be (lo, hi) with 0 < lo <= hi <= 1")
+            refuse("recipe", f"one of {', '.join(RECIPES)}")
+        if self.auto_augment not in (None, "none") and not str(self.auto_augment).startswith("rand"):
+            refuse("auto_augment", "a timm RandAugment spec such as 'rand-m9-mstd0.5-inc1', or 'none'")
+        lo, hi = self.crop_scale
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 1):
+            refuse("crop_scale", "must be (lo, hi) with 0 < lo <= hi <= 1")
         if errors:
             raise ValueError("fine-tune settings: " + "; ".join(errors))
 
@@ -93,11 +120,15 @@ class FinetuneConfig:
             out["auto_augment"] = None
         return out
 
+    def global_batch(self, world_size: int = 1) -> int:
+        """Images an optimizer step: ``batch_size`` (per rank, as MAE's) x ``accum_steps`` x ranks."""
+        return self.batch_size * self.accum_steps * world_size
+
     def peak_lr(self, depth: int, world_size: int = 1) -> float:
-        """``lr``, else ``blr`` x global batch / 256 (``batch_size`` is per rank, as MAE's)."""
+        """``lr``, else ``blr`` x global batch / 256 (MAE's ``eff_batch_size``)."""
         if self.lr is not None:
             return self.lr
-        return (self.blr if self.blr is not None else default_blr(depth)) * self.batch_size * world_size / 256
+        return (self.blr if self.blr is not None else default_blr(depth)) * self.global_batch(world_size) / 256
 
 
 RECIPES = {

@@ -301,3 +301,16 @@ def test_a_failing_augmentation_is_named_as_such_not_as_missing_data(tmp_path):
         assert ".png (sample" in message and "ValueError: bits must be" in message, message
         assert "bug in the augmentation" in message and "still there" not in message, message
         assert "\n" not in message and loader.substituted == 0
+
+
+@pytest.mark.parametrize("name", ["blr", "lr", "layer_decay", "weight_decay", "warmup_epochs", "min_lr", "drop_path",
+                                  "label_smoothing", "mixup", "cutmix", "reprob"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_settings_are_refused_naming_the_option(name, value):
+    """inf or nan passed every range check before (``nan <= 0`` is False): ``--lr inf`` trained to chance."""
+    with pytest.raises(ValueError, match=rf"^fine-tune settings: {name} = {value!r} \(--{name.replace('_', '-')}\): "):
+        FinetuneConfig(**{name: value})
+    with pytest.raises(ValueError, match=r"crop_scale = \(nan, 1.0\): must be"):
+        FinetuneConfig(crop_scale=(float("nan"), 1.0))
+    with pytest.raises(ValueError, match=r"accum_steps = 0 \(--accum-steps\): must be >= 1"):
+        FinetuneConfig(accum_steps=0)
