@@ -17,6 +17,7 @@ Each part can be set on its own and overrides the recipe.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -251,30 +252,69 @@ def layer_decay_groups(model: nn.Module, depth: int, weight_decay: float, layer_
 
 
 @torch.no_grad()
-def top1_accuracy(model: nn.Module, loader, device, amp_dtype=None) -> float:
+def evaluate_classifier(model: nn.Module, loader, device, amp_dtype=None) -> dict:
+    """``{"top1", "top5", "loss", "images"}`` of ``model`` on ``loader``: percent of images whose label is the
+    top logit / among the top five (top-``num_classes`` when there are fewer), mean cross entropy."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    top1 = top5 = loss = torch.zeros((), dtype=torch.float64, device=device)
+    total = 0
     for images, labels in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images.to(device))
-        correct += (logits.argmax(dim=1) == labels.to(device)).sum().item()
+            logits = model(images.to(device)).float()
+        labels = labels.to(device)
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 = top1 + (best[:, 0] == labels).sum()
+        top5 = top5 + (best == labels[:, None]).any(dim=1).sum()
+        loss = loss + F.cross_entropy(logits, labels, reduction="sum").double()
         total += len(labels)
     model.train(was_training)
-    return 100.0 * correct / max(total, 1)
+    n = max(total, 1)
+    return {"top1": 100.0 * top1.item() / n, "top5": 100.0 * top5.item() / n, "loss": loss.item() / n,
+            "images": total}
+
+
+def epoch_line(desc: str, row: dict, epochs: int) -> str:
+    """The line printed after every epoch (with or without the progress bar)."""
+    return (f"{desc} epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, val top-1 "
+            f"{row['val_top1']:.1f} top-5 {row['val_top5']:.1f}, lr {row['lr']:.3g}, {row['img_per_s']:.0f} img/s")
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed the generators the training draws from (Mixup/CutMix: numpy; random erasing: random and torch;
+    drop path: torch) from (seed, epoch, rank), so an epoch draws the same whether it follows the previous
+    one or a resume."""
+    key = hash((seed, epoch, rank)) & (2 ** 63 - 1)
+    torch.manual_seed(key)
+    np.random.seed(key % 2 ** 32)
+    random.seed(key)
 
 
 def finetune(model: nn.Module, train_loader, val_loader, num_classes: int, device, fcfg: FinetuneConfig,
-             amp_dtype=None, progress: bool = True, desc: str = "finetune", dist=None) -> dict:
-    """Fine-tune ``model``'s encoder (taken over, see :class:`ViTClassifier`) on ``train_loader``;
-    val top-1 after every epoch. Returns the figures and the per-epoch history.
+             amp_dtype=None, progress: bool = True, desc: str = "finetune", dist=None, out_dir=None,
+             resume: dict | None = None, record: dict | None = None, epoch_lines: bool = True) -> dict:
+    """Fine-tune ``model``'s encoder (taken over, see :class:`ViTClassifier`) on ``train_loader``; val top-1
+    and top-5 after every epoch, and one line saying so (``epoch_lines``, rank 0). Returns the figures and
+    the per-epoch history.
+
+    ``fcfg.accum_steps`` batches make an optimizer step (their gradients averaged; the last step of an
+    epoch takes what is left); the lr follows the global batch (:meth:`FinetuneConfig.peak_lr`).
+
+    ``out_dir`` (rank 0 writes it; finetune_folder.py): after every epoch a checkpoint
+    ``out_dir/checkpoints/ckpt-<epoch>.pt`` (atomic, the last two kept), and after the last one the
+    classifier as a timm model in ``out_dir/export_timm``. ``resume``: such a checkpoint, loaded
+    (:func:`~mixedae_fast.finetune_folder.load_finetune_checkpoint`): training continues after its epoch and
+    computes what an uninterrupted run computes (the loaders and the generators are keyed by epoch).
+    ``record``: what checkpoints and export keep besides (``model_config``, ``classes``, ``source``...).
 
     ``dist`` (a :class:`~mixedae_fast.distributed.Dist` of several ranks, under torchrun): the
     classifier trains in DDP, ``train_loader`` is this rank's shard, the lr follows the global batch,
     the train loss is averaged over ranks; every rank scores the whole val set (the same weights give
     the same figure), so only rank 0 needs to report."""
-    torch.manual_seed(fcfg.seed)
-    np.random.seed(fcfg.seed)  # timm's Mixup draws from numpy's global generator
+    from mixedae_fast.errors import RunFailure
+    from mixedae_fast.finetune_folder import export_classifier, save_finetune_checkpoint
+
+    torch.manual_seed(fcfg.seed)  # the head's init
     depth = len(model.blocks)
     reg = fcfg.regularisation(depth)
     clf = ViTClassifier(model, num_classes, reg["drop_path"]).to(device)
@@ -285,50 +325,95 @@ def finetune(model: nn.Module, train_loader, val_loader, num_classes: int, devic
     erase = _random_erasing(reg["reprob"], device)
     decay = fcfg.layer_decay if fcfg.layer_decay is not None else default_layer_decay(depth)
     world = dist.world_size if dist is not None else 1
+    rank = dist.rank if dist is not None else 0
+    main = rank == 0
     peak = fcfg.peak_lr(depth, world)
     opt = torch.optim.AdamW(layer_decay_groups(clf, depth, fcfg.weight_decay, decay), lr=peak,
                             betas=tuple(fcfg.betas))
+    history, start = [], 0
+    if resume is not None:
+        clf.load_state_dict(resume["classifier"])
+        opt.load_state_dict(resume["optimizer"])
+        history, start = [dict(r) for r in resume["history"]], int(resume["epoch"])
     train_clf = dist.wrap(clf) if dist is not None else clf
-    steps_per_epoch = len(train_loader)
-    history, step, t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=fcfg.epochs * steps_per_epoch, disable=not progress, desc=desc, unit="step", dynamic_ncols=True)
+    batches = len(train_loader)
+    accum = fcfg.accum_steps
+    steps_per_epoch = -(-batches // accum)
+    step, t_start = start * steps_per_epoch, time.perf_counter()
+    meta = dict(record or {}, settings=dataclasses.asdict(fcfg), regularisation=reg, peak_lr=peak, layer_decay=decay,
+                global_batch=fcfg.global_batch(world), world_size=world, num_classes=num_classes, label=desc)
+    ckpt = resume.get("path") if resume is not None else None  # the newest good checkpoint
+    bar = tqdm(total=(fcfg.epochs - start) * batches, disable=not progress, desc=desc, unit="batch",
+               dynamic_ncols=True)
+    say = (bar.write if progress else lambda line: print(line, flush=True)) if epoch_lines and main else None
     try:
-        for epoch in range(fcfg.epochs):
+        for epoch in range(start, fcfg.epochs):
+            _seed_epoch(fcfg.seed, epoch, rank)
             train_loader.set_epoch(epoch)
             train_clf.train()
-            loss_sum, seen = torch.zeros((), device=device), 0
-            for images, labels in train_loader:
-                lr = lr_at(step / steps_per_epoch, peak, fcfg.warmup_epochs, fcfg.epochs, fcfg.min_lr)
-                for group in opt.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
+            loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            for i, (images, labels) in enumerate(train_loader):
+                k, j = divmod(i, accum)
+                if j == 0:  # the first batch of an optimizer step: its lr, and how many batches it averages
+                    micro = min(accum, batches - k * accum)
+                    lr = lr_at(step / steps_per_epoch, peak, fcfg.warmup_epochs, fcfg.epochs, fcfg.min_lr)
+                    for group in opt.param_groups:
+                        group["lr"] = lr * group["lr_scale"]
                 if mix is not None:
                     images, targets = mix(images, labels)
                 else:
                     targets = labels
                 if erase is not None:
                     images = erase(images)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    logits = train_clf(images)
-                loss = criterion(logits.float(), targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                last = j == micro - 1
+                with dist.no_sync(train_clf, not last) if dist is not None else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                        enabled=amp_dtype is not None):
+                        logits = train_clf(images)
+                    loss = criterion(logits.float(), targets)
+                    (loss / micro if micro > 1 else loss).backward()
+                if last:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
                 loss_sum += loss.detach() * len(labels)
                 seen += len(labels)
-                step += 1
                 bar.update(1)
             mean_loss = loss_sum / max(seen, 1)
             if dist is not None:
                 mean_loss = dist.mean_over_ranks({"loss": mean_loss})[0]["loss"]
-            row = {"epoch": epoch + 1, "train_loss": mean_loss.item(), "lr": lr,
-                   "val_top1": top1_accuracy(clf, val_loader, device, amp_dtype)}
+            train_loss = mean_loss.item()
+            seconds = time.perf_counter() - t0
+            if not math.isfinite(train_loss):
+                good = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint of this fine-tune was written"
+                raise RunFailure(f"fine-tuning diverged: the mean train loss of epoch {epoch + 1} is {train_loss} "
+                                 f"(peak lr {peak:.3g}); no checkpoint was written for it ({good}). Fine-tune again "
+                                 "with a lower --lr / --blr into a new --out")
+            val = evaluate_classifier(clf, val_loader, device, amp_dtype)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr, "val_top1": val["top1"],
+                   "val_top5": val["top5"], "val_loss": val["loss"], "img_per_s": seen * world / max(seconds, 1e-9),
+                   "seconds": seconds}
             history.append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_top1=f"{row['val_top1']:.1f}")
+            if say is not None:
+                say(epoch_line(desc, row, fcfg.epochs))
+            if out_dir is not None and main:
+                ckpt = save_finetune_checkpoint(out_dir, clf, opt, row["epoch"], step, history, meta)
     finally:
         bar.close()
-    return {"val_top1": history[-1]["val_top1"], "best_val_top1": max(r["val_top1"] for r in history),
-            "seconds": time.perf_counter() - t0, "steps": step, "peak_lr": peak, "layer_decay": decay,
-            "history": history, "settings": dataclasses.asdict(fcfg), "regularisation": reg}
+    export = None
+    if out_dir is not None and main and history:
+        export = export_classifier(clf, out_dir, meta, history)
+    result = {"val_top1": history[-1]["val_top1"] if history else None,
+              "val_top5": history[-1]["val_top5"] if history else None,
+              "best_val_top1": max((r["val_top1"] for r in history), default=None),
+              "seconds": time.perf_counter() - t_start, "steps": step, "epochs_trained": fcfg.epochs - start,
+              "resumed_after_epoch": start if resume is not None else None, "history": history,
+              **{k: meta[k] for k in ("settings", "regularisation", "peak_lr", "layer_decay", "global_batch",
+                                      "world_size")}}
+    if out_dir is not None and main:
+        result.update(checkpoint=str(ckpt) if ckpt else None, export=export)
+    return result
 
 
 def _mixing(reg: dict, label_smoothing: float, num_classes: int):

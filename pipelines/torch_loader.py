@@ -487,7 +487,10 @@ class FileImageLoader:
             self.dataset, batch_sampler=self.stream, num_workers=num_workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            worker_init_fn=_worker_init if num_workers > 0 else None)
+            worker_init_fn=_worker_init if num_workers > 0 else None,
+            # its own generator: a DataLoader iterator draws its base seed when it starts (a resume starts one
+            # where a continuing run does not), and from the global generator that would shift the caller's draws
+            generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
         return len(self.sampler)
