@@ -479,9 +479,15 @@ def cmd_finetune(args, overrides) -> int:
         for label, where in folders.items():
             m = model if label == "pretrained" else random_init_model(cfg, device)
             state = _finetune_resume_state(folder, where, resume, fcfg, record, label, dist, device, say)
-            results[label] = finetune(m, train, val, len(train.classes), device, fcfg, amp,
-                                      not args.no_progress and dist.is_main, desc=label.replace("_", " "),
-                                      dist=dist if dist.active else None, out_dir=where, resume=state, record=record)
+            try:
+                results[label] = finetune(m, train, val, len(train.classes), device, fcfg, amp,
+                                          not args.no_progress and dist.is_main, desc=label.replace("_", " "),
+                                          dist=dist if dist.active else None, out_dir=where, resume=state,
+                                          record=record)
+            except KeyboardInterrupt:
+                say(f"fine-tune stopped: the same command with --resume auto continues it after the newest "
+                    f"checkpoint in {where / 'checkpoints'}", file=sys.stderr, flush=True)
+                raise
         dist.close()
         if not dist.is_main:
             return 0

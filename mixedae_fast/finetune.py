@@ -314,6 +314,9 @@ def finetune(model: nn.Module, train_loader, val_loader, num_classes: int, devic
     from mixedae_fast.errors import RunFailure
     from mixedae_fast.finetune_folder import export_classifier, save_finetune_checkpoint
 
+    if out_dir is not None and not {"model_config", "classes"} <= set(record or {}):
+        raise ValueError("finetune(out_dir=...) needs record={'model_config': <the run's model section>, 'classes': "
+                         "[...], ...}: the checkpoints and the export keep them")
     torch.manual_seed(fcfg.seed)  # the head's init
     depth = len(model.blocks)
     reg = fcfg.regularisation(depth)

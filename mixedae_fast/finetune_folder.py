@@ -26,7 +26,6 @@ from mixedae_fast.checkpoint import (
     CheckpointError,
     atomic_write_json,
     list_checkpoints,
-    load_checkpoint,
     save_checkpoint,
 )
 from mixedae_fast.errors import RunFailure
@@ -87,7 +86,12 @@ def find_checkpoint(folder: str | os.PathLike, resume: str) -> Path | None:
 
 def load_finetune_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """A checkpoint :func:`save_finetune_checkpoint` wrote (with ``path`` added), else CheckpointError."""
-    state = load_checkpoint(path, map_location)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch raises for a file that is not a whole checkpoint
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read fine-tune checkpoint {path}: {type(e).__name__}: {first}. It may be "
+                              "truncated or not a checkpoint; pass an older one with --resume PATH") from e
     if not isinstance(state, dict) or state.get("kind") != KIND:
         raise CheckpointError(f"{path} is not a fine-tune checkpoint (mixedae-fast finetune writes them to "
                               "<out>/checkpoints/ckpt-<epoch>.pt); pass one of those, or --resume auto")

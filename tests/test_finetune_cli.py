@@ -117,7 +117,9 @@ def test_resume_continues_exactly_after_an_interruption_and_from_an_older_checkp
         return real(out_dir, clf, opt, epoch, *a)
 
     monkeypatch.setattr(folder, "save_finetune_checkpoint", stop_at_epoch_3)
+    capsys.readouterr()
     assert _ft(run, tmp_path / "b", *mae) == 130
+    assert "the same command with --resume auto continues it" in capsys.readouterr().err
     monkeypatch.setattr(folder, "save_finetune_checkpoint", real)
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["ckpt-00000001.pt",
                                                                                    "ckpt-00000002.pt"]
@@ -179,7 +181,9 @@ def test_a_folder_in_use_or_holding_something_else_is_refused_and_left_as_it_was
         (["--resume", str(tmp_path / "nowhere.pt")], done, f"--resume {tmp_path / 'nowhere.pt'}: no such file"),
         (["--resume", str(done / "checkpoints" / "ckpt-00000002.pt"), "--baseline"], done, "use --resume auto"),
         (["--accum-steps", "0"], tmp_path / "new", "accum_steps = 0 (--accum-steps): must be >= 1"),
+        (["--resume", str(tmp_path / "torn.pt")], done, "cannot read fine-tune checkpoint"),
     ]
+    (tmp_path / "torn.pt").write_bytes((done / "checkpoints" / "ckpt-00000002.pt").read_bytes()[:5000])
     (tmp_path / "busy" / ".lock").write_text(f"pid={os.getpid()} host={os.uname().nodename} slurm_job= since=now\n")
     cases.append(([], tmp_path / "busy", "is in use by process"))
     capsys.readouterr()
