@@ -6,7 +6,8 @@
     mixedae-fast launch local --nproc N [pretrain options]               # torchrun: N ranks on this node
     mixedae-fast launch slurm --nodes N --gpus-per-node G [--submit] [pretrain options]   # sbatch script
     mixedae-fast eval      RUN [--dataset run|digits|lfw|photos | --data-dir DIR] [--pool avg|cls|both]
-    mixedae-fast finetune  RUN [--dataset ... | --data-dir DIR] [--epochs N] [--layer-decay D] [--baseline]
+    mixedae-fast finetune  RUN [--dataset ... | --data-dir DIR] [--epochs N] [--accum-steps N] [--baseline]
+                           [--out DIR] [--resume auto|PATH] [--eval-only]   # checkpoints + timm export in DIR
     mixedae-fast export    RUN [--out DIR] [--pool avg|cls] [--push-to-hub REPO_ID]  # timm, hub layout
     mixedae-fast visualize RUN [--dataset ... | --data-dir DIR] [--query T] [--block B]
 
