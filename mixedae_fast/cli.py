@@ -6,7 +6,8 @@
     mixedae-fast launch local --nproc N [pretrain options]               # torchrun: N ranks on this node
     mixedae-fast launch slurm --nodes N --gpus-per-node G [--submit] [pretrain options]   # sbatch script
     mixedae-fast eval      RUN [--dataset run|digits|lfw|photos | --data-dir DIR] [--pool avg|cls|both]
-    mixedae-fast finetune  RUN [--dataset ... | --data-dir DIR] [--epochs N] [--layer-decay D] [--baseline]
+    mixedae-fast finetune  RUN [--dataset ... | --data-dir DIR] [--epochs N] [--accum-steps N] [--baseline]
+                           [--out DIR] [--resume auto|PATH] [--eval-only]   # checkpoints + timm export in DIR
     mixedae-fast export    RUN [--out DIR] [--pool avg|cls] [--push-to-hub REPO_ID]  # timm, hub layout
     mixedae-fast visualize RUN [--dataset ... | --data-dir DIR] [--query T] [--block B]
 
@@ -160,10 +161,18 @@ def _downstream_parsers(sub) -> None:
                            ("cutmix", float, "CutMix alpha (mae recipe 1.0; 0 = off)"),
                            ("auto_augment", str, "timm RandAugment spec (mae recipe rand-m9-mstd0.5-inc1; none = off)"),
                            ("reprob", float, "random erasing probability (mae recipe 0.25)"),
-                           ("label_smoothing", float, "label smoothing"), ("seed", int, "seed")):
+                           ("label_smoothing", float, "label smoothing"), ("seed", int, "seed"),
+                           ("accum_steps", int, "batches per optimizer step (gradient accumulation; default 1): "
+                                                "global batch = batch size x this x ranks")):
         ft.add_argument("--" + name.replace("_", "-"), type=tp, default=argparse.SUPPRESS, help=what)
     ft.add_argument("--baseline", action="store_true", help="also fine-tune the random-init encoder, same recipe")
-    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.add_argument("--resume", default=None, metavar="auto|PATH",
+                    help="continue a fine-tune: auto = the newest checkpoint in --out (a fresh start if there is "
+                         "none), or a checkpoint file; the same options are required")
+    ft.add_argument("--eval-only", action="store_true",
+                    help="evaluate the fine-tuned classifier (--resume's checkpoint, default the newest in --out) on "
+                         "val, write nothing")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar (the line per epoch stays)")
     ex = sub.add_parser("export", parents=[run], help="the encoder as a timm VisionTransformer, in the hub layout")
     ex.add_argument("--out", default=None, help="folder (default RUN/export_timm)")
     ex.add_argument("--pool", default="avg", choices=("avg", "cls"), help="timm global_pool: avg (default) or token")
@@ -421,47 +430,148 @@ def cmd_eval(args, overrides) -> int:
 
 @_bad_input
 def cmd_finetune(args, overrides) -> int:
-    """Under torchrun (``torchrun --nproc-per-node=N -m mixedae_fast.cli finetune RUN``) every rank
-    trains its shard in DDP; rank 0 prints and writes the results."""
+    """Fine-tune into ``--out`` (default ``RUN/finetune_<dataset>``; finetune_folder.py says what it holds).
+    Under torchrun (``torchrun --nproc-per-node=N -m mixedae_fast.cli finetune RUN``) every rank trains its
+    shard in DDP; rank 0 prints, holds the folder's lock and writes the checkpoints, export and results."""
+    import contextlib
+
+    from mixedae_fast import finetune_folder as folder
     from mixedae_fast.checkpoint import atomic_write_json
+    from mixedae_fast.config import config_to_dict
     from mixedae_fast.distributed import init_distributed
-    from mixedae_fast.evaluate import random_init_model
+    from mixedae_fast.evaluate import eval_folders, image_loaders, random_init_model
     from mixedae_fast.finetune import FinetuneConfig, RandAugmentPIL, finetune
 
-    _out_file(args.out)
     fcfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
                              if hasattr(args, f.name)})
+    resume = args.resume or ("auto" if args.eval_only else "none")
+    if args.baseline and resume not in ("none", "auto"):
+        raise ValueError(f"--resume {resume} names one checkpoint, and --baseline fine-tunes two classifiers; use "
+                         "--resume auto (each continues from the newest checkpoint in its folder)")
+    if args.max_train is not None and args.max_train < 1:
+        raise ValueError(f"--max-train {args.max_train}: must be >= 1")
+    _out_dir(args.out)
     model, cfg, pre, device, amp = _load_run(args, overrides)
     dist = init_distributed(cfg)
     if dist.active:
         device = dist.device
         model = model.to(device)
+    train_dir, val_dir, name = eval_folders(args.dataset, cfg, args.data_dir, run_dir=pre.run_dir)
+    out_dir = Path(args.out) if args.out else pre.run_dir / f"finetune_{name}"
+    folders = {"pretrained": out_dir, **({"random_init": out_dir / folder.BASELINE} if args.baseline else {})}
+    if args.eval_only:
+        return _finetune_eval_only(args, cfg, model, device, amp, val_dir, name, folders, resume, dist)
+    folder.check_out_dir(out_dir, resume)  # before the data is read; again under the lock
     spec = fcfg.regularisation(cfg.model.depth)["auto_augment"]
-    train, val, name = _data(args, cfg, pre, device, batch_size=fcfg.batch_size, augment_train=True,
-                             crop_scale=fcfg.crop_scale, seed=fcfg.seed, shard_id=dist.rank, num_shards=dist.world_size,
-                             pil_transform=RandAugmentPIL(spec, cfg.model.img_size, fcfg.seed) if spec else None)
-    runs = {"pretrained": model}
-    if args.baseline:
-        runs["random_init"] = random_init_model(cfg, device)
+    train, val = image_loaders(train_dir, val_dir, cfg.model.img_size, device, batch_size=fcfg.batch_size,
+                               max_train=args.max_train, augment_train=True, crop_scale=fcfg.crop_scale, seed=fcfg.seed,
+                               num_workers=cfg.data.num_workers, shard_id=dist.rank, num_shards=dist.world_size,
+                               pil_transform=RandAugmentPIL(spec, cfg.model.img_size, fcfg.seed) if spec else None)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    say(f"data {name}: {len(train.dataset)} train / {len(val.dataset)} val images, {len(train.classes)} classes "
+        f"({train_dir}); fine-tune folder {out_dir}", flush=True)
+    record = {"model_config": config_to_dict(cfg)["model"], "classes": list(train.classes), "dataset": name,
+              "source": {"run": str(args.run), "checkpoint": str(pre.checkpoint), "step": pre.step}}
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for label, m in runs.items():
-        results[label] = finetune(m, train, val, len(train.classes), device, fcfg, amp,
-                                  not args.no_progress and dist.is_main, desc=f"finetune {label}",
-                                  dist=dist if dist.active else None)
-    dist.close()
-    if not dist.is_main:
-        return 0
-    report = {"run": str(args.run), "checkpoint": str(pre.checkpoint), "step": pre.step, "dataset": name,
-              "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
-              "ranks": dist.world_size, "results": results, **_provenance(args, device)}
-    out = atomic_write_json(report, args.out or pre.run_dir / f"finetune_{name}.json")
-    print(f"\n{'fine-tune, val top-1 %':<26}" + "".join(f"{k.replace('_', ' '):>14}" for k in results))
-    for key, label in (("val_top1", "last epoch"), ("best_val_top1", "best epoch"), ("seconds", "time, s")):
+    with folder.FinetuneLock(out_dir) if dist.is_main else contextlib.nullcontext():
+        folder.check_out_dir(out_dir, resume)
+        for label, where in folders.items():
+            m = model if label == "pretrained" else random_init_model(cfg, device)
+            state = _finetune_resume_state(folder, where, resume, fcfg, record, label, dist, device, say)
+            try:
+                results[label] = finetune(m, train, val, len(train.classes), device, fcfg, amp,
+                                          not args.no_progress and dist.is_main, desc=label.replace("_", " "),
+                                          dist=dist if dist.active else None, out_dir=where, resume=state,
+                                          record=record)
+            except KeyboardInterrupt:
+                say(f"fine-tune stopped: the same command with --resume auto continues it after the newest "
+                    f"checkpoint in {where / 'checkpoints'}", file=sys.stderr, flush=True)
+                raise
+        dist.close()
+        if not dist.is_main:
+            return 0
+        report = {"run": str(args.run), "checkpoint": str(pre.checkpoint), "step": pre.step, "dataset": name,
+                  "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
+                  "classes": list(train.classes), "ranks": dist.world_size, "out_dir": str(out_dir),
+                  "results": results, **_provenance(args, device)}
+        out = atomic_write_json(report, out_dir / folder.RESULTS)
+    print(f"\n{'fine-tune, val %':<26}" + "".join(f"{k.replace('_', ' '):>14}" for k in results))
+    for key, label in (("val_top1", "top-1, last epoch"), ("val_top5", "top-5, last epoch"),
+                       ("best_val_top1", "top-1, best epoch"), ("seconds", "time, s")):
         print(f"{label:<26}" + "".join(f"{r[key]:>14.1f}" for r in results.values()))
-    reg = results["pretrained"]["regularisation"]
-    print(f"({fcfg.epochs} epochs x {dist.world_size} rank(s), peak lr {results['pretrained']['peak_lr']:.3g}, "
-          f"layer decay {results['pretrained']['layer_decay']}, recipe {reg['recipe']}: "
-          + ", ".join(f"{k} {v}" for k, v in reg.items() if k != "recipe") + f")\nresults: {out}")
+    first = results["pretrained"]
+    reg = first["regularisation"]
+    print(f"({fcfg.epochs} epochs, global batch {first['global_batch']} = {fcfg.batch_size} x {fcfg.accum_steps} "
+          f"accumulated x {dist.world_size} rank(s), peak lr {first['peak_lr']:.3g}, layer decay "
+          f"{first['layer_decay']}, recipe {reg['recipe']}: "
+          + ", ".join(f"{k} {v}" for k, v in reg.items() if k != "recipe") + ")")
+    for label, r in results.items():
+        export = r["export"]
+        check = ("kept as it was" if export["parity"] is None else
+                 f"loaded back through timm, logits within {export['parity']:.1e} of ours")
+        print(f"{label.replace('_', ' ')}: checkpoint {r['checkpoint']}\n  timm export {export['dir']} ({check}); "
+              f"load: timm.create_model('local-dir:{export['dir']}', pretrained=True)")
+    print(f"results: {out}")
+    return 0
+
+
+def _finetune_resume_state(folder, where: Path, resume: str, fcfg, record: dict, label: str, dist, device, say):
+    """The checkpoint ``resume`` names for the classifier fine-tuned in ``where`` (None: a fresh start),
+    checked against this fine-tune; on rank 0 the later checkpoints of an abandoned branch move aside."""
+    path = folder.find_checkpoint(where, resume)
+    state = folder.load_finetune_checkpoint(path, device) if path is not None else None
+    if state is not None:
+        meta = dict(record, label=label.replace("_", " "), settings=dataclasses.asdict(fcfg),
+                    global_batch=fcfg.global_batch(dist.world_size), world_size=dist.world_size)
+        for note in folder.check_resume(state, meta):
+            say(f"resume note: {note}", flush=True)
+        say(f"{label.replace('_', ' ')}: resuming after epoch {state['epoch']} of {fcfg.epochs} from {path}",
+            flush=True)
+    epoch = int(state["epoch"]) if state is not None else 0
+    dist.check_same(epoch, "the epoch to resume after", "every rank must see the same fine-tune folder")
+    if state is not None and dist.is_main:
+        aside = folder.set_aside_later(where, epoch)
+        if aside is not None:
+            say(f"resume: the later checkpoints, export and results of the abandoned branch moved to {aside}",
+                flush=True)
+    return state
+
+
+def _finetune_eval_only(args, cfg, model, device, amp, val_dir, name, folders, resume, dist) -> int:
+    """``finetune --eval-only``: each fine-tuned classifier (its newest checkpoint, or --resume's) scored on
+    val; nothing is written."""
+    from mixedae_fast import finetune_folder as folder
+    from mixedae_fast.config import config_to_dict
+    from mixedae_fast.evaluate import random_init_model
+    from mixedae_fast.finetune import ViTClassifier, evaluate_classifier
+    from mixedae_fast.pipelines.torch_loader import FileImageLoader
+
+    val = FileImageLoader(val_dir, batch_size=250, img_size=cfg.model.img_size, device=device, augment=False,
+                          shuffle=False, drop_last=False, num_workers=cfg.data.num_workers)
+    for label, where in folders.items():
+        path = folder.find_checkpoint(where, resume if label == "pretrained" else "auto")
+        if path is None:
+            raise ValueError(f"--eval-only: no fine-tune checkpoint in {where / 'checkpoints'}; fine-tune first (the "
+                             "same command without --eval-only), or pass --resume PATH")
+        state = folder.load_finetune_checkpoint(path, device)
+        if state.get("model_config") != config_to_dict(cfg)["model"]:
+            raise ValueError(f"{path} fine-tunes another architecture than {args.run}; pass the run it came from "
+                             f"({(state.get('source') or {}).get('run')})")
+        if list(state.get("classes") or []) != list(val.classes):
+            raise ValueError(f"{path} was fine-tuned on other classes than {val_dir} holds ({len(state['classes'])} "
+                             f"vs {len(val.classes)}); evaluate it on its own data set "
+                             f"({state.get('dataset')})")
+        m = model if label == "pretrained" else random_init_model(cfg, device)
+        clf = ViTClassifier(m, len(val.classes)).to(device)
+        clf.load_state_dict(state["classifier"])
+        figures = evaluate_classifier(clf, val, device, amp)
+        if dist.is_main:
+            print(f"{label.replace('_', ' ')} (eval only) {path}, after epoch {state['epoch']}: val top-1 "
+                  f"{figures['top1']:.1f} top-5 {figures['top5']:.1f}, loss {figures['loss']:.4f} "
+                  f"({figures['images']} {name} images)", flush=True)
+    dist.close()
     return 0
 
 

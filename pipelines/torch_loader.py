@@ -14,6 +14,7 @@ epoch's last ones are consumed, as long as the caller names the next epoch (``se
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -305,38 +306,97 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return self.item(epoch, index, self.raw)
 
     def item(self, epoch: int, index: int, raw: bool):
-        n = len(self.samples)
+        n, last = len(self.samples), None
         for attempt in range(min(n, 16)):
             source, label = self.samples[(index + attempt) % n]
             try:
-                data = read_bytes(source)
+                data = _read(source)
                 image = torch.frombuffer(bytearray(data), dtype=torch.uint8) if raw else self.crop(data, epoch, index)
-            except Exception:  # noqa: BLE001 - any unreadable file is replaced, and counted by the caller
+            except UnreadableImage as e:  # the file, not our code: replaced, and counted by the caller
+                last = e
                 continue
+            except AugmentationError as e:
+                raise AugmentationError(f"the augmentation {self.pil_transform!r} failed on {describe(source)} "
+                                        f"(sample {index}, epoch {epoch}): {e}. The file decoded: this is a bug in "
+                                        "the augmentation, not bad data") from e.__cause__
             return image, label, index, (index if attempt else -1)
-        raise RuntimeError(f"{min(n, 16)} samples from {describe(self.samples[index][0])} on failed to load; "
-                           "is the data still there?")
+        raise RuntimeError(f"{min(n, 16)} samples from {describe(self.samples[index][0])} on failed to load (the "
+                           f"last: {last}); is the data still there?")
 
     def crop(self, data: bytes, epoch: int, index: int) -> torch.Tensor:
         from PIL import Image
 
         S = self.img_size
-        with Image.open(io.BytesIO(data)) as im:
+        with _decoding():
+            im = Image.open(io.BytesIO(data))
             width, height = im.size
+        with im:
             (top, left, h, w), flip = sample_params(self.seed, epoch, index, height, width, self.augment,
                                                     self.crop_scale)
             box = (left, top, left + w, top + h)
-            if self.jpeg_draft and im.format == "JPEG":
-                im.draft("RGB", (-(-width * S // w), -(-height * S // h)))
-                sx, sy = im.size[0] / width, im.size[1] / height
-                box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            im = to_rgb(im).resize((S, S), Image.BILINEAR, box=box)
+            with _decoding():
+                if self.jpeg_draft and im.format == "JPEG":
+                    im.draft("RGB", (-(-width * S // w), -(-height * S // h)))
+                    sx, sy = im.size[0] / width, im.size[1] / height
+                    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+                im = to_rgb(im).resize((S, S), Image.BILINEAR, box=box)
         if flip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         if self.pil_transform is not None:
-            im = self.pil_transform(im, epoch, index)
+            try:
+                im = self.pil_transform(im, epoch, index)
+            except Exception as e:  # noqa: BLE001 - named as the augmentation's failure, whatever it raised
+                raise AugmentationError(f"{type(e).__name__}: {str(e).strip()[:300]}") from e
         # numpy's transposing copy: torch's strided uint8 copy is ~50x slower on CPU
         return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
+
+
+class UnreadableImage(Exception):
+    """A sample's file could not be read or decoded (gone, truncated, corrupt since verification)."""
+
+
+class AugmentationError(RuntimeError):
+    """A sample's file decoded, but the augmentation applied to it failed: a bug, named as one (the
+    sample is not replaced: every sample would fail the same way)."""
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file it cannot read or decode: OSError (unidentified, truncated, I/O),
+    SyntaxError / ValueError / EOFError / struct.error from format plugins on malformed headers and
+    chunks, zlib's error on a broken PNG stream, and the decompression-bomb guard."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    return OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError
+
+
+@contextlib.contextmanager
+def _decoding():
+    """Turns a decode failure of the file into :class:`UnreadableImage` (anything else passes through)."""
+    try:
+        yield
+    except _decode_errors() as e:
+        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+
+
+def _worker_cause(e: Exception) -> str:
+    """The message of an exception re-raised from a DataLoader worker ("Caught X in DataLoader worker
+    process 0. Original Traceback ... X: message"): its last line, without the type; else the message."""
+    text = str(e).strip()
+    if not text.startswith("Caught "):
+        return text
+    last = text.splitlines()[-1]
+    name = f"{type(e).__name__}: "  # the traceback's last line names the type with its module
+    return last[last.index(name) + len(name):] if name in last else last
+
+
+def _read(source) -> bytes:
+    try:
+        return read_bytes(source)
+    except OSError as e:
+        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
 
 
 def _collate(items):
@@ -427,7 +487,10 @@ class FileImageLoader:
             self.dataset, batch_sampler=self.stream, num_workers=num_workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            worker_init_fn=_worker_init if num_workers > 0 else None)
+            worker_init_fn=_worker_init if num_workers > 0 else None,
+            # its own generator: a DataLoader iterator draws its base seed when it starts (a resume starts one
+            # where a continuing run does not), and from the global generator that would shift the caller's draws
+            generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -452,7 +515,10 @@ class FileImageLoader:
             self.streams_started += 1
         self._resumes_at = None                          # mid-epoch until the pass is finished
         for _ in range(len(self) - self.start_step):
-            images, labels, index, failed = next(self._batches)
+            try:
+                images, labels, index, failed = next(self._batches)
+            except AugmentationError as e:  # from a worker, DataLoader puts the worker's traceback in the message
+                raise AugmentationError(_worker_cause(e)) from e
             if self.gpu_decode:
                 x = self._device_crops(images, labels, index, failed)
             else:

@@ -1,6 +1,7 @@
 """eval, finetune, export and visualize on a tiny trained run, through the command line: their result
 files and pictures, and the errors bad input gives."""
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TINY_OVERRIDES
@@ -49,12 +50,16 @@ def test_eval_of_a_checkpoint_file_to_a_chosen_file(run, tmp_path):
 
 def test_finetune_writes_its_results(run, capsys):
     assert main(["finetune", str(run), "--epochs", "2", "--batch-size", "8", "--baseline", "--no-progress"]) == 0
-    report = json.loads((run / "finetune_embedded.json").read_text())
-    for model in ("pretrained", "random_init"):
+    report = json.loads((run / "finetune_embedded" / "results.json").read_text())
+    for model, folder in (("pretrained", run / "finetune_embedded"), ("random_init", run / "finetune_embedded" /
+                                                                      "baseline")):
         r = report["results"][model]
         assert len(r["history"]) == 2 and 0 <= r["val_top1"] <= 100 and r["steps"] == 2 * 5
+        assert r["checkpoint"] == str(folder / "checkpoints" / "ckpt-00000002.pt") and Path(r["checkpoint"]).is_file()
+        assert (folder / "export_timm" / "model.safetensors").is_file()
     assert report["results"]["pretrained"]["settings"]["batch_size"] == 8
-    assert "val top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pretrained epoch 2/2: train loss" in out and "random init epoch 2/2: train loss" in out
 
 
 def test_export_loads_back_in_timm(run, capsys):
@@ -108,7 +113,7 @@ def test_out_that_cannot_take_the_result_is_refused_before_the_work(run, tmp_pat
     (tmp_path / "a_file").write_text("x")
     for argv, fragment in (
             (["eval", str(run), "--out", str(tmp_path)], "is a folder; --out takes the result file"),
-            (["finetune", str(run), "--out", str(tmp_path)], "is a folder; --out takes the result file"),
+            (["finetune", str(run), "--out", str(tmp_path)], "holds other files (a_file)"),
             (["eval", str(run), "--out", str(tmp_path / "a_file" / "e.json")], "is a file, not a folder"),
             (["export", str(run), "--out", str(tmp_path / "a_file")], "is a file; --out takes a folder"),
             (["export", str(run), "--out", str(tmp_path / "a_file" / "x")], "is a file, not a folder"),
