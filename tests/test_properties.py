@@ -318,3 +318,24 @@ def test_resume_at_any_step_equals_the_uninterrupted_run(tmp_path):
         resumed = _trainer(tmp_path / f"cut{k}", [*every, "--run.resume=auto"])
         assert resumed.maybe_resume() is not None and resumed.step == k
         assert {r["step"]: r["loss"] for r in resumed.fit()} == {s: v for s, v in full.items() if s > k}, k
+
+
+# -- the fine-tuning recipe's loss -------------------------------------------------------------------
+def test_the_finetune_loss_is_label_smoothed_as_maes_recipe():
+    """MAE fine-tunes with label smoothing 0.1: without Mixup the loss is (1 − ε)·CE + ε·(mean −log p) with
+    ε = 0.1 (a formula written here); with Mixup/CutMix (the ``mae`` recipe) every class outside the mixed
+    pair keeps the smoothing's floor ε / C of the target."""
+    from mixedae_fast.finetune import FinetuneConfig, _mixing
+
+    cfg, eps, classes = FinetuneConfig(), 0.1, 10
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, classes, generator=g), torch.tensor([0, 1, 2, 3, 4, 5])
+    mix, loss = _mixing(cfg.regularisation(depth=2), cfg.label_smoothing, classes)   # light: no Mixup
+    assert mix is None
+    logp = logits.log_softmax(-1)
+    want = -((1 - eps) * logp.gather(1, labels[:, None]).squeeze(1) + eps * logp.mean(-1)).mean()
+    torch.testing.assert_close(loss(logits, labels), want)
+    mix, _ = _mixing(cfg.regularisation(depth=12), cfg.label_smoothing, classes)      # mae: Mixup / CutMix
+    _, targets = mix(torch.randn(6, 3, 16, 16, generator=g), labels)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(6))
+    assert targets.min().item() == pytest.approx(eps / classes)
