@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# GPU checks on a lent machine (torch, triton, timm, pytest with xdist and timeout there; nothing installed).
+# GPU checks on a GPU machine that has torch, triton, timm and pytest (with xdist and timeout), nothing else
+# installed, and possibly a copy of the tree without a usable .git.
 #
 #   bash benchmarks/device_check.sh prepare     here, in the checkout, before the calls: writes .git_sha (the
 #                                               code's SHA, for a copy without .git); carry it with each call
 #   STAGES="attention train" bash benchmarks/device_check.sh     call 1: ~7.5 min at most with the start
 #   STAGES="tests kernels" bash benchmarks/device_check.sh      call 2, at once after it: ~4 min at most
-# Limits sum to 425 + 200 s: with two starts (~35 s each on 2026-12-04) the plan fits 15 minutes with
-# over 3 to spare. Seen on an H200 (2026-12-04): tests 111 s, attention rows 45 s (once compiled), train
+# Limits sum to 425 + 200 s, so the two calls with a machine start each (~35 s on 2026-12-04) take under
+# 12 minutes. Seen on an H200 (2026-12-04): tests 111 s, attention rows 45 s (once compiled), train
 # 171 s; the parts, which compile every variant first (9 forwards, 4 backwards), did not finish in 45 s.
 #
 # Stages, run in the order given, each under its own time limit (LIMIT_<STAGE>=seconds overrides it;

@@ -99,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2)")
     p.add_argument("--epochs", type=int, default=4,
                    help="the budget: epochs of the training folder per run, the same for every variant (default 4: "
-                        "624 steps of cpu_tiny on the embedded set; the README says what the default study took)")
+                        "624 steps of cpu_tiny on the embedded set; docs/study.md says what the default study took)")
     p.add_argument("--dataset", default="embedded", choices=DATASETS,
                    help="embedded scenes (default) or a real set shipped with scikit-learn/-image")
     p.add_argument("--data-dir", default=None,

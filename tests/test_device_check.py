@@ -95,7 +95,7 @@ def test_prepare_writes_the_sha_a_copy_without_git_reports(tmp_path):
 
 
 def test_the_prepared_sha_wins_over_the_copys_own_git(tmp_path):
-    """On the lent machine the copy of the tree carries a stale .git of its own (seen 2026-12-04: a run
+    """On a GPU machine the copy of the tree carries a stale .git of its own (seen 2026-12-04: a run
     stamped with the session's first commit): the script must report the prepared .git_sha, not git's."""
     sha_file = ROOT / ".git_sha"
     saved = sha_file.read_text() if sha_file.exists() else None
