@@ -121,14 +121,13 @@ class StepRunner:
                 mixed, targets, loss_mask = m.mix(images, ids)
             done()
             with _range("encoder", cuda):
-                hc_scores = [] if m.hc_from_scores else None
-                latent, layout = m.forward_encoder(mixed, ids, hc_scores=hc_scores)
+                latent, layout = m.forward_encoder(mixed, ids)
             done()
             with _range("decoder", cuda):
                 pred = m.forward_decoder(m.unmix(latent, ids))
             done()
             with _range("losses", cuda):
-                loss = m.forward_loss(pred, targets, loss_mask) + m.hc_weight * m.forward_hc(latent, layout, hc_scores)
+                loss = m.forward_loss(pred, targets, loss_mask) + m.hc.weight * m.forward_hc(latent, layout)
             done()
         with _range("backward", cuda):
             self.train_step.backward(loss)

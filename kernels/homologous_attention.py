@@ -58,7 +58,6 @@ from mixedae_fast.choices import TRITON_TOPK_MAX_SEQ
 from mixedae_fast.kernels._triton import _buffer_dtype, _interpreted, tl, triton
 
 MAX_SEQ = TRITON_TOPK_MAX_SEQ  # the fused kernel keeps every key of a row in one tile
-_FP32_MIN = torch.finfo(torch.float32).min  # the reference's fill for an empty HC set
 
 
 def topk_keep_mask(scores_pp: torch.Tensor, topk: int) -> torch.Tensor:

@@ -160,8 +160,7 @@ class MixLayout:
     collect_stats: bool = False
     hc_rows: tuple = ()
     stats: tuple = ()
-    topk_self: bool = False  # the query's own key always kept (K-1 others): the reference path's switch
-    hc_form: str = "infonce"  # the row terms selected_topk_attention returns (infonce | supcon)
+    hc_form: str = "infonce"  # the form of the HC row terms the blocks return (infonce | supcon)
     hc_heads: int | None = None  # the HC rows of the first hc_heads heads (the loss's heads; None: all)
 
     def source_ids(self, device) -> torch.Tensor:
@@ -407,35 +406,15 @@ def topk_attention(q, k, v, mask: HomologousMask, hc: bool = False, backend: str
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), hc_rows
 
 
-def selection_keep(sel: torch.Tensor, topk: int, self_in: bool = False) -> torch.Tensor:
-    """The TopK keep set ``[G, h, M, M]`` from fp32 patch-to-patch selection scores; with ``self_in`` the
-    query's own key is always kept and the other ``topk - 1`` are its best other keys (ties kept)."""
-    with torch.no_grad():
-        if self_in:
-            eye = torch.eye(sel.shape[-1], dtype=torch.bool, device=sel.device)
-            sel = sel.masked_fill(eye, float("inf"))
-        return topk_keep_mask(sel, topk)
-
-
-def selected_topk_attention(q, k, v, sel: torch.Tensor, src: torch.Tensor, topk: int, hc: bool = False,
-                            self_in: bool = False, form: str = "infonce"):
-    """TopK attention whose keep set is chosen on ``sel`` (fp32 patch-to-patch scores ``[G, h, M, M]``,
-    ``h`` = 1 or the heads: a separate selection projection's, or ``q·k`` itself) -> ``(out, hc_rows,
-    keep)``; the HC row terms (``form``: infonce | supcon) come from ``sel`` (with its gradient). The
-    attention over the kept keys (and the CLS key) uses the heads' own logits, through SDPA with a dense
-    boolean mask: the reference path of the research switches (``mixing.hc_select=proj``,
-    ``mixing.topk_self``), on every backend."""
-    keep = selection_keep(sel, topk, self_in)
-    G, _, M, _ = keep.shape
-    mask = torch.ones(G, keep.shape[1], M + 1, M + 1, dtype=torch.bool, device=q.device)
-    mask[..., 1:, 1:] = keep
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out, (hc_row_terms(sel, src, form) if hc else None), keep
+def hc_rows_from_logits(q: torch.Tensor, k: torch.Tensor, src: torch.Tensor, form: str,
+                        heads: int | None) -> torch.Tensor:
+    """A TopK block's HC row terms ``[G, heads, M, 2]`` in ``form`` (:func:`hc_row_terms`) from its own fp32
+    patch-to-patch logits, with their gradient: the forms the attention op does not compute itself."""
+    return hc_row_terms(_scores(q[:, :heads, 1:], k[:, :heads, 1:], True), src, form)
 
 
 @torch.no_grad()
-def topk_stats(q, k, v_unused, src: torch.Tensor, topk: int, keep: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+def topk_stats(q, k, v_unused, src: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
     """Logged metrics of one TopK block (no host sync; scalars stay on the device).
 
     ``recognition``: among a query's kept patch keys other than itself, the fraction from its own
@@ -443,13 +422,11 @@ def topk_stats(q, k, v_unused, src: torch.Tensor, topk: int, keep: torch.Tensor 
     attention weight splits between themselves, their source's other tokens, other sources, CLS.
     ``jaccard``: how alike the heads select, per query the Jaccard overlap ``|A∩B| / |A∪B|`` of two
     heads' kept patch-key sets, averaged over queries and pairs of heads (1 = every head keeps the
-    same keys; NaN with one head, and NaN when one selection ``keep [G, 1, M, M]`` made elsewhere is
-    shared by every head: there are no per-head sets then).
+    same keys; NaN with one head).
     """
     s = qk_scores(q, k)
     s_pp = s[..., 1:, 1:]
-    shared = keep is not None and keep.shape[1] == 1
-    keep = topk_keep_mask(s_pp, topk) if keep is None else keep.expand(s_pp.shape)
+    keep = topk_keep_mask(s_pp, topk)
     M = s_pp.shape[-1]
     eye = torch.eye(M, dtype=torch.bool, device=q.device)
     same = (src[:, None] == src[None, :]) & ~eye
@@ -465,7 +442,7 @@ def topk_stats(q, k, v_unused, src: torch.Tensor, topk: int, keep: torch.Tensor 
     pairs = torch.triu(torch.ones(H, H, dtype=torch.bool, device=q.device), diagonal=1)
     return {
         "recognition": recognition,
-        "jaccard": jac[:, pairs].mean() if not shared else recognition.new_tensor(float("nan")),
+        "jaccard": jac[:, pairs].mean(),
         "w_self": (w_pp * eye).sum(-1).mean(),
         "w_same": (w_pp * same).sum(-1).mean(),
         "w_other": (w_pp * ~(same | eye)).sum(-1).mean(),
@@ -479,8 +456,7 @@ class HomologousAttention(nn.Module):
     ``backend`` is the requested one (``$MIXEDAE_ATTENTION_BACKEND`` overrides it at construction);
     each forward resolves it for the mode and the tensors' device (:func:`resolve_backend`)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, backend: str = "auto",
-                 select_dim: int = 0, select_detach: bool = False):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
@@ -489,11 +465,6 @@ class HomologousAttention(nn.Module):
         self.backend = requested_backend(backend)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        # mixing.hc_select=proj: one TopK selection shared by the heads, from a separate low-dimensional
-        # projection (query and key parts, select_dim each) that the HC loss trains instead of the heads'
-        # logits; select_detach (hc_grad=qk): its input is detached, so the loss reaches it alone
-        self.select = nn.Linear(dim, 2 * select_dim) if select_dim else None
-        self.select_detach = select_detach
 
     def forward(self, x: torch.Tensor, layout: MixLayout | None = None):
         """``x [B, L, C]`` -> ``(out [B, L, C], hc_rows [B, H, L-1, 2] | None, stats dict | None)``: a TopK
@@ -510,29 +481,14 @@ class HomologousAttention(nn.Module):
             out = global_attention(q, k, v, backend)
         elif mode == "oracle":
             out = oracle_attention(q, k, v, layout.group_size, layout.n_visible, backend)
-        elif self.select is not None or layout.topk_self:
-            sel = self.selection_scores(x, q, k, layout.hc)
-            src = layout.source_ids(x.device)
-            out, hc_rows, keep = selected_topk_attention(q, k, v, sel, src, layout.topk, layout.hc, layout.topk_self,
-                                                         layout.hc_form)
-            if layout.collect_stats:
-                stats = topk_stats(q, k, v, src, layout.topk, keep)
         else:
-            out, hc_rows = topk_attention(q, k, v, layout.mask, layout.hc, backend, layout.hc_heads)
+            from_op = layout.hc and layout.hc_form == "infonce"  # the form the attention op computes itself
+            out, hc_rows = topk_attention(q, k, v, layout.mask, from_op, backend, layout.hc_heads)
+            if layout.hc and not from_op:
+                hc_rows = hc_rows_from_logits(q, k, layout.source_ids(x.device), layout.hc_form, layout.hc_heads)
             if layout.collect_stats:
                 stats = topk_stats(q, k, v, layout.source_ids(x.device), layout.topk)
         return self.proj(out.transpose(1, 2).reshape(B, L, C)), hc_rows, stats
-
-
-    def selection_scores(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, with_grad: bool) -> torch.Tensor:
-        """fp32 patch-to-patch scores a TopK selection is made on: the separate projection's ``[G, 1, M, M]``
-        (``qs·ks/√select_dim``) when the block has one, else the heads' own ``q·k/√d`` ``[G, H, M, M]``."""
-        if self.select is None:
-            return _scores(q, k, with_grad)[..., 1:, 1:]
-        x = x.detach() if self.select_detach else x
-        qs, ks = self.select(x[:, 1:]).float().unsqueeze(1).chunk(2, dim=-1)  # [G, 1, M, ds] each
-        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-            return qk_scores(qs, ks)
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mixedae_fast.config import drop_removed_keys
 from mixedae_fast.fsutil import atomic_write, atomic_write_text
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -121,7 +122,9 @@ OVERRIDABLE = ("optim.base_lr", "optim.lr", "optim.min_lr", "optim.weight_decay"
 
 def config_mismatch(saved: dict, current: dict, ignore=RESUMABLE) -> list[str]:
     """Keys whose values differ between two config dicts (``section.key: saved -> current``),
-    leaving out what may change across a resume."""
+    leaving out what may change across a resume. Keys since removed (``config.REMOVED_KEYS``) at their
+    "off" value are no difference; on, they are refused (a ConfigError with the fix)."""
+    saved = drop_removed_keys(saved)
     diffs = []
     for section in sorted(set(saved) | set(current)):
         if section in ignore:

@@ -4,10 +4,7 @@ act on them. Imports nothing, so every layer may import it (kernels and pipeline
 
 HA_MODES = ("topk", "oracle", "none")                 # mixing.ha: recognition | upper bound | naive mixing
 HC_ON = ("attention", "head", "tokens", "both")       # mixing.hc_on: where the HC loss acts
-HC_FORMS = ("infonce", "supcon", "hinge")             # mixing.hc_form
-HC_ROW_FORMS = ("infonce", "supcon")                  # the forms a query's two row terms give (hc_row_terms)
-HC_GRADS = ("full", "qk")                             # mixing.hc_grad
-HC_SELECT = ("attention", "proj")                     # mixing.hc_select: TopK on q·k | on a separate projection
+HC_FORMS = ("infonce", "supcon")                      # mixing.hc_form: the row terms of kernels' hc_row_terms
 SEGMENT_EMBED = ("none", "encoder")                   # mixing.segment_embed
 ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "flex", "eager")  # runtime.attention_backend
 KERNEL_BACKENDS = ("auto", "triton", "torch")         # runtime.kernels (assignment, patch_mix, unmix)

@@ -33,8 +33,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixing.hc_on": choices.HC_ON,
     "mixing.segment_embed": choices.SEGMENT_EMBED,
     "mixing.hc_form": choices.HC_FORMS,
-    "mixing.hc_grad": choices.HC_GRADS,
-    "mixing.hc_select": choices.HC_SELECT,
     "runtime.attention_backend": choices.ATTENTION_BACKENDS,
     "runtime.kernels": choices.KERNEL_BACKENDS,
     "runtime.precision": choices.PRECISIONS,
@@ -86,16 +84,9 @@ class MixingConfig:
     hc_on: str = "attention"  # where the homologous contrastive loss acts: attention | head | tokens | both
     hc_weight: float = 1.0  # lambda_hc; 0 turns the loss off
     hc_tau: float = 0.2  # temperature of the head/tokens SupCon loss
-    # variants of the attention HC loss (mixedae_fast/losses.py); the defaults are the loss above
+    # the attention HC loss (mixedae_fast/hc.py); the defaults are the loss above
     hc_heads: int | None = 1  # the loss on heads 0 .. hc_heads-1 only (default: head 0); null = every head
-    hc_form: str = "infonce"  # infonce | supcon (each same-source key pulled up) | hinge (ranking: same-source
-    #   keys above the best other by hc_margin)
-    hc_margin: float = 1.0  # hinge margin in logit units
-    hc_grad: str = "full"  # full | qk (the loss trains only the q/k projections; tokens get no HC gradient)
-    hc_select: str = "attention"  # attention (TopK on each head's q·k) | proj (one selection per block from a
-    #   separate hc_select_dim-wide projection that the HC loss trains; the heads' logits stay free)
-    hc_select_dim: int = 16  # width of the query and key parts of that projection
-    topk_self: bool = False  # the query's own key always kept, plus its K-1 best other keys
+    hc_form: str = "infonce"  # infonce (one positive set) | supcon (each same-source key pulled up)
     segment_embed: str = "none"  # encoder = learned per-slot embedding; leaks the grouping (ablation)
     norm_pix_loss: bool = True  # per-patch normalised pixel targets, as MAE
 
@@ -299,11 +290,52 @@ def _check_key(section: str, key: str | None = None) -> None:
         raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in names])
 
 
+# Keys that once existed, with the value that meant "off": research variants of the HC loss that lost to
+# MAE mode on both data sets of the 2026-11-30 studies (docs/study.md) and left the product. A stored
+# config (a run's config.yaml, a checkpoint) holding one at that value loads as it always did; any other
+# value, or an override, is refused: that run needs the version that still trained it.
+REMOVED_KEYS: dict[str, typing.Any] = {
+    "mixing.hc_margin": 1.0, "mixing.hc_grad": "full", "mixing.hc_select": "attention",
+    "mixing.hc_select_dim": 16, "mixing.topk_self": False,
+}
+REMOVED_VALUES: dict[str, tuple] = {"mixing.hc_form": ("hinge",)}
+LAST_WITH_REMOVED = "01c425d"  # the last commit that trains them
+
+
+def _removed(what: str) -> ConfigError:
+    return ConfigError(f"{what}: this HC variant was removed (it lost to MAE mode on both study data sets, "
+                       f"docs/study.md); to train, evaluate or resume a run that used it, check out git "
+                       f"{LAST_WITH_REMOVED}, else drop the setting")
+
+
+def drop_removed_keys(d: typing.Mapping[str, typing.Any]) -> dict[str, typing.Any]:
+    """``d`` (nested config mappings) without the :data:`REMOVED_KEYS` that hold their "off" value; a
+    ConfigError naming the first removed key or value that was on."""
+    out = {}
+    for section, values in d.items():
+        if not isinstance(values, typing.Mapping):
+            out[section] = values
+            continue
+        kept = {}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name in REMOVED_KEYS:
+                if value != REMOVED_KEYS[name]:
+                    raise _removed(f"{name} = {value!r}")
+                continue
+            if value in REMOVED_VALUES.get(name, ()):
+                raise _removed(f"{name} = {value!r}")
+            kept[key] = value
+        out[section] = kept
+    return out
+
+
 def config_from_dict(d: typing.Mapping[str, typing.Any] | None) -> Config:
     """A validated :class:`Config` from nested mappings (missing sections/keys take their defaults)."""
     d = d or {}
     if not isinstance(d, typing.Mapping):
         raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
+    d = drop_removed_keys(d)
     sections = {}
     for section, values in d.items():
         _check_key(str(section))
@@ -386,6 +418,8 @@ def apply_override(d: dict[str, typing.Any], item: str) -> None:
     if not match:
         raise ConfigError(f"override {item!r} is not of the form --section.key=value")
     section, key, raw = match.groups()
+    if f"{section}.{key}" in REMOVED_KEYS:
+        raise _removed(f"--{section}.{key}")
     _check_key(section, key)
     try:
         value = yaml.safe_load(raw)
@@ -457,9 +491,8 @@ _GE1 = (lambda v: v >= 1, "must be >= 1")
 _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     **{key: (lambda v, c=c: v in c, f"must be one of {', '.join(c)}") for key, c in CHOICES.items()},
     **{f"model.{f.name}": _GT0 for f in dataclasses.fields(ModelConfig)},
-    "mixing.group_size": _GE1, "mixing.hc_tau": _GT0, "mixing.hc_weight": _GE0, "mixing.hc_margin": _GE0,
+    "mixing.group_size": _GE1, "mixing.hc_tau": _GT0, "mixing.hc_weight": _GE0,
     "mixing.hc_heads": (lambda v: v is None or v >= 1, "must be >= 1, or null (every head)"),
-    "mixing.hc_select_dim": _GE1,
     "mixing.mask_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "runtime.device": (_DEVICE.fullmatch, "must be auto, cpu, cuda or cuda:N"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
@@ -583,20 +616,9 @@ def validate(cfg: Config) -> Config:
         errors.append(f"runtime.attention_backend = 'triton': the fused TopK kernel takes sequences of <= "
                       f"{choices.TRITON_TOPK_MAX_SEQ} "
                       f"tokens, this config makes 1 + group_size * n_visible = {1 + r * n}; use flex, sdpa or eager")
-    research = [f"mixing.{k} = {v!r}" for k, v in (("hc_select", x.hc_select), ("topk_self", x.topk_self))
-                if v != getattr(MixingConfig, k)]
-    if research and x.ha == "topk" and backend in ("triton", "xformers", "flex"):
-        errors.append(f"{' and '.join(research)} run on the reference path (one dense mask through SDPA), not on "
-                      f"runtime.attention_backend = {backend!r}; set it to auto, sdpa or eager")
-    hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
-    if x.hc_select == "proj" and not (hc_attention and x.hc_form in choices.HC_ROW_FORMS):
-        errors.append(f"mixing.hc_select = 'proj': the selection projection is trained by the attention HC loss "
-                      f"in its InfoNCE or SupCon form (one selection for every head, so hc_heads does not apply); "
-                      f"needs hc_weight > 0, hc_on attention or both, ha = topk, group_size > 1 and hc_form = infonce "
-                      f"or supcon (got "
-                      f"hc_weight={x.hc_weight}, hc_on={x.hc_on}, ha={x.ha}, group_size={r}, hc_form={x.hc_form})")
     if errors:
         raise ConfigError(_join(errors))
+    hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
 
     if (hc_attention or hc_features) and n < 2:
         raise ConfigError(f"mixing.mask_ratio = {x.mask_ratio!r}: the homologous contrastive loss needs "

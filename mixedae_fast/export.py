@@ -62,15 +62,14 @@ def timm_state_dict(model_state: dict, patch_size: int, in_chans: int = 3) -> di
     """Our encoder's weights under timm ``VisionTransformer`` names: the patch embedding (a Linear on
     ``(p, q, c)`` patch vectors) becomes the conv weight ``[D, C, P, P]``; ``pos_embed`` (fixed sin-cos,
     zero CLS row), ``cls_token``, the blocks (already timm's names) and the final norm carry over; the
-    decoder and other pretraining-only parts (the HC selection projections of ``mixing.hc_select=proj``)
-    are left out."""
+    decoder and other pretraining-only parts (the HC projection head) are left out."""
     w = model_state["patch_embed.weight"]
     P, C = patch_size, in_chans
     out = {"cls_token": model_state["cls_token"], "pos_embed": model_state["pos_embed"],
            "patch_embed.proj.weight": w.reshape(w.shape[0], P, P, C).permute(0, 3, 1, 2),
            "patch_embed.proj.bias": model_state["patch_embed.bias"],
            "norm.weight": model_state["norm.weight"], "norm.bias": model_state["norm.bias"]}
-    out.update({k: v for k, v in model_state.items() if k.startswith("blocks.") and ".attn.select." not in k})
+    out.update({k: v for k, v in model_state.items() if k.startswith("blocks.")})
     return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
 
 

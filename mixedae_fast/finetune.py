@@ -214,7 +214,6 @@ class ViTClassifier(nn.Module):
         self.encoder = model
         depth = len(model.blocks)
         for i, blk in enumerate(model.blocks):
-            blk.attn.select = None  # mixing.hc_select=proj: the selection projection is pretraining-only
             rate = drop_path * i / max(depth - 1, 1)
             if rate > 0:
                 blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)

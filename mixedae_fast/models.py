@@ -15,7 +15,6 @@ Mask convention as MAE: ``loss_mask`` True = not visible for that source (recons
 from __future__ import annotations
 
 import math
-import warnings
 from functools import partial
 
 import torch
@@ -26,22 +25,15 @@ from mixedae_fast.attention import HomologousAttention, MixLayout
 from mixedae_fast.choices import (
     ATTENTION_BACKENDS,
     HA_MODES,
-    HC_FORMS,
-    HC_GRADS,
-    HC_ON,
-    HC_ROW_FORMS,
-    HC_SELECT,
     KERNEL_BACKENDS,
     SEGMENT_EMBED,
-    hc_flags,
-    hc_ignored,
     n_visible,
     resolve_ha_layers,
 )
-from mixedae_fast.kernels.homologous_attention import qk_scores
+from mixedae_fast.hc import HCObjective
 from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix, patchify
 from mixedae_fast.kernels.unmix import unmix as unmix_op
-from mixedae_fast.losses import hc_attention_loss, hc_scores_loss, reconstruction_loss, supcon_loss
+from mixedae_fast.losses import reconstruction_loss
 
 import_timm()
 from timm.models.vision_transformer import Block  # noqa: E402  (after the torchvision shim)
@@ -78,11 +70,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
 class MixedBlock(Block):
     """timm's ViT ``Block`` (same parameter names) with attention that follows a :class:`MixLayout`."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto",
-                 select_dim: int = 0, select_detach: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
         super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
-        self.attn = HomologousAttention(dim, num_heads, qkv_bias=True, backend=backend, select_dim=select_dim,
-                                        select_detach=select_detach)
+        self.attn = HomologousAttention(dim, num_heads, qkv_bias=True, backend=backend)
 
     def forward(self, x: torch.Tensor, layout: MixLayout | None = None) -> torch.Tensor:
         return self.forward_homologous(x, layout)[0]
@@ -95,16 +85,41 @@ class MixedBlock(Block):
 
 
 class MixedAutoencoderViT(nn.Module):
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 512, decoder_depth: int = 8,
-                 decoder_num_heads: int = 16, mlp_ratio: float = 4.0, group_size: int = 4,
-                 mask_ratio: float = 0.75, ha: str = "topk", ha_layers=None, topk: int | None = None,
-                 hc_on: str = "attention", hc_weight: float = 1.0, hc_tau: float = 0.2,
-                 segment_embed: str = "none", norm_pix_loss: bool = True, attention_backend: str = "auto",
-                 kernels: str = "auto", hc_heads: int | None = 1, hc_form: str = "infonce",
-                 hc_margin: float = 1.0, hc_grad: str = "full", hc_select: str = "attention",
-                 hc_select_dim: int = 16, topk_self: bool = False, warn_ignored: bool = True):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, group_size=4,
+                 mask_ratio=0.75, ha="topk", ha_layers=None, topk=None, hc_on="attention", hc_weight=1.0,
+                 hc_tau=0.2, hc_heads=1, hc_form="infonce", segment_embed="none", norm_pix_loss=True,
+                 attention_backend="auto", kernels="auto", warn_ignored=True):
         super().__init__()
+        self._set_layout(img_size, patch_size, in_chans, group_size, mask_ratio, ha, ha_layers, topk, depth)
+        self.segment_embed = _choice("segment_embed", segment_embed, SEGMENT_EMBED)
+        _choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
+        self.kernels = _choice("kernels", kernels, KERNEL_BACKENDS)  # patch_mix / unmix: auto | triton | torch
+        self.norm_pix_loss = norm_pix_loss
+        self.hc = HCObjective.build(hc_weight, hc_on, hc_form, hc_heads, hc_tau, group_size=group_size,
+                                    n_visible=self.n_visible, ha=ha, ha_layers=self.ha_layers, num_heads=num_heads,
+                                    warn=warn_ignored)
+        # encoder
+        self.patch_embed = nn.Linear(self.patch_dim, embed_dim)  # a Linear on (p, q, c) patch vectors
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid)[None])
+        self.seg_embed = nn.Parameter(torch.zeros(group_size, embed_dim)) if segment_embed == "encoder" else None
+        self.blocks = nn.ModuleList(MixedBlock(embed_dim, num_heads, mlp_ratio, attention_backend)
+                                    for _ in range(depth))
+        self.norm = LayerNorm(embed_dim)
+        self.hc_head = self.hc.projection_head(embed_dim)
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_embed_dim, self.grid)[None])
+        self.decoder_blocks = nn.ModuleList(MixedBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio,
+                                                       attention_backend) for _ in range(decoder_depth))
+        self.decoder_norm = LayerNorm(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_dim)
+        self.initialize_weights()
+
+    def _set_layout(self, img_size, patch_size, in_chans, group_size, mask_ratio, ha, ha_layers, topk, depth):
+        """The token geometry: grid, N, n (``n_visible``), r (``group_size``), K (``topk``), the HA blocks."""
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
@@ -117,64 +132,10 @@ class MixedAutoencoderViT(nn.Module):
             raise ValueError(f"group_size * n_visible = {r} * {n} must lie in [1, num_patches = "
                              f"{self.num_patches}] (mask_ratio {mask_ratio})")
         self.ha = _choice("ha", ha, HA_MODES)
-        self.hc_on = _choice("hc_on", hc_on, HC_ON)
-        self.segment_embed = _choice("segment_embed", segment_embed, SEGMENT_EMBED)
-        _choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
-        self.kernels = _choice("kernels", kernels, KERNEL_BACKENDS)  # patch_mix / unmix: auto | triton | torch
         self.topk = n if topk is None else topk
         if not 1 <= self.topk <= r * n:
             raise ValueError(f"topk={self.topk} must lie in [1, r*n = {r * n}]")
         self.ha_layers = resolve_ha_layers(ha, ha_layers, depth)
-        self.hc_weight, self.hc_tau, self.norm_pix_loss = hc_weight, hc_tau, norm_pix_loss
-        self.hc_attention, self.hc_features = hc_flags(hc_weight, r, hc_on, ha, self.ha_layers)
-        ignored = hc_ignored(hc_weight, r, hc_on, ha, self.ha_layers)
-        if ignored and warn_ignored:
-            warnings.warn(f"hc_weight = {hc_weight} partly or wholly ignored: {'; '.join(ignored)} (got ha={ha}, "
-                          f"group_size={r})", stacklevel=2)
-        if (self.hc_attention or self.hc_features) and n < 2:
-            raise ValueError(f"the homologous contrastive loss needs n_visible >= 2 (got {n})")
-        # variants of the attention HC loss (losses.py): on the first hc_heads heads; infonce | supcon | hinge;
-        # hc_grad="qk": its gradient reaches the q/k projections only, not the tokens
-        self.hc_form, self.hc_grad = _choice("hc_form", hc_form, HC_FORMS), _choice("hc_grad", hc_grad, HC_GRADS)
-        if hc_heads is not None and not 1 <= hc_heads <= num_heads:
-            raise ValueError(f"hc_heads={hc_heads} must lie in [1, num_heads = {num_heads}] or be None (all)")
-        self.hc_heads, self.hc_margin = hc_heads, hc_margin
-        # hc_select="proj": each HA block selects (one set for all heads) on a separate select_dim-wide
-        # projection that the HC loss trains instead of the heads' logits; topk_self: the query's own key
-        # always kept. Both run on the reference path (attention.selected_topk_attention).
-        self.hc_select, self.topk_self = _choice("hc_select", hc_select, HC_SELECT), bool(topk_self)
-        if hc_select == "proj" and not (self.hc_attention and hc_form in HC_ROW_FORMS
-                                        and hc_select_dim >= 1):
-            raise ValueError("hc_select='proj' needs the attention HC loss on (hc_weight > 0, ha='topk', "
-                             "group_size > 1), hc_form 'infonce' or 'supcon' and hc_select_dim >= 1 (hc_heads "
-                             "does not apply: one selection serves every head)")
-        select_dim = hc_select_dim if hc_select == "proj" else 0
-        # forms the attention op's row terms do not give: the loss from logits recomputed per block
-        self.hc_from_scores = self.hc_attention and hc_select == "attention" and (hc_form != "infonce"
-                                                                                   or hc_grad != "full")
-
-        # encoder
-        self.patch_embed = nn.Linear(self.patch_dim, embed_dim)  # a Linear on (p, q, c) patch vectors
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid)[None])
-        self.seg_embed = nn.Parameter(torch.zeros(r, embed_dim)) if segment_embed == "encoder" else None
-        self.blocks = nn.ModuleList(
-            MixedBlock(embed_dim, num_heads, mlp_ratio, attention_backend,
-                       select_dim=select_dim if i in self.ha_layers else 0, select_detach=hc_grad == "qk")
-            for i in range(depth))
-        self.norm = LayerNorm(embed_dim)
-        self.hc_head = None
-        if self.hc_features and hc_on in ("head", "both"):
-            self.hc_head = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, 128))
-        # decoder
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_embed_dim, self.grid)[None])
-        self.decoder_blocks = nn.ModuleList(MixedBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio,
-                                                       attention_backend) for _ in range(decoder_depth))
-        self.decoder_norm = LayerNorm(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_dim)
-        self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """MAE's: xavier-uniform Linears (the patch embedding included), zero biases, unit LayerNorms,
@@ -205,15 +166,15 @@ class MixedAutoencoderViT(nn.Module):
                          backend=self.kernels)
 
     def make_layout(self, hc: bool | None = None, collect_stats: bool = False) -> MixLayout:
-        hc = self.hc_attention and not self.hc_from_scores if hc is None else hc
-        return MixLayout(self.group_size, self.n_visible, self.ha, self.topk, hc=hc, collect_stats=collect_stats,
-                         topk_self=self.topk_self, hc_form=self.hc_form, hc_heads=self.hc_heads)
+        """The layout the homologous blocks follow; ``hc``: whether they return the HC row terms (default:
+        when the objective acts on the attention)."""
+        return MixLayout(self.group_size, self.n_visible, self.ha, self.topk,
+                         hc=self.hc.attention if hc is None else hc, collect_stats=collect_stats,
+                         hc_form=self.hc.form, hc_heads=self.hc.heads)
 
-    def forward_encoder(self, mixed: torch.Tensor, ids: torch.Tensor, layout: MixLayout | None = None,
-                        hc_scores: list | None = None):
+    def forward_encoder(self, mixed: torch.Tensor, ids: torch.Tensor, layout: MixLayout | None = None):
         """``mixed [G, r*n, 3P²]`` -> ``latent [G, 1 + r*n, D]`` after the final norm, and a copy of the
-        layout holding the HC row terms and stats each homologous block returned. A list ``hc_scores``
-        receives each homologous block's HC logits (:meth:`hc_block_scores`, for the non-default HC forms)."""
+        layout holding the HC row terms and stats each homologous block returned."""
         layout = self.make_layout() if layout is None else layout
         x = self.patch_embed(mixed) + self.pos_embed[0, 1:][ids.long()]
         if self.seg_embed is not None:
@@ -223,24 +184,10 @@ class MixedAutoencoderViT(nn.Module):
         ha_layers = set(self.ha_layers)
         hc_rows, stats = [], []
         for i, blk in enumerate(self.blocks):
-            if hc_scores is not None and i in ha_layers:
-                hc_scores.append(self.hc_block_scores(blk, x))
             x, rows, st = blk.forward_homologous(x, layout if i in ha_layers else None)
             hc_rows += [] if rows is None else [rows]
             stats += [] if st is None else [st]
         return self.norm(x), layout.with_outputs(hc_rows, stats)
-
-    def hc_block_scores(self, blk: MixedBlock, x: torch.Tensor) -> torch.Tensor:
-        """fp32 patch-to-patch logits ``q·k/√d [G, H, M, M]`` of block ``blk`` on its input ``x``: the
-        scores its TopK selects on, recomputed (the reference path) for the HC forms that need them.
-        With ``hc_grad="qk"`` the input is detached, so the loss trains the selection (q/k projections
-        and the block's first norm) without reshaping the tokens the features are made of."""
-        attn = blk.attn
-        x = x.detach() if self.hc_grad == "qk" else x
-        G, L, _ = x.shape
-        qk = attn.qkv(blk.norm1(x)).reshape(G, L, 3, attn.num_heads, attn.head_dim)[:, 1:, :2]
-        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
-        return qk_scores(q, k)
 
     def unmix(self, latent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``latent [G, 1 + r*n, D]`` -> decoder input ``[B, N + 1, Dd]`` (docs/method.md §5)."""
@@ -256,19 +203,9 @@ class MixedAutoencoderViT(nn.Module):
     def forward_loss(self, pred, targets, loss_mask) -> torch.Tensor:
         return reconstruction_loss(pred, targets, loss_mask)
 
-    def forward_hc(self, latent: torch.Tensor, layout: MixLayout, hc_scores: list | None = None) -> torch.Tensor:
-        """The homologous contrastive loss (unweighted), or a zero when it is inactive."""
-        parts = []
-        if self.hc_from_scores:
-            parts.append(hc_scores_loss(hc_scores, layout.source_ids(latent.device), self.hc_form, self.hc_margin,
-                                        self.hc_heads))
-        elif self.hc_attention:
-            parts.append(hc_attention_loss(layout.hc_rows, self.hc_heads))
-        if self.hc_features:
-            tokens = latent[:, 1:]
-            feats = self.hc_head(tokens) if self.hc_head is not None else tokens
-            parts.append(supcon_loss(feats, layout.source_ids(latent.device), self.hc_tau))
-        return torch.stack(parts).sum() if parts else latent.new_zeros((), dtype=torch.float32)
+    def forward_hc(self, latent: torch.Tensor, layout: MixLayout) -> torch.Tensor:
+        """The homologous contrastive loss (unweighted; docs/method.md §4), or a zero when it is inactive."""
+        return self.hc.loss(layout.hc_rows, latent[:, 1:], layout.source_ids(latent.device), self.hc_head)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None, *, seed: int = 0, step: int = 0,
                 first_group: int = 0, collect_stats: bool = False) -> dict:
@@ -280,12 +217,11 @@ class MixedAutoencoderViT(nn.Module):
         if ids is None:
             ids = self.assign(G, seed, step, first_group, images.device)
         mixed, targets, loss_mask = self.mix(images, ids)
-        hc_scores = [] if self.hc_from_scores else None
-        latent, layout = self.forward_encoder(mixed, ids, self.make_layout(collect_stats=collect_stats), hc_scores)
+        latent, layout = self.forward_encoder(mixed, ids, self.make_layout(collect_stats=collect_stats))
         pred = self.forward_decoder(self.unmix(latent, ids))
         loss_rec = self.forward_loss(pred, targets, loss_mask)
-        loss_hc = self.forward_hc(latent, layout, hc_scores)
-        out = dict(loss=loss_rec + self.hc_weight * loss_hc, loss_rec=loss_rec, loss_hc=loss_hc, pred=pred,
+        loss_hc = self.forward_hc(latent, layout)
+        out = dict(loss=loss_rec + self.hc.weight * loss_hc, loss_rec=loss_rec, loss_hc=loss_hc, pred=pred,
                    targets=targets, loss_mask=loss_mask, ids=ids)
         if collect_stats:
             out["stats"] = {f"ha{i}/{k}": v for i, s in zip(self.ha_layers, layout.stats) for k, v in s.items()}
@@ -340,7 +276,6 @@ def build_model(cfg) -> MixedAutoencoderViT:
         group_size=x.group_size, mask_ratio=x.mask_ratio, ha=x.ha, ha_layers=x.ha_layers, topk=x.topk,
         hc_on=x.hc_on, hc_weight=x.hc_weight, hc_tau=x.hc_tau, segment_embed=x.segment_embed,
         norm_pix_loss=x.norm_pix_loss, attention_backend=cfg.runtime.attention_backend,
-        kernels=cfg.runtime.kernels, hc_heads=x.hc_heads, hc_form=x.hc_form, hc_margin=x.hc_margin,
-        hc_grad=x.hc_grad, hc_select=x.hc_select, hc_select_dim=x.hc_select_dim, topk_self=x.topk_self,
+        kernels=cfg.runtime.kernels, hc_heads=x.hc_heads, hc_form=x.hc_form,
         warn_ignored=False,  # load_config warned already
     )

@@ -31,8 +31,8 @@ SHA_FILE = ".git_sha"  # written beside .git by `bash benchmarks/device_check.sh
 
 def git_sha() -> str:
     """The checkout's short SHA (``+dirty`` with uncommitted changes to tracked files); where the copy has
-    no .git (a copy of the tree sent to a GPU machine): ``MIXEDAE_GIT_SHA``, else the ``.git_sha`` file at the repository's
-    root that ``benchmarks/device_check.sh prepare`` wrote from the checkout; else ``unknown``."""
+    no .git (a copy of the tree sent to a GPU machine): ``MIXEDAE_GIT_SHA``, else the ``.git_sha`` file at
+    the repository's root that ``benchmarks/device_check.sh prepare`` wrote from the checkout; else ``unknown``."""
     if os.environ.get("MIXEDAE_GIT_SHA"):
         return os.environ["MIXEDAE_GIT_SHA"]
     here = os.path.dirname(os.path.abspath(__file__))

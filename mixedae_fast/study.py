@@ -42,41 +42,23 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hc_all": ("TopK + InfoNCE HC on every head (the default before 2026-11-30)",
                ("--mixing.ha=topk", "--mixing.hc_heads=null")),
     "hc_head0": ("TopK + InfoNCE HC on head 0 only", ("--mixing.ha=topk", "--mixing.hc_heads=1")),
-    "hc_qk": ("TopK + InfoNCE HC on every head, its gradient into q/k only (tokens detached)",
-              ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_grad=qk")),
-    "hc_self": ("TopK with the query's own key forced in (K-1 others) + InfoNCE HC on every head",
-                ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.topk_self=true")),
-    "hc_proj": ("TopK on a separate 16-d selection projection (one set for all heads) + InfoNCE HC on it",
-                ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_select=proj")),
-    "hc_proj_qk": ("same, the HC gradient into the selection projection only (tokens detached)",
-                   ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_select=proj", "--mixing.hc_grad=qk")),
     "supcon_head0": ("TopK + per-positive (SupCon) HC on head 0: every same-source key pulled up",
                      ("--mixing.ha=topk", "--mixing.hc_heads=1", "--mixing.hc_form=supcon")),
     "supcon_w03": ("TopK + per-positive (SupCon) HC on head 0 at weight 0.3",
                    ("--mixing.ha=topk", "--mixing.hc_heads=1", "--mixing.hc_form=supcon", "--mixing.hc_weight=0.3")),
     "supcon_w01": ("TopK + per-positive (SupCon) HC on head 0 at weight 0.1",
                    ("--mixing.ha=topk", "--mixing.hc_heads=1", "--mixing.hc_form=supcon", "--mixing.hc_weight=0.1")),
-    "supcon_proj_qk": ("TopK on a 16-d selection projection trained alone by the per-positive (SupCon) HC",
-                       ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_select=proj",
-                        "--mixing.hc_grad=qk", "--mixing.hc_form=supcon")),
     "hc_k8": ("TopK with K = 8 (half of cpu_tiny's n = 16) + InfoNCE HC on head 0",
               ("--mixing.ha=topk", "--mixing.hc_heads=1", "--mixing.topk=8")),
     "supcon_k8": ("TopK with K = 8 + per-positive (SupCon) HC on head 0",
                   ("--mixing.ha=topk", "--mixing.hc_heads=1", "--mixing.hc_form=supcon", "--mixing.topk=8")),
-    "hinge": ("TopK + ranking hinge HC (margin 1) on every head",
-              ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_form=hinge")),
-    "hinge_head0": ("TopK + ranking hinge HC on head 0 only",
-                    ("--mixing.ha=topk", "--mixing.hc_form=hinge", "--mixing.hc_heads=1")),
-    "hinge_qk": ("TopK + ranking hinge HC on every head, gradient into q/k only",
-                 ("--mixing.ha=topk", "--mixing.hc_heads=null", "--mixing.hc_form=hinge", "--mixing.hc_grad=qk")),
 }
 # what `mixedae-fast study` runs without --variants: the references, the default, the former default and
-# the HC forms still in question: those no single other variant beats on both the embedded set and
-# `digits` (held-out kNN): hc_proj_qk, supcon_w03, supcon_head0 (the best on the embedded set). The rest
-# are beaten on both (the hinge forms in the pilot, benchmarks/results/2026-11-30_cpu-2cores-study-pilot/;
-# hc_qk, hc_self, hc_proj, hc_k8, supcon_k8, supcon_proj_qk, supcon_w01 in
-# benchmarks/results/2026-11-30_cpu-2cores-study*/)
-DEFAULT_VARIANTS = ("mae", "oracle", "naive", "topk", "default", "hc_all", "hc_proj_qk", "supcon_w03", "supcon_head0")
+# the SupCon form (the best on the embedded set, below naive mixing on `digits`). The HC forms that lost to
+# MAE mode on both the embedded set and `digits` in the 2026-11-30 studies (the hinge forms, the gradient
+# into q/k only, the separate selection projection, the query forced in) left the code after git 01c425d;
+# their rows stay in benchmarks/results/2026-11-30_cpu-2cores-study*/ and docs/study.md.
+DEFAULT_VARIANTS = ("mae", "oracle", "naive", "topk", "default", "hc_all", "supcon_w03", "supcon_head0")
 SPLITS = ("heldout", "val")
 DATASETS = ("embedded", "digits", "lfw", "photos")
 METRICS = ("knn", "linear_probe", "few_shot")

@@ -168,7 +168,8 @@ def homologous_selection(model, images: torch.Tensor, query: int | None = None, 
     (``attention.topk_stats``: ``block_recognition``, ``block_jaccard``), ``chance`` and the ``mixed``
     input picture.
     """
-    from mixedae_fast.attention import selection_keep, topk_stats
+    from mixedae_fast.attention import topk_stats
+    from mixedae_fast.kernels.homologous_attention import qk_scores, topk_keep_mask
 
     r, n = model.group_size, model.n_visible
     if r < 2:
@@ -188,27 +189,26 @@ def homologous_selection(model, images: torch.Tensor, query: int | None = None, 
     mixed, _, _ = model.mix(images, ids)
     captured = {}
     attn = model.blocks[block].attn
-    handle = attn.qkv.register_forward_hook(lambda mod, inp, out: captured.update(x=inp[0], qkv=out))
+    handle = attn.qkv.register_forward_hook(lambda mod, inp, out: captured.update(qkv=out))
     try:
         layout = model.make_layout(hc=False)
         model.forward_encoder(mixed, ids, layout)
     finally:
         handle.remove()
         model.train(was_training)
-    x, qkv = captured["x"], captured["qkv"]
+    qkv = captured["qkv"]
     L = qkv.shape[1]
     q, k, v = qkv.float().reshape(1, L, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     src = layout.source_ids(images.device)
-    # the block's own selection: per head on q·k, or one shared set (mixing.hc_select=proj), self forced in
-    with torch.no_grad():
-        keep_all = selection_keep(attn.selection_scores(x, q, k, False), model.topk, layout.topk_self)
-    keep = keep_all[0, :, query]                                                   # [H or 1, r*n]
+    with torch.no_grad():  # the block's own selection, per head on q·k
+        keep_all = topk_keep_mask(qk_scores(q, k)[..., 1:, 1:], model.topk)
+    keep = keep_all[0, :, query]                                                   # [H, r*n]
     others = keep.clone()
     others[:, query] = False
     same = (src == src[query])[None] & others
     per_head = same.sum(1).float() / others.sum(1).clamp_min(1)
     pos = ids[0].long()
-    block_stats = topk_stats(q, k, v, src, model.topk, keep_all)
+    block_stats = topk_stats(q, k, v, src, model.topk)
     return {
         "keep": keep.cpu(), "positions": pos.cpu(), "sources": src.cpu(), "query": query, "block": block,
         "query_recognition": same.sum().item() / max(others.sum().item(), 1),

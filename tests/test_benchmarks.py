@@ -170,9 +170,9 @@ def test_phased_step_is_the_model_step():
         assert torch.equal(pa, pb)
 
 
-@pytest.mark.parametrize("hc", ["--mixing.hc_form=hinge", "--mixing.hc_form=supcon", "--mixing.hc_select=proj"])
+@pytest.mark.parametrize("hc", ["--mixing.hc_form=infonce", "--mixing.hc_form=supcon", "--mixing.hc_on=both"])
 def test_phased_step_takes_every_hc_form(hc):
-    """The spelled-out step hands the recomputed logits to the HC loss too (forms the op's rows lack)."""
+    """The spelled-out step computes the training step's loss for every HC form and place."""
     from mixedae_fast.benchmarks.bench_train import Clock, StepRunner
     from mixedae_fast.config import load_config
 

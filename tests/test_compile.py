@@ -67,7 +67,7 @@ def test_mixedae_step_with_topk_and_hc_compiles_fullgraph_without_recompiles(att
                                    "--runtime.kernels=triton"])
     torch.manual_seed(0)
     model = build_model(cfg)
-    assert model.hc_attention and model.ha_layers == (0, 1)
+    assert model.hc.attention and model.ha_layers == (0, 1)
     gen = torch.Generator().manual_seed(1)
     images = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(2)]
     _compile_and_compare(model, images.__getitem__, 2, "aot_eager")

@@ -231,7 +231,7 @@ def test_every_parameter_gets_a_finite_gradient(cfg):
     assert warned == ((wants_attention_hc and (full["ha"] != "topk" or r == 1)) or (wants_feature_hc and r == 1))
     perturb(model)
     out = model(images_for(model, 2 * r), step=1)
-    hc_active = model.hc_attention or model.hc_features
+    hc_active = model.hc.attention or model.hc.features
     assert hc_active == (r > 1 and (hc_on != "attention" or full["ha"] == "topk"))
     assert (float(out["loss_hc"].detach()) > 0) == hc_active
     out["loss"].backward()

@@ -58,18 +58,18 @@ def test_few_shot_nearest_class_mean():
 def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
     data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
-    argv = ["study", "--data-dir", str(data), "--out", str(tmp_path / "st"), "--variants", "mae,hinge_qk",
+    argv = ["study", "--data-dir", str(data), "--out", str(tmp_path / "st"), "--variants", "mae,supcon_head0",
             "--seeds", "0", "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", *TINY]
     assert main(argv) == 0
     out = tmp_path / "st"
     table = json.loads((out / "study.json").read_text())
     assert (table["select_split"], table["report_split"]) == ("heldout", "val")
-    assert [r["variant"] for r in table["rows"]] == ["mae", "hinge_qk"]
+    assert [r["variant"] for r in table["rows"]] == ["mae", "supcon_head0"]
     assert table["meta"]["steps"] == 6 and table["meta"]["sizes"] == {"bank": 39, "heldout": 9, "val": 24}
-    hinge = json.loads((out / "results" / "hinge_qk-seed0.json").read_text())
-    assert hinge["steps"] == 6 and set(hinge["eval"]) == {"heldout", "val", "sizes"}
-    assert 0 <= hinge["final"]["jaccard_b0"] <= 1
-    assert "jaccard_b0" in (out / "runs" / "hinge_qk-seed0" / "metrics.csv").read_text().splitlines()[0]
+    supcon = json.loads((out / "results" / "supcon_head0-seed0.json").read_text())
+    assert supcon["steps"] == 6 and set(supcon["eval"]) == {"heldout", "val", "sizes"}
+    assert 0 <= supcon["final"]["jaccard_b0"] <= 1
+    assert "jaccard_b0" in (out / "runs" / "supcon_head0-seed0" / "metrics.csv").read_text().splitlines()[0]
     md = (out / "study.md").read_text()
     assert "Select split: heldout (9 images); report split: val (24 images)" in md
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
@@ -79,7 +79,7 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "run_one", no_training)
     assert main(argv) == 0
     assert json.loads((out / "study.json").read_text())["rows"] == table["rows"]
-    assert (out / "runs" / "hinge_qk-seed0" / "report.json").is_file()  # a run folder as `pretrain` writes it
+    assert (out / "runs" / "supcon_head0-seed0" / "report.json").is_file()  # a run folder as `pretrain` writes it
     # another budget in the same folder is refused, not mixed into the table
     assert main([a if a != "1" else "2" for a in argv]) == 2
     assert "was trained for --epochs 1, this call asks for 2" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_model_hc_loss_is_supcon_on_its_patch_tokens(tiny, hc_on):
         feats = model.hc_head(tokens) if hc_on in ("head", "both") else tokens
         expected = supcon_loop(feats, [t // n for t in range(r * n)], 0.3)
         if hc_on == "both":
-            expected = expected + hc_attention_loss(layout.hc_rows, model.hc_heads).double()
+            expected = expected + hc_attention_loss(layout.hc_rows, model.hc.heads).double()
     assert (model.hc_head is not None) == (hc_on != "tokens")
     torch.testing.assert_close(out["loss_hc"].double(), expected, **tol(torch.float32))
-    torch.testing.assert_close(out["loss"], out["loss_rec"] + model.hc_weight * out["loss_hc"])
+    torch.testing.assert_close(out["loss"], out["loss_rec"] + model.hc.weight * out["loss_hc"])
