@@ -16,6 +16,9 @@ setup(
     python_requires=">=3.10",
     packages=[
         "mixedae_fast",
+        "mixedae_fast.model",
+        "mixedae_fast.train",
+        "mixedae_fast.downstream",
         "mixedae_fast.kernels",
         "mixedae_fast.pipelines",
         "mixedae_fast.benchmarks",
@@ -23,6 +26,9 @@ setup(
     ],
     package_dir={
         "mixedae_fast": "mixedae_fast",
+        "mixedae_fast.model": "mixedae_fast/model",
+        "mixedae_fast.train": "mixedae_fast/train",
+        "mixedae_fast.downstream": "mixedae_fast/downstream",
         "mixedae_fast.kernels": "kernels",
         "mixedae_fast.pipelines": "pipelines",
         "mixedae_fast.benchmarks": "benchmarks",

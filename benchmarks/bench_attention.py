@@ -4,7 +4,7 @@
         --out benchmarks/results/<date>_<card>/bench_attention.json      # also writes the .csv beside
 
 Rows: ``baseline`` (plain SDPA on the full sequence, no mask: the row every ratio divides by, measured
-in the same run), then every (mode, backend) of :mod:`mixedae_fast.attention`: ``none`` and ``oracle``
+in the same run), then every (mode, backend) of :mod:`mixedae_fast.model.attention`: ``none`` and ``oracle``
 through sdpa / xformers / flex / eager, ``topk`` (K = n, with the HC row terms of head 0 and their
 gradient, as the default config trains; ``--hc-heads``) through triton / xformers / sdpa / flex / eager.
 ``--triton-tilings`` times the fused kernel in each forward tiling, ``--bwd-tilings`` in each backward
@@ -40,7 +40,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mixedae_fast.attention import (
+from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
+from mixedae_fast.config import MixingConfig
+from mixedae_fast.kernels import homologous_attention as fused
+from mixedae_fast.model.attention import (
     HomologousMask,
     global_attention,
     oracle_attention,
@@ -48,9 +51,6 @@ from mixedae_fast.attention import (
     topk_attention,
     xformers_problem,
 )
-from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
-from mixedae_fast.config import MixingConfig
-from mixedae_fast.kernels import homologous_attention as fused
 
 # name -> (G groups, H heads, r, n, head dim): L = 1 + r*n = 197 for ViT-B/16 and ViT-L/16 at 224 px
 SHAPES = {
@@ -284,7 +284,7 @@ def table_row(result: dict, source: str) -> dict:
 
 def _table_row_cli(path: str, write: bool) -> int:
     """``--table-row``: print the table row of a result file; with ``--write`` put it into the table."""
-    from mixedae_fast.attention import TABLE
+    from mixedae_fast.model.attention import TABLE
     try:
         result = json.loads(Path(path).read_text())
         if result.get("benchmark") != "attention" or not result.get("rows"):

@@ -33,7 +33,6 @@ import torch
 
 from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
 from mixedae_fast.config import derive, load_config
-from mixedae_fast.device import resolve_precision
 from mixedae_fast.kernels.patch_mix import (
     assignment_forward,
     draw_assignment,
@@ -41,6 +40,7 @@ from mixedae_fast.kernels.patch_mix import (
     patch_mix_reference,
 )
 from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
+from mixedae_fast.train.device import resolve_precision
 
 
 def _unmix_step(unmix_fn):

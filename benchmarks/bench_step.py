@@ -4,7 +4,7 @@
 
 Rows: ``mae`` (r=1, ha=none, no HC: MAE's function, the baseline row), ``naive`` (r=4, global
 attention), ``oracle``, ``topk`` (r=4, TopK + HC loss; the default MixedAE). One step = forward,
-backward, fused AdamW step (the trainer's step: ``mixedae_fast.step.TrainStep``), under bf16 autocast on
+backward, fused AdamW step (the trainer's step: ``mixedae_fast.train.step.TrainStep``), under bf16 autocast on
 CUDA (fp32 on CPU). Untimed warm-up, then the median of ``--iters`` steps timed with CUDA events (wall
 clock on CPU). Throughput counts source
 images per second. The result file carries device, versions, git SHA, date and command.
@@ -19,10 +19,10 @@ import torch
 
 from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
 from mixedae_fast.config import load_config
-from mixedae_fast.device import resolve_precision
-from mixedae_fast.models import build_model
-from mixedae_fast.optim import build_optimizer
-from mixedae_fast.step import TrainStep
+from mixedae_fast.model.mixedae import build_model
+from mixedae_fast.train.device import resolve_precision
+from mixedae_fast.train.optim import build_optimizer
+from mixedae_fast.train.step import TrainStep
 
 MODES = {
     "mae": ["--mixing.group_size=1", "--mixing.ha=none", "--mixing.hc_weight=0"],
@@ -33,7 +33,7 @@ MODES = {
 
 
 def time_steps(config: str, overrides: list[str], batch: int, warmup: int, iters: int, device: torch.device) -> dict:
-    """One mode's row: the training step (:class:`mixedae_fast.step.TrainStep`) on one batch of device tensors."""
+    """One mode's row: the training step (:class:`mixedae_fast.train.step.TrainStep`) on one batch of device tensors."""
     cfg = load_config(config, [*overrides, f"--data.batch_size={batch}"])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)

@@ -45,10 +45,10 @@ import torch
 
 from mixedae_fast.benchmarks.common import Clock, result_head, write_json
 from mixedae_fast.config import derive, load_config
-from mixedae_fast.device import resolve_precision
-from mixedae_fast.models import build_model
-from mixedae_fast.optim import build_optimizer, param_groups
-from mixedae_fast.step import TrainStep
+from mixedae_fast.model.mixedae import build_model
+from mixedae_fast.train.device import resolve_precision
+from mixedae_fast.train.optim import build_optimizer, param_groups
+from mixedae_fast.train.step import TrainStep
 
 _MAE = ["--mixing.group_size=1", "--mixing.ha=none", "--mixing.hc_weight=0"]
 MODES = {
@@ -73,7 +73,7 @@ def _range(name: str, cuda: bool):
 
 
 class StepRunner:
-    """One benchmark row's model, optimiser and training step: :class:`mixedae_fast.step.TrainStep`, the
+    """One benchmark row's model, optimiser and training step: :class:`mixedae_fast.train.step.TrainStep`, the
     step the trainer runs (clipping, the NaN guard and the optimiser branches included)."""
 
     def __init__(self, cfg, device: torch.device, official: bool, compile_mode: str | None):
@@ -184,7 +184,7 @@ class Source:
             self.batch = torch.randn(cfg.data.batch_size, 3, S, S, device=device).to(dtype)
             self.backend = "device tensors"
             return
-        from mixedae_fast.data import build_loaders
+        from mixedae_fast.train.data import build_loaders
 
         data = build_loaders(cfg, device, dtype, num_train=num_images, num_val=64, progress=True)
         self.loader, self.backend = data.train, data.backend

@@ -88,7 +88,7 @@ def build(cfg, name: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """``(recogniser name, the config's model)``: the model mixes the batches (assignment and
     ``patch_mix`` use none of its weights); ``content`` takes its patch size and position table,
     ``context`` trains its encoder."""
-    from mixedae_fast.models import build_model
+    from mixedae_fast.model.mixedae import build_model
 
     model = build_model(cfg).to(device)
     if name == "content":
@@ -98,7 +98,7 @@ def build(cfg, name: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
 
 def train_and_measure(cfg, name: str, train, val, steps: list[int], tau: float, device, progress=print) -> list[dict]:
     """Train recogniser ``name`` for ``max(steps)`` steps; recognition on ``val`` after each of ``steps``."""
-    from mixedae_fast.losses import supcon_loss
+    from mixedae_fast.model.losses import supcon_loss
 
     torch.manual_seed(cfg.run.seed)
     net, mixer = build(cfg, name, device)
@@ -168,9 +168,9 @@ def main(argv=None) -> int:
     import os
 
     from mixedae_fast.config import derive, load_config
-    from mixedae_fast.data import build_loaders
     from mixedae_fast.fsutil import atomic_write_text
     from mixedae_fast.study import DATASETS, data_folders
+    from mixedae_fast.train.data import build_loaders
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="cpu_tiny")

@@ -35,7 +35,7 @@ FABRICS = {"1 node, NVLink": (1, 0), **{f"{n} nodes, {k}x400 Gb/s": (n, k) for k
 def gradient_parameters() -> int:
     """Trainable parameters of the vit_base preset (all of them receive a gradient each step)."""
     from mixedae_fast.config import load_config
-    from mixedae_fast.models import build_model
+    from mixedae_fast.model.mixedae import build_model
 
     model = build_model(load_config("vit_base"))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -664,7 +664,7 @@ def check_triton(device: torch.device) -> None:
 
 def homologous_attention(q, k, v, src, topk, hc=False, backend="auto", hc_heads=None):
     """The TopK op: ``triton`` = :func:`homologous_attention_triton`, anything else the reference
-    (``mixedae_fast.attention`` routes the other backends)."""
+    (``mixedae_fast.model.attention`` routes the other backends)."""
     if backend == "triton":
         return homologous_attention_triton(q, k, v, src, topk, hc, hc_heads)
     return homologous_attention_reference(q, k, v, src, topk, hc, hc_heads)

@@ -17,7 +17,7 @@ gives the architecture. eval / finetune / visualize take only --runtime.key=valu
 Overrides take YAML values: ``--mixing.ha=oracle --optim.clip_grad=3.0 --mixing.ha_layers=[0,1]``.
 
 Every failure ends in one ``error: ...`` line (what, why, the fix) and a non-zero exit; ``--debug`` (or
-``MIXEDAE_DEBUG=1``) prints the traceback too. A run folder belongs to one run (mixedae_fast/runs.py).
+``MIXEDAE_DEBUG=1``) prints the traceback too. A run folder belongs to one run (mixedae_fast/train/runs.py).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def _downstream_parsers(sub) -> None:
     ev.add_argument("--probe-epochs", type=int, default=100)
     ev.add_argument("--no-probe", action="store_true", help="kNN only")
     ft = sub.add_parser("finetune", parents=[run, data], help="full fine-tuning with layer-wise lr decay")
-    # unset options take FinetuneConfig's defaults (mixedae_fast/finetune.py; no torch import here)
+    # unset options take FinetuneConfig's defaults (mixedae_fast/downstream/finetune.py; no torch import here)
     for name, tp, what in (("epochs", int, "epochs"), ("batch_size", int, "images a step"),
                            ("blr", float, "base lr: lr = blr * batch_size / 256 (default by depth: MAE's 5e-4 "
                                                   "for ViT-B, 1e-3 for ViT-L; 1.6e-2 below 12 blocks)"),
@@ -203,8 +203,8 @@ def cmd_study(args, overrides) -> int:
 
 def cmd_pretrain(args, overrides) -> int:
     """Parse, call :func:`mixedae_fast.pretrain.pretrain`, print its summary (rank 0)."""
-    from mixedae_fast.engine import StopRequested
     from mixedae_fast.pretrain import pretrain
+    from mixedae_fast.train.engine import StopRequested
 
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps {args.max_steps}: must be >= 1 (optimizer steps); leave it out to train "
@@ -285,7 +285,7 @@ def _pretrain_argv(args, overrides) -> list[str]:
 
 
 def cmd_launch(args, overrides) -> int:
-    from mixedae_fast.launch import SlurmJob, local_command, sbatch_script
+    from mixedae_fast.train.launch import SlurmJob, local_command, sbatch_script
 
     cfg = load_config(args.config, overrides)  # a bad config fails here, not in every rank
     pretrain = _pretrain_argv(args, overrides)
@@ -342,8 +342,8 @@ def _bad_input(fn):
 
 
 def _load_run(args, overrides):
-    from mixedae_fast.device import resolve_precision
-    from mixedae_fast.evaluate import load_encoder
+    from mixedae_fast.downstream.evaluate import load_encoder
+    from mixedae_fast.train.device import resolve_precision
 
     model, cfg, pre = load_encoder(args.run, overrides=overrides)
     device = next(model.parameters()).device
@@ -353,7 +353,7 @@ def _load_run(args, overrides):
 
 
 def _data(args, cfg, pre, device, **kw):
-    from mixedae_fast.evaluate import eval_folders, image_loaders
+    from mixedae_fast.downstream.evaluate import eval_folders, image_loaders
 
     if args.max_train is not None and args.max_train < 1:
         raise ValueError(f"--max-train {args.max_train}: must be >= 1")
@@ -397,8 +397,8 @@ def _out_parent(folder: Path, what: str) -> None:
 
 @_bad_input
 def cmd_eval(args, overrides) -> int:
-    from mixedae_fast.checkpoint import atomic_write_json
-    from mixedae_fast.evaluate import evaluate_encoder, random_init_model
+    from mixedae_fast.downstream.evaluate import evaluate_encoder, random_init_model
+    from mixedae_fast.train.checkpoint import atomic_write_json
 
     _out_file(args.out)
     if args.k < 1 or args.temperature <= 0 or args.probe_epochs < 1:
@@ -435,12 +435,12 @@ def cmd_finetune(args, overrides) -> int:
     shard in DDP; rank 0 prints, holds the folder's lock and writes the checkpoints, export and results."""
     import contextlib
 
-    from mixedae_fast import finetune_folder as folder
-    from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.config import config_to_dict
-    from mixedae_fast.distributed import init_distributed
-    from mixedae_fast.evaluate import eval_folders, image_loaders, random_init_model
-    from mixedae_fast.finetune import FinetuneConfig, RandAugmentPIL, finetune
+    from mixedae_fast.downstream import finetune_folder as folder
+    from mixedae_fast.downstream.evaluate import eval_folders, image_loaders, random_init_model
+    from mixedae_fast.downstream.finetune import FinetuneConfig, RandAugmentPIL, finetune
+    from mixedae_fast.train.checkpoint import atomic_write_json
+    from mixedae_fast.train.distributed import init_distributed
 
     fcfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
                              if hasattr(args, f.name)})
@@ -542,10 +542,10 @@ def _finetune_resume_state(folder, where: Path, resume: str, fcfg, record: dict,
 def _finetune_eval_only(args, cfg, model, device, amp, val_dir, name, folders, resume, dist) -> int:
     """``finetune --eval-only``: each fine-tuned classifier (its newest checkpoint, or --resume's) scored on
     val; nothing is written."""
-    from mixedae_fast import finetune_folder as folder
     from mixedae_fast.config import config_to_dict
-    from mixedae_fast.evaluate import random_init_model
-    from mixedae_fast.finetune import ViTClassifier, evaluate_classifier
+    from mixedae_fast.downstream import finetune_folder as folder
+    from mixedae_fast.downstream.evaluate import random_init_model
+    from mixedae_fast.downstream.finetune import ViTClassifier, evaluate_classifier
     from mixedae_fast.pipelines.torch_loader import FileImageLoader
 
     val = FileImageLoader(val_dir, batch_size=250, img_size=cfg.model.img_size, device=device, augment=False,
@@ -577,8 +577,8 @@ def _finetune_eval_only(args, cfg, model, device, amp, val_dir, name, folders, r
 
 @_bad_input
 def cmd_export(args, overrides) -> int:
-    from mixedae_fast.checkpoint import load_pretrained
-    from mixedae_fast.export import PARITY_LIMIT, export_run, push_to_hub
+    from mixedae_fast.downstream.export import PARITY_LIMIT, export_run, push_to_hub
+    from mixedae_fast.train.checkpoint import load_pretrained
 
     if overrides:
         raise ValueError(f"export takes no config overrides (got {overrides})")
@@ -598,7 +598,7 @@ def cmd_export(args, overrides) -> int:
 
 @_bad_input
 def cmd_visualize(args, overrides) -> int:
-    from mixedae_fast.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
+    from mixedae_fast.downstream.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
 
     _out_dir(args.out)
     model, cfg, pre, device, _ = _load_run(args, overrides)

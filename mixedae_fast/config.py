@@ -84,7 +84,7 @@ class MixingConfig:
     hc_on: str = "attention"  # where the homologous contrastive loss acts: attention | head | tokens | both
     hc_weight: float = 1.0  # lambda_hc; 0 turns the loss off
     hc_tau: float = 0.2  # temperature of the head/tokens SupCon loss
-    # the attention HC loss (mixedae_fast/hc.py); the defaults are the loss above
+    # the attention HC loss (mixedae_fast/model/hc.py); the defaults are the loss above
     hc_heads: int | None = 1  # the loss on heads 0 .. hc_heads-1 only (default: head 0); null = every head
     hc_form: str = "infonce"  # infonce (one positive set) | supcon (each same-source key pulled up)
     segment_embed: str = "none"  # encoder = learned per-slot embedding; leaks the grouping (ablation)
@@ -156,7 +156,7 @@ class RunConfig:
 
 @dataclass
 class DistConfig:
-    """Several processes (torchrun / SLURM; see mixedae_fast/distributed.py). No effect on one process."""
+    """Several processes (torchrun / SLURM; see mixedae_fast/train/distributed.py). No effect on one process."""
 
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
     # a collective that waits longer fails the job (a dead or stalled rank); it must exceed the longest

@@ -37,12 +37,12 @@ def pretrain(cfg: Config, *, max_steps: int | None = None, num_train: int = 5000
     """Pretrain ``cfg`` and return the report written to ``runs/<name>/report.json`` (None on ranks
     other than 0). ``max_steps`` stops early (the schedule keeps its length); ``num_train`` /
     ``num_val`` size the embedded data set when ``data.path`` is unset; ``name_given=False`` lets a
-    taken run folder become ``<name>-1``. Raises :class:`~mixedae_fast.engine.StopRequested` after a
+    taken run folder become ``<name>-1``. Raises :class:`~mixedae_fast.train.engine.StopRequested` after a
     signal (the checkpoint is saved; SIGUSR1 under SLURM requeues the job first), ``ValueError`` /
     ``ConfigError`` for bad input."""
-    from mixedae_fast.distributed import init_distributed
-    from mixedae_fast.loggers import require
-    from mixedae_fast.runs import RunLock, check_fresh
+    from mixedae_fast.train.distributed import init_distributed
+    from mixedae_fast.train.loggers import require
+    from mixedae_fast.train.runs import RunLock, check_fresh
 
     check_resume_target(cfg)
     require(cfg.run.loggers)  # a missing logger package refused before a run folder exists
@@ -74,7 +74,7 @@ def next_free_name(cfg: Config) -> Config:
     """``cfg`` itself if its run folder is free, else with ``run.name`` suffixed ``-1``, ``-2``, ... (the
     first free one), said on stdout. Only for a name the user did not give on the command line: an
     explicit ``--run.name`` that is taken is refused (runs.check_fresh)."""
-    from mixedae_fast.runs import RunFolderError, check_fresh
+    from mixedae_fast.train.runs import RunFolderError, check_fresh
 
     base, name, k = Path(cfg.run.out_dir), cfg.run.name, 0
     while True:
@@ -92,15 +92,15 @@ def next_free_name(cfg: Config) -> Config:
 
 
 def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, command) -> dict | None:
-    from mixedae_fast.checkpoint import atomic_write_json
-    from mixedae_fast.data import build_loaders, write_data_report
-    from mixedae_fast.device import resolve_precision
-    from mixedae_fast.distributed import failure_message, requeue_slurm_job, unwrap
-    from mixedae_fast.engine import StopRequested, Trainer
-    from mixedae_fast.evaluate import evaluate_encoder, random_init_model
-    from mixedae_fast.models import build_model
+    from mixedae_fast.downstream.evaluate import evaluate_encoder, random_init_model
+    from mixedae_fast.downstream.visualize import training_pictures
+    from mixedae_fast.model.mixedae import build_model
     from mixedae_fast.provenance import provenance
-    from mixedae_fast.visualize import training_pictures
+    from mixedae_fast.train.checkpoint import atomic_write_json
+    from mixedae_fast.train.data import build_loaders, write_data_report
+    from mixedae_fast.train.device import resolve_precision
+    from mixedae_fast.train.distributed import failure_message, requeue_slurm_job, unwrap
+    from mixedae_fast.train.engine import StopRequested, Trainer
 
     device = dist.device
     say = print if dist.is_main else (lambda *a, **k: None)  # rank 0 speaks and writes the run folder
@@ -177,7 +177,7 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
 
 def pictures(model, val_loader, run_dir: Path, seed: int) -> dict:
     """The run's loss curve, reconstruction and homologous-attention pictures; their paths."""
-    from mixedae_fast.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
+    from mixedae_fast.downstream.visualize import homologous_figure, pick_group, plot_loss_curve, reconstruction_figure
 
     out = {}
     if (run_dir / "metrics.csv").exists():

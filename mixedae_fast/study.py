@@ -209,7 +209,7 @@ def few_shot_accuracy(train_x, train_y, val_x, val_y, shots: int = 5, episodes: 
 def evaluate_run(model, train_dir, val_dir, img_size, device, heldout, shots, probe_epochs, amp_dtype=None) -> dict:
     """``{split: {knn, linear_probe, few_shot}}`` for the ``heldout`` and ``val`` splits; kNN, probe and
     few-shot fit on the labelled bank (training folder minus the held-out part)."""
-    from mixedae_fast.evaluate import extract_pooled, image_loaders, knn_accuracy, linear_probe_accuracy
+    from mixedae_fast.downstream.evaluate import extract_pooled, image_loaders, knn_accuracy, linear_probe_accuracy
 
     train, val = image_loaders(str(train_dir), str(val_dir), img_size, device)
     tx, ty = extract_pooled(model, train, device, ("avg",), amp_dtype)
@@ -235,10 +235,10 @@ def run_one(cfg, run_dir: Path, train_dir, val_dir, args) -> dict:
     checkpoint on the study's splits."""
     import dataclasses
 
-    from mixedae_fast.checkpoint import load_pretrained
-    from mixedae_fast.device import resolve_device, resolve_precision
-    from mixedae_fast.models import build_model
+    from mixedae_fast.model.mixedae import build_model
     from mixedae_fast.pretrain import pretrain
+    from mixedae_fast.train.checkpoint import load_pretrained
+    from mixedae_fast.train.device import resolve_device, resolve_precision
 
     report = pretrain(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval=False)), progress=False)
     device = resolve_device(cfg.runtime.device)
@@ -389,7 +389,7 @@ def markdown_table(rows: list[dict], select: str, report: str, meta: dict) -> st
 def write_outputs(out_dir: Path, rows: list[dict], select: str, report: str, meta: dict) -> list[Path]:
     import csv
 
-    from mixedae_fast.checkpoint import atomic_write_json
+    from mixedae_fast.train.checkpoint import atomic_write_json
 
     paths = [atomic_write_json({"meta": meta, "select_split": select, "report_split": report, "rows": rows},
                                out_dir / "study.json")]
@@ -413,7 +413,7 @@ def write_outputs(out_dir: Path, rows: list[dict], select: str, report: str, met
 
 
 def plot_study(rows: list[dict], report: str, out_png: Path, meta: dict) -> Path:
-    from mixedae_fast.visualize import _pyplot, _save
+    from mixedae_fast.downstream.visualize import _pyplot, _save
 
     plt = _pyplot()
     names = [r["variant"] for r in rows]
@@ -448,10 +448,10 @@ def run_study(args, overrides) -> int:
 
     from tqdm import tqdm
 
-    from mixedae_fast.checkpoint import atomic_write_json
     from mixedae_fast.config import load_config
-    from mixedae_fast.engine import StopRequested
     from mixedae_fast.provenance import git_sha
+    from mixedae_fast.train.checkpoint import atomic_write_json
+    from mixedae_fast.train.engine import StopRequested
 
     variants, seeds = check_args(args)
     code_sha = git_sha()

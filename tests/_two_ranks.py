@@ -12,7 +12,7 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
     import torch
 
     from mixedae_fast.config import load_config
-    from mixedae_fast.distributed import init_distributed
+    from mixedae_fast.train.distributed import init_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",

@@ -62,7 +62,7 @@ class Tiny:
 
     @staticmethod
     def model(*overrides: str, seed: int = 0):
-        from mixedae_fast.models import build_model
+        from mixedae_fast.model.mixedae import build_model
 
         torch.manual_seed(seed)
         return build_model(Tiny.config(*overrides))

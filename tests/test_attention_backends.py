@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from test_model import tiny  # the suite's tiny model (16 px, r = 2, n = 4)
 from tolerances import tol
 
-import mixedae_fast.attention as attention
-from mixedae_fast.attention import (
+import mixedae_fast.model.attention as attention
+from mixedae_fast.config import ATTENTION_BACKENDS, load_config
+from mixedae_fast.kernels.homologous_attention import topk_keep_mask
+from mixedae_fast.kernels.patch_mix import draw_assignment
+from mixedae_fast.model.attention import (
     BACKENDS,
     ENV_BACKEND,
     HomologousAttention,
@@ -38,10 +41,7 @@ from mixedae_fast.attention import (
     set_attention_backend,
     topk_attention,
 )
-from mixedae_fast.config import ATTENTION_BACKENDS, load_config
-from mixedae_fast.kernels.homologous_attention import topk_keep_mask
-from mixedae_fast.kernels.patch_mix import draw_assignment
-from mixedae_fast.models import build_model
+from mixedae_fast.model.mixedae import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("none", "oracle", "topk")

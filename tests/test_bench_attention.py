@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import mixedae_fast.attention as attention
+import mixedae_fast.model.attention as attention
 from mixedae_fast.benchmarks import bench_attention
 
 

@@ -185,7 +185,7 @@ def test_phased_step_takes_every_hc_form(hc):
 
 @pytest.mark.parametrize("official", [False, True])
 def test_the_bench_step_is_the_training_step(official):
-    """The benchmark runs the trainer's step (mixedae_fast.step.TrainStep): clipping applies and a
+    """The benchmark runs the trainer's step (mixedae_fast.train.step.TrainStep): clipping applies and a
     non-finite step is skipped; the official-recipe row steps whatever it gets, as that recipe does."""
     from mixedae_fast.benchmarks.bench_train import StepRunner
     from mixedae_fast.config import load_config

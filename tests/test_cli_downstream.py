@@ -125,7 +125,7 @@ def test_out_that_cannot_take_the_result_is_refused_before_the_work(run, tmp_pat
 
 
 def test_export_that_fails_its_check_writes_nothing(run, tmp_path, capsys, monkeypatch):
-    import mixedae_fast.export as export
+    import mixedae_fast.downstream.export as export
 
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0

@@ -14,7 +14,7 @@ import torch
 from tolerances import tol
 
 from mixedae_fast.config import load_config
-from mixedae_fast.models import build_model
+from mixedae_fast.model.mixedae import build_model
 
 CUDA = torch.cuda.is_available()
 # the CPU tests run the Triton kernels through the interpreter on CPU tensors, which a process that found
@@ -127,7 +127,7 @@ def test_compiled_attention_module_does_not_recompile_across_blocks():
     """A per-module compile (as when graph breaks split a step) sees the same layout in every
     homologous block: the block returns its HC rows, so nothing the graph guards on changes from one
     call to the next. (A block that appended its rows to the layout recompiled on the list's length.)"""
-    from mixedae_fast.attention import HomologousAttention, MixLayout
+    from mixedae_fast.model.attention import HomologousAttention, MixLayout
 
     attn = HomologousAttention(32, num_heads=4, backend="sdpa")
     layout = MixLayout(2, 4, mode="topk", topk=2, hc=True)

@@ -20,9 +20,9 @@ from conftest import TINY_OVERRIDES
 
 from mixedae_fast.cli import main
 from mixedae_fast.config import ConfigError, load_config
-from mixedae_fast.distributed import DistEnv, dist_env, failure_message
-from mixedae_fast.launch import SlurmJob, expand_nodelist, sbatch_script
 from mixedae_fast.pipelines.torch_loader import EpochBatchSampler, TensorBatchLoader, shard_batches
+from mixedae_fast.train.distributed import DistEnv, dist_env, failure_message
+from mixedae_fast.train.launch import SlurmJob, expand_nodelist, sbatch_script
 
 # 40 images, batch 8 a rank: 2 ranks x 2 batches = 2 steps an epoch, 4 epochs = 8 steps
 TINY = [*TINY_OVERRIDES, "--optim.epochs=4", "--optim.warmup_epochs=1", "--run.log_every=1",
@@ -349,7 +349,7 @@ def test_a_dead_or_stalled_rank_fails_the_job_with_a_message(tmp_path, how):
 
 def test_failure_message_is_only_for_communication_errors():
     from mixedae_fast.config import DistConfig
-    from mixedae_fast.distributed import Dist
+    from mixedae_fast.train.distributed import Dist
 
     two = Dist(DistEnv(0, 2), torch.device("cpu"), DistConfig(timeout_s=7))
     gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1: Connection reset by peer")

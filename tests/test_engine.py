@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES
 
-from mixedae_fast.checkpoint import atomic_save, config_mismatch, list_checkpoints, resolve_resume
 from mixedae_fast.config import load_config
-from mixedae_fast.engine import Trainer
-from mixedae_fast.models import build_model
-from mixedae_fast.optim import lr_at, param_groups
+from mixedae_fast.model.mixedae import build_model
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader, random_resized_crop_flip
+from mixedae_fast.train.checkpoint import atomic_save, config_mismatch, list_checkpoints, resolve_resume
+from mixedae_fast.train.engine import Trainer
+from mixedae_fast.train.optim import lr_at, param_groups
 
 TINY = [*TINY_OVERRIDES, "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.log_every=2",
         "--run.ckpt_every=4"]
@@ -158,7 +158,7 @@ def test_config_mismatch_ignores_run_section():
 def test_sigterm_saves_and_stops_at_a_step_boundary(tmp_path):
     import signal
 
-    from mixedae_fast.engine import StopRequested
+    from mixedae_fast.train.engine import StopRequested
 
     tr = _trainer(tmp_path)
     handler_before = signal.getsignal(signal.SIGTERM)
@@ -237,7 +237,7 @@ def test_a_log_line_every_log_every_steps_with_or_without_the_bar(tmp_path, caps
 
 
 def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
-    from mixedae_fast.runs import truncate_metrics
+    from mixedae_fast.train.runs import truncate_metrics
 
     path = tmp_path / "metrics.csv"
     path.write_text("step,epoch,loss\r\n2,0.5,1.0\r\n4,1.0,0.9\r\n6,1.5,0.8\r\n1")  # torn: "1" of "10,..."
@@ -249,7 +249,7 @@ def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
 def test_atomic_write_json_writes_null_for_non_finite_floats(tmp_path):
     import json
 
-    from mixedae_fast.checkpoint import atomic_write_json
+    from mixedae_fast.train.checkpoint import atomic_write_json
 
     atomic_write_json({"loss": float("nan"), "rows": [1.0, float("inf")], "ok": 2}, tmp_path / "r.json")
     text = (tmp_path / "r.json").read_text()

@@ -6,9 +6,8 @@ import torch
 import yaml
 from conftest import TINY_OVERRIDES
 
-from mixedae_fast.checkpoint import CheckpointError, load_pretrained, save_checkpoint
 from mixedae_fast.config import ConfigError, config_to_dict, load_config, save_config
-from mixedae_fast.evaluate import (
+from mixedae_fast.downstream.evaluate import (
     eval_folders,
     evaluate_encoder,
     extract_pooled,
@@ -17,8 +16,9 @@ from mixedae_fast.evaluate import (
     linear_probe_accuracy,
     load_encoder,
 )
-from mixedae_fast.models import build_model
+from mixedae_fast.model.mixedae import build_model
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
+from mixedae_fast.train.checkpoint import CheckpointError, load_pretrained, save_checkpoint
 
 TINY = [*TINY_OVERRIDES]
 

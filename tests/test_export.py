@@ -8,12 +8,12 @@ import torch
 from conftest import TINY_MODEL
 from safetensors.torch import load_file
 
-from mixedae_fast import export as ex
 from mixedae_fast._compat import import_timm
-from mixedae_fast.checkpoint import Pretrained
 from mixedae_fast.config import config_to_dict, load_config
+from mixedae_fast.downstream import export as ex
 from mixedae_fast.kernels.patch_mix import patchify
-from mixedae_fast.models import build_model
+from mixedae_fast.model.mixedae import build_model
+from mixedae_fast.train.checkpoint import Pretrained
 
 TINY = [*TINY_MODEL]
 

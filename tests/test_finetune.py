@@ -6,7 +6,7 @@ import torch
 from conftest import TINY_MODEL
 
 from mixedae_fast.config import load_config
-from mixedae_fast.finetune import (
+from mixedae_fast.downstream.finetune import (
     FinetuneConfig,
     ViTClassifier,
     default_blr,
@@ -15,7 +15,7 @@ from mixedae_fast.finetune import (
     layer_decay_groups,
     layer_id,
 )
-from mixedae_fast.models import build_model
+from mixedae_fast.model.mixedae import build_model
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
 
 TINY = [*TINY_MODEL, "--model.depth=3", "--mixing.hc_on=both"]
@@ -118,7 +118,7 @@ def test_the_recipe_is_maes_from_12_blocks_and_each_part_overrides_it():
 
 
 def test_mixup_makes_soft_targets_and_the_loss_reads_them():
-    from mixedae_fast.finetune import _mixing
+    from mixedae_fast.downstream.finetune import _mixing
 
     mix, loss = _mixing(dict(mixup=0.8, cutmix=0.0), 0.1, num_classes=4)
     torch.manual_seed(0)
@@ -150,7 +150,7 @@ def test_randaugment_is_keyed_by_sample_and_reaches_the_loader(tmp_path):
 
     from PIL import Image, ImageOps
 
-    from mixedae_fast.finetune import RandAugmentPIL
+    from mixedae_fast.downstream.finetune import RandAugmentPIL
     from mixedae_fast.pipelines.torch_loader import FileImageLoader
 
     images, labels = _stripes(8, 3)
@@ -178,7 +178,7 @@ def test_randaugment_is_keyed_by_sample_and_reaches_the_loader(tmp_path):
 
 
 def test_random_erasing_replaces_one_box_per_image_with_noise():
-    from mixedae_fast.finetune import _random_erasing
+    from mixedae_fast.downstream.finetune import _random_erasing
 
     assert _random_erasing(0.0, "cpu") is None
     erase = _random_erasing(1.0, "cpu")
@@ -230,7 +230,7 @@ def test_the_optimizer_applies_each_layers_scale_to_the_scheduled_lr(tiny):
 def test_posterize_keeps_the_high_bits_and_zero_bits_is_black():
     from PIL import Image, ImageOps
 
-    from mixedae_fast.finetune import posterize
+    from mixedae_fast.downstream.finetune import posterize
 
     pic = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     for bits in range(1, 8):
@@ -252,7 +252,7 @@ def test_the_mae_recipe_augments_two_thousand_samples(tmp_path, monkeypatch):
     """Every per-sample and per-batch part of the recipe (crop + flip, timm's RandAugment in the loader,
     Mixup/CutMix, random erasing) on 2,048 samples: timm 1.0.31 asks for posterize with 0 bits on ~0.15% of
     them, which Pillow 13 refuses; the set below holds such samples, and they come out black."""
-    import mixedae_fast.finetune as ft
+    import mixedae_fast.downstream.finetune as ft
     from mixedae_fast.pipelines.torch_loader import FileImageLoader
 
     zero_bits = []
@@ -366,7 +366,7 @@ def test_one_line_per_epoch_without_the_progress_bar(capsys):
 def test_a_resumed_fine_tune_computes_what_an_uninterrupted_one_does(tmp_path):
     """Mixup/CutMix, random erasing and drop path draw from the global generators: seeded per epoch, the
     third epoch after a resume from the second's checkpoint is bitwise the uninterrupted run's."""
-    from mixedae_fast.finetune_folder import load_finetune_checkpoint
+    from mixedae_fast.downstream.finetune_folder import load_finetune_checkpoint
 
     fcfg = FinetuneConfig(epochs=3, batch_size=6, recipe="mae", auto_augment="none", blr=1e-2, warmup_epochs=1)
     train, val = _tiny_loaders(batch=6, augment=True)

@@ -59,8 +59,8 @@ def _ft(run, out, *extra):
 
 
 def _classifier(state, run):
-    from mixedae_fast.evaluate import load_encoder
-    from mixedae_fast.finetune import ViTClassifier
+    from mixedae_fast.downstream.evaluate import load_encoder
+    from mixedae_fast.downstream.finetune import ViTClassifier
 
     model, _, _ = load_encoder(run, device="cpu")
     clf = ViTClassifier(model, state["num_classes"])
@@ -74,7 +74,7 @@ def test_finetune_keeps_checkpoints_a_timm_classifier_and_its_results(run, tmp_p
     import torch
 
     from mixedae_fast._compat import import_timm
-    from mixedae_fast.finetune_folder import load_finetune_checkpoint
+    from mixedae_fast.downstream.finetune_folder import load_finetune_checkpoint
 
     out = tmp_path / "ft"
     assert _ft(run, out) == 0
@@ -105,7 +105,7 @@ def test_resume_continues_exactly_after_an_interruption_and_from_an_older_checkp
     the first from its second epoch's checkpoint end with bitwise the same weights."""
     import torch
 
-    import mixedae_fast.finetune_folder as folder
+    import mixedae_fast.downstream.finetune_folder as folder
 
     mae = ["--epochs", "3", "--recipe", "mae", "--seed", "3"]
     assert _ft(run, tmp_path / "a", *mae) == 0

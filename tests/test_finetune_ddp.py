@@ -16,9 +16,9 @@ SCRIPT = textwrap.dedent("""
     from mixedae_fast._compat import ensure_torchvision
     ensure_torchvision()
     from mixedae_fast.config import load_config
-    from mixedae_fast.distributed import init_distributed
-    from mixedae_fast.finetune import FinetuneConfig, finetune
-    from mixedae_fast.models import build_model
+    from mixedae_fast.train.distributed import init_distributed
+    from mixedae_fast.downstream.finetune import FinetuneConfig, finetune
+    from mixedae_fast.model.mixedae import build_model
     from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
     cfg = load_config("cpu_tiny", ["--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32",
                                    "--model.depth=2", "--model.num_heads=2", "--model.decoder_embed_dim=16",
@@ -103,7 +103,7 @@ def test_finetune_under_torchrun_matches_one_rank_accumulating_and_resumes_exact
     accumulated (the same images per step: the loaders deal consecutive batches); a resume on 2 ranks from
     the first epoch's checkpoint ends bitwise where the uninterrupted run did."""
     from mixedae_fast.cli import main
-    from mixedae_fast.finetune_folder import load_finetune_checkpoint
+    from mixedae_fast.downstream.finetune_folder import load_finetune_checkpoint
 
     run, data = _tiny_run(tmp_path, tiny), _image_folders(tmp_path)
     common = ["finetune", str(run), "--data-dir", str(data), "--epochs", "2", "--recipe", "light", "--batch-size",

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from mixedae_fast.attention import topk_stats
-from mixedae_fast.checkpoint import config_mismatch
 from mixedae_fast.config import ConfigError, config_from_dict, config_to_dict, load_config
+from mixedae_fast.downstream.visualize import homologous_selection
 from mixedae_fast.kernels.homologous_attention import hc_row_terms, topk_keep_mask
-from mixedae_fast.losses import hc_attention_loss
-from mixedae_fast.models import build_model
-from mixedae_fast.visualize import homologous_selection
+from mixedae_fast.model.attention import topk_stats
+from mixedae_fast.model.losses import hc_attention_loss
+from mixedae_fast.model.mixedae import build_model
+from mixedae_fast.train.checkpoint import config_mismatch
 
 R, N_VIS = 3, 4
 SRC = torch.arange(R).repeat_interleave(N_VIS)

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from tolerances import tol
 
-from mixedae_fast.attention import HomologousAttention, MixLayout, oracle_attention, topk_stats
 from mixedae_fast.kernels.homologous_attention import (
     homologous_attention,
     homologous_attention_reference,
     topk_keep_mask,
 )
-from mixedae_fast.losses import hc_attention_loss
+from mixedae_fast.model.attention import HomologousAttention, MixLayout, oracle_attention, topk_stats
+from mixedae_fast.model.losses import hc_attention_loss
 
 
 def _qkv(G, H, r, n, d, dtype=torch.float32, seed=0, requires_grad=False):

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from mixedae_fast.loggers import Loggers, MissingLogger
+from mixedae_fast.train.loggers import Loggers, MissingLogger
 
 
 def _scalars(tb_dir):
@@ -63,15 +63,15 @@ def test_unknown_and_missing_sinks_are_named(tmp_path, monkeypatch):
 def test_a_training_run_logs_to_tensorboard_and_traces_its_profile_window(tiny, tmp_path):
     import torch
 
-    from mixedae_fast.engine import Trainer
+    from mixedae_fast.downstream.visualize import training_pictures
     from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
-    from mixedae_fast.visualize import training_pictures
+    from mixedae_fast.train.engine import Trainer
 
     cfg = tiny.config("--data.batch_size=8", "--optim.epochs=1", "--run.log_every=2", "--run.vis_every=4",
                       "--run.loggers=[csv,tensorboard]", "--run.profile_steps=2:3")
     rng = np.random.default_rng(0)
     loader = TensorBatchLoader(rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), np.zeros(32), 8, 16)
-    from mixedae_fast.models import build_model
+    from mixedae_fast.model.mixedae import build_model
     trainer = Trainer(cfg, build_model(cfg), loader, tmp_path / "run", torch.device("cpu"), progress=False,
                    pictures=training_pictures)
     trainer.fit()

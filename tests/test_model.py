@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import tol
 
-from mixedae_fast.models import MixedAutoencoderViT
+from mixedae_fast.model.mixedae import MixedAutoencoderViT
 
 STAT_NAMES = ("recognition", "w_self", "w_same", "w_other", "w_cls")
 

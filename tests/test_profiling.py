@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from mixedae_fast.profiling import StepProfiler, parse_steps
+from mixedae_fast.train.profiling import StepProfiler, parse_steps
 
 
 def test_spec():

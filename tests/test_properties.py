@@ -24,7 +24,7 @@ import torch
 from conftest import Tiny
 from PIL import Image
 
-from mixedae_fast.step import TrainStep
+from mixedae_fast.train.step import TrainStep
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # MAE's, as documented
 
@@ -69,7 +69,7 @@ def test_the_host_side_optimiser_branch_skips_exactly_the_non_finite_steps():
 def test_build_optimizer_says_which_optimiser_reads_found_inf_itself(monkeypatch):
     """torch's fused AdamW reads ``found_inf`` on the device; apex's FusedAdam (here a stand-in module)
     does not, so the trainer must check on the host."""
-    from mixedae_fast.optim import build_optimizer
+    from mixedae_fast.train.optim import build_optimizer
 
     model = Tiny.model()
     opt, device_skip = build_optimizer(model, Tiny.config("--optim.optimizer=torch"), 1e-3, torch.device("cpu"))
@@ -127,9 +127,9 @@ def test_the_loaders_normalise_with_imagenet_mean_and_std_per_channel(tmp_path, 
 def test_the_exported_config_normalises_as_the_training_loader(tmp_path):
     """A timm user preprocesses with config.json's mean/std: on the same image that must give what the
     pretraining loader fed the encoder."""
-    from mixedae_fast import export as ex
-    from mixedae_fast.checkpoint import Pretrained
     from mixedae_fast.config import config_to_dict
+    from mixedae_fast.downstream import export as ex
+    from mixedae_fast.train.checkpoint import Pretrained
 
     cfg = Tiny.config()
     model = Tiny.model()
@@ -145,7 +145,7 @@ def test_the_exported_config_normalises_as_the_training_loader(tmp_path):
 def test_the_study_evaluates_heldout_from_the_training_folder_apart_from_the_bank(monkeypatch):
     """evaluate_run: the bank and the held-out queries are disjoint parts of the training folder; the val
     queries are the val folder's. Features stand in for images (one distinct vector per image)."""
-    import mixedae_fast.evaluate as ev
+    import mixedae_fast.downstream.evaluate as ev
     from mixedae_fast import study
 
     tx, ty = torch.arange(50.0)[:, None].repeat(1, 4), torch.arange(50) % 5
@@ -185,7 +185,7 @@ def test_the_study_chooses_on_the_select_split_not_the_report_split():
 def test_the_linear_probe_predicts_each_sample_alone():
     """In eval mode BatchNorm uses its running statistics: the accuracy over a val set is the weighted
     mean of the accuracies over its parts, however differently the parts are distributed."""
-    from mixedae_fast.evaluate import linear_probe_accuracy
+    from mixedae_fast.downstream.evaluate import linear_probe_accuracy
 
     g = torch.Generator().manual_seed(0)
     tx = torch.randn(120, 8, generator=g)
@@ -229,7 +229,7 @@ def test_the_assignment_is_a_uniform_permutation_per_group():
 
 # -- 9: run folders and sbatch -------------------------------------------------------------------------
 def test_a_run_folder_with_a_config_and_no_checkpoint_yet_is_refused(tmp_path):
-    from mixedae_fast.runs import RunFolderError, check_fresh
+    from mixedae_fast.train.runs import RunFolderError, check_fresh
 
     (tmp_path / "config.yaml").write_text("run: {}\n")
     with pytest.raises(RunFolderError, match="already holds a run"):
@@ -242,7 +242,7 @@ def test_a_run_folder_with_a_config_and_no_checkpoint_yet_is_refused(tmp_path):
 def test_sbatch_reads_back_every_value_as_written(value):
     """sbatch splits an #SBATCH line on whitespace, groups with quotes, escapes with \\ and drops what follows
     an unquoted #: the value as written must come back from such a reading."""
-    from mixedae_fast.launch import sbatch_value
+    from mixedae_fast.train.launch import sbatch_value
 
     lexer = shlex.shlex(f"--job-name={sbatch_value(value)}", posix=True)
     lexer.whitespace_split, lexer.commenters = True, "#"
@@ -325,7 +325,7 @@ def test_the_finetune_loss_is_label_smoothed_as_maes_recipe():
     """MAE fine-tunes with label smoothing 0.1: without Mixup the loss is (1 − ε)·CE + ε·(mean −log p) with
     ε = 0.1 (a formula written here); with Mixup/CutMix (the ``mae`` recipe) every class outside the mixed
     pair keeps the smoothing's floor ε / C of the target."""
-    from mixedae_fast.finetune import FinetuneConfig, _mixing
+    from mixedae_fast.downstream.finetune import FinetuneConfig, _mixing
 
     cfg, eps, classes = FinetuneConfig(), 0.1, 10
     g = torch.Generator().manual_seed(0)

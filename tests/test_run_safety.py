@@ -175,7 +175,7 @@ def test_an_override_never_covers_the_model(run, capsys):
 # -- failures on the way -------------------------------------------------------------------------
 
 def test_the_nan_stop_is_one_error_line(tmp_path, capsys, monkeypatch):
-    from mixedae_fast.models import MixedAutoencoderViT
+    from mixedae_fast.model.mixedae import MixedAutoencoderViT
 
     real = MixedAutoencoderViT.forward
 

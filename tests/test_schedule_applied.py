@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixedae_fast.engine import Trainer
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
+from mixedae_fast.train.engine import Trainer
 
 # 24 images, batch 8: 3 optimizer steps an epoch (6 micro-batches of 8 with 48 images and accum 2)
 SCHEDULE = ("--optim.epochs=3", "--optim.warmup_epochs=1", "--optim.base_lr=0.064", "--run.log_every=1000",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tolerances import tol
 
-from mixedae_fast.losses import hc_attention_loss, supcon_loss
+from mixedae_fast.model.losses import hc_attention_loss, supcon_loss
 
 
 def supcon_loop(features, src, tau):

@@ -10,12 +10,12 @@ import warnings
 import pytest
 import torch
 
-from mixedae_fast import data
-from mixedae_fast.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mixedae_fast.config import ConfigError
-from mixedae_fast.distributed import Dist, DistEnv, rank_device
 from mixedae_fast.pipelines.synthetic import write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader
+from mixedae_fast.train import data
+from mixedae_fast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mixedae_fast.train.distributed import Dist, DistEnv, rank_device
 
 # -- data.build_loaders ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from tolerances import tol
 from mixedae_fast.config import load_config
 from mixedae_fast.kernels.patch_mix import draw_assignment
 from mixedae_fast.kernels.unmix import unmix, unmix_reference, unmix_triton
-from mixedae_fast.models import MixedAutoencoderViT, build_model
+from mixedae_fast.model.mixedae import MixedAutoencoderViT, build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -11,9 +11,7 @@ from PIL import Image
 from tolerances import tol
 
 from mixedae_fast.config import ConfigError, load_config
-from mixedae_fast.kernels.patch_mix import patchify
-from mixedae_fast.models import build_model
-from mixedae_fast.visualize import (
+from mixedae_fast.downstream.visualize import (
     _to_rgb,
     homologous_figure,
     homologous_selection,
@@ -22,6 +20,8 @@ from mixedae_fast.visualize import (
     reconstruction_figure,
     reconstruction_panels,
 )
+from mixedae_fast.kernels.patch_mix import patchify
+from mixedae_fast.model.mixedae import build_model
 
 TINY = [*TINY_MODEL, "--model.depth=1"]
 
@@ -142,9 +142,9 @@ def test_pick_group_prefers_distinct_labels():
 def _trainer(tmp_path, vis_every):
     import numpy as np
 
-    from mixedae_fast.engine import Trainer
+    from mixedae_fast.downstream.visualize import training_pictures
     from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
-    from mixedae_fast.visualize import training_pictures
+    from mixedae_fast.train.engine import Trainer
 
     cfg = load_config("cpu_tiny", [*TINY, "--model.depth=2", "--data.batch_size=8", "--optim.epochs=1",
                                    "--run.log_every=2", f"--run.vis_every={vis_every}", f"--run.out_dir={tmp_path}"])
@@ -155,7 +155,7 @@ def _trainer(tmp_path, vis_every):
 
 
 class _FakeSinks:
-    """Stands in for the run's loggers (mixedae_fast/loggers.py: Loggers)."""
+    """Stands in for the run's loggers (mixedae_fast/train/loggers.py: Loggers)."""
 
     def __init__(self):
         self.images, self.rows = [], []

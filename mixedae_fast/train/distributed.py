@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from mixedae_fast.config import ConfigError
-from mixedae_fast.launch import expand_nodelist
+from mixedae_fast.train.launch import expand_nodelist
 
 DEFAULT_PORT = 29500
 
@@ -115,7 +115,7 @@ def rank_device(name: str, local_rank: int) -> torch.device:
 
 def init_distributed(cfg, environ: Mapping[str, str] | None = None) -> Dist:
     """Join the job's process group (none for one process) and pick this rank's device."""
-    from mixedae_fast.device import resolve_device
+    from mixedae_fast.train.device import resolve_device
 
     env = dist_env(environ)
     if env.world_size == 1:

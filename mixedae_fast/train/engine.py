@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mixedae_fast.checkpoint import (
+from mixedae_fast.config import Config, config_to_dict, derive
+from mixedae_fast.train.checkpoint import (
     OVERRIDABLE,
     RESUMABLE,
     CheckpointError,
@@ -28,13 +29,12 @@ from mixedae_fast.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from mixedae_fast.config import Config, config_to_dict, derive
-from mixedae_fast.device import resolve_precision
-from mixedae_fast.distributed import Dist, DistEnv, unwrap
-from mixedae_fast.optim import build_optimizer, lr_at
-from mixedae_fast.profiling import StepProfiler
-from mixedae_fast.runs import set_aside_later_checkpoints, truncate_metrics
-from mixedae_fast.step import SkippedSteps, TrainStep
+from mixedae_fast.train.device import resolve_precision
+from mixedae_fast.train.distributed import Dist, DistEnv, unwrap
+from mixedae_fast.train.optim import build_optimizer, lr_at
+from mixedae_fast.train.profiling import StepProfiler
+from mixedae_fast.train.runs import set_aside_later_checkpoints, truncate_metrics
+from mixedae_fast.train.step import SkippedSteps, TrainStep
 
 
 def _rng_states() -> dict:
@@ -131,7 +131,7 @@ class Trainer:
 
     def _open_loggers(self):
         if self.loggers is None and self.rank == 0:
-            from mixedae_fast.loggers import Loggers
+            from mixedae_fast.train.loggers import Loggers
 
             self.loggers = Loggers(self.cfg.run.loggers, self.run_dir, config_to_dict(self.cfg), self.cfg.run.name)
         return self.loggers

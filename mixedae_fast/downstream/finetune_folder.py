@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.checkpoint import (
+from mixedae_fast.errors import RunFailure
+from mixedae_fast.fsutil import atomic_write
+from mixedae_fast.train.checkpoint import (
     CheckpointError,
     atomic_write_json,
     list_checkpoints,
     save_checkpoint,
 )
-from mixedae_fast.errors import RunFailure
-from mixedae_fast.fsutil import atomic_write
-from mixedae_fast.runs import RunLock, set_aside_later_checkpoints
+from mixedae_fast.train.runs import RunLock, set_aside_later_checkpoints
 
-KIND = "mixedae_fast.finetune"
+KIND = "mixedae_fast.downstream.finetune"
 KEEP_LAST = 2
 EXPORT, RESULTS, BASELINE = "export_timm", "results.json", "baseline"
 # what the folder of a fine-tune holds; anything else in it means the folder is someone else's
@@ -151,11 +151,11 @@ def set_aside_later(out_dir: str | os.PathLike, epoch: int) -> Path | None:
 # -- the export -------------------------------------------------------------------------------------
 
 def timm_classifier(clf, model_config: dict):
-    """``clf`` (a :class:`~mixedae_fast.finetune.ViTClassifier`) as a timm ``VisionTransformer`` with its
+    """``clf`` (a :class:`~mixedae_fast.downstream.finetune.ViTClassifier`) as a timm ``VisionTransformer`` with its
     head, weights loaded strictly: mean pooling of the patch tokens after the final norm (timm's
     ``global_pool='avg', fc_norm=False``), then the Linear head, as ours."""
     from mixedae_fast._compat import import_timm
-    from mixedae_fast.export import timm_model_spec, timm_state_dict
+    from mixedae_fast.downstream.export import timm_model_spec, timm_state_dict
 
     name, kwargs = timm_model_spec(model_config, "avg")
     kwargs["num_classes"] = clf.head.out_features
@@ -172,10 +172,10 @@ def export_classifier(clf, out_dir: str | os.PathLike, meta: dict, history: list
     """``out_dir/export_timm``: the classifier through timm's ``save_for_hf`` (``config.json`` with the class
     names as ``label_names``, ``model.safetensors``) and a model card. Built in a temporary sibling and
     loaded back with ``timm.create_model("local-dir:...")``: its logits must match ours within
-    :data:`~mixedae_fast.export.PARITY_LIMIT`, else nothing is written. An export already there (a
+    :data:`~mixedae_fast.downstream.export.PARITY_LIMIT`, else nothing is written. An export already there (a
     fine-tune resumed after its last epoch) is kept as it is. Returns ``{"dir", "parity"}``."""
     from mixedae_fast._compat import import_timm
-    from mixedae_fast.export import CARD, CONFIG, PARITY_LIMIT, TAG, load_export
+    from mixedae_fast.downstream.export import CARD, CONFIG, PARITY_LIMIT, TAG, load_export
     from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 
     import_timm()

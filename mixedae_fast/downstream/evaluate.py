@@ -124,10 +124,10 @@ def load_encoder(path, device=None, overrides: Sequence[str] = ()):
     """``(model, cfg, pretrained)``: the MixedAE model of a run directory or checkpoint with its
     weights, on ``device`` (default: ``runtime.device`` of the run), in eval mode. ``overrides``
     (``--runtime.key=value``) may change how it runs, not what it is."""
-    from mixedae_fast.checkpoint import CheckpointError, load_pretrained
     from mixedae_fast.config import ConfigError, apply_override, config_from_dict
-    from mixedae_fast.device import resolve_device
-    from mixedae_fast.models import build_model
+    from mixedae_fast.model.mixedae import build_model
+    from mixedae_fast.train.checkpoint import CheckpointError, load_pretrained
+    from mixedae_fast.train.device import resolve_device
 
     pre = load_pretrained(path)
     d = {s: dict(v or {}) for s, v in pre.config.items()}
@@ -220,7 +220,7 @@ def image_loaders(train_dir: str, val_dir: str, img_size: int, device, batch_siz
 def random_init_model(cfg, device):
     """The run's architecture at random init (seed ``run.seed + 1``): the baseline row of pretrain's report
     and of ``eval`` / ``finetune``."""
-    from mixedae_fast.models import build_model
+    from mixedae_fast.model.mixedae import build_model
 
     torch.manual_seed(cfg.run.seed + 1)
     return build_model(cfg).to(device).eval()

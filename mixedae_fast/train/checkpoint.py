@@ -4,7 +4,7 @@ A checkpoint holds everything a run needs to continue exactly: model, optimiser,
 position and the resolved config (a resume under another config fails, naming the difference).
 
 Downstream: :func:`load_pretrained` finds the weights and the architecture of a run directory or
-a checkpoint file (mixedae_fast/export.py turns them into a timm model).
+a checkpoint file (mixedae_fast/downstream/export.py turns them into a timm model).
 """
 from __future__ import annotations
 

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from mixedae_fast._compat import import_timm
-from mixedae_fast.attention import HomologousAttention, MixLayout
 from mixedae_fast.choices import (
     ATTENTION_BACKENDS,
     HA_MODES,
@@ -30,10 +29,11 @@ from mixedae_fast.choices import (
     n_visible,
     resolve_ha_layers,
 )
-from mixedae_fast.hc import HCObjective
 from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix, patchify
 from mixedae_fast.kernels.unmix import unmix as unmix_op
-from mixedae_fast.losses import reconstruction_loss
+from mixedae_fast.model.attention import HomologousAttention, MixLayout
+from mixedae_fast.model.hc import HCObjective
+from mixedae_fast.model.losses import reconstruction_loss
 
 import_timm()
 from timm.models.vision_transformer import Block  # noqa: E402  (after the torchvision shim)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from mixedae_fast.distributed import unwrap
+from mixedae_fast.train.distributed import unwrap
 
 
 def _no_range(name: str):
@@ -32,7 +32,7 @@ class TrainStep:
 
     ``model``: the module trained (DDP-wrapped or not); ``forward``: what is called for the forward (the
     model, or ``torch.compile`` of it). ``device_skip``: the optimiser reads ``found_inf`` on the device
-    (:func:`mixedae_fast.optim.build_optimizer` says which). ``scaler``: a GradScaler (fp16) or None.
+    (:func:`mixedae_fast.train.optim.build_optimizer` says which). ``scaler``: a GradScaler (fp16) or None.
     ``accum``: micro-steps per step (the loss of each is divided by it). ``no_sync(model, skip)``: a context
     that suspends DDP's gradient all-reduce on all but the last micro-step (distributed.Dist.no_sync)."""
 

@@ -52,7 +52,7 @@ from mixedae_fast.kernels.homologous_attention import (
 
 BACKENDS = ATTENTION_BACKENDS
 ENV_BACKEND = "MIXEDAE_ATTENTION_BACKEND"
-TABLE = Path(__file__).with_name("attention_backends.json")
+TABLE = Path(__file__).parent.parent / "attention_backends.json"
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class MixLayout:
 
     Tokens are ``[CLS, source 0's n tokens, ..., source r-1's n tokens]`` per group. ``hc_rows`` and
     ``stats`` hold one entry per homologous-attention block: filled by
-    :meth:`MixedAutoencoderViT.forward_encoder <mixedae_fast.models.MixedAutoencoderViT.forward_encoder>`
+    :meth:`MixedAutoencoderViT.forward_encoder <mixedae_fast.model.mixedae.MixedAutoencoderViT.forward_encoder>`
     from the values the blocks *return* (:meth:`with_outputs`), never appended to in place, so
     ``torch.compile`` traces them as plain values (no guard on a list's length, no recompiles).
     """

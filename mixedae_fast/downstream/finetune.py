@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mixedae_fast.optim import lr_at
+from mixedae_fast.train.optim import lr_at
 
 # MixedAutoencoderViT parts that only pretraining uses (decoder, mask token, HC head, slot embedding)
 PRETRAIN_ONLY = ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm",
@@ -201,7 +201,7 @@ def default_blr(depth: int) -> float:
 
 
 class ViTClassifier(nn.Module):
-    """The encoder of a :class:`~mixedae_fast.models.MixedAutoencoderViT` (its pretraining-only parts
+    """The encoder of a :class:`~mixedae_fast.model.mixedae.MixedAutoencoderViT` (its pretraining-only parts
     removed) and a Linear head on mean-pooled features. Takes ownership of ``model``."""
 
     def __init__(self, model: nn.Module, num_classes: int, drop_path: float = 0.0):
@@ -302,16 +302,16 @@ def finetune(model: nn.Module, train_loader, val_loader, num_classes: int, devic
     ``out_dir`` (rank 0 writes it; finetune_folder.py): after every epoch a checkpoint
     ``out_dir/checkpoints/ckpt-<epoch>.pt`` (atomic, the last two kept), and after the last one the
     classifier as a timm model in ``out_dir/export_timm``. ``resume``: such a checkpoint, loaded
-    (:func:`~mixedae_fast.finetune_folder.load_finetune_checkpoint`): training continues after its epoch and
+    (:func:`~mixedae_fast.downstream.finetune_folder.load_finetune_checkpoint`): training continues after its epoch and
     computes what an uninterrupted run computes (the loaders and the generators are keyed by epoch).
     ``record``: what checkpoints and export keep besides (``model_config``, ``classes``, ``source``...).
 
-    ``dist`` (a :class:`~mixedae_fast.distributed.Dist` of several ranks, under torchrun): the
+    ``dist`` (a :class:`~mixedae_fast.train.distributed.Dist` of several ranks, under torchrun): the
     classifier trains in DDP, ``train_loader`` is this rank's shard, the lr follows the global batch,
     the train loss is averaged over ranks; every rank scores the whole val set (the same weights give
     the same figure), so only rank 0 needs to report."""
+    from mixedae_fast.downstream.finetune_folder import export_classifier, save_finetune_checkpoint
     from mixedae_fast.errors import RunFailure
-    from mixedae_fast.finetune_folder import export_classifier, save_finetune_checkpoint
 
     if out_dir is not None and not {"model_config", "classes"} <= set(record or {}):
         raise ValueError("finetune(out_dir=...) needs record={'model_config': <the run's model section>, 'classes': "

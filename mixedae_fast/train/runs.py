@@ -19,9 +19,9 @@ import socket
 import time
 from pathlib import Path
 
-from mixedae_fast.checkpoint import checkpoint_step, list_checkpoints
 from mixedae_fast.config import ConfigError
 from mixedae_fast.fsutil import atomic_write
+from mixedae_fast.train.checkpoint import checkpoint_step, list_checkpoints
 
 LOCK_NAME = ".lock"
 # Entries that may be in a run folder before its run starts: `launch slurm` writes its script and

@@ -6,7 +6,7 @@ Built once from the mixing settings (:meth:`HCObjective.build`). It acts in up t
 - **on the attention** (``on`` = attention or both, TopK blocks, r > 1): per query of the first ``heads``
   heads, the row terms ``[lse over k != q, positive term]`` of its patch-to-patch logits, which every
   homologous block returns as a value (the fused kernel computes the InfoNCE form in its forward pass;
-  the SupCon form comes from the block's own logits, :func:`mixedae_fast.attention.hc_rows_from_logits`). The loss
+  the SupCon form comes from the block's own logits, :func:`mixedae_fast.model.attention.hc_rows_from_logits`). The loss
   is the mean of ``column 0 - column 1`` over queries, heads, then blocks.
 - **on features** (``on`` = head, tokens or both, r > 1): a SupCon loss inside each group on the
   encoder's patch tokens, through a projection head for ``head`` / ``both``.
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mixedae_fast.choices import HC_FORMS, HC_ON, hc_flags, hc_ignored
-from mixedae_fast.losses import hc_attention_loss, supcon_loss
+from mixedae_fast.model.losses import hc_attention_loss, supcon_loss
 
 
 @dataclass(frozen=True)

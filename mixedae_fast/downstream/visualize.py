@@ -168,8 +168,8 @@ def homologous_selection(model, images: torch.Tensor, query: int | None = None, 
     (``attention.topk_stats``: ``block_recognition``, ``block_jaccard``), ``chance`` and the ``mixed``
     input picture.
     """
-    from mixedae_fast.attention import topk_stats
     from mixedae_fast.kernels.homologous_attention import qk_scores, topk_keep_mask
+    from mixedae_fast.model.attention import topk_stats
 
     r, n = model.group_size, model.n_visible
     if r < 2:

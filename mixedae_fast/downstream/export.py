@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mixedae_fast.checkpoint import Pretrained, atomic_write_json
 from mixedae_fast.errors import RunFailure
 from mixedae_fast.fsutil import atomic_write
+from mixedae_fast.train.checkpoint import Pretrained, atomic_write_json
 
 # (embed_dim, depth, num_heads) of timm's named ViT sizes (mlp_ratio 4)
 TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large",
@@ -180,7 +180,7 @@ def parity(pretrained: Pretrained, export_dir: str | os.PathLike, pool: str = "a
     """max |ours − timm| / max |ours| of the features of 4 random images: our encoder (global
     attention) against the export loaded back through ``timm.create_model``."""
     from mixedae_fast.config import config_from_dict
-    from mixedae_fast.models import build_model
+    from mixedae_fast.model.mixedae import build_model
 
     ours = build_model(config_from_dict(pretrained.config))
     ours.load_state_dict(pretrained.model_state)
