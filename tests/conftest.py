@@ -49,8 +49,9 @@ TINY_OVERRIDES = (*TINY_MODEL, "--data.batch_size=8")  # the model and a batch o
 
 
 class Tiny:
-    """``tiny.config(*overrides)``: cpu_tiny shrunk to ``TINY_OVERRIDES`` plus ``overrides`` (CLI form);
-    ``tiny.model(*overrides, seed=0)``: the model of that config, initialised under ``seed``."""
+    """The suite's one tiny model. ``tiny.config(*overrides)``: cpu_tiny shrunk to ``TINY_OVERRIDES`` plus
+    ``overrides`` (CLI form); ``tiny.model(*overrides, seed=0)``: the model of that config, initialised
+    under ``seed``; ``tiny.build(**kw)``: the model from constructor keywords, for the model's own tests."""
 
     overrides = TINY_OVERRIDES
 
@@ -59,6 +60,21 @@ class Tiny:
         from mixedae_fast.config import load_config
 
         return load_config("cpu_tiny", [*TINY_OVERRIDES, *overrides])
+
+    @staticmethod
+    def build(**kw):
+        """``MixedAutoencoderViT`` from constructor keywords (the model's own checks, no config): 16 px in
+        patches of 4 (N = 16), embed 32, 2 blocks of 4 heads, r = 2, n = 4 unless overridden."""
+        import warnings
+
+        from mixedae_fast.model.mixedae import MixedAutoencoderViT
+
+        cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=32,
+                   decoder_depth=1, decoder_num_heads=4, mlp_ratio=2.0, group_size=2, mask_ratio=0.75)
+        cfg.update(kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return MixedAutoencoderViT(**cfg)
 
     @staticmethod
     def model(*overrides: str, seed: int = 0):
@@ -71,3 +87,32 @@ class Tiny:
 @pytest.fixture
 def tiny() -> Tiny:
     return Tiny()
+
+
+# -- one short training run in memory (the trainer's and the properties' tests) ----------------------
+TRAINER_OVERRIDES = (*TINY_OVERRIDES, "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.log_every=2",
+                     "--run.ckpt_every=4")
+
+
+def tiny_images(num=24, size=16, seed=0):
+    """``num`` random uint8 HWC images and labels of 3 classes, drawn from ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (num, size, size, 3), dtype=np.uint8), rng.integers(0, 3, num)
+
+
+def tiny_trainer(out_dir, overrides=(), max_steps=None, images=None):
+    """A ``Trainer`` of the tiny config (``TRAINER_OVERRIDES`` + ``overrides``) writing under ``out_dir``, on
+    :func:`tiny_images` through the in-memory loader; the model initialised under seed 0."""
+    from mixedae_fast.config import load_config
+    from mixedae_fast.model.mixedae import build_model
+    from mixedae_fast.pipelines.torch_loader import TensorBatchLoader
+    from mixedae_fast.train.engine import Trainer
+
+    cfg = load_config("cpu_tiny", [*TRAINER_OVERRIDES, f"--run.out_dir={out_dir}", *overrides])
+    x, y = tiny_images() if images is None else images
+    loader = TensorBatchLoader(x, y, cfg.data.batch_size, cfg.model.img_size, seed=cfg.run.seed)
+    torch.manual_seed(0)
+    return Trainer(cfg, build_model(cfg), loader, out_dir / cfg.run.name, torch.device("cpu"),
+                   max_steps=max_steps, progress=False)

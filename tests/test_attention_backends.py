@@ -21,7 +21,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import tiny  # the suite's tiny model (16 px, r = 2, n = 4)
 from tolerances import tol
 
 import mixedae_fast.model.attention as attention
@@ -302,8 +301,9 @@ def test_xformers_startup_check_falls_back_to_sdpa(monkeypatch):
 
 
 # -- the model's encoder with each backend -------------------------------------------------------
-def _tiny(**kw):
-    return tiny(**kw).to(DEVICE)
+@pytest.fixture
+def tiny_on_device(tiny):
+    return lambda **kw: tiny.build(**kw).to(DEVICE)
 
 
 def _oracle_attention_functions(monkeypatch):
@@ -319,12 +319,12 @@ def _oracle_attention_functions(monkeypatch):
 
 
 @pytest.mark.parametrize("ha", MODES)
-def test_model_runs_with_each_backend(ha, monkeypatch):
+def test_model_runs_with_each_backend(ha, monkeypatch, tiny_on_device):
     """One flag flipped on the same model: loss and every gradient as with the dense float64 oracle in
     every block (fp32); flex runs its forward (CPU: no backward); xformers is refused on CPU with the
     reason. ``auto`` on CPU routes to eager / sdpa: the oracle is what keeps it honest."""
     torch.manual_seed(0)  # head dims of 16 (flex's kernels on a GPU want >= 16)
-    model = _tiny(ha=ha, embed_dim=64, decoder_embed_dim=64, attention_backend="eager")
+    model = tiny_on_device(ha=ha, embed_dim=64, decoder_embed_dim=64, attention_backend="eager")
     images = torch.randn(4, 3, 16, 16, device=DEVICE)
 
     def step(backend, grad=True):
@@ -397,11 +397,11 @@ def test_backends_on_gpu(mode, backend, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("ha", MODES)
-def test_model_backends_on_gpu_bf16(ha):
+def test_model_backends_on_gpu_bf16(ha, tiny_on_device):
     """The model under bf16 autocast with each backend: the loss as with eager (bf16 near-ties may
     flip a TopK selection: a loose bound) and finite gradients everywhere."""
     torch.manual_seed(0)  # head dims of 16: flex's kernels want >= 16
-    model = _tiny(ha=ha, img_size=32, embed_dim=64, decoder_embed_dim=64, attention_backend="eager")
+    model = tiny_on_device(ha=ha, img_size=32, embed_dim=64, decoder_embed_dim=64, attention_backend="eager")
     images = torch.randn(8, 3, 32, 32, device="cuda")
     losses = {}
     for backend in ("eager", "auto", "sdpa", "triton", "flex", "xformers"):

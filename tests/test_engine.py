@@ -2,35 +2,18 @@
 import csv
 import math
 
-import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TRAINER_OVERRIDES, tiny_images, tiny_trainer
 
 from mixedae_fast.config import load_config
 from mixedae_fast.model.mixedae import build_model
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader, random_resized_crop_flip
 from mixedae_fast.train.checkpoint import atomic_save, config_mismatch, list_checkpoints, resolve_resume
-from mixedae_fast.train.engine import Trainer
 from mixedae_fast.train.optim import lr_at, param_groups
 
-TINY = [*TINY_OVERRIDES, "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.log_every=2",
-        "--run.ckpt_every=4"]
-
-
-def _images(num=24, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (num, size, size, 3), dtype=np.uint8), rng.integers(0, 3, num)
-
-
-def _trainer(tmp_path, overrides=(), max_steps=None, images=None):
-    cfg = load_config("cpu_tiny", [*TINY, f"--run.out_dir={tmp_path}", *overrides])
-    x, y = _images() if images is None else images
-    loader = TensorBatchLoader(x, y, cfg.data.batch_size, cfg.model.img_size, seed=cfg.run.seed)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    return Trainer(cfg, model, loader, tmp_path / cfg.run.name, torch.device("cpu"), max_steps=max_steps,
-                   progress=False)
+TINY = list(TRAINER_OVERRIDES)
+_images, _trainer = tiny_images, tiny_trainer
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -47,7 +47,7 @@ def _one_torch_thread():
 
 
 def _tol(dtype, kind="out"):
-    """Tolerances from tests/tolerances.py. fp32 (and the HC rows, fp32 in every dtype): the kernel's
+    """Tolerances from mixedae_fast/tolerances.py. fp32 (and the HC rows, fp32 in every dtype): the kernel's
     own row, sized from measurement. bf16 / fp16: the reference rounds its fp32 output once; under the
     interpreter the kernel computes in fp32 and rounds once too; on a GPU it also rounds P (forward)
     and dS, P (backward) to the input dtype before the tensor-core dots, as flash attention does."""

@@ -11,7 +11,8 @@ PACKAGES = {"mixedae_fast": "mixedae_fast", "mixedae_fast.kernels": "kernels",
 # from the bottom up; a module may import its own layer and the ones below
 LAYERS = [
     ("base", ("mixedae_fast.__init__", "mixedae_fast.choices", "mixedae_fast.fsutil", "mixedae_fast.errors",
-              "mixedae_fast._compat", "mixedae_fast.provenance", "mixedae_fast.config", "mixedae_fast.config_docs")),
+              "mixedae_fast._compat", "mixedae_fast.provenance", "mixedae_fast.config", "mixedae_fast.config_docs",
+              "mixedae_fast.tolerances")),
     ("kernels", ("mixedae_fast.kernels",)),
     ("pipelines", ("mixedae_fast.pipelines",)),
     ("model", ("mixedae_fast.model",)),
@@ -116,3 +117,16 @@ def test_the_check_sees_the_packages_and_a_planted_violation(tmp_path):
     deps = _imports("mixedae_fast.model.x", planted, set(mods))
     assert "mixedae_fast.downstream.export" in deps
     assert _layer("mixedae_fast.downstream.export") > _layer("mixedae_fast.model.x")
+
+
+def test_no_test_module_imports_another():
+    """Shared scaffolding lives in conftest.py (fixtures) and tolerances.py, never in a test module that
+    another imports (which runs the imported module's tests' module-level code twice and ties them)."""
+    tests = {f.stem for f in (ROOT / "tests").glob("test_*.py")}
+    wrong = []
+    for f in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            wrong += [f"{f.name} imports {n}" for n in names if n.split(".")[0] in tests]
+    assert not wrong, wrong

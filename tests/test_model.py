@@ -20,16 +20,6 @@ from mixedae_fast.model.mixedae import MixedAutoencoderViT
 STAT_NAMES = ("recognition", "w_self", "w_same", "w_other", "w_cls")
 
 
-def tiny(**kw):
-    """A 16 px model: 4x4 grid (N = 16), patch 4, embed 32; r = 2, n = 4 unless overridden."""
-    cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=32,
-               decoder_depth=1, decoder_num_heads=4, mlp_ratio=2.0, group_size=2, mask_ratio=0.75)
-    cfg.update(kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return MixedAutoencoderViT(**cfg)
-
-
 def images_for(model, B, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, model.in_chans, model.img_size, model.img_size, generator=g).to(dtype)
@@ -201,8 +191,8 @@ def test_mae_reference_is_sensitive():
         assert abs(float(mae_forward(model, imgs, ids.long())[0]) - loss) > 1e-4
 
 
-def test_sincos_matches_mae_formula():
-    model = tiny(embed_dim=32, decoder_embed_dim=16)
+def test_sincos_matches_mae_formula(tiny):
+    model = tiny.build(embed_dim=32, decoder_embed_dim=16)
     torch.testing.assert_close(model.pos_embed, mae_2d_sincos(32, model.grid), rtol=0, atol=1e-6)
     torch.testing.assert_close(model.decoder_pos_embed, mae_2d_sincos(16, model.grid), rtol=0, atol=1e-6)
 
@@ -243,11 +233,11 @@ def test_every_parameter_gets_a_finite_gradient(cfg):
     assert (model.seg_embed is not None) == (full.get("segment_embed") == "encoder")
 
 
-def test_ha_layers_subset():
-    model = tiny(ha="topk", depth=2, ha_layers=[0])
+def test_ha_layers_subset(tiny):
+    model = tiny.build(ha="topk", depth=2, ha_layers=[0])
     assert model.ha_layers == (0,)
-    assert tiny(ha="topk", depth=2, ha_layers=[-1]).ha_layers == (1,)
-    assert tiny(ha="none", depth=2, ha_layers=[0]).ha_layers == ()
+    assert tiny.build(ha="topk", depth=2, ha_layers=[-1]).ha_layers == (1,)
+    assert tiny.build(ha="none", depth=2, ha_layers=[0]).ha_layers == ()
     ids = model.assign(2, step=0)
     mixed, _, _ = model.mix(images_for(model, 4), ids)
     latent, layout = model.forward_encoder(mixed, ids, model.make_layout(collect_stats=True))
@@ -263,14 +253,14 @@ def test_ha_layers_subset():
 
 
 # -- what each attention mode means at model level -------------------------------------------------
-def test_oracle_keeps_sources_apart():
+def test_oracle_keeps_sources_apart(tiny):
     """Perturbing source 1 leaves source 0's patch tokens alone, but moves the group CLS.
 
     One block: from the second block on, patch queries see the CLS key, which has seen every source
     (docs/method.md §3: the CLS query attends to all), so sources legitimately meet through it."""
     r = 2
-    model = perturb(tiny(ha="oracle", depth=1, group_size=r, hc_weight=0.0))
-    naive = tiny(ha="none", depth=1, group_size=r, hc_weight=0.0)
+    model = perturb(tiny.build(ha="oracle", depth=1, group_size=r, hc_weight=0.0))
+    naive = tiny.build(ha="none", depth=1, group_size=r, hc_weight=0.0)
     naive.load_state_dict(model.state_dict())
     n = model.n_visible
     images = images_for(model, 2 * r)
@@ -291,24 +281,24 @@ def test_oracle_keeps_sources_apart():
     assert (encode(naive, moved)[0, 1:1 + n] - encode(naive, images)[0, 1:1 + n]).abs().max() > 1e-3
 
 
-def test_topk_with_k_equal_rn_is_naive_mixing():
+def test_topk_with_k_equal_rn_is_naive_mixing(tiny):
     r = 3
-    model = perturb(tiny(ha="topk", group_size=r, topk=3 * 4, hc_weight=0.0))
-    naive = tiny(ha="none", group_size=r, hc_weight=0.0)
+    model = perturb(tiny.build(ha="topk", group_size=r, topk=3 * 4, hc_weight=0.0))
+    naive = tiny.build(ha="none", group_size=r, hc_weight=0.0)
     naive.load_state_dict(model.state_dict())
     images = images_for(model, 2 * r)
     a, b = model(images, step=2), naive(images, step=2)
     torch.testing.assert_close(a["pred"], b["pred"], **tol(torch.float32))
     torch.testing.assert_close(a["loss"], b["loss"], **tol(torch.float32))
     # a smaller K is different
-    small = tiny(ha="topk", group_size=r, topk=2, hc_weight=0.0)
+    small = tiny.build(ha="topk", group_size=r, topk=2, hc_weight=0.0)
     small.load_state_dict(model.state_dict())
     assert abs(float(small(images, step=2)["loss"].detach()) - float(a["loss"].detach())) > 1e-5
 
 
 # -- reproducibility and precision ---------------------------------------------------------------
-def test_same_seed_is_bitwise_same_and_step_changes_ids():
-    model = perturb(tiny(ha="topk", hc_weight=1.0))
+def test_same_seed_is_bitwise_same_and_step_changes_ids(tiny):
+    model = perturb(tiny.build(ha="topk", hc_weight=1.0))
     images = images_for(model, 4)
     a, b = model(images, seed=3, step=5), model(images, seed=3, step=5)
     assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["pred"], b["pred"])
@@ -322,8 +312,8 @@ def test_same_seed_is_bitwise_same_and_step_changes_ids():
     assert torch.equal(shifted[0], model.assign(3, seed=3, step=5)[1])
 
 
-def test_bf16_autocast_on_cpu():
-    model = perturb(tiny(ha="topk", hc_weight=1.0))
+def test_bf16_autocast_on_cpu(tiny):
+    model = perturb(tiny.build(ha="topk", hc_weight=1.0))
     images = images_for(model, 4)
     ref = model(images, step=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -342,8 +332,8 @@ def test_bf16_autocast_on_cpu():
 
 
 # -- logged stats --------------------------------------------------------------------------------
-def test_stats_and_recognition_chance():
-    model = perturb(tiny(ha="topk", group_size=4, depth=2))
+def test_stats_and_recognition_chance(tiny):
+    model = perturb(tiny.build(ha="topk", group_size=4, depth=2))
     out = model(images_for(model, 8), collect_stats=True)
     assert set(out["stats"]) == {f"ha{i}/{k}" for i in (0, 1)
                                  for k in (*STAT_NAMES, "jaccard", f"recognition_b{i}", f"jaccard_b{i}")}
@@ -354,12 +344,12 @@ def test_stats_and_recognition_chance():
     assert "stats" not in model(images_for(model, 8))
     r, n = 4, 4
     assert model.recognition_chance == pytest.approx((n - 1) / (r * n - 1))
-    assert tiny(group_size=3).recognition_chance == pytest.approx(3 / 11)  # n = 4
+    assert tiny.build(group_size=3).recognition_chance == pytest.approx(3 / 11)  # n = 4
 
 
 # -- errors --------------------------------------------------------------------------------------
-def test_input_errors():
-    model = tiny(group_size=2)
+def test_input_errors(tiny):
+    model = tiny.build(group_size=2)
     with pytest.raises(ValueError, match=r"this model takes \[B, 3, 16, 16\]"):
         model(torch.randn(2, 3, 20, 20))
     with pytest.raises(ValueError, match="this model takes"):
@@ -379,20 +369,20 @@ def test_input_errors():
     (dict(group_size=5), "must lie in"),                             # 5 * 4 > 16
     (dict(img_size=18), "not a multiple of patch_size"),
 ])
-def test_construction_errors(kw, match):
+def test_construction_errors(kw, match, tiny):
     with pytest.raises(ValueError, match=match):
-        tiny(**kw)
+        tiny.build(**kw)
 
 
-def test_n_visible_one_is_fine_without_hc():
-    model = tiny(group_size=4, mask_ratio=0.9, hc_weight=0.0)
+def test_n_visible_one_is_fine_without_hc(tiny):
+    model = tiny.build(group_size=4, mask_ratio=0.9, hc_weight=0.0)
     assert model.n_visible == 1
     assert torch.isfinite(model(images_for(model, 4))["loss"])
 
 
 # -- downstream: a plain ViT -----------------------------------------------------------------------
-def test_forward_features_is_a_plain_vit():
-    model = perturb(tiny(ha="topk", topk=1, group_size=2))
+def test_forward_features_is_a_plain_vit(tiny):
+    model = perturb(tiny.build(ha="topk", topk=1, group_size=2))
     images = images_for(model, 3)  # 3 images: no grouping downstream
     tokens = model.forward_features(images)
     assert tuple(tokens.shape) == (3, 1 + 16, 32)
@@ -412,7 +402,7 @@ def test_forward_features_is_a_plain_vit():
             x = mae_block(W, f"blocks.{i}.", x, model.blocks[i].attn.num_heads)
         want = F.layer_norm(x, (32,), W["norm.weight"], W["norm.bias"], eps=1e-6)
     torch.testing.assert_close(tokens, want, **tol(torch.float32))
-    twin = tiny(ha="none", group_size=2)
+    twin = tiny.build(ha="none", group_size=2)
     twin.load_state_dict(model.state_dict())
     torch.testing.assert_close(twin.forward_features(images), tokens, **tol(torch.float32))
     with pytest.raises(ValueError, match="this model takes"):

@@ -23,7 +23,7 @@ from mixedae_fast.kernels.patch_mix import (
 )
 
 # Targets are fp32 whatever the image dtype (docs/method.md §6); they are compared with a float64 hand
-# formula on the same (upcast) pixel values: tests/tolerances.py's fp64_oracle.
+# formula on the same (upcast) pixel values: mixedae_fast/tolerances.py's fp64_oracle.
 TARGET_TOL = tol(torch.float32, "cpu", "fp64_oracle")
 
 

@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The mixed patches and the loss mask are copies: exact in every dtype (compared with torch.equal).
-# The targets are fp32 whatever the image dtype: tests/tolerances.py's "targets" rows.
+# The targets are fp32 whatever the image dtype: mixedae_fast/tolerances.py's "targets" rows.
 TARGETS = tol(torch.float32, DEVICE, "targets")
 
 # (B, S, P, r, mask_ratio): N positions, n = int(N * (1 - mask_ratio)) visible per source. Under the

@@ -308,7 +308,7 @@ def test_the_fused_kernels_keep_set_is_topk_keep_mask_on_any_scores(kind, fallba
 def test_resume_at_any_step_equals_the_uninterrupted_run(tmp_path):
     """Interrupted after step k (mid-epoch, at an epoch's end, in the last epoch) and resumed, every later
     step's loss equals the uninterrupted run's, bitwise."""
-    from test_engine import _trainer
+    from conftest import tiny_trainer as _trainer
 
     every = ["--run.log_every=1", "--run.ckpt_every=1"]
     full = {r["step"]: r["loss"] for r in _trainer(tmp_path / "full", every).fit()}

@@ -20,7 +20,7 @@ from mixedae_fast.model.mixedae import MixedAutoencoderViT, build_model
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Tolerances: tests/tolerances.py (unmix_out, unmix_grad; fp64_oracle for the mask-token gradient's
+# Tolerances: mixedae_fast/tolerances.py (unmix_out, unmix_grad; fp64_oracle for the mask-token gradient's
 # float64 sum), with their reasons.
 
 # (G, r, n, N, D)

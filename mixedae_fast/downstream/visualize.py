@@ -197,8 +197,7 @@ def homologous_selection(model, images: torch.Tensor, query: int | None = None, 
         handle.remove()
         model.train(was_training)
     qkv = captured["qkv"]
-    L = qkv.shape[1]
-    q, k, v = qkv.float().reshape(1, L, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = attn.split_heads(qkv.float())
     src = layout.source_ids(images.device)
     with torch.no_grad():  # the block's own selection, per head on q·k
         keep_all = topk_keep_mask(qk_scores(q, k)[..., 1:, 1:], model.topk)

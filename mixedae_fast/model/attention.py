@@ -475,7 +475,7 @@ class HomologousAttention(nn.Module):
         if mode not in HA_MODES:
             raise ValueError(f"homologous attention mode {mode!r} is not one of {HA_MODES}")
         backend = resolve_backend(check_backend(self.backend), str(x.device), mode)
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split_heads(self.qkv(x))
         hc_rows = stats = None
         if mode == "none":
             out = global_attention(q, k, v, backend)
@@ -489,6 +489,11 @@ class HomologousAttention(nn.Module):
             if layout.collect_stats:
                 stats = topk_stats(q, k, v, layout.source_ids(x.device), layout.topk)
         return self.proj(out.transpose(1, 2).reshape(B, L, C)), hc_rows, stats
+
+    def split_heads(self, qkv: torch.Tensor):
+        """The qkv projection's output ``[B, L, 3·C]`` -> ``q, k, v [B, H, L, d]`` (timm's layout)."""
+        B, L, _ = qkv.shape
+        return qkv.reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
