@@ -136,6 +136,16 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(run, capsys):
     assert not (run / ".lock").exists()  # released at the end
 
 
+def test_a_resume_under_another_seed_is_refused(run, capsys):
+    """The seed draws the data order and every mixing step: a resume under another one was accepted
+    silently and continued a different run."""
+    before = _digest(run)
+    assert _pretrain(run.parent, "--run.resume=auto", "--run.seed=7") == 2
+    err = _one_error(capsys)
+    assert "run.seed: 0 -> 7 (pass --run.seed=0)" in err and "start a new run" in err
+    assert _digest(run) == before
+
+
 def test_a_refused_resume_leaves_config_yaml_as_it_was(run, capsys):
     before = _digest(run)
     assert _pretrain(run.parent, "--run.resume=auto", "--mixing.ha=oracle") == 2
