@@ -124,6 +124,7 @@ def _launch_parser(sub, parents) -> None:
                     help="a shell line run before training, e.g. --setup='module load cuda' (repeatable)")
     sl.add_argument("--script", default=None, help="where to write it (default: <run dir>/slurm/pretrain.sbatch)")
     sl.add_argument("--submit", action="store_true", help="submit it with sbatch")
+    sl.add_argument("--force", action="store_true", help="let --script replace a file this command did not write")
 
 
 def _downstream_parsers(sub) -> None:
@@ -284,6 +285,15 @@ def _pretrain_argv(args, overrides) -> list[str]:
     return out + list(overrides)
 
 
+def _our_sbatch(path: Path) -> bool:
+    """Whether ``path`` is a script ``launch slurm`` wrote (its second line says so): rewriting it is safe."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "written by `mixedae-fast launch slurm`" in f.readline(200) + f.readline(200)
+    except OSError:
+        return False
+
+
 def cmd_launch(args, overrides) -> int:
     from mixedae_fast.train.launch import SlurmJob, local_command, sbatch_script
 
@@ -308,6 +318,11 @@ def cmd_launch(args, overrides) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     script = Path(args.script) if args.script else run_dir / "slurm" / "pretrain.sbatch"
+    if script.is_dir() or (script.exists() and not args.force and not _our_sbatch(script)):
+        print(f"error: --script {script}: exists and was not written by `mixedae-fast launch slurm`; pass another "
+              "path, or --force to replace it" if not script.is_dir() else
+              f"error: --script {script}: is a folder; pass a file path", file=sys.stderr)
+        return 2
     script.parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM does not create the log folder
     script.write_text(text)

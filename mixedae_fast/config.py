@@ -407,6 +407,46 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+    def get_single_node(self):
+        # aliases share one node, so a few hundred bytes can stand for billions of values ("billion
+        # laughs"); count the document as if every alias were written out, and refuse it before building it
+        node = super().get_single_node()
+        size, sizes = 0, {}
+        for n in _postorder(node):
+            children = n.value if isinstance(n, yaml.SequenceNode) else (
+                [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else [])
+            # a node not yet sized is an alias to an ancestor (a cycle): endless once written out
+            sizes[id(n)] = size = 1 + sum(sizes.get(id(c), _MAX_EXPANDED_NODES) for c in children)
+            if size > _MAX_EXPANDED_NODES:
+                raise ConfigError(f"the YAML expands to more than {_MAX_EXPANDED_NODES} values through its aliases "
+                                  f"(*name, line {n.start_mark.line + 1}); a config is far smaller: write the "
+                                  "values out or use fewer nested aliases")
+        return node
+
+
+_MAX_EXPANDED_NODES = 100_000
+
+
+def _postorder(root):
+    """Each distinct node of a composed YAML graph once, children before parents (no recursion: a config
+    may nest deeply)."""
+    seen, order, stack = set(), [], [(root, False)]
+    while stack:
+        n, done = stack.pop()
+        if done:
+            order.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend((c, False) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            stack.extend((c, False) for pair in n.value for c in pair)
+    return order
+
+
 def safe_load_unique(text: str):
     """``yaml.safe_load`` that refuses duplicate keys (ConfigError)."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass

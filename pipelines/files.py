@@ -100,7 +100,8 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
         before = len(paths)
-        for folder, files in _walk_once(root / name):
+        others = [os.path.realpath(root / c) for c in classes if c != name]
+        for folder, files in _walk_once(root / name, others):
             for f in sorted(files):
                 if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(folder, f))
@@ -116,11 +117,19 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
     return paths, labels, classes
 
 
-def _walk_once(top: Path) -> list[tuple[str, list[str]]]:
+def _walk_once(top: Path, others: list[str] = ()) -> list[tuple[str, list[str]]]:
     """``(folder, files)`` of every visible folder under ``top`` in torchvision's order (``sorted(os.walk(...,
     followlinks=True))``), each directory once: a symbolic link back to a folder already walked (a loop,
     or a second way to the same folder) is not followed again, so a loop cannot list images over and
-    over or never end."""
+    over or never end. Nor is a link to ``top``'s own ancestors (the data root: every class again, under
+    this label) or into ``others`` (the other classes' folders): their images have their own label."""
+    top_real = os.path.realpath(top)
+
+    def foreign(path: str) -> bool:
+        real = os.path.realpath(path)
+        return (top_real == real or top_real.startswith(real.rstrip(os.sep) + os.sep)
+                or any(real == o or real.startswith(o + os.sep) for o in others))
+
     seen, found = set(), []
     for folder, dirs, files in os.walk(top, followlinks=True):
         try:
@@ -132,7 +141,9 @@ def _walk_once(top: Path) -> list[tuple[str, list[str]]]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if _visible(d)]  # pruned during the walk, so hidden folders are not entered
+        # pruned during the walk, so hidden folders and foreign links are not entered
+        dirs[:] = [d for d in dirs if _visible(d) and not (os.path.islink(os.path.join(folder, d))
+                                                            and foreign(os.path.join(folder, d)))]
         found.append((folder, files))
     return sorted(found)
 

@@ -257,6 +257,28 @@ def test_auto_on_cuda_reads_the_table_by_device_name(monkeypatch, name, want):
     assert {mode: auto_backend(torch.device("cuda"), mode) for mode in MODES} == want
 
 
+@pytest.mark.parametrize("card,mode,name", [("NVIDIA H200", "topk", "tritn"), ("cpu", "none", "auto")])
+def test_the_table_refuses_a_backend_this_code_does_not_have(tmp_path, monkeypatch, card, mode, name):
+    """A misspelt (or ``auto``) backend in attention_backends.json was taken as is and failed, or chose
+    another path, only on that card: refused on load, naming the file, row, mode, name and the choices."""
+    table = json.loads(attention.TABLE.read_text())
+    row = table["devices"][card] if card in table["devices"] else table[card]
+    if isinstance(row[mode], dict):
+        row[mode]["backend"] = name
+    else:
+        row[mode] = name
+    path = tmp_path / "attention_backends.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(attention, "TABLE", path)
+    attention.backend_table.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=rf"attention_backends\.json: row '{card}', mode '{mode}' names the "
+                                             rf"attention backend '{name}', not one of triton, xformers, sdpa"):
+            attention.backend_table()
+    finally:
+        attention.backend_table.cache_clear()
+
+
 def test_env_override_and_errors(monkeypatch):
     monkeypatch.setenv(ENV_BACKEND, "eager")
     assert HomologousAttention(16, 2, backend="sdpa").backend == "eager"

@@ -157,3 +157,25 @@ def test_a_damaged_checkpoint_is_one_error_line_downstream(run, tmp_path, capsys
         for command in ("eval", "export", "visualize", "finetune"):
             assert main([command, str(target)]) == 2
             assert "cannot read checkpoint" in _one_error(capsys)
+
+
+def test_export_never_replaces_a_folder_that_is_not_its_own(run, tmp_path, capsys):
+    """A cloned Hub repo (``.git``, notes, and a ``config.json`` of its own) is not an export: refused,
+    untouched; a folder our export wrote is replaced as before."""
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (clone / "notes.md").write_text("mine\n")
+    (clone / "config.json").write_text('{"architecture": "vit_base_patch16_224"}')
+    before = _digest(clone)
+    assert main(["export", str(run), "--out", str(clone)]) == 2
+    assert "is not an export of mixedae-fast" in _one_error(capsys)
+    assert _digest(clone) == before and (clone / ".git" / "HEAD").is_file()
+    (clone / "notes.md").unlink()
+    (clone / ".git" / "HEAD").unlink()
+    (clone / ".git").rmdir()
+    assert main(["export", str(run), "--out", str(clone)]) == 2  # only our names, but not our config.json
+    capsys.readouterr()
+    ours = tmp_path / "ours"
+    assert main(["export", str(run), "--out", str(ours)]) == 0
+    assert main(["export", str(run), "--out", str(ours)]) == 0

@@ -308,3 +308,25 @@ def test_resume_target_must_exist(tmp_path):
         check_resume_target(load_config("cpu_tiny", [f"--run.resume={tmp_path}/gone.pt"]))
     with pytest.raises(ConfigError, match=r"run\.resume = .*: a folder"):
         check_resume_target(load_config("cpu_tiny", [f"--run.resume={tmp_path}"]))
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine levels of nine aliases: a few hundred bytes that stand for 9**9 values; building it (or the
+    error message's repr of it) hung every command. Refused before it is built; a cycle too; a config
+    that uses a few aliases still loads."""
+    import time
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert len(path.read_bytes()) < 1000
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: .*expands to more than 100000 values .*fewer nested aliases"):
+        load_config(path)
+    assert time.perf_counter() - start < 5
+    path.write_text("optim: &a\n  x: [*a]\n")
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(path)
+    path.write_text("optim: &o\n  epochs: 3\n")
+    assert load_config(path).optim.epochs == 3

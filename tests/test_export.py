@@ -107,7 +107,7 @@ def test_a_failed_check_writes_nothing_and_other_folders_are_not_overwritten(tmp
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not an export folder"):
+    with pytest.raises(ValueError, match="not an export of mixedae-fast"):
         ex.export_run(pre, mine)
     assert (mine / "notes.txt").read_text() == "keep me"
     ex.export_run(pre, tmp_path / "out")                               # an earlier export is replaced

@@ -79,3 +79,19 @@ def test_a_percent_in_the_log_folder_is_refused(tmp_path, capsys):
     assert _launch(tmp_path, f"--run.out_dir={tmp_path}/100%") == 2
     assert "filename pattern" in capsys.readouterr().err
     assert not (tmp_path / "job.sbatch").exists()
+
+
+def test_script_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch, capsys):
+    """``--script FILE`` over the user's own file is refused naming --force; a script it wrote before is
+    rewritten (a second launch after a change); --force replaces anything."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "job.sbatch"
+    mine.write_text("#!/bin/bash\n# my hand-tuned job\n")
+    assert _launch(tmp_path, f"--run.out_dir={tmp_path}/runs") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "was not written by" in err[0] and "--force" in err[0]
+    assert mine.read_text() == "#!/bin/bash\n# my hand-tuned job\n"
+    assert _launch(tmp_path, f"--run.out_dir={tmp_path}/runs", "--force") == 0
+    assert "written by `mixedae-fast launch slurm`" in mine.read_text()
+    assert _launch(tmp_path, f"--run.out_dir={tmp_path}/runs", "--nodes=2") == 0
+    assert "2 nodes" in mine.read_text()

@@ -92,6 +92,41 @@ def test_a_live_lock_refuses_a_second_process(run, capsys):
     assert _digest(run) == before
 
 
+def test_a_live_lock_of_the_same_slurm_job_is_not_taken_over(run, capsys, monkeypatch):
+    """Two processes of one SLURM job (a second srun, a requeue overlapping the old step) both wrote one
+    run folder: the matching job id alone took the lock over. Refused while the holder lives (its pid on
+    this host, its heartbeat on another); a same-job lock on another node that stopped beating is stale."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    lock = run / ".lock"
+    lock.write_text(f"pid={os.getppid()} host={socket.gethostname()} slurm_job=4242 since=now\n")
+    before = _digest(run)
+    assert _pretrain(run.parent, "--run.resume=auto") == 2
+    assert f"in use by process {os.getppid()}" in _one_error(capsys)
+    assert _digest(run) == before
+    lock.write_text("pid=1 host=another-node slurm_job=4242 since=now\n")  # beating: touched just now
+    before = _digest(run)
+    assert _pretrain(run.parent, "--run.resume=auto") == 2
+    assert "in use by process 1 on another-node" in _one_error(capsys)
+    assert _digest(run) == before
+    old = lock.stat().st_mtime - 3600
+    os.utime(lock, (old, old))  # no beat for an hour: that step is gone
+    assert _pretrain(run.parent, "--run.resume=auto") == 0
+    assert not lock.exists()
+
+
+def test_the_lock_holder_keeps_its_lock_fresh(tmp_path, monkeypatch):
+    from mixedae_fast import runs
+
+    monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
+    with runs.RunLock(tmp_path) as lock:
+        old = lock.path.stat().st_mtime - 3600
+        os.utime(lock.path, (old, old))
+        import time
+        time.sleep(0.5)
+        assert lock.path.stat().st_mtime > old + 3000
+    assert not lock.path.exists()
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over(run, capsys):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -99,6 +134,16 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(run, capsys):
     assert _pretrain(run.parent, "--run.resume=auto") == 0  # at step 4 of 4 already: nothing left to train
     assert "resumed from" in capsys.readouterr().out
     assert not (run / ".lock").exists()  # released at the end
+
+
+def test_a_resume_under_another_seed_is_refused(run, capsys):
+    """The seed draws the data order and every mixing step: a resume under another one was accepted
+    silently and continued a different run."""
+    before = _digest(run)
+    assert _pretrain(run.parent, "--run.resume=auto", "--run.seed=7") == 2
+    err = _one_error(capsys)
+    assert "run.seed: 0 -> 7 (pass --run.seed=0)" in err and "start a new run" in err
+    assert _digest(run) == before
 
 
 def test_a_refused_resume_leaves_config_yaml_as_it_was(run, capsys):

@@ -33,6 +33,22 @@ def test_symlink_loops_are_walked_once(tmp_path):
     assert labels == [0, 0, 1]
 
 
+def test_a_link_to_an_ancestor_or_another_class_lists_nothing_twice(tmp_path):
+    """``a/root -> data`` walked every class again under label a (b's image twice, once mislabelled);
+    a link into another class's folder did the same. A link elsewhere is still followed."""
+    root = tmp_path / "data"
+    _png(root / "a" / "0.png")
+    _png(root / "b" / "1.png")
+    _png(tmp_path / "extra" / "2.png")
+    (root / "a" / "root").symlink_to(root)
+    (root / "a" / "top").symlink_to(tmp_path)
+    (root / "a" / "b_too").symlink_to(root / "b")
+    (root / "b" / "more").symlink_to(tmp_path / "extra")
+    paths, labels, classes = scan_image_folder(root)
+    listed = sorted(zip((p.replace(str(root) + "/", "") for p in paths), labels))
+    assert listed == [("a/0.png", 0), ("b/1.png", 1), ("b/more/2.png", 1)]
+
+
 def test_hidden_folders_are_not_entered(tmp_path):
     root = tmp_path / "data"
     _png(root / "a" / "0.png")

@@ -109,6 +109,15 @@ def test_default_data_root(monkeypatch, tmp_path):
     assert default_data_root(32, 100, 20, seed=1) == tmp_path / f"synthetic-v{synthetic.VERSION}-32px-100-20-s1"
 
 
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_cache_variable_counts_as_unset(monkeypatch, tmp_path, empty):
+    """``MIXEDAE_CACHE=`` (set, empty) put the data sets in whatever folder the command ran in."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MIXEDAE_CACHE", empty)
+    root = default_data_root(32, 100, 20, seed=1)
+    assert root.is_absolute() and root.parent == tmp_path / ".cache" / "mixedae_fast"
+
+
 def _files(root):
     return sorted(p for p in root.rglob("*.jpg"))
 

@@ -201,7 +201,8 @@ def export_run(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "
     folder or an earlier export (replaced); anything else is refused, so no user file is overwritten."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not _is_export(out_dir):
-        raise ValueError(f"--out {out_dir}: exists and is not an export folder (no {CONFIG}); pass a new folder")
+        raise ValueError(f"--out {out_dir}: exists and is not an export of mixedae-fast (it holds other files, "
+                         "which replacing it would delete); pass a new or empty folder")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -228,7 +229,22 @@ def export_run(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "
 
 
 def _is_export(path: Path) -> bool:
-    return path.is_dir() and ((path / CONFIG).is_file() or (path / LEGACY_SPEC).is_file() or not any(path.iterdir()))
+    """An empty folder, or one that holds only the files an export of ours writes and names itself ours
+    (our tag in ``config.json``, or the older ``timm_model.json``): a cloned Hub repo with a ``config.json``
+    beside its ``.git`` and notes is not one, and replacing it would delete them."""
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return True
+    if not names <= {CONFIG, WEIGHTS, CARD, LEGACY_SPEC}:
+        return False
+    if LEGACY_SPEC in names:
+        return True
+    try:
+        return "mixedae_fast" in json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def push_to_hub(export_dir: str | os.PathLike, repo_id: str, private: bool = False,

@@ -191,8 +191,21 @@ def requested_backend(backend: str) -> str:
 
 @functools.cache
 def backend_table() -> dict:
+    """:data:`TABLE`, each row's choice checked against the backends this code has: a misspelt or
+    removed name is refused here, naming the file and the row, not taken as some other path later."""
     with open(TABLE, encoding="utf-8") as f:
-        return json.load(f)
+        table = json.load(f)
+    rows = {"cpu": table.get("cpu"), "default_cuda": table.get("default_cuda"), **table.get("devices", {})}
+    valid = [b for b in BACKENDS if b != "auto"]
+    for card, row in rows.items():
+        for mode in HA_MODES:
+            choice = (row or {}).get(mode)
+            name = choice.get("backend") if isinstance(choice, dict) else choice
+            if name not in valid:
+                raise ValueError(f"{TABLE}: row {card!r}, mode {mode!r} names the attention backend {name!r}, not one "
+                                 f"of {', '.join(valid)}: fix that entry, or rebuild the row with bench_attention "
+                                 "--table-row ... --write")
+    return table
 
 
 def auto_backend(device: torch.device, mode: str) -> str:

@@ -198,6 +198,11 @@ class Trainer:
         (OVERRIDABLE), listed in ``self.overrides``."""
         diffs = config_mismatch(state["config"], config_to_dict(self.cfg),
                                 ignore=(*RESUMABLE, "data.batch_size", "optim.accum_steps"))
+        # run.* may change across a resume, but not the seed: it draws the data order and every mixing
+        # step, so a resume under another one would continue another run
+        saved_seed = state["config"].get("run", {}).get("seed", self.cfg.run.seed)
+        if saved_seed != self.cfg.run.seed:
+            diffs.insert(0, f"run.seed: {saved_seed!r} -> {self.cfg.run.seed!r} (pass --run.seed={saved_seed})")
         self.overrides = [d for d in diffs if d.split(":")[0] in OVERRIDABLE] if self.cfg.run.resume_override else []
         diffs = [d for d in diffs if d not in self.overrides]
         if diffs:

@@ -16,6 +16,7 @@ import csv
 import io
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from mixedae_fast.fsutil import atomic_write
 from mixedae_fast.train.checkpoint import checkpoint_step, list_checkpoints
 
 LOCK_NAME = ".lock"
+HEARTBEAT_S = 30  # the lock holder touches its lock this often
+STALE_S = 180     # a same-job lock on another node with no beat for this long: its process is gone
 # Entries that may be in a run folder before its run starts: `launch slurm` writes its script and
 # SLURM its logs into slurm/ before the first rank runs.
 _NOT_A_RUN = {LOCK_NAME, "slurm"}
@@ -47,14 +50,18 @@ class RunLock:
     """``run_dir/.lock`` (pid, host, SLURM job id, start time), created exclusively and removed on exit.
 
     A lock whose process is gone is stale and taken over: same host and no such pid, or the same
-    SLURM job id (a requeued job is the same run, possibly on another node). A lock from another host
-    cannot be checked: the message says to delete it if that process is gone."""
+    SLURM job id on another host (a requeued job is the same run, possibly on another node) whose
+    holder stopped beating. The holder touches the file every :data:`HEARTBEAT_S`; a same-job lock on
+    another node is taken over only after :data:`STALE_S` without a beat, so a second ``srun`` of the
+    job, or a requeue that overlaps the old step, is refused while the first still runs. A lock from
+    another host and another job cannot be checked: the message says to delete it if that process is gone."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK_NAME
         self.text = (f"pid={os.getpid()} host={socket.gethostname()} slurm_job={os.environ.get('SLURM_JOB_ID', '')} "
                      f"since={time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         self.held = False
+        self._stop = threading.Event()
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -81,21 +88,32 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 f.write(self.text)
             self.held = True
+            self._stop.clear()
+            threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True).start()
             return
         raise RunFolderError(f"{self.path}: could not take the run folder's lock (it keeps changing); another "
                              "process is starting in the same run folder")
 
-    @staticmethod
-    def _stale(holder: dict) -> bool:
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # a full or flaky disk: the next beat tries again
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") == socket.gethostname():
+            try:
+                return not _pid_alive(int(holder.get("pid", "")))
+            except ValueError:
+                return False
         job = os.environ.get("SLURM_JOB_ID", "")
         if job and holder.get("slurm_job") == job:
-            return holder.get("pid") != str(os.getpid()) or holder.get("host") != socket.gethostname()
-        if holder.get("host") != socket.gethostname():
-            return False
-        try:
-            return not _pid_alive(int(holder.get("pid", "")))
-        except ValueError:
-            return False
+            try:
+                return time.time() - self.path.stat().st_mtime > STALE_S
+            except FileNotFoundError:
+                return True
+        return False
 
     def _held_message(self, holder: dict | None) -> str:
         who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})" if holder
@@ -105,6 +123,7 @@ class RunLock:
                 f"is gone, delete {self.path}")
 
     def release(self) -> None:
+        self._stop.set()
         if self.held and _parse(self.path) == _parse_text(self.text):
             self.path.unlink(missing_ok=True)
         self.held = False
