@@ -41,6 +41,7 @@ from mixedae_fast.config import (
     derive,
     load_config,
 )
+from mixedae_fast.cpu_threads import prefer_passive_wait
 from mixedae_fast.errors import RunFailure
 
 
@@ -627,6 +628,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("MIXEDAE_DEBUG", "").lower() in ("1", "true", "yes")
     argv = [a for a in argv if a != "--debug"]
+    prefer_passive_wait()  # before torch loads OpenMP (mixedae_fast/cpu_threads.py says why)
     try:
         return _main(argv)
     except KeyboardInterrupt:
