@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 
@@ -67,9 +68,10 @@ def choose_threads(configured: int = 0, env: dict | None = None, **usable) -> tu
 
 def prefer_passive_wait(env: dict | None = None) -> bool:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy; True when it was set here. Call it
-    before torch is imported: the OpenMP runtime reads it once, when it loads."""
+    before torch is imported: the OpenMP runtime reads it once, when it loads, so once torch is loaded
+    nothing is set (the header line then says the policy really in force)."""
     env = os.environ if env is None else env
-    if env.get("OMP_WAIT_POLICY"):
+    if env.get("OMP_WAIT_POLICY") or (env is os.environ and "torch" in sys.modules):
         return False
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     return True

@@ -1,5 +1,7 @@
 """The CPU thread count: from the CPUs this process may use (affinity, cgroup quota), overridable."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,13 +56,25 @@ def test_passive_wait_only_when_the_user_chose_no_policy():
     assert not prefer_passive_wait(env) and env["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_the_cli_sets_passive_wait_and_refuses_negative_threads(monkeypatch, capsys):
-    from mixedae_fast.cli import main
+def _cli_wait_policy(first: str, env_policy: str | None) -> tuple[str, str]:
+    """The OMP_WAIT_POLICY after ``mixedae-fast pretrain --runtime.threads=-1`` in a fresh interpreter
+    that ran ``first`` before, and the error line."""
+    code = (f"import os, sys\n{first}\nfrom mixedae_fast.cli import main\n"
+            "rc = main(['pretrain', '--config', 'cpu_tiny', '--runtime.threads=-1'])\n"
+            "print(rc, os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if env_policy:
+        env["OMP_WAIT_POLICY"] = env_policy
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    return done.stdout.strip(), done.stderr.strip()
 
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert main(["pretrain", "--config", "cpu_tiny", "--runtime.threads=-1"]) == 2
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert capsys.readouterr().err.strip().splitlines() == ["error: runtime.threads = -1: must be >= 0"]
+
+def test_the_cli_sets_passive_wait_before_torch_loads_and_refuses_negative_threads():
+    out, err = _cli_wait_policy("", None)
+    assert out == "2 PASSIVE"
+    assert err.splitlines() == ["error: runtime.threads = -1: must be >= 0"]
+    assert _cli_wait_policy("", "ACTIVE")[0] == "2 ACTIVE"        # the user's choice stays
+    assert _cli_wait_policy("import torch", None)[0] == "2 None"  # too late to take effect: not claimed
 
 
 def test_apply_threads_sets_torch_and_says_why(monkeypatch):
