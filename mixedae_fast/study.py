@@ -498,9 +498,10 @@ def run_study(args, overrides) -> int:
             name = f"{v}-seed{s}"
             bar.set_postfix_str(name)
             run_dir = out_dir / "runs" / name
-            resume = "auto" if (run_dir / "checkpoints").is_dir() else "none"
+            # auto also when there is no checkpoint: a run that failed before its first one restarts from step
+            # 0 in its folder (its metrics rows dropped), where "none" would refuse the folder for ever
             cfg = load_config(args.config, common + list(variant_overrides(v))
-                              + [f"--run.name={name}", f"--run.seed={s}", f"--run.resume={resume}"])
+                              + [f"--run.name={name}", f"--run.seed={s}", "--run.resume=auto"])
             try:
                 result = run_one(cfg, run_dir, train_dir, val_dir, args)
             except StopRequested as stop:  # the trainer saved a checkpoint: the same command continues it

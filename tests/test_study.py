@@ -85,6 +85,22 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     assert "was trained for --epochs 1, this call asks for 2" in capsys.readouterr().err
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_continues_with_the_same_command(tmp_path, monkeypatch):
+    """What a run leaves when it fails before its first checkpoint (its config and metrics rows, no
+    checkpoints/): the same study command trains it from step 0 in its folder instead of refusing it."""
+    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    out = tmp_path / "st"
+    left = out / "runs" / "mae-seed0"
+    left.mkdir(parents=True)
+    (left / "config.yaml").write_text("run:\n  name: mae-seed0\n")
+    (left / "metrics.csv").write_text("step,loss\n1,99.5\n")
+    assert main(["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae", "--seeds", "0",
+                 "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", *TINY]) == 0
+    assert json.loads((out / "results" / "mae-seed0.json").read_text())["steps"] == 6
+    assert "99.5" not in (left / "metrics.csv").read_text()   # the failed attempt's rows are not mixed in
+
+
 def test_jobs_runs_children_side_by_side_and_stamps_the_study_command(tmp_path, monkeypatch):
     """--jobs 2: each run is a child process (one thread each on 2 cores), its log kept; the results carry
     the study's command, not the child's; the parent writes the table."""
