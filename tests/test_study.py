@@ -138,6 +138,43 @@ def test_a_failed_child_is_named_with_its_error_line_and_log(tmp_path):
     assert not (tmp_path / "logs" / "ok-seed1.log").exists()   # nothing new is started after a failure
 
 
+def test_sigterm_reaches_the_children_and_a_rerun_keeps_their_logs(tmp_path):
+    """SIGTERM to the study passes to each child (which saves and exits, as a run does) and is waited
+    for; the logs of earlier attempts are appended to, not truncated."""
+    import os
+    import signal
+    import threading
+
+    from tqdm import tqdm
+
+    from mixedae_fast.engine import StopRequested
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "a-seed0.log").write_text("what an earlier attempt wrote\n")
+
+    def argv_of(v, s):
+        code = ("import signal, sys, time\n"
+                f"signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / v)!r}, 'w').write('saved'), "
+                "sys.exit(0)))\nprint('training', flush=True)\ntime.sleep(30)")
+        return [sys.executable, "-c", code]
+
+    def outer(signum, frame):  # what the test process does with a SIGTERM run_children leaves to it
+        raise StopRequested("SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, outer)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(StopRequested):
+            study.run_children([("a", 0), ("b", 0)], 2, 1, argv_of, tmp_path / "logs", tqdm(disable=True))
+        assert signal.getsignal(signal.SIGTERM) is outer   # its own handler put back
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, before)
+    assert [(tmp_path / v).is_file() and (tmp_path / v).read_text() for v in "ab"] == ["saved", "saved"]
+    assert (tmp_path / "logs" / "a-seed0.log").read_text().startswith("what an earlier attempt wrote\n")
+
+
 @pytest.mark.parametrize("jobs, device, todo, want", [
     ("auto", "cpu", 30, min(study.usable_cores(), 8)), ("auto", "cpu", 1, 1), ("3", "cpu", 2, 2), ("1", "cpu", 9, 1)])
 def test_resolve_jobs(jobs, device, todo, want):
