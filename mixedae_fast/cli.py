@@ -42,6 +42,7 @@ from mixedae_fast.config import (
     load_config,
 )
 from mixedae_fast.errors import RunFailure
+from mixedae_fast.train.cpu_threads import prefer_passive_wait
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -642,6 +643,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("MIXEDAE_DEBUG", "").lower() in ("1", "true", "yes")
     argv = [a for a in argv if a != "--debug"]
+    prefer_passive_wait()  # before torch loads OpenMP (mixedae_fast/train/cpu_threads.py says why)
     try:
         return _main(argv)
     except KeyboardInterrupt:

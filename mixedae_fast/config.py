@@ -98,6 +98,9 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the model
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch's CPU threads; 0 = auto: the CPUs this process may use (affinity mask, cgroup quota), or
+    # OMP_NUM_THREADS when set
+    threads: int = 0
 
 
 @dataclass
@@ -536,7 +539,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     "mixing.mask_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "runtime.device": (_DEVICE.fullmatch, "must be auto, cpu, cuda or cuda:N"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
-    "data.batch_size": _GE1, "data.num_workers": _GE0,
+    "data.batch_size": _GE1, "data.num_workers": _GE0, "runtime.threads": _GE0,
     "data.epoch_size": (lambda v: v is None or v >= 1, "must be >= 1 (samples in all shards), or null"),
     "optim.base_lr": _GT0, "optim.min_lr": _GE0, "optim.weight_decay": _GE0, "optim.warmup_epochs": _GE0,
     "optim.lr": (lambda v: v is None or v > 0, "must be > 0, or null to derive it from optim.base_lr"),

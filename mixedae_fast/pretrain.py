@@ -97,6 +97,7 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
     from mixedae_fast.model.mixedae import build_model
     from mixedae_fast.provenance import provenance
     from mixedae_fast.train.checkpoint import atomic_write_json
+    from mixedae_fast.train.cpu_threads import apply_threads
     from mixedae_fast.train.data import build_loaders, write_data_report
     from mixedae_fast.train.device import resolve_precision
     from mixedae_fast.train.distributed import failure_message, requeue_slurm_job, unwrap
@@ -106,9 +107,11 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
     say = print if dist.is_main else (lambda *a, **k: None)  # rank 0 speaks and writes the run folder
     amp_dtype = resolve_precision(cfg.runtime.precision, device)
     d = derive(cfg, dist.world_size)
+    threads = apply_threads(cfg.runtime.threads)
     ranks = f" x {dist.world_size} ranks ({dist.backend}), global batch {d.global_batch}" if dist.active else ""
     say(f"run {run_dir}: MixedAE r={cfg.mixing.group_size} ha={cfg.mixing.ha} hc={cfg.mixing.hc_on} "
-        f"(N={d.num_patches}, n={d.n_visible}, K={d.topk}) on {device}{ranks}, "
+        f"(N={d.num_patches}, n={d.n_visible}, K={d.topk}) on {device}{ranks}"
+        f"{', ' + threads if device.type == 'cpu' else ''}, "
         f"precision {amp_dtype or torch.float32}, lr {d.lr:.3g}", flush=True)
     t0 = time.perf_counter()
     data = build_loaders(cfg, device, amp_dtype or torch.float32, num_train, num_val,

@@ -273,17 +273,25 @@ def child_argv(args, overrides, out_dir: Path, variant: str, seed: int, command:
             "--worker-of", command, *overrides]
 
 
-def run_children(todo, jobs: int, threads: int, argv_of, log_dir: Path, bar) -> None:
+def run_children(todo, jobs: int, threads: int, argv_of, log_dir: Path, bar, stop_wait_s: float = 120.0) -> None:
     """Run ``todo`` (variant, seed) pairs as child processes, ``jobs`` at a time with ``threads`` threads
     each; each child's output goes to ``log_dir/<variant>-seed<k>.log``. Raises :class:`RunFailure` naming
-    the first child that failed (the others still running are let finish), KeyboardInterrupt after the
-    children have stopped (each saves a checkpoint on SIGINT, as a run does)."""
+    the first child that failed (the others still running are let finish), KeyboardInterrupt (Ctrl-C) or
+    :class:`StopRequested` (SIGTERM) after passing the signal on to the children and waiting for them
+    (each saves a checkpoint on it, as a run does; at most ``stop_wait_s``, then they are killed: the
+    checkpoints are atomic). Logs are appended to, never truncated: a rerun while an old child still
+    runs cannot wipe what it writes."""
     import signal
     import subprocess
     import time
 
     from mixedae_fast.errors import RunFailure
+    from mixedae_fast.train.engine import StopRequested
 
+    def on_term(signum, frame):
+        raise StopRequested("SIGTERM")
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     queue, running, failed, shown = list(todo), {}, [], None
@@ -292,7 +300,10 @@ def run_children(todo, jobs: int, threads: int, argv_of, log_dir: Path, bar) -> 
             while queue and len(running) < jobs and not failed:
                 v, s = queue.pop(0)
                 log = log_dir / f"{v}-seed{s}.log"
-                with open(log, "wb") as f:
+                with open(log, "ab") as f:
+                    f.write(f"--- study run {v}-seed{s} started {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+                            " ---\n".encode())
+                    f.flush()
                     running[(v, s)] = (subprocess.Popen(argv_of(v, s), stdout=f, stderr=subprocess.STDOUT, env=env),
                                        log)
             now = ", ".join(f"{v}-seed{s}" for v, s in running)
@@ -309,12 +320,20 @@ def run_children(todo, jobs: int, threads: int, argv_of, log_dir: Path, bar) -> 
                     failed.append((key, proc.returncode, log))
             if failed and not running:
                 break
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRequested) as e:
+        sig = signal.SIGTERM if isinstance(e, StopRequested) else signal.SIGINT
         for proc, _ in running.values():
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
+        deadline = time.monotonic() + stop_wait_s
         for proc, _ in running.values():
-            proc.wait()
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     if failed:
         (v, s), code, log = failed[0]
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -488,19 +507,21 @@ def run_study(args, overrides) -> int:
                 run_children(todo, jobs, threads,
                              lambda v, s: child_argv(args, overrides, out_dir.resolve(), v, s, command),
                              out_dir / "logs", bar)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, StopRequested) as e:
                 bar.close()
-                print("interrupted: the runs in progress saved their last step; rerun the same command to continue "
-                      "the study", file=sys.stderr)
+                what = "SIGTERM" if isinstance(e, StopRequested) else "interrupted (Ctrl-C)"
+                print(f"{what}: the study's runs in progress got the signal and were waited for (each saves its last "
+                      "step); rerun the same command to continue the study", file=sys.stderr)
                 return 130
             todo = []
         for v, s in todo:
             name = f"{v}-seed{s}"
             bar.set_postfix_str(name)
             run_dir = out_dir / "runs" / name
-            resume = "auto" if (run_dir / "checkpoints").is_dir() else "none"
+            # auto also when there is no checkpoint: a run that failed before its first one restarts from step
+            # 0 in its folder (its metrics rows dropped), where "none" would refuse the folder for ever
             cfg = load_config(args.config, common + list(variant_overrides(v))
-                              + [f"--run.name={name}", f"--run.seed={s}", f"--run.resume={resume}"])
+                              + [f"--run.name={name}", f"--run.seed={s}", "--run.resume=auto"])
             try:
                 result = run_one(cfg, run_dir, train_dir, val_dir, args)
             except StopRequested as stop:  # the trainer saved a checkpoint: the same command continues it

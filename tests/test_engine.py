@@ -198,12 +198,33 @@ def test_nan_stop_names_the_newest_checkpoint_before_the_first_bad_step(tmp_path
     tr.model.forward = diverging
     with pytest.raises(FloatingPointError) as info:
         tr.fit()
-    assert [p.name for p in list_checkpoints(tr.ckpt_dir)] == ["ckpt-00000002.pt", "ckpt-00000004.pt",
-                                                               "ckpt-00000006.pt"]
+    # step 6's checkpoint fell inside the non-finite streak: not written (it was, before issue 29)
+    assert [p.name for p in list_checkpoints(tr.ckpt_dir)] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
     message = str(info.value)
     assert "the first was step 6" in message
     assert f"The newest checkpoint written before it is {tr.ckpt_dir / 'ckpt-00000004.pt'}:" in message
     assert "--run.resume_override=true" in message
+
+
+def test_the_nan_stop_advice_leads_to_finite_weights_and_no_streak_checkpoint(tmp_path):
+    # the weights themselves go NaN at step 3 (every later step non-finite); keep_last=1 would have let a
+    # checkpoint written in the streak push the good one out
+    tr = _trainer(tmp_path, ["--optim.max_nan_steps=3", "--run.log_every=9", "--run.ckpt_every=2",
+                             "--run.keep_last=1"])
+    real = tr.model.forward
+
+    def poisoned(*a, **k):
+        if tr.step == 2:
+            tr.model.patch_embed.weight.data.fill_(float("nan"))
+        return real(*a, **k)
+
+    tr.model.forward = poisoned
+    with pytest.raises(FloatingPointError) as info:
+        tr.fit()
+    named = [p for p in list_checkpoints(tr.ckpt_dir) if f"is {p}:" in str(info.value)]
+    assert [p.name for p in named] == ["ckpt-00000002.pt"], (str(info.value), list_checkpoints(tr.ckpt_dir))
+    state = torch.load(named[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_a_log_line_every_log_every_steps_with_or_without_the_bar(tmp_path, capsys):

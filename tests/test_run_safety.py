@@ -115,8 +115,7 @@ def test_a_live_lock_of_the_same_slurm_job_is_not_taken_over(run, capsys, monkey
 
 
 def test_the_lock_holder_keeps_its_lock_fresh(tmp_path, monkeypatch):
-    from mixedae_fast import runs
-
+    from mixedae_fast.train import runs
     monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
     with runs.RunLock(tmp_path) as lock:
         old = lock.path.stat().st_mtime - 3600

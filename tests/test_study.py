@@ -85,6 +85,22 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     assert "was trained for --epochs 1, this call asks for 2" in capsys.readouterr().err
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_continues_with_the_same_command(tmp_path, monkeypatch):
+    """What a run leaves when it fails before its first checkpoint (its config and metrics rows, no
+    checkpoints/): the same study command trains it from step 0 in its folder instead of refusing it."""
+    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    out = tmp_path / "st"
+    left = out / "runs" / "mae-seed0"
+    left.mkdir(parents=True)
+    (left / "config.yaml").write_text("run:\n  name: mae-seed0\n")
+    (left / "metrics.csv").write_text("step,loss\n1,99.5\n")
+    assert main(["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae", "--seeds", "0",
+                 "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", *TINY]) == 0
+    assert json.loads((out / "results" / "mae-seed0.json").read_text())["steps"] == 6
+    assert "99.5" not in (left / "metrics.csv").read_text()   # the failed attempt's rows are not mixed in
+
+
 def test_jobs_runs_children_side_by_side_and_stamps_the_study_command(tmp_path, monkeypatch):
     """--jobs 2: each run is a child process (one thread each on 2 cores), its log kept; the results carry
     the study's command, not the child's; the parent writes the table."""
@@ -120,6 +136,43 @@ def test_a_failed_child_is_named_with_its_error_line_and_log(tmp_path):
         study.run_children([("ok", 0), ("bad", 0), ("ok", 1)], 2, 1, argv_of, tmp_path / "logs", bar)
     assert (tmp_path / "logs" / "ok-seed0.log").is_file()
     assert not (tmp_path / "logs" / "ok-seed1.log").exists()   # nothing new is started after a failure
+
+
+def test_sigterm_reaches_the_children_and_a_rerun_keeps_their_logs(tmp_path):
+    """SIGTERM to the study passes to each child (which saves and exits, as a run does) and is waited
+    for; the logs of earlier attempts are appended to, not truncated."""
+    import os
+    import signal
+    import threading
+
+    from tqdm import tqdm
+
+    from mixedae_fast.train.engine import StopRequested
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "a-seed0.log").write_text("what an earlier attempt wrote\n")
+
+    def argv_of(v, s):
+        code = ("import signal, sys, time\n"
+                f"signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / v)!r}, 'w').write('saved'), "
+                "sys.exit(0)))\nprint('training', flush=True)\ntime.sleep(30)")
+        return [sys.executable, "-c", code]
+
+    def outer(signum, frame):  # what the test process does with a SIGTERM run_children leaves to it
+        raise StopRequested("SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, outer)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(StopRequested):
+            study.run_children([("a", 0), ("b", 0)], 2, 1, argv_of, tmp_path / "logs", tqdm(disable=True))
+        assert signal.getsignal(signal.SIGTERM) is outer   # its own handler put back
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, before)
+    assert [(tmp_path / v).is_file() and (tmp_path / v).read_text() for v in "ab"] == ["saved", "saved"]
+    assert (tmp_path / "logs" / "a-seed0.log").read_text().startswith("what an earlier attempt wrote\n")
 
 
 @pytest.mark.parametrize("jobs, device, todo, want", [

@@ -145,6 +145,15 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.run.keep_last)
 
+    def _save_if_good(self, skipped: SkippedSteps) -> Path | None:
+        """A checkpoint, unless the run is inside a non-finite streak or a weight is not finite: the NaN
+        stop's advice names the newest checkpoint before the first bad step, so none may hold a state
+        reached during one (and the rotation of keep_last must not push the good ones out). A host sync,
+        at checkpoint steps only."""
+        if bool(skipped.run > 0) or not all(bool(torch.isfinite(p).all()) for p in self.module.parameters()):
+            return None
+        return self.save()
+
     def maybe_resume(self) -> Path | None:
         """Load the checkpoint ``run.resume`` names (``auto``: the newest one that loads, saying which were
         skipped). Later checkpoints of the run folder move aside and ``metrics.csv`` loses the rows past
@@ -284,8 +293,11 @@ class Trainer:
             self.dist.finish_votes()
         except StopRequested as e:
             if self.rank == 0:
-                path = self.save()
-                tqdm.write(f"{e}: saved {path} at step {self.step}; continue with --run.resume=auto")
+                path = self._save_if_good(skipped)
+                tqdm.write(f"{e}: saved {path} at step {self.step}; continue with --run.resume=auto" if path else
+                           f"{e} at step {self.step}, inside a non-finite streak: no checkpoint written (it would "
+                           "hold a state the loss had already left); continue with --run.resume=auto from the "
+                           "newest one before it")
             self.dist.finish_votes()
             self.dist.barrier()  # no rank leaves before the checkpoint is written (torchrun stops them all)
             raise
@@ -298,7 +310,7 @@ class Trainer:
                 self.loggers.close()
                 self.loggers = None
         if self.rank == 0 and self.step % cfg.run.ckpt_every:
-            self.save()
+            self._save_if_good(skipped)
         return self.history
 
     def _set_lr(self) -> float:
@@ -332,7 +344,7 @@ class Trainer:
         if cfg.run.vis_every and self.step % cfg.run.vis_every == 0 and self.rank == 0:
             self._log_pictures(images)
         if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
-            self.save()
+            self._save_if_good(skipped)
         stop = self.dist.agree_stop(self._stop_signal)
         if stop:
             raise StopRequested(stop)
