@@ -151,6 +151,8 @@ class RunConfig:
     # where scalars and pictures go besides metrics.csv (always written): csv | tensorboard | wandb
     # (tensorboard and wandb: pip install 'mixedae_fast[log]'; wandb offline unless logged in)
     loggers: list[str] = field(default_factory=lambda: ["csv"])
+    wandb_project: str | None = None  # W&B project (unset: $WANDB_PROJECT, else mixedae_fast)
+    wandb_entity: str | None = None  # W&B entity, a user or team (unset: $WANDB_ENTITY, else the login's default)
     profile_steps: str | None = None  # "A:B": trace optimizer steps A..B with torch.profiler into <run>/profile/
 
 

@@ -133,7 +133,8 @@ class Trainer:
         if self.loggers is None and self.rank == 0:
             from mixedae_fast.loggers import Loggers
 
-            self.loggers = Loggers(self.cfg.run.loggers, self.run_dir, config_to_dict(self.cfg), self.cfg.run.name)
+            self.loggers = Loggers(self.cfg.run.loggers, self.run_dir, config_to_dict(self.cfg), self.cfg.run.name,
+                                   self.cfg.run.wandb_project, self.cfg.run.wandb_entity)
         return self.loggers
 
     # -- state ---------------------------------------------------------------------------------

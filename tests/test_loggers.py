@@ -93,3 +93,26 @@ def test_a_missing_logger_is_refused_before_the_run_folder_exists(tiny, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: run.loggers has wandb") and "mixedae_fast[log]" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_wandb_mode_follows_wandbs_own_login_state(tmp_path):
+    from mixedae_fast.loggers import wandb_mode
+
+    netrc_file = tmp_path / "netrc"
+    home = {"HOME": str(tmp_path), "NETRC": str(netrc_file)}
+    assert wandb_mode(home) == "offline"                                   # never logged in
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    netrc_file.chmod(0o600)
+    assert wandb_mode(home) == "online"                                    # what `wandb login` writes
+    assert wandb_mode({**home, "WANDB_BASE_URL": "https://wandb.example.org"}) == "offline"  # another host
+    assert wandb_mode({**home, "WANDB_MODE": "disabled"}) == "disabled"   # the user's choice wins
+    assert wandb_mode({"NETRC": str(tmp_path / "none"), "WANDB_API_KEY": "k"}) == "online"
+
+
+def test_wandb_project_and_entity_come_from_the_config(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = Loggers(["wandb"], tmp_path, run_name="t", project="my-proj", entity="my-team")
+    assert (log._wandb.project, log._wandb.entity) == ("my-proj", "my-team")
+    log.close()
