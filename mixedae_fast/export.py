@@ -234,13 +234,41 @@ def _is_export(path: Path) -> bool:
 def push_to_hub(export_dir: str | os.PathLike, repo_id: str, private: bool = False,
                 commit_message: str = "Add MixedAE-pretrained encoder (mixedae_fast)") -> str:
     """Upload an export folder to the Hugging Face Hub as model repo ``repo_id`` (created if needed;
-    the token comes from ``huggingface-cli login`` or ``HF_TOKEN``). Returns the commit URL."""
+    the token comes from ``hf auth login`` or ``HF_TOKEN``). Returns the commit URL. No login, a
+    refused token and no network each raise one ``ValueError`` line that names the fix."""
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise ValueError("--push-to-hub needs huggingface_hub: pip install huggingface_hub") from None
-    api = HfApi()
-    repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(export_dir),
-                             repo_type="model", commit_message=commit_message)
+    try:
+        api = HfApi()
+        repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(export_dir),
+                                 repo_type="model", commit_message=commit_message)
+    except Exception as e:
+        reason = _hub_failure(e)
+        if reason is None:
+            raise
+        raise ValueError(f"--push-to-hub {repo_id}: {reason}; the export is kept in {export_dir}") from None
     return str(getattr(info, "commit_url", info))
+
+
+_LOGIN = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
+
+
+def _hub_failure(e: Exception) -> str | None:
+    """What a Hub upload failure means to the user, or None for one that is not about login or network."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    if isinstance(e, LocalTokenNotFoundError):
+        return f"not logged in to the Hugging Face Hub; {_LOGIN}"
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return f"the Hub refused the token (HTTP {status}); {_LOGIN}"
+        return None
+    import httpx  # huggingface_hub's HTTP client
+
+    if isinstance(e, (ConnectionError, TimeoutError, httpx.TransportError)):
+        return f"cannot reach the Hugging Face Hub ({type(e).__name__}); check the network (HF_ENDPOINT), then retry"
+    return None

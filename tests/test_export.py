@@ -155,3 +155,34 @@ def test_older_exports_still_load(tmp_path):
         assert _rel(model.extract_features(images), ex.load_export(tmp_path).eval()(images)) <= 1e-5
     with pytest.raises(FileNotFoundError, match="mixedae-fast export"):
         ex.load_export(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("failure, said", [
+    ("no_token", "not logged in to the Hugging Face Hub"),
+    ("401", "the Hub refused the token (HTTP 401)"),
+    ("offline", "cannot reach the Hugging Face Hub (ConnectError)"),
+])
+def test_push_to_hub_failures_are_one_line_naming_the_login(tmp_path, monkeypatch, failure, said):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    errors = {"no_token": LocalTokenNotFoundError("Token is required"),
+              "401": HfHubHTTPError("401 Unauthorized", response=httpx.Response(401, request=request)),
+              "offline": httpx.ConnectError("[Errno -3] name resolution failed", request=request)}
+
+    class FailingApi:                                                  # no network here: fail as the Hub would
+        def create_repo(self, repo_id, **kw):
+            raise errors[failure]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
+    _, pre = _pretrained()
+    out = ex.export_run(pre, tmp_path / "out")
+    with pytest.raises(ValueError) as info:
+        ex.push_to_hub(out["dir"], "someone/mixedae-tiny")
+    message = str(info.value)
+    assert said in message and "\n" not in message and "someone/mixedae-tiny" in message
+    if failure != "offline":
+        assert "hf auth login" in message and "HF_TOKEN" in message
+    assert (tmp_path / "out" / "model.safetensors").is_file()          # the export stays
