@@ -93,7 +93,7 @@ def test_folder_has_our_tag_and_normalisation_and_a_model_card(tmp_path):
     assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["input_size"] == [3, 16, 16]
     assert config["mixedae_fast"]["step"] == 5 and config["num_classes"] == 0
     card = (tmp_path / "out" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: timm") and "MixedAE" in card and "| knn | 71.4 | 47.9 |" in card
+    assert card.startswith("---\n") and "MixedAE" in card and "| knn | 71.4 | 47.9 |" in card
     assert "optimizer steps: 5" in card
 
 
@@ -186,3 +186,22 @@ def test_push_to_hub_failures_are_one_line_naming_the_login(tmp_path, monkeypatc
     if failure != "offline":
         assert "hf auth login" in message and "HF_TOKEN" in message
     assert (tmp_path / "out" / "model.safetensors").is_file()          # the export stays
+
+
+def test_model_card_metadata_reads_back_through_huggingface_hub(tmp_path):
+    from huggingface_hub import ModelCard
+
+    _, pre = _pretrained()
+    ex.export_run(pre, tmp_path / "out", datasets=["ILSVRC/imagenet-1k"], license="cc-by-nc-4.0")
+    data = ModelCard.load(tmp_path / "out" / "README.md").data
+    assert (data.license, data.datasets, data.library_name) == ("cc-by-nc-4.0", ["ILSVRC/imagenet-1k"], "timm")
+    assert {"timm", "mixedae", "self-supervised"} <= set(data.tags) and data.base_model is None
+    ex.export_run(pre, tmp_path / "default")
+    data = ModelCard.load(tmp_path / "default" / "README.md").data
+    assert data.license == "apache-2.0" and data.datasets is None
+
+
+@pytest.mark.parametrize("start, base", [("timm:vit_base_patch16_224.mae", "timm/vit_base_patch16_224.mae"),
+                                         ("hf-hub:someone/mae-vit", "someone/mae-vit"), ("/ckpt/mae.pth", None)])
+def test_card_base_model_is_the_hub_weights_the_run_started_from(start, base):
+    assert ex.card_metadata({"init": {"from": start}}).base_model == base
