@@ -249,10 +249,13 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._open_loggers()
-        profiler = StepProfiler.from_spec(cfg.run.profile_steps, self.run_dir)
+        profiler = StepProfiler.from_spec(cfg.run.profile_steps, self.run_dir, self.rank)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="pretrain",
                    unit="step", dynamic_ncols=True)
+        short = profiler.unreached(self.step, self.total_steps)
+        if short:
+            self._say(f"warning: {short}", bar)
         # runtime.compile: the model's forward compiled (the assignment is drawn outside, so the step
         # number never enters the graph; log steps, which collect stats, compile a second graph)
         step_fn = TrainStep(model, self.optimizer, self.device, self.amp_dtype, clip_grad=cfg.optim.clip_grad,

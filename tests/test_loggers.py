@@ -79,7 +79,7 @@ def test_a_training_run_logs_to_tensorboard_and_traces_its_profile_window(tiny, 
     assert [s for s, _ in scalars["train/loss"]] == [2, 4]
     assert {t.split("/")[1] for t in acc.Tags()["images"]} == {"reconstruction", "homologous"}
     assert not (tmp_path / "run" / "pictures").exists()
-    trace = tmp_path / "run" / "profile" / "steps-2-3.pt.trace.json"
+    trace = tmp_path / "run" / "profile" / "steps-2-3.rank0.pt.trace.json"
     assert trace.is_file() and '"forward"' in trace.read_text() and '"backward"' in trace.read_text()
 
 
