@@ -58,6 +58,16 @@ def wandb_mode(env) -> str:
     return "online" if entry and entry[2] else "offline"
 
 
+def _flat(row: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
 class Loggers:
     """The sinks of one run (rank 0 only). ``scalars(row, step)`` and ``image(name, array, step)`` go to
     every sink; ``close()`` flushes them."""
@@ -97,14 +107,16 @@ class Loggers:
                           entity=entity or os.environ.get("WANDB_ENTITY") or None, name=run_name, id=run_id,
                           resume="allow", dir=str(self.run_dir), mode=wandb_mode(os.environ), config=config)
 
-    def scalars(self, row: dict, step: int) -> None:
-        values = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+    def scalars(self, row: dict, step: int, section: str = "train") -> None:
+        """The numbers of ``row`` as ``<section>/<key>`` at ``step``; nested dicts add ``/``-joined keys
+        (the final evaluation: ``eval/pretrained/knn``)."""
+        values = {f"{section}/{k}": v for k, v in _flat(row).items() if k != "step"}
         if self._tb is not None:
             for key, value in values.items():
-                self._tb.add_scalar(f"train/{key}", value, step)
+                self._tb.add_scalar(key, value, step)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+            self._wandb.log(values, step=step)
 
     def image(self, name: str, array: np.ndarray, step: int) -> None:
         """``array``: uint8 ``[H, W, 3]``."""

@@ -170,9 +170,25 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
         report["eval"] = {"pretrained": evaluate_encoder(model, eval_train, val, device, amp_dtype=amp_dtype)}
         report["eval"]["random_init"] = evaluate_encoder(random_init_model(cfg, device), eval_train, val, device,
                                                          amp_dtype=amp_dtype)
+    log_final_eval(cfg, run_dir, report.get("eval"), trainer.step)
     report["pictures"] = pictures(model, val or train, run_dir, cfg.run.seed)
     atomic_write_json(report, run_dir / "report.json")
     return report
+
+
+def log_final_eval(cfg, run_dir: Path, evaluation: dict | None, step: int) -> None:
+    """The final evaluation (report.json's ``eval``) to run.loggers' TensorBoard / W&B as ``eval/...``
+    at the run's last step (the same W&B run: its id is kept in the run folder)."""
+    from mixedae_fast.loggers import Loggers
+
+    if not evaluation or not set(cfg.run.loggers) - {"csv"}:
+        return
+    log = Loggers(cfg.run.loggers, run_dir, config_to_dict(cfg), cfg.run.name, cfg.run.wandb_project,
+                  cfg.run.wandb_entity)
+    try:
+        log.scalars(evaluation, step, section="eval")
+    finally:
+        log.close()
 
 
 def pictures(model, val_loader, run_dir: Path, seed: int) -> dict:

@@ -116,3 +116,35 @@ def test_wandb_project_and_entity_come_from_the_config(tmp_path, monkeypatch):
     log = Loggers(["wandb"], tmp_path, run_name="t", project="my-proj", entity="my-team")
     assert (log._wandb.project, log._wandb.entity) == ("my-proj", "my-team")
     log.close()
+
+
+def test_the_final_evaluation_reaches_tensorboard_and_wandb(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from mixedae_fast.pretrain import log_final_eval
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny.config("--run.loggers=[csv,tensorboard,wandb]")
+    evaluation = {"pretrained": {"knn": 71.4, "linear_probe": 90.0}, "random_init": {"knn": 47.9}}
+    seen = {}
+    monkeypatch.setattr("wandb.sdk.wandb_run.Run.log", lambda self, values, step=None: seen.update(values))
+    log_final_eval(cfg, tmp_path, evaluation, step=12)
+    _, scalars = _scalars(tmp_path / "tb")
+    assert scalars["eval/pretrained/knn"] == [(12, pytest.approx(71.4))]
+    assert set(scalars) == {"eval/pretrained/knn", "eval/pretrained/linear_probe", "eval/random_init/knn"}
+    assert seen == pytest.approx({"eval/pretrained/knn": 71.4, "eval/pretrained/linear_probe": 90.0,
+                                  "eval/random_init/knn": 47.9})
+
+
+def test_a_pretraining_run_logs_its_final_evaluation_to_tensorboard(tiny, tmp_path):
+    import json
+
+    from mixedae_fast.cli import main
+
+    argv = ["pretrain", "--no-progress", "--num-train", "16", "--num-val", "8", *tiny.overrides, "--optim.epochs=1",
+            "--run.loggers=[csv,tensorboard]", f"--run.out_dir={tmp_path}", "--run.name=r"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    _, scalars = _scalars(tmp_path / "r" / "tb")
+    knn = report["eval"]["pretrained"]["knn"]
+    assert scalars["eval/pretrained/knn"] == [(report["steps"], pytest.approx(knn))]
