@@ -95,11 +95,13 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader, run_dir: str | Path, device: torch.device,
                  max_steps: int | None = None, progress: bool = True, dist: Dist | None = None,
-                 pictures: Callable | None = None):
+                 pictures: Callable | None = None, monitor: Callable | None = None):
         self.cfg, self.model, self.loader, self.device = cfg, model, loader, device
         # run.vis_every's pictures: ``pictures(model, images, seed=, step=) -> {name: uint8 [H, W, 3]}``
         # (visualize.training_pictures), handed in so that training does not depend on the pictures' code
         self.pictures = pictures
+        # run.monitor_every's kNN monitor: ``monitor(encoder) -> {"knn": top-1 %}`` (pretrain.knn_monitor)
+        self.monitor = monitor
         self.module = unwrap(model)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -330,11 +332,24 @@ class Trainer:
             window.reset(self.step)
         if cfg.run.vis_every and self.step % cfg.run.vis_every == 0 and self.rank == 0:
             self._log_pictures(images)
+        every = cfg.run.monitor_every * self.steps_per_epoch
+        if self.monitor is not None and every and self.step % every == 0 and self.rank == 0:
+            self._run_monitor(bar)
         if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
             self.save()
         stop = self.dist.agree_stop(self._stop_signal)
         if stop:
             raise StopRequested(stop)
+
+    def _run_monitor(self, bar) -> None:
+        """The kNN monitor on rank 0 (the other ranks wait at their next gradient all-reduce)."""
+        t0 = time.perf_counter()
+        result = self.monitor(self.module)  # evaluation mode inside, training mode again after
+        epoch = self.step // self.steps_per_epoch
+        self._say(f"monitor: epoch {epoch} step {self.step} knn {result['knn']:.1f}% "
+                  f"({time.perf_counter() - t0:.1f}s)", bar)
+        if self.loggers is not None:
+            self.loggers.scalars(result, self.step, section="monitor")
 
     def _log_row(self, sums, steps, lr, n_images, elapsed, wait, bad_total, stats) -> dict:
         """One metrics row: loss parts averaged over the ``steps`` since the last row."""

@@ -148,3 +148,23 @@ def test_a_pretraining_run_logs_its_final_evaluation_to_tensorboard(tiny, tmp_pa
     _, scalars = _scalars(tmp_path / "r" / "tb")
     knn = report["eval"]["pretrained"]["knn"]
     assert scalars["eval/pretrained/knn"] == [(report["steps"], pytest.approx(knn))]
+
+
+def test_the_knn_monitor_runs_every_n_epochs_to_the_console_and_tensorboard(tiny, tmp_path, capsys):
+    from mixedae_fast.cli import main
+
+    argv = ["pretrain", "--no-progress", "--num-train", "16", "--num-val", "8", *tiny.overrides, "--optim.epochs=2",
+            "--data.batch_size=8", "--run.monitor_every=1", "--run.eval=false", "--run.loggers=[csv,tensorboard]",
+            f"--run.out_dir={tmp_path}", "--run.name=r"]
+    assert main(argv) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("monitor:")]
+    assert [line.split(" knn ")[0] for line in said] == ["monitor: epoch 1 step 2", "monitor: epoch 2 step 4"]
+    _, scalars = _scalars(tmp_path / "r" / "tb")
+    assert [step for step, _ in scalars["monitor/knn"]] == [2, 4]
+    assert all(0 <= value <= 100 for _, value in scalars["monitor/knn"])
+
+
+def test_the_knn_monitor_is_off_by_default():
+    from mixedae_fast.config import load_config
+
+    assert load_config("cpu_tiny").run.monitor_every == 0 and load_config("vit_base").run.monitor_every == 0
