@@ -284,8 +284,8 @@ def _hub_failure(e: Exception) -> str | None:
         if status in (401, 403):
             return f"the Hub refused the token (HTTP {status}); {_LOGIN}"
         return None
-    import httpx  # huggingface_hub's HTTP client
-
-    if isinstance(e, (ConnectionError, TimeoutError, httpx.TransportError)):
+    # huggingface_hub's HTTP client (httpx, or httpx2 in 2.x) signals no network with a TransportError
+    transport = {c.__name__ for c in type(e).__mro__} & {"TransportError", "ConnectionError", "Timeout"}
+    if isinstance(e, (ConnectionError, TimeoutError)) or transport:
         return f"cannot reach the Hugging Face Hub ({type(e).__name__}); check the network (HF_ENDPOINT), then retry"
     return None

@@ -176,7 +176,9 @@ def test_push_to_hub_failures_are_one_line_naming_the_login(tmp_path, monkeypatc
         def create_repo(self, repo_id, **kw):
             raise errors[failure]
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
+    real = huggingface_hub.HfApi                                       # offline: the real client, a closed port
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi if failure != "offline" else
+                        (lambda: real(endpoint="http://127.0.0.1:9", token="hf_fake")))
     _, pre = _pretrained()
     out = ex.export_run(pre, tmp_path / "out")
     with pytest.raises(ValueError) as info:
