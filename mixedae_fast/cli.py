@@ -182,6 +182,10 @@ def _downstream_parsers(sub) -> None:
     ex.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                     help="also upload the folder to the Hugging Face Hub as model repo REPO_ID (user/name)")
     ex.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    ex.add_argument("--license", default="apache-2.0", help="the model card's licence (a Hub licence id; "
+                    "default apache-2.0, the code's: choose one the training data's terms allow)")
+    ex.add_argument("--dataset", action="append", default=None, metavar="HUB_ID",
+                    help="a Hub data set the encoder was pretrained on, for the card (repeatable)")
     vi = sub.add_parser("visualize", parents=[run, data], help="reconstruction and homologous-attention pictures")
     vi.add_argument("--query", type=int, default=None, help="query patch: index among the group's r*n tokens")
     vi.add_argument("--block", type=int, default=None, help="encoder block (default: the last homologous one)")
@@ -601,7 +605,7 @@ def cmd_export(args, overrides) -> int:
     _out_dir(args.out)
     pre = load_pretrained(args.run)
     out = export_run(pre, Path(args.out) if args.out else pre.run_dir / "export_timm", args.pool,
-                     check=not args.no_check)
+                     check=not args.no_check, license=args.license, datasets=args.dataset)
     print(f"{out['dir']}: config.json, model.safetensors, README.md (timm's hub layout)\n"
           f"load: timm.create_model({'local-dir:' + str(out['dir'])!r}, pretrained=True)")
     if out["parity"] is not None:

@@ -154,6 +154,11 @@ class RunConfig:
     # where scalars and pictures go besides metrics.csv (always written): csv | tensorboard | wandb
     # (tensorboard and wandb: pip install 'mixedae_fast[log]'; wandb offline unless logged in)
     loggers: list[str] = field(default_factory=lambda: ["csv"])
+    # epochs between kNN monitors (top-1 of the encoder on the first batches of the bank and val; to the
+    # console line and run.loggers as monitor/knn); 0 = off
+    monitor_every: int = 0
+    wandb_project: str | None = None  # W&B project (unset: $WANDB_PROJECT, else mixedae_fast)
+    wandb_entity: str | None = None  # W&B entity, a user or team (unset: $WANDB_ENTITY, else the login's default)
     profile_steps: str | None = None  # "A:B": trace optimizer steps A..B with torch.profiler into <run>/profile/
 
 
@@ -554,6 +559,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
                     "characters (newlines, tabs, ...)"),
     "dist.timeout_s": _GT0, "dist.bucket_mb": _GT0,
     "run.vis_every": (lambda v: v >= 0, "must be >= 0 (0 = no pictures during training)"),
+    "run.monitor_every": (lambda v: v >= 0, "must be >= 0 (epochs between kNN monitors; 0 = off)"),
     "run.loggers": (lambda v: all(x in ("csv", "tensorboard", "wandb") for x in v),
                     "must be a list of csv, tensorboard, wandb, e.g. [csv, tensorboard]"),
     "run.profile_steps": (lambda v: v is None or _profile_window(v), "must be 'A:B' with 1 <= A <= B (optimizer "

@@ -125,7 +125,8 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
     torch.manual_seed(cfg.run.seed)
     model = dist.wrap(build_model(cfg).to(device))
     trainer = Trainer(cfg, model, train, run_dir, device, max_steps=max_steps, progress=progress,
-                      pictures=training_pictures, dist=dist)
+                      pictures=training_pictures, dist=dist,
+                      monitor=knn_monitor(eval_train, val, device, amp_dtype) if cfg.run.monitor_every else None)
     if max_steps is not None and trainer.total_steps < trainer.steps_per_epoch * cfg.optim.epochs:
         say(f"stopping after {trainer.total_steps} of the schedule's {trainer.steps_per_epoch * cfg.optim.epochs} "
             "steps (--max-steps): the lr follows the full schedule, so this run ends mid-schedule", flush=True)
@@ -173,9 +174,57 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
         report["eval"] = {"pretrained": evaluate_encoder(model, eval_train, val, device, amp_dtype=amp_dtype)}
         report["eval"]["random_init"] = evaluate_encoder(random_init_model(cfg, device), eval_train, val, device,
                                                          amp_dtype=amp_dtype)
+    log_final_eval(cfg, run_dir, report.get("eval"), trainer.step)
     report["pictures"] = pictures(model, val or train, run_dir, cfg.run.seed)
     atomic_write_json(report, run_dir / "report.json")
     return report
+
+
+MONITOR_BATCHES = 4  # the monitor's small bank and query set: this many batches of each
+
+
+def knn_monitor(bank, val, device, amp_dtype):
+    """``monitor(encoder) -> {"knn": top-1 %}`` on the first :data:`MONITOR_BATCHES` batches of the kNN
+    bank and of val (None without val data)."""
+    import itertools
+
+    from mixedae_fast.downstream.evaluate import evaluate_encoder
+
+    if val is None:
+        return None
+
+    class _First:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            return itertools.islice(iter(self.loader), MONITOR_BATCHES)
+
+        def __len__(self):
+            return min(len(self.loader), MONITOR_BATCHES)
+
+    small_bank, small_val = _First(bank), _First(val)
+
+    def monitor(encoder) -> dict:
+        result = evaluate_encoder(encoder, small_bank, small_val, device, amp_dtype=amp_dtype, probe=False)
+        return {"knn": result["knn"]}
+
+    return monitor
+
+
+def log_final_eval(cfg, run_dir: Path, evaluation: dict | None, step: int) -> None:
+    """The final evaluation (report.json's ``eval``) to run.loggers' TensorBoard / W&B as ``eval/...``
+    at the run's last step (the same W&B run: its id is kept in the run folder)."""
+    from mixedae_fast.train.loggers import Loggers
+
+    if not evaluation or not set(cfg.run.loggers) - {"csv"}:
+        return
+    log = Loggers(cfg.run.loggers, run_dir, config_to_dict(cfg), cfg.run.name, cfg.run.wandb_project,
+                  cfg.run.wandb_entity)
+    try:
+        log.scalars(evaluation, step, section="eval")
+    finally:
+        log.close()
 
 
 def pictures(model, val_loader, run_dir: Path, seed: int) -> dict:

@@ -3,6 +3,7 @@
 resumed on 1 rank, a signal on one rank stopping all of them at one step, and a dead or stalled rank
 failing the job with a message instead of a hang. Every process is started with a time limit."""
 import csv
+import json
 import os
 import re
 import shutil
@@ -243,11 +244,12 @@ def _finish(procs, limit=LIMIT):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two runs of 8 steps, global batch 16: one process with 2 accumulation steps, and 2 ranks
-    through `mixedae-fast launch local` (torchrun)."""
+    through `mixedae-fast launch local` (torchrun), which also profiles steps 2..3."""
     root = tmp_path_factory.mktemp("dist")
     env = _env(root / "cache")
     _cli(["pretrain", *DATA, *TINY, f"--run.out_dir={root}", "--run.name=one", "--optim.accum_steps=2"], env)
-    two = _cli(["launch", "local", "--nproc", "2", *DATA, *TINY, f"--run.out_dir={root}", "--run.name=two"], env)
+    two = _cli(["launch", "local", "--nproc", "2", *DATA, *TINY, f"--run.out_dir={root}", "--run.name=two",
+                "--run.profile_steps=2:3"], env)
     return root, env, two.stdout
 
 
@@ -261,6 +263,16 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(runs):
     assert "x 2 ranks (gloo), global batch 16" in stdout
     state = torch.load(root / "two" / "checkpoints" / "ckpt-00000008.pt", weights_only=True)
     assert state["world_size"] == 2 and not any(k.startswith("module.") for k in state["model"])
+
+
+@pytest.mark.slow
+def test_each_rank_writes_its_own_profile_trace(runs):
+    root, _, _ = runs
+    traces = sorted((root / "two" / "profile").glob("*.pt.trace.json"))
+    assert [t.name for t in traces] == ["steps-2-3.rank0.pt.trace.json", "steps-2-3.rank1.pt.trace.json"]
+    for trace in traces:
+        names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+        assert {"ProfilerStep#2", "ProfilerStep#3", "forward", "backward"} <= names
 
 
 @pytest.mark.slow

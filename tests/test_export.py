@@ -93,7 +93,7 @@ def test_folder_has_our_tag_and_normalisation_and_a_model_card(tmp_path):
     assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["input_size"] == [3, 16, 16]
     assert config["mixedae_fast"]["step"] == 5 and config["num_classes"] == 0
     card = (tmp_path / "out" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: timm") and "MixedAE" in card and "| knn | 71.4 | 47.9 |" in card
+    assert card.startswith("---\n") and "MixedAE" in card and "| knn | 71.4 | 47.9 |" in card
     assert "optimizer steps: 5" in card
 
 
@@ -155,3 +155,55 @@ def test_older_exports_still_load(tmp_path):
         assert _rel(model.extract_features(images), ex.load_export(tmp_path).eval()(images)) <= 1e-5
     with pytest.raises(FileNotFoundError, match="mixedae-fast export"):
         ex.load_export(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("failure, said", [
+    ("no_token", "not logged in to the Hugging Face Hub"),
+    ("401", "the Hub refused the token (HTTP 401)"),
+    ("offline", "cannot reach the Hugging Face Hub (ConnectError)"),
+])
+def test_push_to_hub_failures_are_one_line_naming_the_login(tmp_path, monkeypatch, failure, said):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    errors = {"no_token": LocalTokenNotFoundError("Token is required"),
+              "401": HfHubHTTPError("401 Unauthorized", response=httpx.Response(401, request=request)),
+              "offline": httpx.ConnectError("[Errno -3] name resolution failed", request=request)}
+
+    class FailingApi:                                                  # no network here: fail as the Hub would
+        def create_repo(self, repo_id, **kw):
+            raise errors[failure]
+
+    real = huggingface_hub.HfApi                                       # offline: the real client, a closed port
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi if failure != "offline" else
+                        (lambda: real(endpoint="http://127.0.0.1:9", token="hf_fake")))
+    _, pre = _pretrained()
+    out = ex.export_run(pre, tmp_path / "out")
+    with pytest.raises(ValueError) as info:
+        ex.push_to_hub(out["dir"], "someone/mixedae-tiny")
+    message = str(info.value)
+    assert said in message and "\n" not in message and "someone/mixedae-tiny" in message
+    if failure != "offline":
+        assert "hf auth login" in message and "HF_TOKEN" in message
+    assert (tmp_path / "out" / "model.safetensors").is_file()          # the export stays
+
+
+def test_model_card_metadata_reads_back_through_huggingface_hub(tmp_path):
+    from huggingface_hub import ModelCard
+
+    _, pre = _pretrained()
+    ex.export_run(pre, tmp_path / "out", datasets=["ILSVRC/imagenet-1k"], license="cc-by-nc-4.0")
+    data = ModelCard.load(tmp_path / "out" / "README.md").data
+    assert (data.license, data.datasets, data.library_name) == ("cc-by-nc-4.0", ["ILSVRC/imagenet-1k"], "timm")
+    assert {"timm", "mixedae", "self-supervised"} <= set(data.tags) and data.base_model is None
+    ex.export_run(pre, tmp_path / "default")
+    data = ModelCard.load(tmp_path / "default" / "README.md").data
+    assert data.license == "apache-2.0" and data.datasets is None
+
+
+@pytest.mark.parametrize("start, base", [("timm:vit_base_patch16_224.mae", "timm/vit_base_patch16_224.mae"),
+                                         ("hf-hub:someone/mae-vit", "someone/mae-vit"), ("/ckpt/mae.pth", None)])
+def test_card_base_model_is_the_hub_weights_the_run_started_from(start, base):
+    assert ex.card_metadata({"init": {"from": start}}).base_model == base

@@ -79,7 +79,7 @@ def test_a_training_run_logs_to_tensorboard_and_traces_its_profile_window(tiny, 
     assert [s for s, _ in scalars["train/loss"]] == [2, 4]
     assert {t.split("/")[1] for t in acc.Tags()["images"]} == {"reconstruction", "homologous"}
     assert not (tmp_path / "run" / "pictures").exists()
-    trace = tmp_path / "run" / "profile" / "steps-2-3.pt.trace.json"
+    trace = tmp_path / "run" / "profile" / "steps-2-3.rank0.pt.trace.json"
     assert trace.is_file() and '"forward"' in trace.read_text() and '"backward"' in trace.read_text()
 
 
@@ -93,3 +93,78 @@ def test_a_missing_logger_is_refused_before_the_run_folder_exists(tiny, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: run.loggers has wandb") and "mixedae_fast[log]" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_wandb_mode_follows_wandbs_own_login_state(tmp_path):
+    from mixedae_fast.train.loggers import wandb_mode
+
+    netrc_file = tmp_path / "netrc"
+    home = {"HOME": str(tmp_path), "NETRC": str(netrc_file)}
+    assert wandb_mode(home) == "offline"                                   # never logged in
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    netrc_file.chmod(0o600)
+    assert wandb_mode(home) == "online"                                    # what `wandb login` writes
+    assert wandb_mode({**home, "WANDB_BASE_URL": "https://wandb.example.org"}) == "offline"  # another host
+    assert wandb_mode({**home, "WANDB_MODE": "disabled"}) == "disabled"   # the user's choice wins
+    assert wandb_mode({"NETRC": str(tmp_path / "none"), "WANDB_API_KEY": "k"}) == "online"
+
+
+def test_wandb_project_and_entity_come_from_the_config(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = Loggers(["wandb"], tmp_path, run_name="t", project="my-proj", entity="my-team")
+    assert (log._wandb.project, log._wandb.entity) == ("my-proj", "my-team")
+    log.close()
+
+
+def test_the_final_evaluation_reaches_tensorboard_and_wandb(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from mixedae_fast.pretrain import log_final_eval
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny.config("--run.loggers=[csv,tensorboard,wandb]")
+    evaluation = {"pretrained": {"knn": 71.4, "linear_probe": 90.0}, "random_init": {"knn": 47.9}}
+    seen = {}
+    monkeypatch.setattr("wandb.sdk.wandb_run.Run.log", lambda self, values, step=None: seen.update(values))
+    log_final_eval(cfg, tmp_path, evaluation, step=12)
+    _, scalars = _scalars(tmp_path / "tb")
+    assert scalars["eval/pretrained/knn"] == [(12, pytest.approx(71.4))]
+    assert set(scalars) == {"eval/pretrained/knn", "eval/pretrained/linear_probe", "eval/random_init/knn"}
+    assert seen == pytest.approx({"eval/pretrained/knn": 71.4, "eval/pretrained/linear_probe": 90.0,
+                                  "eval/random_init/knn": 47.9})
+
+
+def test_a_pretraining_run_logs_its_final_evaluation_to_tensorboard(tiny, tmp_path):
+    import json
+
+    from mixedae_fast.cli import main
+
+    argv = ["pretrain", "--no-progress", "--num-train", "16", "--num-val", "8", *tiny.overrides, "--optim.epochs=1",
+            "--run.loggers=[csv,tensorboard]", f"--run.out_dir={tmp_path}", "--run.name=r"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    _, scalars = _scalars(tmp_path / "r" / "tb")
+    knn = report["eval"]["pretrained"]["knn"]
+    assert scalars["eval/pretrained/knn"] == [(report["steps"], pytest.approx(knn))]
+
+
+def test_the_knn_monitor_runs_every_n_epochs_to_the_console_and_tensorboard(tiny, tmp_path, capsys):
+    from mixedae_fast.cli import main
+
+    argv = ["pretrain", "--no-progress", "--num-train", "16", "--num-val", "8", *tiny.overrides, "--optim.epochs=2",
+            "--data.batch_size=8", "--run.monitor_every=1", "--run.eval=false", "--run.loggers=[csv,tensorboard]",
+            f"--run.out_dir={tmp_path}", "--run.name=r"]
+    assert main(argv) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("monitor:")]
+    assert [line.split(" knn ")[0] for line in said] == ["monitor: epoch 1 step 2", "monitor: epoch 2 step 4"]
+    _, scalars = _scalars(tmp_path / "r" / "tb")
+    assert [step for step, _ in scalars["monitor/knn"]] == [2, 4]
+    assert all(0 <= value <= 100 for _, value in scalars["monitor/knn"])
+
+
+def test_the_knn_monitor_is_off_by_default():
+    from mixedae_fast.config import load_config
+
+    assert load_config("cpu_tiny").run.monitor_every == 0 and load_config("vit_base").run.monitor_every == 0

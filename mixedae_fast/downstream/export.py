@@ -28,6 +28,7 @@ TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base"
               (1280, 32, 16): "huge"}
 TIMM_POOLS = {"avg": "avg", "cls": "token"}
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
+CODE_LICENSE = "apache-2.0"  # mixedae_fast's licence: the card's default; the data's terms may call for another
 LEGACY_SPEC = "timm_model.json"   # exports before the hub layout: model name + kwargs beside the weights
 PARITY_LIMIT = 1e-5               # max |ours - timm| / max |ours| over a few random images
 TAG = "mixedae"                   # our pretrained tag: never a tag borrowed from timm's own weights
@@ -84,7 +85,8 @@ def timm_encoder(pretrained: Pretrained, pool: str = "avg") -> torch.nn.Module:
     return model.eval()
 
 
-def write_hub_folder(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "avg") -> Path:
+def write_hub_folder(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "avg",
+                     license: str = CODE_LICENSE, datasets: list[str] | None = None) -> Path:
     """``config.json`` + ``model.safetensors`` through timm's ``save_for_hf``, and a model card, in
     ``out_dir`` (created). The pretrained config carries our normalisation and our own tag, not the
     tag, licence or hub id of the timm weights whose architecture name it borrows."""
@@ -110,18 +112,31 @@ def write_hub_folder(pretrained: Pretrained, out_dir: str | os.PathLike, pool: s
     # the checkpoint by name only: the folder may be pushed to the Hub, and its path is this machine's
     config["mixedae_fast"] = {"pool": pool, "checkpoint": Path(pretrained.checkpoint).name, "step": pretrained.step}
     atomic_write_json(config, out_dir / CONFIG)
-    atomic_write(out_dir / CARD, lambda f: f.write(model_card(pretrained, config).encode()))
+    atomic_write(out_dir / CARD, lambda f: f.write(model_card(pretrained, config, license, datasets).encode()))
     return out_dir
 
 
-def model_card(pretrained: Pretrained, hub_config: dict) -> str:
-    """The export's ``README.md``: what the weights are, how they were trained, how to load them, and
-    the run's evaluation figures when its ``report.json`` has any."""
+def card_metadata(config: dict, license: str = CODE_LICENSE, datasets: list[str] | None = None):
+    """The card's YAML header as huggingface_hub's ``ModelCardData``: licence, data sets, the base model
+    when the run started from Hub weights (``init.from`` = ``timm:NAME`` or ``hf-hub:ID``), library timm."""
+    from huggingface_hub import ModelCardData
+
+    start = str((config.get("init") or {}).get("from") or "")
+    base = {"timm:": "timm/", "hf-hub:": ""}
+    base_model = next((prefix_to + start[len(p):] for p, prefix_to in base.items() if start.startswith(p)), None)
+    return ModelCardData(license=license, datasets=list(datasets) if datasets else None,
+                         base_model=base_model, library_name="timm", pipeline_tag="image-feature-extraction",
+                         tags=["timm", "mixedae", "self-supervised", "vision-transformer", "image-feature-extraction"])
+
+
+def model_card(pretrained: Pretrained, hub_config: dict, license: str = CODE_LICENSE,
+               datasets: list[str] | None = None) -> str:
+    """The export's ``README.md``: its metadata (:func:`card_metadata`), what the weights are, how they
+    were trained, how to load them, and the run's evaluation figures when its ``report.json`` has any."""
     c = pretrained.config
     m, mix, data, optim = c["model"], c.get("mixing", {}), c.get("data", {}), c.get("optim", {})
     report = _report(pretrained.run_dir)
-    lines = ["---", "library_name: timm", "pipeline_tag: image-feature-extraction",
-             "tags:", "- timm", "- mixedae", "- self-supervised", "- vision-transformer", "---", "",
+    lines = ["---", card_metadata(c, license, datasets).to_yaml(), "---", "",
              f"# MixedAE-pretrained ViT ({hub_config['architecture']} layout, {m['embed_dim']} wide x "
              f"{m['depth']} deep, patch {m['patch_size']}, {m['img_size']} px)", "",
              "Encoder weights pretrained with MixedAE (Mixed Autoencoder, Chen et al., CVPR 2023, arXiv 2303.17152) "
@@ -193,12 +208,14 @@ def parity(pretrained: Pretrained, export_dir: str | os.PathLike, pool: str = "a
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
-def export_run(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "avg", check: bool = True) -> dict:
+def export_run(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "avg", check: bool = True,
+               license: str = CODE_LICENSE, datasets: list[str] | None = None) -> dict:
     """Write the hub folder for ``pretrained`` at ``out_dir`` and return ``{"dir", "parity"}``.
 
     It is built in a temporary sibling folder and checked there (timm must reproduce our features
     within :data:`PARITY_LIMIT`); only then does it replace ``out_dir``. ``out_dir`` may be a missing
-    folder or an earlier export (replaced); anything else is refused, so no user file is overwritten."""
+    folder or an earlier export (replaced); anything else is refused, so no user file is overwritten.
+    ``license`` and ``datasets`` (Hub dataset ids) go into the model card's metadata."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not _is_export(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is not an export of mixedae-fast (it holds other files, "
@@ -210,7 +227,7 @@ def export_run(pretrained: Pretrained, out_dir: str | os.PathLike, pool: str = "
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_hub_folder(pretrained, tmp, pool)
+        write_hub_folder(pretrained, tmp, pool, license, datasets)
         rel = parity(pretrained, tmp, pool) if check else None
         if rel is not None and not rel <= PARITY_LIMIT:
             raise RunFailure(f"the exported model does not reproduce the encoder: features differ by {rel:.2e} "
@@ -250,13 +267,41 @@ def _is_export(path: Path) -> bool:
 def push_to_hub(export_dir: str | os.PathLike, repo_id: str, private: bool = False,
                 commit_message: str = "Add MixedAE-pretrained encoder (mixedae_fast)") -> str:
     """Upload an export folder to the Hugging Face Hub as model repo ``repo_id`` (created if needed;
-    the token comes from ``huggingface-cli login`` or ``HF_TOKEN``). Returns the commit URL."""
+    the token comes from ``hf auth login`` or ``HF_TOKEN``). Returns the commit URL. No login, a
+    refused token and no network each raise one ``ValueError`` line that names the fix."""
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise ValueError("--push-to-hub needs huggingface_hub: pip install huggingface_hub") from None
-    api = HfApi()
-    repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(export_dir),
-                             repo_type="model", commit_message=commit_message)
+    try:
+        api = HfApi()
+        repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(export_dir),
+                                 repo_type="model", commit_message=commit_message)
+    except Exception as e:
+        reason = _hub_failure(e)
+        if reason is None:
+            raise
+        raise ValueError(f"--push-to-hub {repo_id}: {reason}; the export is kept in {export_dir}") from None
     return str(getattr(info, "commit_url", info))
+
+
+_LOGIN = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
+
+
+def _hub_failure(e: Exception) -> str | None:
+    """What a Hub upload failure means to the user, or None for one that is not about login or network."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    if isinstance(e, LocalTokenNotFoundError):
+        return f"not logged in to the Hugging Face Hub; {_LOGIN}"
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return f"the Hub refused the token (HTTP {status}); {_LOGIN}"
+        return None
+    # huggingface_hub's HTTP client (httpx, or httpx2 in 2.x) signals no network with a TransportError
+    transport = {c.__name__ for c in type(e).__mro__} & {"TransportError", "ConnectionError", "Timeout"}
+    if isinstance(e, (ConnectionError, TimeoutError)) or transport:
+        return f"cannot reach the Hugging Face Hub ({type(e).__name__}); check the network (HF_ENDPOINT), then retry"
+    return None

@@ -95,11 +95,13 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader, run_dir: str | Path, device: torch.device,
                  max_steps: int | None = None, progress: bool = True, dist: Dist | None = None,
-                 pictures: Callable | None = None):
+                 pictures: Callable | None = None, monitor: Callable | None = None):
         self.cfg, self.model, self.loader, self.device = cfg, model, loader, device
         # run.vis_every's pictures: ``pictures(model, images, seed=, step=) -> {name: uint8 [H, W, 3]}``
         # (visualize.training_pictures), handed in so that training does not depend on the pictures' code
         self.pictures = pictures
+        # run.monitor_every's kNN monitor: ``monitor(encoder) -> {"knn": top-1 %}`` (pretrain.knn_monitor)
+        self.monitor = monitor
         self.module = unwrap(model)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -133,7 +135,8 @@ class Trainer:
         if self.loggers is None and self.rank == 0:
             from mixedae_fast.train.loggers import Loggers
 
-            self.loggers = Loggers(self.cfg.run.loggers, self.run_dir, config_to_dict(self.cfg), self.cfg.run.name)
+            self.loggers = Loggers(self.cfg.run.loggers, self.run_dir, config_to_dict(self.cfg), self.cfg.run.name,
+                                   self.cfg.run.wandb_project, self.cfg.run.wandb_entity)
         return self.loggers
 
     # -- state ---------------------------------------------------------------------------------
@@ -262,10 +265,13 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._open_loggers()
-        profiler = StepProfiler.from_spec(cfg.run.profile_steps, self.run_dir)
+        profiler = StepProfiler.from_spec(cfg.run.profile_steps, self.run_dir, self.rank)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="pretrain",
                    unit="step", dynamic_ncols=True)
+        short = profiler.unreached(self.step, self.total_steps)
+        if short:
+            self._say(f"warning: {short}", bar)
         # runtime.compile: the model's forward compiled (the assignment is drawn outside, so the step
         # number never enters the graph; log steps, which collect stats, compile a second graph)
         step_fn = TrainStep(model, self.optimizer, self.device, self.amp_dtype, clip_grad=cfg.optim.clip_grad,
@@ -343,11 +349,24 @@ class Trainer:
             window.reset(self.step)
         if cfg.run.vis_every and self.step % cfg.run.vis_every == 0 and self.rank == 0:
             self._log_pictures(images)
+        every = cfg.run.monitor_every * self.steps_per_epoch
+        if self.monitor is not None and every and self.step % every == 0 and self.rank == 0:
+            self._run_monitor(bar)
         if self.step % cfg.run.ckpt_every == 0 and self.rank == 0:
             self._save_if_good(skipped)
         stop = self.dist.agree_stop(self._stop_signal)
         if stop:
             raise StopRequested(stop)
+
+    def _run_monitor(self, bar) -> None:
+        """The kNN monitor on rank 0 (the other ranks wait at their next gradient all-reduce)."""
+        t0 = time.perf_counter()
+        result = self.monitor(self.module)  # evaluation mode inside, training mode again after
+        epoch = self.step // self.steps_per_epoch
+        self._say(f"monitor: epoch {epoch} step {self.step} knn {result['knn']:.1f}% "
+                  f"({time.perf_counter() - t0:.1f}s)", bar)
+        if self.loggers is not None:
+            self.loggers.scalars(result, self.step, section="monitor")
 
     def _log_row(self, sums, steps, lr, n_images, elapsed, wait, bad_total, stats) -> dict:
         """One metrics row: loss parts averaged over the ``steps`` since the last row."""

@@ -6,17 +6,21 @@ every metrics row and every training picture:
 
 - ``tensorboard``: event files in ``runs/<name>/tb`` (``pip install 'mixedae_fast[log]'``);
 - ``wandb``: Weights & Biases, in ``runs/<name>/wandb``. The mode is wandb's own ``WANDB_MODE``
-  when set, else ``online`` with credentials (``WANDB_API_KEY``) and ``offline`` without (sync
+  when set, else ``online`` with credentials (``WANDB_API_KEY`` or a ``wandb login``, which wandb
+  keeps in ``~/.netrc`` or ``$NETRC``) and ``offline`` without (sync
   later with ``wandb sync``). A resumed run continues the same wandb run (its id is kept in the run
-  folder). ``WANDB_PROJECT`` names the project (default ``mixedae_fast``).
+  folder). ``run.wandb_project`` / ``run.wandb_entity`` name the project and entity (unset: wandb's
+  ``WANDB_PROJECT`` / ``WANDB_ENTITY``, then project ``mixedae_fast`` and the login's default entity).
 
 Without any picture sink, pictures are written as ``pictures/<name>-<step>.png``.
 """
 from __future__ import annotations
 
+import netrc
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -38,11 +42,38 @@ def require(names) -> None:
                                     f"'mixedae_fast[log]' (or {name}), or drop it from run.loggers") from None
 
 
+def wandb_mode(env) -> str:
+    """``WANDB_MODE`` when set; else ``online`` when wandb has credentials (``WANDB_API_KEY``, or the
+    key ``wandb login`` wrote to the netrc file for ``WANDB_BASE_URL``'s host), else ``offline``."""
+    if env.get("WANDB_MODE"):
+        return env["WANDB_MODE"]
+    if env.get("WANDB_API_KEY"):
+        return "online"
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = env.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        entry = None
+    return "online" if entry and entry[2] else "offline"
+
+
+def _flat(row: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
 class Loggers:
     """The sinks of one run (rank 0 only). ``scalars(row, step)`` and ``image(name, array, step)`` go to
     every sink; ``close()`` flushes them."""
 
-    def __init__(self, names, run_dir: str | os.PathLike, config: dict | None = None, run_name: str | None = None):
+    def __init__(self, names, run_dir: str | os.PathLike, config: dict | None = None, run_name: str | None = None,
+                 project: str | None = None, entity: str | None = None):
         unknown = [n for n in names if n not in LOGGERS]
         if unknown:
             raise ValueError(f"run.loggers: {unknown} not among {', '.join(LOGGERS)}")
@@ -50,7 +81,9 @@ class Loggers:
         self.names = tuple(dict.fromkeys(names))
         require(self.names)
         self._tb = self._tensorboard() if "tensorboard" in self.names else None
-        self._wandb = self._wandb_run(config or {}, run_name or self.run_dir.name) if "wandb" in self.names else None
+        self._wandb = None
+        if "wandb" in self.names:
+            self._wandb = self._wandb_run(config or {}, run_name or self.run_dir.name, project, entity)
 
     @property
     def has_picture_sink(self) -> bool:
@@ -61,7 +94,7 @@ class Loggers:
 
         return SummaryWriter(str(self.run_dir / "tb"))
 
-    def _wandb_run(self, config: dict, run_name: str):
+    def _wandb_run(self, config: dict, run_name: str, project: str | None, entity: str | None):
         import wandb
 
         id_file = self.run_dir / "wandb_id.txt"
@@ -69,19 +102,21 @@ class Loggers:
         if not id_file.is_file():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id + "\n")
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        return wandb.init(project=os.environ.get("WANDB_PROJECT", "mixedae_fast"), name=run_name, id=run_id,
-                          resume="allow", dir=str(self.run_dir), mode=mode, config=config)
+        return wandb.init(project=project or os.environ.get("WANDB_PROJECT", "mixedae_fast"),
+                          entity=entity or os.environ.get("WANDB_ENTITY") or None, name=run_name, id=run_id,
+                          resume="allow", dir=str(self.run_dir), mode=wandb_mode(os.environ), config=config)
 
-    def scalars(self, row: dict, step: int) -> None:
-        values = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+    def scalars(self, row: dict, step: int, section: str = "train") -> None:
+        """The numbers of ``row`` as ``<section>/<key>`` at ``step``; nested dicts add ``/``-joined keys
+        (the final evaluation: ``eval/pretrained/knn``)."""
+        values = {f"{section}/{k}": v for k, v in _flat(row).items() if k != "step"}
         if self._tb is not None:
             for key, value in values.items():
-                self._tb.add_scalar(f"train/{key}", value, step)
+                self._tb.add_scalar(key, value, step)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+            self._wandb.log(values, step=step)
 
     def image(self, name: str, array: np.ndarray, step: int) -> None:
         """``array``: uint8 ``[H, W, 3]``."""
