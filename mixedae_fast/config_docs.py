@@ -75,10 +75,11 @@ def key_docs() -> list[KeyDoc]:
     return out
 
 
-def describe_config(defaults=None) -> str:
+def describe_config(defaults=None, source: str | None = None) -> str:
     """The config keys as help text: ``section.key  type = default  description``, grouped by
-    section. ``defaults``: a Config whose values are shown instead of the dataclass defaults (a preset)."""
-    shown = "the default preset" if defaults is not None else "the dataclass defaults"
+    section. ``defaults``: a Config whose values are shown instead of the dataclass defaults (a preset),
+    ``source`` what it was loaded from (``--config vit_base``)."""
+    shown = ("the dataclass defaults" if defaults is None else source or "the default preset")
     lines = ["config keys (YAML sections; a YAML file may start with 'base: <preset or file>'; override any key with "
              f"--section.key=value, values parsed as YAML; values shown: {shown}):"]
     current = None
