@@ -71,7 +71,7 @@ def key_docs() -> list[KeyDoc]:
             choices = C.CHOICES.get(f"{section}.{name}")
             if choices and not all(c in doc for c in choices):
                 doc = (doc + "; " if doc else "") + " | ".join(choices)
-            out.append(KeyDoc(f"{section}.{name}", tp, default, doc))
+            out.append(KeyDoc(f"{section}.{C.config_key(name)}", tp, default, doc))
     return out
 
 
@@ -88,7 +88,7 @@ def describe_config(defaults=None, source: str | None = None) -> str:
         if section != current:
             current = section
             lines.append(f"  {section}:")
-        value = getattr(getattr(defaults, section), key) if defaults is not None else d.default
+        value = getattr(getattr(defaults, section), C._attr(key)) if defaults is not None else d.default
         lines.append(f"    {d.key:<28} {d.type} = {value!r}")
         if d.doc:
             lines.append(f"        {d.doc}")
