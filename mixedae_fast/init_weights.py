@@ -163,13 +163,14 @@ def _fix(state: dict) -> str:
         return "It does not look like a ViT of MAE's or timm's layout; pass an MAE or timm ViT checkpoint"
     depth = max(blocks) + 1
     sizes = [f"model.embed_dim={width}", f"model.depth={depth}"]
-    w = state.get("patch_embed.proj.weight")
-    if w is not None and w.dim() == 4:
-        sizes.append(f"model.patch_size={w.shape[-1]}")
+    w = state.get("patch_embed.weight")  # a conv [D, C, P, P] that did not fit, or our Linear [D, P*P*C]
+    patch = w.shape[-1] if w is not None and w.dim() == 4 else round((w.shape[-1] / 3) ** 0.5) if w is not None else 0
+    if patch:
+        sizes.append(f"model.patch_size={patch}")
         pos = state.get("pos_embed")
         grid = round((pos.shape[1] - 1) ** 0.5) if pos is not None and pos.dim() == 3 else 0
         if grid:
-            sizes.append(f"model.img_size={grid * w.shape[-1]}")
+            sizes.append(f"model.img_size={grid * patch}")
     if dec and "decoder_embed.weight" in state:
         sizes += [f"model.decoder_embed_dim={state['decoder_embed.weight'].shape[0]}",
                   f"model.decoder_depth={max(dec) + 1}"]

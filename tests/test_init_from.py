@@ -134,7 +134,7 @@ def test_a_resumed_run_takes_its_checkpoint_not_init_from(tmp_path, monkeypatch,
 @pytest.mark.parametrize("make, source, expect", [
     (lambda d: torch.save({"model": _timm_vit(embed_dim=48, num_heads=3).state_dict()}, d / "w.pth"), "w.pth",
      ["does not fit the model", "shape (checkpoint vs model): cls_token [1, 1, 48] vs [1, 1, 32]",
-      "model.embed_dim=48", "model.depth=2"]),
+      "model.embed_dim=48", "model.depth=2", "model.patch_size=4", "model.img_size=16"]),
     (lambda d: torch.save({"model": {k: v for k, v in _timm_vit().state_dict().items() if "blocks.1." not in k}},
                           d / "w.pth"), "w.pth", ["missing: blocks.1.norm1.weight", "model.depth=1"]),
     (lambda d: torch.save({"model": _timm_vit(init_values=1e-5).state_dict()}, d / "w.pth"), "w.pth",
