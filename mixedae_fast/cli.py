@@ -725,7 +725,10 @@ def cmd_bench(args, overrides) -> int:
 
 def _progress_where_watched(args) -> None:
     """The progress bar only on a terminal: tqdm draws on stderr, and its frames would fill a redirected log
-    or a cluster job's file, so a stderr that is not a terminal turns it off unless ``--progress`` forces it."""
+    or a cluster job's file, so a stderr that is not a terminal turns it off unless ``--progress`` forces it.
+    ``launch`` passes the options on as given: each rank decides on its own stderr."""
+    if args.command == "launch":
+        return
     if hasattr(args, "no_progress") and not args.no_progress and not getattr(args, "progress", False):
         args.no_progress = not sys.stderr.isatty()
 

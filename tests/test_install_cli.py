@@ -131,6 +131,13 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, terminal, flags, shown):
     assert seen["progress"] is shown
 
 
+def test_launch_passes_the_progress_options_on_as_given(capsys):
+    """Each rank decides on its own stderr: the torchrun command is the one the user typed."""
+    assert main(["launch", "local", "--nproc", "2", "--dry-run", "--max-steps", "5"]) == 0
+    command = capsys.readouterr().out.splitlines()[-1]
+    assert command.endswith("pretrain --config cpu_tiny --max-steps 5") and "progress" not in command
+
+
 @pytest.mark.slow
 def test_no_bar_frames_in_a_redirected_log(tmp_path):
     """A real run with stderr to a file (as `> log 2>&1` or a SLURM job): no tqdm frame lands there."""
