@@ -205,3 +205,15 @@ def test_resume_from_a_url_continues_the_run(tmp_path, monkeypatch, capsys, http
     assert _pretrain(tmp_path, "--run.name=r2", f"--run.resume={url}/ckpt-00000002.pt", "--max-steps", "3") == 0
     out = capsys.readouterr().out
     assert "at step 2" in out and (tmp_path / "runs/r2/checkpoints/ckpt-00000003.pt").is_file()
+
+
+def test_init_from_a_url(tmp_path, monkeypatch, http_dir):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    folder, url, _ = http_dir
+    vit = _timm_vit()
+    torch.save({"model": vit.state_dict()}, folder / "mae_pretrain.pth")
+    ours, weights = _init(f"{url}/mae_pretrain.pth")
+    with torch.no_grad():
+        want, got = vit.forward_features(_images()), ours.forward_features(_images())
+    assert (got - want).abs().max().item() <= FEATURES_TOL * want.abs().max().item()
+    assert list((tmp_path / "torch/hub/checkpoints").glob("*-mae_pretrain.pth"))
