@@ -45,9 +45,11 @@ from mixedae_fast.errors import RunFailure
 from mixedae_fast.train.cpu_threads import prefer_passive_wait
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(shown: tuple[str, list[str]] = ("cpu_tiny", [])) -> argparse.ArgumentParser:
+    """The command line; ``shown``: the config (and overrides) whose values ``--help`` lists."""
     p = argparse.ArgumentParser(prog="mixedae-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=_Version, help="print the version (and the git commit of a checkout)")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="cpu_tiny",
@@ -55,9 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     pretrain_opts = _pretrain_options()
     keys = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
     _list_config_keys(sub.add_parser("pretrain", parents=[common, pretrain_opts], **keys,
-                                     help="MixedAE pretraining, then evaluation and a report"))
+                                     help="MixedAE pretraining, then evaluation and a report"), shown)
     _list_config_keys(sub.add_parser("config", parents=[common], **keys,
-                                     help="print the resolved config as YAML, the derived values as a commented block"))
+                                     help="print the resolved config as YAML, the derived values as a commented block"),
+                      shown)
     sub.add_parser("bench", add_help=False, help="training throughput: MixedAE vs MAE vs the official recipe "
                    "(mixedae-fast bench --help)")
     md = sub.add_parser("make-data", help="write a dataset as JPEGs (ImageFolder layout, train/ and val/), cached")
@@ -74,14 +77,53 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _list_config_keys(parser: argparse.ArgumentParser) -> None:
-    """``--help`` of ``parser`` ends with every config key (config_docs.py), built only when help is shown."""
+class _Version(argparse.Action):
+    """``--version``: the installed version, and the commit where this runs from a git checkout (looked up
+    only when asked)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import importlib.metadata
+
+        from mixedae_fast import __version__
+        from mixedae_fast.provenance import git_sha
+
+        try:
+            version = importlib.metadata.version("mixedae_fast")
+        except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+            version = __version__
+        sha = git_sha()
+        print(f"mixedae-fast {version}" + ("" if sha == "unknown" else f" (git {sha})"))
+        parser.exit()
+
+
+def _shown_config(argv: list[str]) -> tuple[str, list[str]]:
+    """The ``--config`` and ``--section.key=value`` overrides of ``argv``: ``--help`` lists their values
+    (``--config vit_base --help`` shows ViT-B's), not cpu_tiny's."""
+    config, overrides = "cpu_tiny", []
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        elif a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]:
+            overrides.append(a)
+    return config, overrides
+
+
+def _list_config_keys(parser: argparse.ArgumentParser, shown: tuple[str, list[str]]) -> None:
+    """``--help`` of ``parser`` ends with every config key (config_docs.py) and its value in ``shown``
+    (a config and overrides), built only when help is shown."""
     plain = parser.format_help
 
     def format_help() -> str:
         from mixedae_fast.config_docs import describe_config  # no torch import there
 
-        parser.epilog = describe_config(load_config("cpu_tiny"))
+        config, overrides = shown
+        label = f"--config {config}" + "".join(f" {o}" for o in overrides)
+        parser.epilog = describe_config(load_config(config, overrides), label)
         return plain()
 
     parser.format_help = format_help
@@ -97,6 +139,9 @@ def _pretrain_options() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=5000, help="embedded data: training images")
     p.add_argument("--num-val", type=int, default=1000, help="embedded data: validation images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action="store_true",
+                   help="the progress bar even when stderr is not a terminal (by default a redirected log or a "
+                        "cluster job gets only the plain log lines)")
     return p
 
 
@@ -175,6 +220,8 @@ def _downstream_parsers(sub) -> None:
                     help="evaluate the fine-tuned classifier (--resume's checkpoint, default the newest in --out) on "
                          "val, write nothing")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar (the line per epoch stays)")
+    ft.add_argument("--progress", action="store_true",
+                    help="the progress bar even when stderr is not a terminal (default: only on a terminal)")
     ex = sub.add_parser("export", parents=[run], help="the encoder as a timm VisionTransformer, in the hub layout")
     ex.add_argument("--out", default=None, help="folder (default RUN/export_timm)")
     ex.add_argument("--pool", default="avg", choices=("avg", "cls"), help="timm global_pool: avg (default) or token")
@@ -697,9 +744,20 @@ def cmd_bench(args, overrides) -> int:
     return bench_main(args.argv[args.argv.index("bench") + 1:])
 
 
+def _progress_where_watched(args) -> None:
+    """The progress bar only on a terminal: tqdm draws on stderr, and its frames would fill a redirected log
+    or a cluster job's file, so a stderr that is not a terminal turns it off unless ``--progress`` forces it.
+    ``launch`` passes the options on as given: each rank decides on its own stderr."""
+    if args.command == "launch":
+        return
+    if hasattr(args, "no_progress") and not args.no_progress and not getattr(args, "progress", False):
+        args.no_progress = not sys.stderr.isatty()
+
+
 def _main(argv: list[str]) -> int:
-    args, overrides = _parser().parse_known_args(argv)
+    args, overrides = _parser(_shown_config(argv)).parse_known_args(argv)
     args.argv = argv
+    _progress_where_watched(args)
     if args.command == "bench":
         return cmd_bench(args, overrides)
     bad = [o for o in overrides if "=" not in o or not o.lstrip("-")]

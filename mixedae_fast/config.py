@@ -1,17 +1,18 @@
 """Typed configuration for MixedAE pretraining: dataclasses, YAML presets, CLI overrides, validation.
 
 One schema (docs/architecture.md): a YAML file with the sections ``model``, ``mixing``, ``runtime``, ``data``,
-``optim``, ``run`` and ``dist`` (several processes), then ``--section.key=value`` overrides whose
-values are parsed as YAML. Every value that follows from the config (N, n, K, the HC switches, the
-learning rate) is computed once, in :func:`derive`. Invalid values fail at load with the field as
-``section.key``, the value and what is allowed. No torch import here: the CLI checks a config
-before it pays for torch.
+``optim``, ``run``, ``dist`` (several processes) and ``init`` (the weights a run starts from), then
+``--section.key=value`` overrides whose values are parsed as YAML. Every value that follows from the config
+(N, n, K, the HC switches, the learning rate) is computed once, in :func:`derive`. Invalid values fail at
+load with the field as ``section.key``, the value and what is allowed. No torch import here: the CLI checks
+a config before it pays for torch.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import functools
+import keyword
 import math
 import os
 import re
@@ -145,7 +146,7 @@ class RunConfig:
     log_every: int = 50  # optimizer steps between metrics rows (metrics.csv, loggers, the log line)
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept
-    resume: str = "none"  # none | auto (latest in the run directory) | <checkpoint path>
+    resume: str = "none"  # none | auto (latest in the run directory) | <checkpoint path> | https:// URL of one
     # resume although optimiser settings changed (lr, clip_grad, max_nan_steps, ...; checkpoint.OVERRIDABLE):
     # a deliberate choice, logged (what one does after a NaN stop); model, mixing and data stay fixed
     resume_override: bool = False
@@ -175,6 +176,16 @@ class DistConfig:
 
 
 @dataclass
+class InitConfig:
+    """The weights a new run starts from (mixedae_fast/train/init_weights.py); a resumed run takes its checkpoint's.
+    The key is ``init.from`` (the field ``from_``: ``from`` is a Python keyword)."""
+
+    from_: str | None = None  # None = MAE's random init; else a checkpoint file or https:// URL (MAE's official
+    #   layout, its decoder too where it has one, or one of ours), timm:NAME (timm's pretrained weights) or a
+    #   timm local-dir:/hf-hub: folder (an export of ours); the encoder must have the config's sizes
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
@@ -183,6 +194,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def derive(self, world_size: int = 1) -> Derived:
         return derive(self, world_size)
@@ -242,9 +254,19 @@ def derive(cfg: Config, world_size: int = 1) -> Derived:
 
 # ---------------------------------------------------------------- types, dicts, YAML
 
+def config_key(attr: str) -> str:
+    """The config key of a dataclass field: ``from_`` is ``from`` (a keyword cannot name a field)."""
+    return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
+
+
+def _attr(key: str) -> str:
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
 @functools.cache
 def _field_types(cls: type) -> dict[str, typing.Any]:
-    return typing.get_type_hints(cls)
+    """``{config key: type}`` of a section's dataclass."""
+    return {config_key(k): v for k, v in typing.get_type_hints(cls).items()}
 
 
 def _type_name(tp: typing.Any) -> str:
@@ -352,14 +374,14 @@ def config_from_dict(d: typing.Mapping[str, typing.Any] | None) -> Config:
             raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
         for key in values:
             _check_key(section, str(key))
-        sections[section] = SECTIONS[section](**values)
+        sections[section] = SECTIONS[section](**{_attr(k): v for k, v in values.items()})
     return validate(Config(**sections))
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, typing.Any]]:
     """Plain YAML-safe nested dict (tuples as lists)."""
     plain = lambda v: [plain(i) for i in v] if isinstance(v, (list, tuple)) else v
-    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
+    return {s: {config_key(k): plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
@@ -552,7 +574,10 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     "optim.clip_grad": (lambda v: v is None or v > 0, "must be > 0 or null (no clipping)"),
     **dict.fromkeys(["optim.epochs", "optim.accum_steps", "optim.max_nan_steps", "run.log_every",
                      "run.ckpt_every", "run.keep_last"], _GE1),
-    "run.resume": (lambda v: bool(v) and not _CONTROL.search(v), "must be none, auto or a checkpoint path"),
+    "run.resume": (lambda v: bool(v) and not _CONTROL.search(v), "must be none, auto, a checkpoint path or an "
+                   "https:// URL of one"),
+    "init.from": (lambda v: v is None or (v.strip() and not _CONTROL.search(v)), "must be null (random init), a "
+                  "checkpoint path or https:// URL, timm:NAME, local-dir:FOLDER or hf-hub:USER/REPO"),
     "run.name": (lambda v: _safe_name(v), "must be one folder name: not empty, '.' or '..', without '/', '\\' "
                  "or control characters (it becomes <run.out_dir>/<run.name>)"),
     "run.out_dir": (lambda v: bool(v) and not _CONTROL.search(v), "must be a folder path without control "
@@ -591,10 +616,13 @@ def check_resume_target(cfg: Config) -> None:
     """``run.resume`` names a checkpoint that exists (checked when a run starts, not in :func:`validate`: a
     trained run's config.yaml stays loadable after the file it resumed from is gone)."""
     resume = cfg.run.resume
+    if resume.startswith(("https://", "http://")):
+        return  # downloaded when the run starts (checkpoint.download_checkpoint)
     if resume not in ("none", "auto") and not Path(resume).expanduser().is_file():
         what = "a folder" if Path(resume).expanduser().is_dir() else "no such file"
         raise ConfigError(f"run.resume = {resume!r}: {what}; use none, auto (the newest checkpoint of the run "
-                          "folder) or the path of a checkpoint file (runs/<name>/checkpoints/ckpt-*.pt)")
+                          "folder), the path of a checkpoint file (runs/<name>/checkpoints/ckpt-*.pt) or an "
+                          "https:// URL of one")
 
 
 def validate(cfg: Config) -> Config:
@@ -606,11 +634,11 @@ def validate(cfg: Config) -> Config:
         for key, tp in _field_types(cls).items():
             name = f"{section}.{key}"
             try:
-                value = _coerce(name, getattr(obj, key), tp)
+                value = _coerce(name, getattr(obj, _attr(key)), tp)
             except ConfigError as e:
                 errors.append(str(e))
                 continue
-            setattr(obj, key, value)
+            setattr(obj, _attr(key), value)
             if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
                                                                            else (value,))):
                 errors.append(f"{name} = {value!r}: must be finite (NaN or infinity would only fail later, as "

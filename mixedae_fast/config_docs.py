@@ -71,14 +71,15 @@ def key_docs() -> list[KeyDoc]:
             choices = C.CHOICES.get(f"{section}.{name}")
             if choices and not all(c in doc for c in choices):
                 doc = (doc + "; " if doc else "") + " | ".join(choices)
-            out.append(KeyDoc(f"{section}.{name}", tp, default, doc))
+            out.append(KeyDoc(f"{section}.{C.config_key(name)}", tp, default, doc))
     return out
 
 
-def describe_config(defaults=None) -> str:
+def describe_config(defaults=None, source: str | None = None) -> str:
     """The config keys as help text: ``section.key  type = default  description``, grouped by
-    section. ``defaults``: a Config whose values are shown instead of the dataclass defaults (a preset)."""
-    shown = "the default preset" if defaults is not None else "the dataclass defaults"
+    section. ``defaults``: a Config whose values are shown instead of the dataclass defaults (a preset),
+    ``source`` what it was loaded from (``--config vit_base``)."""
+    shown = ("the dataclass defaults" if defaults is None else source or "the default preset")
     lines = ["config keys (YAML sections; a YAML file may start with 'base: <preset or file>'; override any key with "
              f"--section.key=value, values parsed as YAML; values shown: {shown}):"]
     current = None
@@ -87,7 +88,7 @@ def describe_config(defaults=None) -> str:
         if section != current:
             current = section
             lines.append(f"  {section}:")
-        value = getattr(getattr(defaults, section), key) if defaults is not None else d.default
+        value = getattr(getattr(defaults, section), C._attr(key)) if defaults is not None else d.default
         lines.append(f"    {d.key:<28} {d.type} = {value!r}")
         if d.doc:
             lines.append(f"        {d.doc}")

@@ -46,16 +46,40 @@ def pretrain(cfg: Config, *, max_steps: int | None = None, num_train: int = 5000
 
     check_resume_target(cfg)
     require(cfg.run.loggers)  # a missing logger package refused before a run folder exists
+    cfg = fetch_resume(cfg)
     dist = init_distributed(cfg)  # one process: no process group; under torchrun / srun: this rank's
     check_backend_on(cfg, dist.device.type)
     if not name_given and cfg.run.resume == "none" and not dist.active and not dist.env.slurm_job_id:
         cfg = next_free_name(cfg)  # the quickstart run again: a new folder, as timm's -1 (never under torchrun/SLURM)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    init = initial_weights(cfg, run_dir)  # read and checked before the run folder is claimed
     if not dist.is_main:  # rank 0 claims and writes the run folder
-        return _run(cfg, dist, run_dir, max_steps, num_train, num_val, progress, command)
+        return _run(cfg, dist, run_dir, max_steps, num_train, num_val, progress, command, init)
     with RunLock(writable_run_dir(run_dir)):  # held for the run's life: a second process is refused
         check_fresh(run_dir, cfg.run.resume)
-        return _run(cfg, dist, run_dir, max_steps, num_train, num_val, progress, command)
+        return _run(cfg, dist, run_dir, max_steps, num_train, num_val, progress, command, init)
+
+
+def fetch_resume(cfg: Config) -> Config:
+    """``cfg`` with an https:// ``run.resume`` replaced by the file it names, downloaded once into torch.hub's
+    cache (checkpoint.download_checkpoint)."""
+    from mixedae_fast.train.checkpoint import download_checkpoint, is_url
+
+    if not is_url(cfg.run.resume):
+        return cfg
+    path = download_checkpoint(cfg.run.resume, "run.resume")
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=str(path)))
+
+
+def initial_weights(cfg: Config, run_dir: Path):
+    """The weights ``init.from`` names, mapped onto this model (mixedae_fast/train/init_weights.py), for a run that
+    starts afresh; None without init.from or when the run resumes from a checkpoint (whose weights win)."""
+    from mixedae_fast.train.checkpoint import list_checkpoints
+    from mixedae_fast.train.init_weights import load_init
+
+    resumes = cfg.run.resume not in ("none", "auto") or (cfg.run.resume == "auto"
+                                                         and list_checkpoints(run_dir / "checkpoints"))
+    return load_init(cfg) if cfg.init.from_ and not resumes else None
 
 
 def writable_run_dir(run_dir: Path) -> Path:
@@ -91,7 +115,7 @@ def next_free_name(cfg: Config) -> Config:
         return cfg
 
 
-def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, command) -> dict | None:
+def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, command, init=None) -> dict | None:
     from mixedae_fast.downstream.evaluate import evaluate_encoder, random_init_model
     from mixedae_fast.downstream.visualize import training_pictures
     from mixedae_fast.model.mixedae import build_model
@@ -123,7 +147,12 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
         say(f"data: {data.verify_rate}", flush=True)
 
     torch.manual_seed(cfg.run.seed)
-    model = dist.wrap(build_model(cfg).to(device))
+    model = build_model(cfg)
+    if init is not None:
+        model.load_state_dict(init.state, strict=False)  # what it lacks was checked: the parts init.from omits
+        say(f"init: {init.describe()}", flush=True)
+        init.state.clear()
+    model = dist.wrap(model.to(device))
     trainer = Trainer(cfg, model, train, run_dir, device, max_steps=max_steps, progress=progress,
                       pictures=training_pictures, dist=dist,
                       monitor=knn_monitor(eval_train, val, device, amp_dtype) if cfg.run.monitor_every else None)

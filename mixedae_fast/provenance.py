@@ -19,7 +19,8 @@ import socket
 import subprocess
 import sys
 
-PACKAGES = ("mixedae-fast", "torch", "triton", "timm", "xformers", "nvidia-dali-cuda130", "numpy", "pillow")
+PACKAGES = ("mixedae-fast", "torch", "triton", "timm", "xformers", "nvidia-dali-cuda130", "nvidia-dali-cuda120",
+            "numpy", "pillow")
 
 
 def utc_now() -> str:

@@ -59,7 +59,7 @@ from mixedae_fast.pipelines.files import FORMATS, WEBDATASET_IMAGE_EXTENSIONS, o
 from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 
 WDS_EXT = (";".join(WEBDATASET_IMAGE_EXTENSIONS), "cls")
-INSTALL_HINT = "pip install nvidia-dali-cuda130  (or: pip install -e '.[dali]')"
+INSTALL_HINT = "pip install 'mixedae_fast[dali-cu13]' (CUDA 13) or 'mixedae_fast[dali-cu12]' (CUDA 12)"
 _CLS_BYTES = 12          # longest .cls text read (digits plus whitespace)
 
 

@@ -1,13 +1,15 @@
 """The config documents itself: every key has a type, a default and a description, generated from the
 dataclasses in config.py (one source), and the help text lists them."""
-from mixedae_fast.config import SECTIONS, load_config
+from mixedae_fast.config import SECTIONS, config_key, load_config
 from mixedae_fast.config_docs import _field_comments, describe_config, key_docs
 
 
 def test_every_config_key_has_a_description():
     docs = key_docs()
     assert [d.key.split(".")[0] for d in docs[:1]] == ["model"]
-    assert {d.key for d in docs} == {f"{s}.{f}" for s, cls in SECTIONS.items() for f in cls.__dataclass_fields__}
+    assert {d.key for d in docs} == {f"{s}.{config_key(f)}" for s, cls in SECTIONS.items()
+                                     for f in cls.__dataclass_fields__}
+    assert "init.from" in {d.key for d in docs}                                  # the field from_
     missing = [d.key for d in docs if len(d.doc) < 8]
     assert not missing, f"add a comment to these fields in mixedae_fast/config.py: {missing}"
 

@@ -112,8 +112,39 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def is_url(name: str) -> bool:
+    return name.startswith(("https://", "http://"))
+
+
+def download_checkpoint(url: str, what: str = "run.resume") -> Path:
+    """The file at ``url``, downloaded once into torch.hub's cache (``$TORCH_HOME/hub/checkpoints``, as
+    ``torch.hub.load_state_dict_from_url``) with ``torch.hub.download_url_to_file``: a temporary file renamed
+    when complete, so an interrupted download leaves nothing. The cached name carries a hash of the URL
+    (checkpoint names such as ``ckpt-00001000.pt`` repeat across runs). ``what``: the setting, for the error."""
+    import hashlib
+    import sys
+    from urllib.parse import unquote, urlparse
+
+    name = os.path.basename(unquote(urlparse(url).path))
+    if not name:
+        raise CheckpointError(f"{what} = {url!r}: the URL names no file; give the address of the checkpoint file")
+    target = Path(torch.hub.get_dir()) / "checkpoints" / f"{hashlib.sha256(url.encode()).hexdigest()[:8]}-{name}"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(target), progress=sys.stderr.isatty())
+    except (OSError, ValueError) as e:  # urllib's URLError / HTTPError are OSErrors
+        code = getattr(e, "code", None)  # an HTTP status
+        reason = f"HTTP {code} {e.reason}" if code else getattr(e, "reason", None) or e
+        raise CheckpointError(f"{what} = {url!r}: cannot download it ({reason}); check the address and the "
+                              f"network (or TORCH_HOME, the cache {target.parent}), or download the file and pass "
+                              "its path") from None
+    return target
+
+
 # Config parts a resumed run may change (sections or ``section.key``).
-RESUMABLE = ("run", "data.num_workers", "runtime", "dist")
+RESUMABLE = ("run", "data.num_workers", "runtime", "dist", "init")  # init: only a new run starts from it
 # ... and those it may change only with run.resume_override=true, as a deliberate, logged choice: the
 # optimiser settings one lowers after a NaN stop. The model, the mixing and the data stay fixed.
 OVERRIDABLE = ("optim.base_lr", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.betas",
@@ -198,7 +229,7 @@ def load_pretrained(path: str | os.PathLike, map_location="cpu") -> Pretrained:
             raise CheckpointError(f"{cfg_file}: invalid YAML ({e}); restore the run's config.yaml") from e
         if not isinstance(config, dict):
             raise CheckpointError(f"{cfg_file} is not a config (a mapping of sections)")
-        diffs = config_mismatch(saved, config, ignore=("run", "data", "optim", "runtime")) if saved else []
+        diffs = config_mismatch(saved, config, ignore=("run", "data", "optim", "runtime", "init")) if saved else []
         if diffs:
             raise CheckpointError(f"{cfg_file} and {ckpt} describe different models: " + "; ".join(diffs)
                                   + ". Pass the checkpoint of this run, or restore its config.yaml")
