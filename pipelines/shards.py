@@ -18,7 +18,8 @@ keyed the same way; with ``num_workers`` > 0 the workers split the rank's shards
 must be given for remote shards; for local ones it is counted from the tar headers. Augmentation is
 RandomResizedCrop + flip keyed by (seed, epoch, position in the rank's stream), as the file loader's.
 A rank whose shards hold fewer samples than its share makes another (reshuffled) pass to fill the
-epoch. A resume (``set_epoch(epoch, skip)``) replays the epoch's stream and drops the first ``skip``
+epoch; a pass that yields no sample at all is an error naming the shards (never an endless loop).
+A resume (``set_epoch(epoch, skip)``) replays the epoch's stream and drops the first ``skip``
 batches: the same batches again (the workers' streams interleave in a fixed order).
 """
 from __future__ import annotations
@@ -120,10 +121,17 @@ class _Stream(torch.utils.data.IterableDataset):
                                     empty_check=False)
             if self.shuffle:
                 stream = stream.shuffle(self.buffer, rng=random.Random(f"{self.seed}:{self.epoch}:{rep}:{wid}"))
+            before = i
             for sample in stream:
                 data, label = _image_and_label(sample, self.labels)
                 yield self.cropper.crop(data, self.epoch, i * nw + wid), label
                 i += 1
+            if i == before:
+                # Another pass over shards that gave nothing gives nothing again: without this the
+                # epoch's refill loop would spin for ever (data.epoch_size set, shards empty).
+                raise ValueError(f"webdataset shards {', '.join(urls)}: no sample in them (empty tars, or no "
+                                 f"{'/'.join(IMAGE_KEYS)} member); point data.path at shards holding images, or "
+                                 "remove the empty ones from the spec")
 
 
 class ShardLoader:

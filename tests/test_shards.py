@@ -120,3 +120,30 @@ def test_pretrain_on_unlabelled_data(tmp_path, capsys):
         with open(tmp_path / "runs" / name / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
         assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
+
+
+def test_empty_shards_with_epoch_size_are_an_error_not_a_hang(tmp_path):
+    """Issue 29 item 3: empty shards (or none with an image) and data.epoch_size used to refill the epoch
+    for ever; now one error line naming the shards and the fix, exit 2. Run in a child under a timeout so a
+    regression fails instead of hanging the suite."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "empty"
+    root.mkdir()
+    for s in range(2):
+        tarfile.open(root / f"e-{s}.tar", "w").close()     # a valid tar with no member
+    spec = str(root / "e-{0..1}.tar")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "mixedae_fast.cli", "pretrain", "--no-progress", *TINY,
+           f"--run.out_dir={tmp_path / 'runs'}", "--data.labels=none", f"--data.path={spec}",
+           "--data.format=webdataset", "--data.epoch_size=8"]
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert lines[-1].startswith("error: webdataset shards") and "no sample in them" in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+    with pytest.raises(ValueError, match="no sample in them"):
+        next(iter(ShardLoader(spec, batch_size=2, img_size=8, epoch_size=8, labels=False)))
