@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, "
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'mixedae_fast[dali-cu13]', "
                     "or the [dali] extra); the DALI loader is untested here")
 
 from mixedae_fast.pipelines import dali  # noqa: E402
@@ -304,7 +304,8 @@ def test_errors(tmp_path, root):
 def test_not_installed(monkeypatch, root):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     assert not dali.dali_available()
-    with pytest.raises(ImportError, match="pip install nvidia-dali"):
+    extras = r"pip install 'mixedae_fast\[dali-cu13\]' \(CUDA 13\) or 'mixedae_fast\[dali-cu12\]'"
+    with pytest.raises(ImportError, match=extras):
         DaliLoader(root / "val", batch_size=2, img_size=16)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tolerances import tol
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'mixedae_fast[dali-cu13]')")
 
 from mixedae_fast.pipelines.dali import DaliLoader  # noqa: E402
 from mixedae_fast.pipelines.synthetic import write_image_folder  # noqa: E402
