@@ -1,6 +1,7 @@
 """Test setup: Triton's interpreter on machines without CUDA (set before any kernel module imports),
 the torchvision shim before timm, and the `gpu` marker skipped without CUDA."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -65,8 +66,6 @@ class Tiny:
     def build(**kw):
         """``MixedAutoencoderViT`` from constructor keywords (the model's own checks, no config): 16 px in
         patches of 4 (N = 16), embed 32, 2 blocks of 4 heads, r = 2, n = 4 unless overridden."""
-        import warnings
-
         from mixedae_fast.model.mixedae import MixedAutoencoderViT
 
         cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=32,

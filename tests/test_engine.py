@@ -13,7 +13,6 @@ from mixedae_fast.train.checkpoint import atomic_save, config_mismatch, list_che
 from mixedae_fast.train.optim import lr_at, param_groups
 
 TINY = list(TRAINER_OVERRIDES)
-_images, _trainer = tiny_images, tiny_trainer
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -34,7 +33,7 @@ def test_param_groups_follow_mae():
 
 
 def test_loader_is_a_function_of_seed_epoch_and_index():
-    x, y = _images()
+    x, y = tiny_images()
     a = TensorBatchLoader(x, y, 8, 16, seed=3)
     b = TensorBatchLoader(x, y, 8, 16, seed=3)
     batches = [im for im, _ in a]
@@ -63,7 +62,7 @@ def test_random_resized_crop_small_scale_zooms_in():
 
 
 def test_training_reduces_loss_and_writes_metrics(tmp_path):
-    tr = _trainer(tmp_path, ["--optim.epochs=20", "--optim.lr=2e-3"])
+    tr = tiny_trainer(tmp_path, ["--optim.epochs=20", "--optim.lr=2e-3"])
     hist = tr.fit()
     assert tr.step == 60 and len(hist) == 30
     assert hist[-1]["loss_rec"] < hist[0]["loss_rec"]
@@ -76,10 +75,10 @@ def test_training_reduces_loss_and_writes_metrics(tmp_path):
 
 
 def test_resume_continues_bitwise(tmp_path):
-    full = _trainer(tmp_path / "a").fit()
-    first = _trainer(tmp_path / "b", max_steps=4)
+    full = tiny_trainer(tmp_path / "a").fit()
+    first = tiny_trainer(tmp_path / "b", max_steps=4)
     first.fit()
-    resumed = _trainer(tmp_path / "b", ["--run.resume=auto"])
+    resumed = tiny_trainer(tmp_path / "b", ["--run.resume=auto"])
     assert resumed.maybe_resume() is not None and resumed.step == 4
     rest = resumed.fit()
     losses_full = [r["loss"] for r in full if r["step"] > 4]
@@ -87,14 +86,14 @@ def test_resume_continues_bitwise(tmp_path):
 
 
 def test_resume_under_another_config_names_the_difference(tmp_path):
-    _trainer(tmp_path, max_steps=4).fit()
-    other = _trainer(tmp_path, ["--run.resume=auto", "--mixing.ha=oracle"])
+    tiny_trainer(tmp_path, max_steps=4).fit()
+    other = tiny_trainer(tmp_path, ["--run.resume=auto", "--mixing.ha=oracle"])
     with pytest.raises(ValueError, match=r"mixing\.ha: 'topk' -> 'oracle'"):
         other.maybe_resume()
 
 
 def test_nan_steps_are_skipped_on_device_then_stop(tmp_path):
-    tr = _trainer(tmp_path, ["--optim.max_nan_steps=3", "--run.log_every=4"])
+    tr = tiny_trainer(tmp_path, ["--optim.max_nan_steps=3", "--run.log_every=4"])
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
     tr.model.patch_embed.weight.data.fill_(float("nan"))
     nan_state = {k: v.clone() for k, v in tr.model.state_dict().items()}
@@ -143,7 +142,7 @@ def test_sigterm_saves_and_stops_at_a_step_boundary(tmp_path):
 
     from mixedae_fast.train.engine import StopRequested
 
-    tr = _trainer(tmp_path)
+    tr = tiny_trainer(tmp_path)
     handler_before = signal.getsignal(signal.SIGTERM)
     tr._on_signal(signal.SIGTERM, None)  # as if the signal arrived during the first step
     with pytest.raises(StopRequested, match="SIGTERM"):
@@ -154,12 +153,12 @@ def test_sigterm_saves_and_stops_at_a_step_boundary(tmp_path):
 
 
 def test_fp16_uses_a_grad_scaler_and_resumes_it(tmp_path):
-    tr = _trainer(tmp_path, ["--runtime.precision=fp16"], max_steps=4)
+    tr = tiny_trainer(tmp_path, ["--runtime.precision=fp16"], max_steps=4)
     assert tr.scaler is not None
     hist = tr.fit()
     assert all(math.isfinite(r["loss"]) for r in hist)
     scale = tr.scaler.get_scale()
-    resumed = _trainer(tmp_path, ["--runtime.precision=fp16", "--run.resume=auto"])
+    resumed = tiny_trainer(tmp_path, ["--runtime.precision=fp16", "--run.resume=auto"])
     resumed.maybe_resume()
     assert resumed.scaler.get_scale() == scale and resumed.step == 4
 
@@ -175,8 +174,8 @@ def test_runtime_compile_trains_like_eager(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", aot_eager_compile)
     torch._dynamo.reset()
-    eager = _trainer(tmp_path / "eager", max_steps=4).fit()
-    comp_trainer = _trainer(tmp_path / "compiled", ["--runtime.compile=true"], max_steps=4)
+    eager = tiny_trainer(tmp_path / "eager", max_steps=4).fit()
+    comp_trainer = tiny_trainer(tmp_path / "compiled", ["--runtime.compile=true"], max_steps=4)
     comp = comp_trainer.fit()
     assert compiled == [comp_trainer.model]
     assert [r["step"] for r in comp] == [r["step"] for r in eager]
@@ -187,7 +186,7 @@ def test_runtime_compile_trains_like_eager(tmp_path, monkeypatch):
 
 def test_nan_stop_names_the_newest_checkpoint_before_the_first_bad_step(tmp_path):
     # 3 steps an epoch, 9 in all; checkpoints at 2, 4, 6; steps 6.. are non-finite, seen at the log of step 8
-    tr = _trainer(tmp_path, ["--optim.max_nan_steps=2", "--run.log_every=8", "--run.ckpt_every=2",
+    tr = tiny_trainer(tmp_path, ["--optim.max_nan_steps=2", "--run.log_every=8", "--run.ckpt_every=2",
                              "--run.keep_last=5"])
     real = tr.model.forward
 
@@ -209,7 +208,7 @@ def test_nan_stop_names_the_newest_checkpoint_before_the_first_bad_step(tmp_path
 def test_the_nan_stop_advice_leads_to_finite_weights_and_no_streak_checkpoint(tmp_path):
     # the weights themselves go NaN at step 3 (every later step non-finite); keep_last=1 would have let a
     # checkpoint written in the streak push the good one out
-    tr = _trainer(tmp_path, ["--optim.max_nan_steps=3", "--run.log_every=9", "--run.ckpt_every=2",
+    tr = tiny_trainer(tmp_path, ["--optim.max_nan_steps=3", "--run.log_every=9", "--run.ckpt_every=2",
                              "--run.keep_last=1"])
     real = tr.model.forward
 
@@ -229,7 +228,7 @@ def test_the_nan_stop_advice_leads_to_finite_weights_and_no_streak_checkpoint(tm
 
 def test_a_log_line_every_log_every_steps_with_or_without_the_bar(tmp_path, capsys):
     for progress in (False, True):
-        tr = _trainer(tmp_path / str(progress), max_steps=4)
+        tr = tiny_trainer(tmp_path / str(progress), max_steps=4)
         tr.progress = progress
         tr.fit()
         captured = capsys.readouterr()

@@ -308,14 +308,14 @@ def test_the_fused_kernels_keep_set_is_topk_keep_mask_on_any_scores(kind, fallba
 def test_resume_at_any_step_equals_the_uninterrupted_run(tmp_path):
     """Interrupted after step k (mid-epoch, at an epoch's end, in the last epoch) and resumed, every later
     step's loss equals the uninterrupted run's, bitwise."""
-    from conftest import tiny_trainer as _trainer
+    from conftest import tiny_trainer
 
     every = ["--run.log_every=1", "--run.ckpt_every=1"]
-    full = {r["step"]: r["loss"] for r in _trainer(tmp_path / "full", every).fit()}
+    full = {r["step"]: r["loss"] for r in tiny_trainer(tmp_path / "full", every).fit()}
     assert max(full) == 9
     for k in (1, 3, 5, 8):
-        _trainer(tmp_path / f"cut{k}", every, max_steps=k).fit()
-        resumed = _trainer(tmp_path / f"cut{k}", [*every, "--run.resume=auto"])
+        tiny_trainer(tmp_path / f"cut{k}", every, max_steps=k).fit()
+        resumed = tiny_trainer(tmp_path / f"cut{k}", [*every, "--run.resume=auto"])
         assert resumed.maybe_resume() is not None and resumed.step == k
         assert {r["step"]: r["loss"] for r in resumed.fit()} == {s: v for s, v in full.items() if s > k}, k
 

@@ -62,11 +62,9 @@ class FinetuneLock(RunLock):
     """``out_dir/.lock`` for the fine-tune's life: a second process fine-tuning into the folder is refused."""
 
     def _held_message(self, holder: dict | None) -> str:
-        who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})" if holder
-               else "another process (unreadable lock)")
-        return (f"fine-tune folder {self.path.parent} is in use by {who}: two fine-tunes in one folder overwrite "
-                f"each other's checkpoints. Wait for it, pass another --out, or, if that process is gone, delete "
-                f"{self.path}")
+        return (f"fine-tune folder {self.path.parent} is in use by {self._who(holder)}: two fine-tunes in one "
+                f"folder overwrite each other's checkpoints. Wait for it, pass another --out, or, if that process "
+                f"is gone, delete {self.path}")
 
 
 def find_checkpoint(folder: str | os.PathLike, resume: str) -> Path | None:

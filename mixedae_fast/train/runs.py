@@ -115,12 +115,16 @@ class RunLock:
                 return True
         return False
 
+    @staticmethod
+    def _who(holder: dict | None) -> str:
+        """The lock's holder as a message names it."""
+        return (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})" if holder
+                else "another process (unreadable lock)")
+
     def _held_message(self, holder: dict | None) -> str:
-        who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})" if holder
-               else "another process (unreadable lock)")
-        return (f"run folder {self.path.parent} is in use by {who}: two runs in one folder mix their metrics and "
-                f"overwrite each other's checkpoints. Wait for it, choose another --run.name, or, if that process "
-                f"is gone, delete {self.path}")
+        return (f"run folder {self.path.parent} is in use by {self._who(holder)}: two runs in one folder mix "
+                f"their metrics and overwrite each other's checkpoints. Wait for it, choose another --run.name, or, "
+                f"if that process is gone, delete {self.path}")
 
     def release(self) -> None:
         self._stop.set()
