@@ -39,7 +39,7 @@ setup(
         "mixedae_fast.benchmarks": "benchmarks",
         "mixedae_fast.configs": "configs",
     },
-    package_data={"mixedae_fast": ["attention_backends.json", "kernel_backends.json"],
+    package_data={"mixedae_fast": ["measured.json"],
                   "mixedae_fast.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.11",

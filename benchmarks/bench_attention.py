@@ -22,11 +22,11 @@ with fp32 accumulation, so every path makes the same TopK selection, and each ro
 outputs (and HC rows) and q/k/v gradients match the fp32 eager path on those inputs (``correct``,
 ``max_err``; tolerances as the test suite's GPU rows).
 
-The table ``attention_backend=auto`` reads (``mixedae_fast/attention_backends.json``) takes a card's
-row from such a result file: the fastest correct backend per mode, naming the file::
+The table of measured choices (``mixedae_fast/measured.json``, read for ``runtime.kernels=auto``) takes a
+card's attention entries from such a result file: the fastest correct backend per mode, naming the file::
 
     python -m mixedae_fast.benchmarks.bench_attention --table-row benchmarks/results/<date>_<card>/bench_attention.json
-    # prints {"<card>": {"none": {...}, "oracle": {...}, "topk": {...}}}; --write also puts it into the table
+    # prints {"<card>": {"none": {...}, "oracle": {...}, "topk": {...}}}; --write also merges them into the card's row
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mixedae_fast import measured
 from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
 from mixedae_fast.config import MixingConfig
 from mixedae_fast.kernels import homologous_attention as fused
@@ -135,12 +136,13 @@ def variant(label: str) -> tuple[str, dict]:
         return label, {}
     backend, _, inner = label.partition("[")
     tiling, *flags = inner.rstrip("]").split(",")
-    bwd = [f for f in flags if f in fused.BWD_TILINGS]
+    bwd = [f for f in flags if f in measured.BWD_TILINGS]
     selects = [FLAGS[f] for f in flags if f in FLAGS]
-    if backend != "triton" or tiling not in fused.FWD_TILINGS or len(bwd) > 1 or len(selects) > 1 or \
+    if backend != "triton" or tiling not in measured.FWD_TILINGS or len(bwd) > 1 or len(selects) > 1 or \
             len(bwd) + len(selects) != len(flags):
         raise ValueError(f"unknown row {label!r}: triton[TILING] or triton[TILING,FLAG...], TILING one of "
-                         f"{', '.join(fused.FWD_TILINGS)}, FLAG a backward tiling ({', '.join(fused.BWD_TILINGS)}) "
+                         f"{', '.join(measured.FWD_TILINGS)}, FLAG a backward tiling "
+                         f"({', '.join(measured.BWD_TILINGS)}) "
                          f"or one of {', '.join(FLAGS)}")
     return backend, {"tiling": tiling, "select": selects[0] if selects else "search",
                      "bwd_tiling": bwd[0] if bwd else None}
@@ -155,11 +157,11 @@ def measure(mode: str, backend: str, shape: tuple, dtype: torch.dtype, device: t
     if reason:
         return {**row, "skipped": reason}
     if backend == "triton":
-        row["tiling"] = options.get("tiling") or fused.card_tiling(device)
-        row["bwd_tiling"] = options.get("bwd_tiling") or fused.card_tiling(device, "triton_bwd_tiling")
+        row["tiling"] = options.get("tiling") or measured.card_tiling(device)
+        row["bwd_tiling"] = options.get("bwd_tiling") or measured.card_tiling(device, "triton_bwd_tiling")
         row["select"] = options.get("select", "search")
         row["ablation"] = row["select"] == "none"
-        with fused.kernel_variant(**options):
+        with measured.kernel_variant(**options):
             return _timed(row, mode, backend, shape, dtype, device, warmup, iters, hc_heads)
     return _timed(row, mode, backend, shape, dtype, device, warmup, iters, hc_heads)
 
@@ -223,7 +225,7 @@ def measure_parts(shape: tuple, dtype: torch.dtype, device: torch.device, tiling
     for tiling in tilings:
         selects = [("fwd", "search")] + ([("fwd_radix", "radix"), ("fwd_no_select", "none")] if ablate else [])
         for part, select in selects:
-            with fused.kernel_variant(tiling, select):
+            with measured.kernel_variant(tiling, select):
                 ms = timed({**head, "tiling": tiling, "part": part},
                            lambda: fused.homologous_attention_forward(q, k, v, src, n, count))
                 if state is None and select == "search" and ms is not None:
@@ -235,7 +237,7 @@ def measure_parts(shape: tuple, dtype: torch.dtype, device: torch.device, tiling
     do = torch.randn(out.shape, generator=gen, device=device).to(dtype)
     grad_hc = torch.randn(hc_rows.shape, generator=gen, device=device) if hc_rows is not None else None
     for i, bwd in enumerate(bwd_tilings):
-        with fused.kernel_variant(bwd_tiling=bwd):
+        with measured.kernel_variant(bwd_tiling=bwd):
             stages, _ = fused.backward_stages(do, q, k, v, out, src, lse, hc_rows, grad_hc, bits)
             for name, run in stages:
                 ms = timed({**head, "tiling": tilings[0], "bwd_tiling": bwd, "part": name}, run)
@@ -247,7 +249,7 @@ def measure_parts(shape: tuple, dtype: torch.dtype, device: torch.device, tiling
 
 
 def table_row(result: dict, source: str) -> dict:
-    """``{device: {mode: {"backend", "measured"}}}`` for ``attention_backends.json`` from a bench_attention
+    """``{device: {mode: {"backend", "measured"}}}`` for ``measured.json`` from a bench_attention
     result: per mode the backend with the least fwd+bwd time summed over the result's shapes, among those
     timed and correct at every shape (the baseline row excluded); ``measured`` names ``source``.
     Raises ValueError when a mode has no such backend."""
@@ -284,7 +286,6 @@ def table_row(result: dict, source: str) -> dict:
 
 def _table_row_cli(path: str, write: bool) -> int:
     """``--table-row``: print the table row of a result file; with ``--write`` put it into the table."""
-    from mixedae_fast.model.attention import TABLE
     try:
         result = json.loads(Path(path).read_text())
         if result.get("benchmark") != "attention" or not result.get("rows"):
@@ -299,10 +300,9 @@ def _table_row_cli(path: str, write: bool) -> int:
               "device rows are for CUDA cards (its 'cpu' row is edited by hand)", file=sys.stderr)
         return 2
     if write:
-        table = json.loads(TABLE.read_text())
-        table["devices"].update(row)
-        TABLE.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
-        print(f"wrote the {next(iter(row))!r} row into {TABLE}", file=sys.stderr)
+        (card, entries), = row.items()
+        path = measured.write_row(card, entries)
+        print(f"wrote the {card!r} attention entries into {path}", file=sys.stderr)
     return 0
 
 
@@ -344,10 +344,10 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default=None, help="comma-separated mode:backend pairs (default: all)")
     p.add_argument("--triton-tilings", default=None, metavar="NAMES",
                    help=f"time the fused kernel in each of these forward tilings (comma-separated from "
-                        f"{', '.join(fused.FWD_TILINGS)}, or 'all'), a row each, instead of the card's one")
+                        f"{', '.join(measured.FWD_TILINGS)}, or 'all'), a row each, instead of the card's one")
     p.add_argument("--bwd-tilings", default=None, metavar="NAMES",
                    help=f"also time the fused kernel in each of these backward tilings (comma-separated from "
-                        f"{', '.join(fused.BWD_TILINGS)}, or 'all'), with the first forward tiling")
+                        f"{', '.join(measured.BWD_TILINGS)}, or 'all'), with the first forward tiling")
     p.add_argument("--ablate-select", action="store_true",
                    help="also time the fused kernel with the 32-step radix select and without a select, per "
                         "forward tiling (the latter rows marked ablation)")
@@ -363,8 +363,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here, and as CSV beside it")
     p.add_argument("--no-csv", action="store_true", help="with --out: the JSON only")
     p.add_argument("--table-row", default=None, metavar="JSON",
-                   help="measure nothing: print the attention_backends.json row built from this result file")
-    p.add_argument("--write", action="store_true", help="with --table-row: also write the row into the table")
+                   help="measure nothing: print the measured.json entries built from this result file")
+    p.add_argument("--write", action="store_true",
+                   help="with --table-row: also merge them into the card's row of the table")
     args = p.parse_args(argv)
     if args.table_row:
         return _table_row_cli(args.table_row, args.write)
@@ -378,28 +379,28 @@ def main(argv=None) -> int:
     bad = [row for row in rows if row not in ROWS]
     if bad:
         p.error(f"unknown row(s) {bad}; choose mode:backend from {', '.join(f'{m}:{b}' for m, b in ROWS)}")
-    tilings = list(fused.FWD_TILINGS) if args.triton_tilings == "all" else \
+    tilings = list(measured.FWD_TILINGS) if args.triton_tilings == "all" else \
         [t for t in (args.triton_tilings or "").split(",") if t]
-    unknown = [t for t in tilings if t not in fused.FWD_TILINGS]
+    unknown = [t for t in tilings if t not in measured.FWD_TILINGS]
     if unknown:
-        p.error(f"unknown tiling(s) {unknown}; choose from {', '.join(fused.FWD_TILINGS)} or all")
-    bwd_tilings = list(fused.BWD_TILINGS) if args.bwd_tilings == "all" else \
+        p.error(f"unknown tiling(s) {unknown}; choose from {', '.join(measured.FWD_TILINGS)} or all")
+    bwd_tilings = list(measured.BWD_TILINGS) if args.bwd_tilings == "all" else \
         [t for t in (args.bwd_tilings or "").split(",") if t]
-    unknown = [t for t in bwd_tilings if t not in fused.BWD_TILINGS]
+    unknown = [t for t in bwd_tilings if t not in measured.BWD_TILINGS]
     if unknown:
-        p.error(f"unknown backward tiling(s) {unknown}; choose from {', '.join(fused.BWD_TILINGS)} or all")
+        p.error(f"unknown backward tiling(s) {unknown}; choose from {', '.join(measured.BWD_TILINGS)} or all")
     if ("topk", "triton") in rows and (tilings or bwd_tilings or args.ablate_select):
-        first = (tilings or [fused.card_tiling(device)])[0]
+        first = (tilings or [measured.card_tiling(device)])[0]
         timed = [f"triton[{t}]" for t in tilings] or ["triton"]
-        timed += [f"triton[{first},{b}]" for b in bwd_tilings if b != fused.card_tiling(device, "triton_bwd_tiling")]
+        timed += [f"triton[{first},{b}]" for b in bwd_tilings if b != measured.card_tiling(device, "triton_bwd_tiling")]
         ablations = [f"triton[{t},{flag}]" for t in tilings or [first] for flag in FLAGS] if args.ablate_select else []
         at = rows.index(("topk", "triton"))
         rows[at:at + 1] = [("topk", b) for b in timed + ablations]
     if args.hc_heads != "all" and not (args.hc_heads.isdigit() and int(args.hc_heads) >= 1):
         p.error(f"--hc-heads {args.hc_heads!r}: a number of heads >= 1, or all")
     hc_heads = None if args.hc_heads == "all" else int(args.hc_heads)
-    parts = (tilings or [fused.card_tiling(device)]) if args.parts or args.only_parts else []
-    bwd_parts = bwd_tilings or [fused.card_tiling(device, "triton_bwd_tiling")]
+    parts = (tilings or [measured.card_tiling(device)]) if args.parts or args.only_parts else []
+    bwd_parts = bwd_tilings or [measured.card_tiling(device, "triton_bwd_tiling")]
     if args.only_parts:
         rows = []
     if device.type == "cuda":

@@ -17,9 +17,10 @@ CPU; untimed warm-up. The Triton rows run on CUDA only (``--triton`` forces them
 ``TRITON_INTERPRET=1`` for a smoke test). ``--step-json`` takes a ``bench_step`` result of the same run
 and reports the kernels' share of a training step.
 
-``--table-row RESULT.json`` prints, from such a result file, the row of ``kernel_backends.json`` for its
-card (what ``runtime.kernels=auto`` takes there): per op the Triton kernel only where it beat both the
-eager and the compiled reference at every batch of the file (``unmix`` judged on forward + backward).
+``--table-row RESULT.json`` prints, from such a result file, the mixing ops' entries of ``measured.json``
+for its card (what ``runtime.kernels=auto`` takes there): per op the Triton kernel only where it beat both
+the eager and the compiled reference at every batch of the file (``unmix`` judged on forward + backward);
+``--write`` also merges them into the card's row.
 """
 from __future__ import annotations
 
@@ -31,14 +32,11 @@ from pathlib import Path
 
 import torch
 
+from mixedae_fast import measured
 from mixedae_fast.benchmarks.common import median_ms, result_head, write_json
 from mixedae_fast.config import derive, load_config
-from mixedae_fast.kernels.patch_mix import (
-    assignment_forward,
-    draw_assignment,
-    patch_mix_forward,
-    patch_mix_reference,
-)
+from mixedae_fast.kernels.assignment import assignment_forward, draw_assignment
+from mixedae_fast.kernels.patch_mix import patch_mix_forward, patch_mix_reference
 from mixedae_fast.kernels.unmix import unmix_reference, unmix_triton
 from mixedae_fast.train.device import resolve_precision
 
@@ -103,7 +101,8 @@ _LABELS = {"reference": "eager reference", "compiled": "compiled reference"}
 
 
 def table_row(result: dict, source: str) -> tuple[str, dict]:
-    """``(card, row)`` of ``kernel_backends.json`` from a result of this benchmark (``source``: its path).
+    """``(card, row)``: the mixing ops' entries of ``measured.json`` from a result of this benchmark
+    (``source``: its path).
     Raises ValueError when the result cannot decide (no Triton rows, an op missing)."""
     if not result.get("batches"):
         raise ValueError(f"{source} holds no batches: is it a bench_kernels result?")
@@ -139,17 +138,20 @@ def main(argv=None) -> int:
     p.add_argument("--step-json", default=None, help="a bench_step result of the same run: report the share")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--table-row", default=None, metavar="RESULT_JSON",
-                   help="print kernel_backends.json's row for the card of this result file, then exit")
+                   help="print measured.json's mixing-op entries for the card of this result file, then exit")
+    p.add_argument("--write", action="store_true", help="with --table-row: also merge them into the card's row")
     args, overrides = p.parse_known_args(argv)
     if args.table_row:
         try:
             card, row = table_row(json.loads(Path(args.table_row).read_text()), args.table_row)
         except (OSError, ValueError, KeyError, TypeError) as e:
             detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-            print(f"error: cannot make a kernel_backends.json row from {args.table_row} ({detail}); pass the "
+            print(f"error: cannot make measured.json entries from {args.table_row} ({detail}); pass the "
                   "JSON that bench_kernels --out wrote on the card", file=sys.stderr)
             return 2
         print(json.dumps({card: row}, indent=2))
+        if args.write:
+            print(f"wrote the {card!r} mixing-op entries into {measured.write_row(card, row)}", file=sys.stderr)
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = load_config(args.config, overrides)

@@ -19,7 +19,7 @@
 #   attention  ViT-B/16 alone: the fused kernel's parts timed alone (the forward per tiling and select
 #              variant, the backward per tiling: where the time goes), then every attention backend's
 #              forward+backward against plain SDPA, each row checked for correctness; then the card's
-#              attention_backends.json row, written into this copy's table so that `train` runs the
+#              measured.json entries, written into this copy's table so that `train` runs the
 #              tilings just measured fastest (the committed table is back when the script ends)
 #   kernels    the mixing kernels' bandwidth (bench_kernels, batch 256 and 1024) and their table row
 #   train      mixedae-fast bench, compiled: our MAE mode vs MixedAE with the fused kernel, ViT-B/16
@@ -61,9 +61,9 @@ else
   tcfg=(--config vit_base --batch 256 --modes mae,mixedae --compile compiled --warmup 3 --windows 3 --steps 10)
 fi
 
-# `attention` writes its row into this copy's attention_backends.json (so `train` runs the tilings just
+# `attention` writes its entries into this copy's measured.json (so `train` runs the tilings just
 # measured fastest); the shipped table comes back when the script ends, so `tests` read what is committed
-table=mixedae_fast/attention_backends.json
+table=mixedae_fast/measured.json
 shipped=$(mktemp) && cp "$table" "$shipped" && trap 'cp "$shipped" "$table"; rm -f "$shipped"' EXIT
 
 stage() {  # stage NAME DEFAULT_SECONDS COMMAND...: run under its limit, tee into the log, record rc and time

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from mixedae_fast import measured
 from mixedae_fast.benchmarks.common import result_head
 
 # ViT-B/16 at 224 px, batch 256 in groups of 4 (bench_attention's vit_b, bench_kernels' vit_base)
@@ -84,16 +85,18 @@ def attention_cases(seq: int = L, dtype: str = "bf16", tilings: tuple[str, ...] 
     ints.update(H=H, L=seq, D=HEAD_DIM, TOPK=min(NV, seq - 1), HC_HEADS=1)  # the HC loss on head 0 (the default)
     ieee = dtype == "fp32"
     bn, bd = ha._blocks(seq, HEAD_DIM)
-    fwd = {"ieee": (16, ha.NUM_WARPS)} if ieee else {t: ha.FWD_TILINGS[t] for t in tilings or ha.FWD_TILINGS}
+    fwd = {"ieee": (16, ha.NUM_WARPS)} if ieee else {t: measured.FWD_TILINGS[t]
+                                                     for t in tilings or measured.FWD_TILINGS}
     out = []
     for tiling, (rows, warps) in fwd.items():
-        for select in ha.SELECTS if ablations else ("search",):
+        for select in measured.SELECTS if ablations else ("search",):
             flag = "" if select == "search" else f",{select}-select" if select == "radix" else ",no-select"
             out.append(dict(name=f"topk_fwd[{tiling}{flag}]", fn=ha._fwd_kernel,
                             consts=dict(BLOCK_M=rows, BLOCK_N=bn, BLOCK_D=bd, HC=True, FP32=ieee,
-                                        SELECT=ha.SELECTS[select], MAX_PASSES=ha.MAX_PASSES, FALLBACK=True),
+                                        SELECT=measured.SELECTS[select], MAX_PASSES=ha.MAX_PASSES, FALLBACK=True),
                             ptrs=att, ints=ints, warps=warps))
-    bwd = {"ieee": ha.BWD_FP32} if ieee else {t: ha.BWD_TILINGS[t] for t in bwd_tilings or (ha.DEFAULT_BWD_TILING,)}
+    bwd = {"ieee": ha.BWD_FP32} if ieee else {t: measured.BWD_TILINGS[t]
+                                              for t in bwd_tilings or (measured.DEFAULT_BWD_TILING,)}
     for tiling, (keys, rows, warps, stages) in bwd.items():
         consts = dict(HC=True, FP32=ieee, M_BLOCKS=triton.cdiv(seq, rows), N_BLOCKS=triton.cdiv(seq, keys),
                       BLOCK_M=rows, BLOCK_N=keys, BLOCK_D=bd, WORDS=bn // 32)
@@ -107,11 +110,10 @@ def cases() -> list[dict]:
     ViT-B/16's shapes, which decide the launcher's specialisation) and ``warps``."""
     import triton
 
-    from mixedae_fast.kernels import homologous_attention as ha
     from mixedae_fast.kernels import patch_mix as pm
     from mixedae_fast.kernels import unmix as um
 
-    out = attention_cases(ablations=True, bwd_tilings=tuple(ha.BWD_TILINGS))
+    out = attention_cases(ablations=True, bwd_tilings=tuple(measured.BWD_TILINGS))
     mix = dict(img_ptr="bf16", ids_ptr="i32", mixed_ptr="bf16", tgt_ptr="fp32", mask_ptr="u8")
     grid_w = 224 // PATCH
     ints = dict(zip(("s_b", "s_c", "s_h", "s_w"), _strides(256, 3, 224, 224), strict=True), N=N, GRID_W=grid_w,

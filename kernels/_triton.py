@@ -1,18 +1,13 @@
 """The Triton plumbing the mixing kernels share: the optional import, the interpreter test, and how
 ``kernels=auto | triton | torch`` resolves for one op on one device.
 
-``auto`` on CUDA reads ``kernel_backends.json`` (beside the ``mixedae_fast`` package): per device name
-and op (``assignment``, ``patch_mix``, ``unmix``) the path that was measured faster there. A card
-without a row takes ``default_cuda`` (the torch references) until someone measures it
-(``python -m mixedae_fast.benchmarks.bench_kernels --table-row RESULT.json`` prints a row). A Triton
-choice is still gated by the kernels' self-check on that device (:func:`kernels_verified`). CPU tensors
-always take the reference under ``auto``.
+``auto`` on CUDA takes, per op (``assignment``, ``patch_mix``, ``unmix``), the path measured faster on
+the card (:func:`mixedae_fast.measured.choose`, the one table of measured choices); a Triton choice is
+still gated by the kernels' self-check on that device (:func:`kernels_verified`). CPU tensors always
+take the reference under ``auto``.
 """
 from __future__ import annotations
 
-import functools
-import importlib.resources
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -21,15 +16,13 @@ from types import SimpleNamespace
 import torch
 
 from mixedae_fast.choices import KERNEL_BACKENDS
+from mixedae_fast.measured import KERNEL_OPS, choose
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # triton is Linux-only (setup.py); the reference paths must import without it
     triton, tl = SimpleNamespace(jit=lambda fn: fn), None
-
-KERNEL_OPS = ("assignment", "patch_mix", "unmix")
-TABLE = importlib.resources.files("mixedae_fast") / "kernel_backends.json"
 
 
 def _interpreted(kernel) -> bool:
@@ -40,24 +33,6 @@ def _interpreted(kernel) -> bool:
 def _probe():
     """A kernel that only tells whether Triton runs through its interpreter in this process."""
     pass
-
-
-@functools.cache
-def kernel_table() -> dict:
-    return json.loads(TABLE.read_text(encoding="utf-8"))
-
-
-def _card_name(device: str) -> str:
-    return torch.cuda.get_device_name(torch.device(device))
-
-
-@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
-def table_choice(op: str, device: str) -> str:
-    """``triton`` or ``torch``: the table's measured choice for ``op`` on this CUDA device's card."""
-    table = kernel_table()
-    row = table["devices"].get(_card_name(device), table["default_cuda"])
-    choice = row.get(op, table["default_cuda"][op])
-    return choice["backend"] if isinstance(choice, dict) else choice
 
 
 # `auto` takes a kernel on CUDA only after the kernels pass a small self-check on that device (once per process
@@ -121,7 +96,7 @@ def kernels_verified(device: torch.device) -> bool:
 def use_triton(backend: str, *where: torch.Tensor | torch.device, op: str = "patch_mix") -> bool:
     """Resolve ``auto | triton | torch`` for ``op`` on these tensors or devices (True = the kernel).
 
-    ``auto`` takes the kernel on CUDA where the table says it was measured faster and the kernels passed
+    ``auto`` takes the kernel on CUDA where it was measured faster (:mod:`mixedae_fast.measured`) and the kernels passed
     :func:`kernels_verified` there (under ``torch.compile`` tracing, only if the check already ran
     eagerly); ``triton`` forces it (on CUDA, or on CPU under Triton's interpreter); ``torch`` takes the
     reference.
@@ -136,20 +111,25 @@ def use_triton(backend: str, *where: torch.Tensor | torch.device, op: str = "pat
         if not on_cuda or tl is None or len(devices) != 1:
             return False
         (device,) = devices
-        if table_choice(op, str(device)) != "triton":
+        if choose(op, str(device)) != "triton":
             return False
         if torch.compiler.is_compiling():
             return _VERIFIED.get(str(device), False)
         return kernels_verified(device)
     if backend == "triton":
-        if tl is None:
-            raise RuntimeError("kernels='triton' needs the triton package, which is not installed")
-        if not on_cuda and not _interpreted(_probe):
-            raise RuntimeError("kernels='triton' on CPU tensors needs Triton's interpreter: set "
-                               "TRITON_INTERPRET=1 before mixedae_fast.kernels is imported, or use "
-                               "kernels='auto' (the torch reference on CPU)")
+        require_triton("kernels='triton'", devices, "kernels='auto' (the torch reference on CPU)")
         return True
     raise ValueError(f"kernels={backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+
+
+def require_triton(setting: str, devices, instead: str) -> None:
+    """Raise unless a Triton kernel can run on every one of ``devices``: the triton package, and CUDA or
+    Triton's interpreter. ``setting`` asked for the kernel; ``instead`` is what to set otherwise."""
+    if tl is None:
+        raise RuntimeError(f"{setting} needs the triton package, which is not installed")
+    if any(torch.device(d).type != "cuda" for d in devices) and not _interpreted(_probe):
+        raise RuntimeError(f"{setting} on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
+                           f"mixedae_fast.kernels is imported, or use {instead}")
 
 
 def _buffer_dtype(dtype: torch.dtype, kernel) -> torch.dtype:

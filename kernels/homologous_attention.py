@@ -37,9 +37,9 @@ own rounding): one program per group·head owns the whole sequence, so dQ, dK an
 fixed order without atomics (bitwise reproducible). The HC terms add ``g0·softmax_{k≠q}(s) +
 g1·softmax_{same}(s)`` to dS. On a GPU the dots run in the input dtype (bf16/fp16) with fp32
 accumulation, fp32 inputs in IEEE fp32; under Triton's interpreter every dot is fp32 (the interpreter
-miscomputes bf16 math). Both passes come in tilings (:data:`FWD_TILINGS`, :data:`BWD_TILINGS`), chosen per
-card from a measurement; :func:`kernel_variant` picks a tiling or select for benchmarks
-(docs/kernel_notes.md: what they compile to and what a card measured).
+miscomputes bf16 math). Both passes come in tilings, chosen per card from a measurement
+(:mod:`mixedae_fast.measured`, whose ``kernel_variant`` picks a tiling or select for benchmarks;
+docs/kernel_notes.md: what they compile to and what a card measured).
 
 The kernels are two ``torch.library`` custom ops (``torch.ops.mixedae_fast.homologous_attention`` and
 ``..._backward``, fake implementations and an autograd formula): ``torch.compile(fullgraph=True)``
@@ -47,15 +47,11 @@ keeps them whole, so a training step with the fused kernel compiles as one graph
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.resources
-import json
-
 import torch
 
 from mixedae_fast.choices import TRITON_TOPK_MAX_SEQ
-from mixedae_fast.kernels._triton import _buffer_dtype, _interpreted, tl, triton
+from mixedae_fast.kernels._triton import _buffer_dtype, _interpreted, require_triton, tl, triton
+from mixedae_fast.measured import BWD_TILINGS, FWD_TILINGS, select, tiling
 
 MAX_SEQ = TRITON_TOPK_MAX_SEQ  # the fused kernel keeps every key of a row in one tile
 
@@ -413,97 +409,37 @@ def _blocks(L: int, d: int):
 
 NUM_WARPS = 8
 
-# The forward kernel's tilings, (query rows a program, warps), by name. Lowered for sm_90 at L = 197,
-# d = 64 bf16 (``python -m mixedae_fast.benchmarks.kernel_sass``; docs/kernel_notes.md has the figures):
+# The tilings (mixedae_fast/measured.py: FWD_TILINGS, BWD_TILINGS, and which one a card runs), lowered for
+# sm_90 at L = 197, d = 64 bf16 (``python -m mixedae_fast.benchmarks.kernel_sass``; docs/kernel_notes.md
+# has the figures). The forward's, (query rows a program, warps):
 #   m32w8   Triton's mma v2 layout puts the 8 warps side by side along the 256 keys, so every row
 #           reduction of the select crosses warps through shared memory
 #   m64w4   one warpgroup of wgmma: each warp owns 16 whole rows, a row reduction stays inside its warp
 #   m128w8  two warpgroups, the same per warp
-# Which one is fastest is measured per card (``bench_attention --triton-tilings``); the card's
-# attention_backends.json ``topk`` entry names it (``triton_tiling``); other cards take DEFAULT_TILING.
-# Every tiling computes the same contract (tested through the interpreter); the dots' summation order,
-# and so the last bits of bf16 results, may differ between them, so a card keeps one.
-FWD_TILINGS = {"m32w8": (32, 8), "m64w4": (64, 4), "m128w8": (128, 8)}
-DEFAULT_TILING = "m32w8"
-# The backward's tilings, (keys a key block, query rows a block, warps, pipeline stages): one program a
+# The backward's, (keys a key block, query rows a block, warps, pipeline stages): one program a
 # group·head walks its key blocks, each over every query block. More keys a block: fewer fp32 dQ shares
-# through the scratch row (one key block: none) but larger dK/dV accumulators in registers. Lowered for
-# sm_90 at L = 197, d = 64 bf16, these spill no register but the last (124 bytes); 64-row query blocks
-# spilled 0.4-2.7 KB at every key block and warp count tried (docs/kernel_notes.md). Chosen per card as
-# the forward's (``triton_bwd_tiling``); fp32 compiled (IEEE dots, no tensor cores) takes BWD_FP32.
-BWD_TILINGS = {"n128m32w8": (128, 32, 8, 2), "n64m32w4": (64, 32, 4, 1), "n128m16w8": (128, 16, 8, 1),
-               "n256m16w16": (256, 16, 16, 1)}
-DEFAULT_BWD_TILING = "n128m32w8"
+# through the scratch row (one key block: none) but larger dK/dV accumulators in registers. These spill no
+# register but n256m16w16 (124 bytes); 64-row query blocks spilled 0.4-2.7 KB at every key block and warp
+# count tried. fp32 compiled (IEEE dots, no tensor cores) takes BWD_FP32 whatever the card.
 BWD_FP32 = (64, 16, 8, 1)
-SELECTS = {"search": 2, "radix": 1, "none": 0}   # the forward's SELECT constexpr
 MAX_PASSES = 24  # the search's passes before the radix search finishes the rows still open (none seen past 14)
 SEARCH_FALLBACK = True  # False: no radix finish (a test checks the search alone settles every row in MAX_PASSES)
-_VARIANT = {"tiling": None, "select": "search", "bwd_tiling": None}
-
-
-@contextlib.contextmanager
-def kernel_variant(tiling: str | None = None, select: str = "search", bwd_tiling: str | None = None):
-    """Within the block, the fused forward runs ``tiling`` (a name of :data:`FWD_TILINGS`; ``None``: the
-    card's), its K-th value search ``select`` (``search``: the bracketing search, the default; ``radix``:
-    the 32-step radix search it falls back on; ``none``: every patch key kept, an ablation that times the
-    select and is not TopK attention), and the backward ``bwd_tiling`` (:data:`BWD_TILINGS`; ``None``: the
-    card's). For benchmarks and tests; the defaults everywhere else."""
-    if tiling is not None and tiling not in FWD_TILINGS:
-        raise ValueError(f"unknown tiling {tiling!r}; choose from {', '.join(FWD_TILINGS)}")
-    if select not in SELECTS:
-        raise ValueError(f"unknown select {select!r}; choose from {', '.join(SELECTS)}")
-    if bwd_tiling is not None and bwd_tiling not in BWD_TILINGS:
-        raise ValueError(f"unknown backward tiling {bwd_tiling!r}; choose from {', '.join(BWD_TILINGS)}")
-    saved = dict(_VARIANT)
-    _VARIANT.update(tiling=tiling, select=select, bwd_tiling=bwd_tiling)
-    try:
-        yield
-    finally:
-        _VARIANT.update(saved)
-
-
-def tiling_in(table: dict, card: str, key: str = "triton_tiling") -> str:
-    """The tiling an attention_backends.json ``table`` names for ``card`` (``key``: ``triton_tiling``, the
-    forward's, or ``triton_bwd_tiling``, the backward's), else the default one."""
-    names, default = (FWD_TILINGS, DEFAULT_TILING) if key == "triton_tiling" else (BWD_TILINGS, DEFAULT_BWD_TILING)
-    entry = table["devices"].get(card, {}).get("topk")
-    name = entry.get(key, default) if isinstance(entry, dict) else default
-    if name not in names:
-        raise ValueError(f"attention_backends.json: {card!r} names the {'backward ' * (names is BWD_TILINGS)}"
-                         f"tiling {name!r}, not one of {', '.join(names)}")
-    return name
-
-
-@functools.cache
-def table_tiling(card: str, key: str = "triton_tiling") -> str:
-    """The tiling measured fastest on ``card``: :func:`tiling_in` of the shipped table."""
-    table = importlib.resources.files("mixedae_fast") / "attention_backends.json"
-    return tiling_in(json.loads(table.read_text("utf-8")), card, key)
-
-
-def card_tiling(device: torch.device, key: str = "triton_tiling") -> str:
-    """The tiling (the forward's, or with ``key="triton_bwd_tiling"`` the backward's) that runs on
-    ``device`` by default: the card's from the table on CUDA, else the default one."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return table_tiling(torch.cuda.get_device_name(device), key)
-    return DEFAULT_TILING if key == "triton_tiling" else DEFAULT_BWD_TILING
 
 
 def forward_tiling(q: torch.Tensor, interpreted: bool) -> tuple[int, int]:
     """(query rows, warps) of the forward for ``q``: fp32 compiled (IEEE dots) 16 rows on 8 warps; else
-    :func:`kernel_variant`'s tiling, or :func:`card_tiling`."""
+    the tiling :func:`mixedae_fast.measured.tiling` names (the card's, or a benchmark's variant)."""
     if q.dtype == torch.float32 and not interpreted:
         return 16, NUM_WARPS
-    return FWD_TILINGS[_VARIANT["tiling"] or card_tiling(q.device)]
+    return FWD_TILINGS[tiling(q.device)]
 
 
 def backward_tiling(q: torch.Tensor, interpreted: bool) -> tuple[int, int, int, int]:
     """(keys a key block, query rows a block, warps, stages) of the backward for ``q``: :data:`BWD_FP32` for fp32
-    compiled; else :func:`kernel_variant`'s backward tiling, or the card's."""
+    compiled; else the backward tiling :func:`mixedae_fast.measured.tiling` names."""
     if q.dtype == torch.float32 and not interpreted:
         return BWD_FP32
-    return BWD_TILINGS[_VARIANT["bwd_tiling"] or card_tiling(q.device, "triton_bwd_tiling")]
+    return BWD_TILINGS[tiling(q.device, "triton_bwd_tiling")]
 
 
 def _scale(d: int) -> float:
@@ -539,7 +475,7 @@ def homologous_attention_forward(q, k, v, src, topk: int, hc_heads: int):
     grid = (G * H, triton.cdiv(L, block_m))
     _fwd_kernel[grid](q, k, v, src, out, lse, hc_rows, bits, *sq, *sk, *sv, H, L, d, topk, hc_heads, _scale(d),
                       HC=hc_heads > 0, FP32=q.dtype == torch.float32 or interpreted, BLOCK_M=block_m,
-                      BLOCK_N=block_n, BLOCK_D=block_d, SELECT=SELECTS[_VARIANT["select"]], MAX_PASSES=MAX_PASSES,
+                      BLOCK_N=block_n, BLOCK_D=block_d, SELECT=select(), MAX_PASSES=MAX_PASSES,
                       FALLBACK=SEARCH_FALLBACK, num_warps=num_warps)
     return out.to(q.dtype), lse, hc_rows if hc_heads else None, bits
 
@@ -653,13 +589,9 @@ def homologous_attention_triton(q, k, v, src, topk: int, hc: bool = False, hc_he
     return out, (hc_rows.view(G, count, L - 1, 2) if count else None)
 
 
-def check_triton(device: torch.device) -> None:
-    """Raise unless the fused kernel can run on ``device``: CUDA, or CPU under Triton's interpreter."""
-    if tl is None:
-        raise RuntimeError("attention_backend='triton' needs the triton package, which is not installed")
-    if torch.device(device).type != "cuda" and not _interpreted(_fwd_kernel):
-        raise RuntimeError("attention_backend='triton' on CPU tensors needs Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before mixedae_fast imports, or use auto / eager on CPU")
+def check_triton(device: torch.device, setting: str = "attention_backend='triton'") -> None:
+    """Raise unless the fused kernel can run on ``device`` (``setting``: what asked for it, for the message)."""
+    require_triton(setting, [device], "attention_backend auto or eager on CPU")
 
 
 def homologous_attention(q, k, v, src, topk, hc=False, backend="auto", hc_heads=None):

@@ -11,7 +11,7 @@ Returns ``[B, N+1, D]``, ``B = G*r``, in ``dec_tokens``' dtype::
 
 Gradients reach ``dec_tokens`` (visible tokens, and the CLS summed over the group's r sources) and
 ``mask_token`` (summed over masked slots); the fixed ``dec_pos`` gets none. ``ids`` must be a valid
-assignment (distinct positions per group), as :func:`~mixedae_fast.kernels.patch_mix.draw_assignment`
+assignment (distinct positions per group), as :func:`~mixedae_fast.kernels.assignment.draw_assignment`
 draws it.
 
 The Triton path (:func:`unmix_triton`) adds in fp32 and rounds once to the dtype: bitwise the

@@ -94,8 +94,8 @@ class MixingConfig:
 
 @dataclass
 class RuntimeConfig:
-    attention_backend: str = "auto"  # how attention computes; auto = the measured table attention_backends.json
-    kernels: str = "auto"  # mixing kernels: auto = Triton on CUDA after a self-check, else the PyTorch references
+    attention_backend: str = "auto"  # how attention computes; auto = as runtime.kernels chooses, else this backend
+    kernels: str = "auto"  # Triton kernels (mixing ops, fused TopK attention): auto = where measured.json says faster
     compile: bool = False  # torch.compile the model
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -689,8 +689,11 @@ def validate(cfg: Config) -> Config:
             check_backend_on(cfg, "cpu")
         except ConfigError as e:
             errors.append(str(e))
-    if backend == "triton" and x.ha == "topk" and 1 + r * n > choices.TRITON_TOPK_MAX_SEQ:
-        errors.append(f"runtime.attention_backend = 'triton': the fused TopK kernel takes sequences of <= "
+    fused = ("runtime.attention_backend = 'triton'" if backend == "triton" else
+             "runtime.kernels = 'triton' (with runtime.attention_backend = 'auto')"
+             if backend == "auto" and cfg.runtime.kernels == "triton" else None)
+    if fused and x.ha == "topk" and 1 + r * n > choices.TRITON_TOPK_MAX_SEQ:
+        errors.append(f"{fused}: the fused TopK kernel takes sequences of <= "
                       f"{choices.TRITON_TOPK_MAX_SEQ} "
                       f"tokens, this config makes 1 + group_size * n_visible = {1 + r * n}; use flex, sdpa or eager")
     if errors:

@@ -13,7 +13,6 @@ override, the xformers startup check and its SDPA fallback, the model's encoder 
 Inputs are multiples of 1/4 (exact scores: every path makes the same TopK selection, ties included);
 the exact K-th value search is tested apart, on runs of adjacent floats.
 """
-import json
 import sys
 import types
 import warnings
@@ -24,16 +23,16 @@ import torch.nn.functional as F
 from tolerances import tol
 
 import mixedae_fast.model.attention as attention
+from mixedae_fast import measured
 from mixedae_fast.config import ATTENTION_BACKENDS, load_config
+from mixedae_fast.kernels.assignment import draw_assignment
 from mixedae_fast.kernels.homologous_attention import topk_keep_mask
-from mixedae_fast.kernels.patch_mix import draw_assignment
 from mixedae_fast.model.attention import (
     BACKENDS,
     ENV_BACKEND,
     HomologousAttention,
     HomologousMask,
     MixLayout,
-    auto_backend,
     global_attention,
     oracle_attention,
     resolve_backend,
@@ -234,49 +233,36 @@ def test_materialize_topk_and_the_flex_threshold_select_the_same_keys():
 
 
 # -- choosing a backend ------------------------------------------------------------------------------
-def test_backend_lists_and_auto_table():
+def test_backend_lists_and_auto_on_cpu():
     assert ATTENTION_BACKENDS == BACKENDS
-    table = json.loads(attention.TABLE.read_text())
-    assert set(table["cpu"]) == set(table["default_cuda"]) == set(MODES)
-    for name, row in table["devices"].items():
-        assert set(row) == set(MODES), name
-        for mode, choice in row.items():
-            assert choice["backend"] in BACKENDS and choice["backend"] != "auto", (name, mode)
-            assert choice["measured"], "only measured choices go into the table"
-            # the fused kernel only from a bench_attention result of this code on that card
-            assert choice["backend"] != "triton" or "bench_attention" in choice["measured"], (name, mode)
-    assert "triton" not in {*table["cpu"].values(), *table["default_cuda"].values()}
     for mode in MODES:
-        assert resolve_backend("auto", "cpu", mode) == table["cpu"][mode]
+        assert resolve_backend("auto", "cpu", mode) == measured.table()["cpu"][mode]
 
 
-@pytest.mark.parametrize("name,want", [("NVIDIA H200", dict(none="sdpa", oracle="flex", topk="triton")),
-                                       ("Some Future GPU", dict(none="sdpa", oracle="sdpa", topk="eager"))])
-def test_auto_on_cuda_reads_the_table_by_device_name(monkeypatch, name, want):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert {mode: auto_backend(torch.device("cuda"), mode) for mode in MODES} == want
-
-
-@pytest.mark.parametrize("card,mode,name", [("NVIDIA H200", "topk", "tritn"), ("cpu", "none", "auto")])
-def test_the_table_refuses_a_backend_this_code_does_not_have(tmp_path, monkeypatch, card, mode, name):
-    """A misspelt (or ``auto``) backend in attention_backends.json was taken as is and failed, or chose
-    another path, only on that card: refused on load, naming the file, row, mode, name and the choices."""
-    table = json.loads(attention.TABLE.read_text())
-    row = table["devices"][card] if card in table["devices"] else table[card]
-    if isinstance(row[mode], dict):
-        row[mode]["backend"] = name
-    else:
-        row[mode] = name
-    path = tmp_path / "attention_backends.json"
-    path.write_text(json.dumps(table))
-    monkeypatch.setattr(attention, "TABLE", path)
-    attention.backend_table.cache_clear()
+@pytest.mark.parametrize("kernels,want", [("auto", dict(none="sdpa", oracle="flex", topk="triton")),
+                                          ("torch", dict(none="sdpa", oracle="flex", topk="eager")),
+                                          ("triton", dict(none="sdpa", oracle="flex", topk="triton"))])
+def test_auto_follows_runtime_kernels_on_a_measured_card(monkeypatch, kernels, want):
+    """``attention_backend=auto`` takes what ``runtime.kernels`` chooses from the one table: on the H200
+    the measured backends, without the fused kernel under ``kernels=torch``; the model's setting reaches
+    every block."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(attention, "check_triton", lambda device, setting: None)
+    resolve_backend.cache_clear()
     try:
-        with pytest.raises(ValueError, match=rf"attention_backends\.json: row '{card}', mode '{mode}' names the "
-                                             rf"attention backend '{name}', not one of triton, xformers, sdpa"):
-            attention.backend_table()
+        assert {mode: resolve_backend("auto", "cuda:0", mode, kernels) for mode in MODES} == want
     finally:
-        attention.backend_table.cache_clear()
+        resolve_backend.cache_clear()
+
+
+def test_the_models_kernels_setting_reaches_every_attention_block(tiny):
+    model = tiny.build(kernels="torch")
+    blocks = [m for m in model.modules() if isinstance(m, HomologousAttention)]
+    assert blocks and {m.kernels for m in blocks} == {"torch"}
+    model.kernels = "auto"
+    assert {m.kernels for m in blocks} == {"auto"}
+    with pytest.raises(ValueError, match="kernels='fast' is not one of auto, triton, torch"):
+        model.kernels = "fast"
 
 
 def test_env_override_and_errors(monkeypatch):
@@ -293,12 +279,14 @@ def test_env_override_and_errors(monkeypatch):
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
-    import mixedae_fast.kernels.homologous_attention as ha
-    monkeypatch.setattr(ha, "_interpreted", lambda kernel: False)
+    import mixedae_fast.kernels._triton as kt
+    monkeypatch.setattr(kt, "_interpreted", lambda kernel: False)
     resolve_backend.cache_clear()
     try:
-        with pytest.raises(RuntimeError, match="needs Triton's interpreter"):
+        with pytest.raises(RuntimeError, match="attention_backend='triton' on CPU tensors needs Triton's interpreter"):
             resolve_backend("triton", "cpu", "topk")
+        with pytest.raises(RuntimeError, match="kernels='triton' on CPU tensors needs Triton's interpreter"):
+            resolve_backend("auto", "cpu", "topk", "triton")
         assert resolve_backend("triton", "cpu", "none") == "triton"  # global attention: SDPA, no kernel
     finally:
         resolve_backend.cache_clear()
@@ -518,7 +506,7 @@ def test_topk_keep_set_is_exact_on_runs_of_adjacent_floats(backend, run):
 def test_every_forward_tiling_keeps_the_exact_set_on_adjacent_floats(tiling):
     """The fused kernel's other tilings (one row per warp's lanes, scores rebuilt from their keys) keep
     exactly the brute force's keys too: signed zeros, denormals and ties (the hardest runs)."""
-    from mixedae_fast.kernels.homologous_attention import kernel_variant
+    from mixedae_fast.measured import kernel_variant
     r, n = 3, 7
     for run in ("mixed", "tiny"):
         q, k, v, scores = _adjacent_case(RUNS[run], r, n)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import mixedae_fast.model.attention as attention
+from mixedae_fast import measured
 from mixedae_fast.benchmarks import bench_attention
 
 
@@ -85,18 +85,21 @@ def test_table_row_takes_the_fastest_correct_backend_and_names_the_file(tmp_path
         assert entry["measured"].startswith("results/x/bench_attention.json (2026-12-01, git abc1234")
     assert "vit_b 2.000 ms (x2.00 plain SDPA), vit_l 2.500 ms" in row["NVIDIA Test Card"]["topk"]["measured"]
 
-    # the CLI prints it and writes it into the table auto reads; auto then takes the fused kernel there
-    table_file = tmp_path / "attention_backends.json"
-    table_file.write_text(attention.TABLE.read_text())
-    monkeypatch.setattr(attention, "TABLE", table_file)
-    assert bench_attention.main(["--table-row", str(path), "--write"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"NVIDIA Test Card": json.loads(json.dumps(
-        bench_attention.table_row(FABRICATED, path.as_posix())))["NVIDIA Test Card"]}
-    table = json.loads(table_file.read_text())
-    assert table["devices"]["NVIDIA Test Card"]["topk"]["backend"] == "triton"
-    monkeypatch.setattr(attention, "backend_table", lambda: table)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Test Card")
-    assert attention.auto_backend(torch.device("cuda"), "topk") == "triton"
+    # the CLI prints it and merges it into the card's row of the table auto reads; auto then takes the fused
+    # kernel there, and the card's other ops (none measured here) keep the default row's choice
+    table_file = tmp_path / "measured.json"
+    table_file.write_text(measured.TABLE.read_text())
+    monkeypatch.setattr(measured, "TABLE", table_file)
+    measured.table.cache_clear()
+    try:
+        assert bench_attention.main(["--table-row", str(path), "--write"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"NVIDIA Test Card": json.loads(json.dumps(
+            bench_attention.table_row(FABRICATED, path.as_posix())))["NVIDIA Test Card"]}
+        assert json.loads(table_file.read_text())["devices"]["NVIDIA Test Card"]["topk"]["backend"] == "triton"
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Test Card")
+        assert measured.choose("topk", "cuda") == "triton" and measured.choose("assignment", "cuda") == "torch"
+    finally:
+        measured.table.cache_clear()
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -174,5 +177,5 @@ def test_table_row_names_the_fastest_tiling_and_skips_ablations(tmp_path):
             row["bwd_tiling"] = "n64m32w4"
     assert bench_attention.table_row(result, "r.json")["NVIDIA Test Card"]["topk"]["triton_bwd_tiling"] == "n64m32w4"
     assert "triton[m64w4] fwd+bwd vit_b 1.100 ms" in entry["measured"]
-    from mixedae_fast.kernels.homologous_attention import tiling_in
-    assert tiling_in({"devices": {"NVIDIA Test Card": {"topk": entry}}}, "NVIDIA Test Card") == "m64w4"
+    assert measured.tiling_in({"devices": {"NVIDIA Test Card": {"topk": entry}}, "default_cuda": {}},
+                              "NVIDIA Test Card") == "m64w4"

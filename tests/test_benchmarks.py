@@ -67,7 +67,7 @@ def test_bench_kernels_table_row_errors(tmp_path, capsys):
         (tmp_path / name).write_text(text)
         assert bench_kernels.main(["--table-row", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: cannot make a kernel_backends.json row") and err.count("\n") == 1, err
+        assert err.startswith("error: cannot make measured.json entries") and err.count("\n") == 1, err
     assert bench_kernels.main(["--table-row", str(tmp_path / "missing.json")]) == 2
 
 

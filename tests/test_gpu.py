@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mixedae_fast.config import load_config
-from mixedae_fast.kernels.patch_mix import draw_assignment
+from mixedae_fast.kernels.assignment import draw_assignment
 from mixedae_fast.model.mixedae import build_model
 
 pytestmark = pytest.mark.gpu

@@ -22,6 +22,7 @@ import torch
 from tolerances import tol
 
 import mixedae_fast.kernels.homologous_attention as ha
+from mixedae_fast import measured
 from mixedae_fast.kernels.homologous_attention import (
     homologous_attention,
     homologous_attention_reference,
@@ -247,7 +248,7 @@ def test_hc_rows_of_the_first_heads_only(hc_heads):
 
 
 # -- the forward's tilings and its select ablation -------------------------------------------------
-@pytest.mark.parametrize("tiling", sorted(ha.FWD_TILINGS))
+@pytest.mark.parametrize("tiling", sorted(measured.FWD_TILINGS))
 def test_every_forward_tiling_computes_the_contract(tiling):
     """Each tiling the bench may time and a card's table may name: ViT-B/16's sequence (L = 197, 2, 4 or
     7 query blocks, the last one partial; quarter-step inputs, so ties at the K-th value), outputs, HC
@@ -255,18 +256,18 @@ def test_every_forward_tiling_computes_the_contract(tiling):
     bf16 on a GPU: one compile a tiling."""
     dtype = torch.bfloat16 if CUDA else torch.float32
     q, k, v, src, up_out, up_hc = _case(2, 2, 4, 49, 16, dtype, seed=5)
-    with ha.kernel_variant(tiling):
+    with measured.kernel_variant(tiling):
         got = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
     _assert_matches(got, _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc), dtype)
 
 
-@pytest.mark.parametrize("bwd_tiling", sorted(ha.BWD_TILINGS))
+@pytest.mark.parametrize("bwd_tiling", sorted(measured.BWD_TILINGS))
 def test_every_backward_tiling_computes_the_contract(bwd_tiling):
     """Each backward tiling (one, two, four or eight key blocks at L = 197: dQ summed through the scratch
     rows, or written at once): every gradient, through the output and the HC rows together."""
     dtype = torch.bfloat16 if CUDA else torch.float32
     q, k, v, src, up_out, up_hc = _case(2, 2, 4, 49, 16, dtype, seed=8)
-    with ha.kernel_variant(bwd_tiling=bwd_tiling):
+    with measured.kernel_variant(bwd_tiling=bwd_tiling):
         got = _grads(_kernel, q, k, v, src, 49, up_out, up_hc)
     _assert_matches(got, _grads(homologous_attention_reference, q, k, v, src, 49, up_out, up_hc), dtype)
 
@@ -281,7 +282,7 @@ def test_rows_the_search_leaves_open_are_finished_exactly(passes, monkeypatch):
     ref = homologous_attention_reference(q, k, v, src, 7, True)
     with torch.no_grad():
         for select in ("search", "radix"):
-            with ha.kernel_variant(select=select):
+            with measured.kernel_variant(select=select):
                 out, hc_rows = homologous_attention_triton(q, k, v, src, 7, True)
             torch.testing.assert_close(out, ref[0], **_tol(torch.float32))
             torch.testing.assert_close(hc_rows, ref[1], **_tol(torch.float32, "hc"))
@@ -291,56 +292,37 @@ def test_select_ablation_keeps_every_patch_key_and_is_scoped():
     """``select="none"`` (the bench's ablation row) is attention over every key, i.e. TopK with K = r*n,
     whatever K it is handed; outside the block the kernel selects again."""
     q, k, v, src, up_out, up_hc = _case(1, 2, 4, 4, 16, torch.float32, seed=2)
-    with ha.kernel_variant(select="none"):
+    with measured.kernel_variant(select="none"):
         got = _grads(_kernel, q, k, v, src, 3, up_out, up_hc)
     _assert_matches(got, _grads(homologous_attention_reference, q, k, v, src, 16, up_out, up_hc), torch.float32)
-    assert ha._VARIANT == {"tiling": None, "select": "search", "bwd_tiling": None}
+    assert measured._VARIANT == {"tiling": None, "select": "search", "bwd_tiling": None}
     out3, _ = homologous_attention_triton(q, k, v, src, 3, False)
     torch.testing.assert_close(out3, homologous_attention_reference(q, k, v, src, 3)[0], **_tol(torch.float32))
     for bad, match in ((dict(tiling="m16w2"), "unknown tiling 'm16w2'; choose from m32w8"),
                        (dict(select="sort"), "unknown select 'sort'; choose from search"),
                        (dict(bwd_tiling="n1m1w1"), "unknown backward tiling 'n1m1w1'; choose from n128m32w8")):
         with pytest.raises(ValueError, match=match):
-            with ha.kernel_variant(**bad):
+            with measured.kernel_variant(**bad):
                 pass
-
-
-def test_the_table_names_a_cards_tiling(tmp_path):
-    """A card's ``topk`` entry may name its measured tiling; others take the default; a name that is
-    not a tiling is an error that says which card."""
-    table = {"devices": {"A": {"topk": {"backend": "triton", "triton_tiling": "m64w4"}},
-                         "B": {"topk": {"backend": "flex"}}, "C": {"topk": "eager"},
-                         "D": {"topk": {"backend": "triton", "triton_tiling": "m7w1"}}}}
-    assert ha.tiling_in(table, "A") == "m64w4"
-    assert ha.tiling_in(table, "B") == ha.tiling_in(table, "C") == ha.tiling_in(table, "Z") == ha.DEFAULT_TILING
-    with pytest.raises(ValueError, match="'D' names the tiling 'm7w1'"):
-        ha.tiling_in(table, "D")
-    assert ha.table_tiling("no such card") == ha.DEFAULT_TILING   # the shipped table parses
-    table["devices"]["A"]["topk"]["triton_bwd_tiling"] = "n64m32w4"
-    assert ha.tiling_in(table, "A", "triton_bwd_tiling") == "n64m32w4"
-    assert ha.tiling_in(table, "B", "triton_bwd_tiling") == ha.DEFAULT_BWD_TILING
-    table["devices"]["A"]["topk"]["triton_bwd_tiling"] = "m64w4"
-    with pytest.raises(ValueError, match="'A' names the backward tiling 'm64w4'"):
-        ha.tiling_in(table, "A", "triton_bwd_tiling")
 
 
 # -- compiled for a GPU without one ---------------------------------------------------------------
 _AOT = textwrap.dedent("""
+    from mixedae_fast import measured
     from mixedae_fast.benchmarks.kernel_sass import attention_cases, lower
-    import mixedae_fast.kernels.homologous_attention as ha
 
     # inductor once handed the scale over as a float64: every kernel must still lower (fp32 scores)
-    for case in attention_cases(tilings=(ha.DEFAULT_TILING,)):
+    for case in attention_cases(tilings=(measured.DEFAULT_TILING,)):
         lower(**case, scale="fp64")
     print("fp64 scale lowers")
     # specialised as a real launch: 16-byte aligned pointers and strides, so the loads are vectorised
     for dtype, seq in (("bf16", 197), ("fp16", 65), ("fp32", 197)):
-        for case in attention_cases(seq, dtype, tilings=(ha.DEFAULT_TILING,)):
+        for case in attention_cases(seq, dtype, tilings=(measured.DEFAULT_TILING,)):
             row = lower(**case)
             print(dtype, seq, row["kernel"], row["spill_stores"], row["spill_loads"], row["global"].get("LDG.E.128", 0))
     # every other tiling a card's table may name lowers too (ViT-B bf16); its spills are printed, not judged
-    others = tuple(t for t in ha.FWD_TILINGS if t != ha.DEFAULT_TILING)
-    bwd = tuple(t for t in ha.BWD_TILINGS if t != ha.DEFAULT_BWD_TILING)
+    others = tuple(t for t in measured.FWD_TILINGS if t != measured.DEFAULT_TILING)
+    bwd = tuple(t for t in measured.BWD_TILINGS if t != measured.DEFAULT_BWD_TILING)
     for case in attention_cases(tilings=others, bwd_tilings=bwd):
         row = lower(**case)
         print("tiling", row["kernel"], row["spill_stores"], row["spill_loads"])
@@ -359,15 +341,15 @@ def test_kernels_compile_for_sm90_without_spills_in_bf16():
     run = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    others = len(ha.FWD_TILINGS) - 1 + len(ha.BWD_TILINGS) - 1
+    others = len(measured.FWD_TILINGS) - 1 + len(measured.BWD_TILINGS) - 1
     assert lines[0] == "fp64 scale lowers" and len(lines) == 7 + others, run.stdout
     for line in lines[1:7]:
         dtype, _, kernel, stores, loads, wide = line.split()
         if dtype != "fp32":  # the forward may spill a register or two: ptxas keeps 2 programs an SM that way
             assert int(stores) <= (16 if "fwd" in kernel else 0) and int(wide) > 0, line
-    assert [line.split()[1] for line in lines[7:]] == [f"topk_fwd[{t}]" for t in ha.FWD_TILINGS
-                                                       if t != ha.DEFAULT_TILING] + \
-        [f"topk_bwd[{t}]" for t in ha.BWD_TILINGS if t != ha.DEFAULT_BWD_TILING]
+    assert [line.split()[1] for line in lines[7:]] == [f"topk_fwd[{t}]" for t in measured.FWD_TILINGS
+                                                       if t != measured.DEFAULT_TILING] + \
+        [f"topk_bwd[{t}]" for t in measured.BWD_TILINGS if t != measured.DEFAULT_BWD_TILING]
 
 
 # -- GPU: the shapes that matter --------------------------------------------------------------------

@@ -12,7 +12,7 @@ PACKAGES = {"mixedae_fast": "mixedae_fast", "mixedae_fast.kernels": "kernels",
 LAYERS = [
     ("base", ("mixedae_fast.__init__", "mixedae_fast.choices", "mixedae_fast.fsutil", "mixedae_fast.errors",
               "mixedae_fast._compat", "mixedae_fast.provenance", "mixedae_fast.config", "mixedae_fast.config_docs",
-              "mixedae_fast.tolerances")),
+              "mixedae_fast.tolerances", "mixedae_fast.measured")),
     ("kernels", ("mixedae_fast.kernels",)),
     ("pipelines", ("mixedae_fast.pipelines",)),
     ("model", ("mixedae_fast.model",)),

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tolerances import tol
 
+from mixedae_fast.kernels.assignment import draw_assignment
 from mixedae_fast.kernels.patch_mix import (
-    draw_assignment,
     norm_pix_targets,
     patch_mix,
     patch_mix_reference,

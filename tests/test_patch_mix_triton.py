@@ -13,7 +13,9 @@ from tolerances import tol
 
 import mixedae_fast.kernels._triton as kt
 import mixedae_fast.kernels.patch_mix as pm
-from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix, patch_mix_forward, patch_mix_reference
+from mixedae_fast import measured
+from mixedae_fast.kernels.assignment import draw_assignment
+from mixedae_fast.kernels.patch_mix import patch_mix, patch_mix_forward, patch_mix_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -172,7 +174,7 @@ def test_each_kernel_file_registers_its_check_and_a_late_one_is_run(monkeypatch)
     checked makes the next decision for that device run the checks again."""
     import mixedae_fast.kernels.unmix  # noqa: F401  (registers "unmix")
 
-    assert {"patch_mix", "unmix"} <= set(kt.SELF_CHECKS)
+    assert {"assignment", "patch_mix", "unmix"} <= set(kt.SELF_CHECKS)
     ran, device = [], torch.device("meta")
     monkeypatch.setattr(kt, "SELF_CHECKS", {"probe": lambda device: ran.append(device) or None})
     kt.reset_self_check()
@@ -191,26 +193,17 @@ def test_auto_follows_the_measured_table_then_the_self_check(monkeypatch):
     """``auto`` asks the table for the op on this card; only a Triton entry runs the self-check."""
     asked = []
     monkeypatch.setattr(kt, "kernels_verified", lambda device: asked.append(device) or len(asked) > 1)
-    monkeypatch.setattr(kt, "_card_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(measured, "card", lambda device: "NVIDIA H200")
     cuda = torch.device("cuda", 0)
     assert pm.use_triton("auto", cuda, op="patch_mix") is False and asked == []   # measured: the reference
     assert pm.use_triton("auto", cuda, op="unmix") is False and asked == []       # measured: the reference
     assert pm.use_triton("auto", cuda, op="assignment") is False and asked == [cuda]   # check failed: the reference
     assert pm.use_triton("auto", cuda, op="assignment") is True                         # check passed: the kernel
     assert pm.use_triton("auto", torch.device("cpu"), op="assignment") is False and len(asked) == 2  # CPU: never
-    monkeypatch.setattr(kt, "_card_name", lambda device: "A card nobody measured")
+    monkeypatch.setattr(measured, "card", lambda device: "A card nobody measured")
     assert not any(pm.use_triton("auto", cuda, op=op) for op in kt.KERNEL_OPS) and len(asked) == 2
     with pytest.raises(ValueError, match="op 'mix' is not one of assignment, patch_mix, unmix"):
         pm.use_triton("auto", cuda, op="mix")
-
-
-def test_kernel_table_rows_are_measured_and_complete():
-    table = kt.kernel_table()
-    assert table["default_cuda"] == {op: "torch" for op in kt.KERNEL_OPS}   # unmeasured cards: the references
-    for card, row in table["devices"].items():
-        assert set(row) == set(kt.KERNEL_OPS), card
-        for op, entry in row.items():
-            assert entry["backend"] in ("triton", "torch") and entry["measured"] and entry["source"], (card, op)
 
 
 def test_failed_self_check_warns_once_and_falls_back(monkeypatch):

@@ -203,7 +203,7 @@ def test_assignments_do_not_alias_across_seeds_and_steps():
     """Every (seed, step) draws its own assignment: no two of a 6 x 6 grid coincide (with 16 positions a
     chance collision of whole assignments is ~1e-10), in particular not (s, t) and (s + 1, t - 1) or
     (s, t) and (t, s)."""
-    from mixedae_fast.kernels.patch_mix import draw_assignment
+    from mixedae_fast.kernels.assignment import draw_assignment
 
     seen = {}
     for seed in range(6):
@@ -217,7 +217,7 @@ def test_assignments_do_not_alias_across_seeds_and_steps():
 def test_the_assignment_is_a_uniform_permutation_per_group():
     """Per group the drawn positions are distinct, sorted within each source's block, and over many groups
     every position is equally likely to be visible (a chi-square bound)."""
-    from mixedae_fast.kernels.patch_mix import draw_assignment
+    from mixedae_fast.kernels.assignment import draw_assignment
 
     ids = draw_assignment(4000, 16, 2, 5, seed=1, step=2, backend="torch").long()
     assert all(len(set(row.tolist())) == 10 for row in ids)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tolerances import tol
 
-from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix_reference, patchify
+from mixedae_fast.kernels.assignment import draw_assignment
+from mixedae_fast.kernels.patch_mix import patch_mix_reference, patchify
 from mixedae_fast.kernels.unmix import unmix, unmix_reference
 
 # unmix only gathers and adds one position embedding: tolerances.py's "gather" rows.

@@ -13,7 +13,7 @@ import torch
 from tolerances import tol
 
 from mixedae_fast.config import load_config
-from mixedae_fast.kernels.patch_mix import draw_assignment
+from mixedae_fast.kernels.assignment import draw_assignment
 from mixedae_fast.kernels.unmix import unmix, unmix_reference, unmix_triton
 from mixedae_fast.model.mixedae import MixedAutoencoderViT, build_model
 

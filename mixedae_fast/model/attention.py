@@ -17,11 +17,10 @@ backend       ``none`` (and decoder)     ``oracle``                          ``t
 ``eager``     explicit softmax           per-source reshape, explicit        the fp32 reference
 ============  =========================  ==================================  ===============================
 
-``auto`` reads :data:`TABLE` (``attention_backends.json`` beside this file): measured choices per
-device name, each row built from a ``bench_attention`` result file of this code on that card (``python -m
-mixedae_fast.benchmarks.bench_attention --table-row FILE``: the fastest backend correct at every shape);
-its ``cpu`` and ``default_cuda`` rows for the rest (never the fused kernel: it is taken only where a
-measured row says so). The first use of xformers on a device
+``auto`` takes, per mode, what ``runtime.kernels`` chooses from the one table of measured choices
+(:func:`mixedae_fast.measured.choose`: with ``kernels=auto`` the backend measured fastest on this card,
+SDPA / the eager reference on cards nobody measured; ``kernels=triton`` the fused kernel for ``topk``;
+``kernels=torch`` never the fused kernel). The first use of xformers on a device
 runs a startup check; if it fails the block warns once and uses SDPA. Errors, not fallbacks: an
 unknown backend, xformers on CPU tensors, triton on CPU without Triton's interpreter.
 """
@@ -30,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixedae_fast.choices import ATTENTION_BACKENDS, HA_MODES
+from mixedae_fast.choices import ATTENTION_BACKENDS, HA_MODES, KERNEL_BACKENDS
 from mixedae_fast.kernels.homologous_attention import (
     check_triton,
     hc_row_terms,
@@ -49,10 +47,10 @@ from mixedae_fast.kernels.homologous_attention import (
     qk_scores,
     topk_keep_mask,
 )
+from mixedae_fast.measured import choose
 
 BACKENDS = ATTENTION_BACKENDS
 ENV_BACKEND = "MIXEDAE_ATTENTION_BACKEND"
-TABLE = Path(__file__).parent.parent / "attention_backends.json"
 
 
 @dataclass(frozen=True)
@@ -189,35 +187,6 @@ def requested_backend(backend: str) -> str:
     return check_backend(env, ENV_BACKEND) if env else check_backend(backend)
 
 
-@functools.cache
-def backend_table() -> dict:
-    """:data:`TABLE`, each row's choice checked against the backends this code has: a misspelt or
-    removed name is refused here, naming the file and the row, not taken as some other path later."""
-    with open(TABLE, encoding="utf-8") as f:
-        table = json.load(f)
-    rows = {"cpu": table.get("cpu"), "default_cuda": table.get("default_cuda"), **table.get("devices", {})}
-    valid = [b for b in BACKENDS if b != "auto"]
-    for card, row in rows.items():
-        for mode in HA_MODES:
-            choice = (row or {}).get(mode)
-            name = choice.get("backend") if isinstance(choice, dict) else choice
-            if name not in valid:
-                raise ValueError(f"{TABLE}: row {card!r}, mode {mode!r} names the attention backend {name!r}, not one "
-                                 f"of {', '.join(valid)}: fix that entry, or rebuild the row with bench_attention "
-                                 "--table-row ... --write")
-    return table
-
-
-def auto_backend(device: torch.device, mode: str) -> str:
-    """``auto``: the table's measured choice for this device, else its ``cpu`` / ``default_cuda`` row."""
-    table = backend_table()
-    if device.type != "cuda":
-        return table["cpu"][mode]
-    row = table["devices"].get(torch.cuda.get_device_name(device), table["default_cuda"])
-    choice = row[mode]
-    return choice["backend"] if isinstance(choice, dict) else choice
-
-
 def _preload_cudart12() -> None:
     """xformers 0.0.35's compiled part links ``libcudart.so.12``; a CUDA-13 torch ships only the 13
     runtime. The ``[xformers]`` extra installs ``nvidia-cuda-runtime-cu12``, whose library is not on
@@ -257,17 +226,18 @@ def xformers_problem(device: str) -> str | None:
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the string
-def resolve_backend(requested: str, device: str, mode: str) -> str:
+def resolve_backend(requested: str, device: str, mode: str, kernels: str = "auto") -> str:
     """:func:`_resolve_backend`, cached; opaque to ``torch.compile`` (it reads the table file once)."""
-    return _resolve_backend(requested, device, mode)
+    return _resolve_backend(requested, device, mode, kernels)
 
 
 @functools.cache
-def _resolve_backend(requested: str, device: str, mode: str) -> str:
-    """The backend a block runs for ``mode`` on ``device``: ``auto`` resolved, startup checks done
-    (once per device: xformers falls back to SDPA with a warning). Raises for impossible requests."""
+def _resolve_backend(requested: str, device: str, mode: str, kernels: str = "auto") -> str:
+    """The backend a block runs for ``mode`` on ``device``: ``auto`` resolved under ``runtime.kernels =
+    kernels`` (:func:`mixedae_fast.measured.choose`), startup checks done (once per device: xformers falls
+    back to SDPA with a warning). Raises for impossible requests."""
     dev = torch.device(device)
-    backend = auto_backend(dev, mode) if requested == "auto" else requested
+    backend = choose(mode, device, kernels) if requested == "auto" else requested
     if backend == "xformers":
         if dev.type != "cuda":
             raise ValueError("attention_backend='xformers' on CPU tensors: xformers has no CPU operators; "
@@ -278,7 +248,7 @@ def _resolve_backend(requested: str, device: str, mode: str) -> str:
                           stacklevel=2)
             return "sdpa"
     if backend == "triton" and mode == "topk":
-        check_triton(dev)
+        check_triton(dev, "attention_backend='triton'" if requested == "triton" else f"kernels={kernels!r}")
     return backend
 
 
@@ -466,16 +436,21 @@ def topk_stats(q, k, v_unused, src: torch.Tensor, topk: int) -> dict[str, torch.
 class HomologousAttention(nn.Module):
     """Multi-head self-attention whose pattern follows the :class:`MixLayout` (None = global).
 
-    ``backend`` is the requested one (``$MIXEDAE_ATTENTION_BACKEND`` overrides it at construction);
-    each forward resolves it for the mode and the tensors' device (:func:`resolve_backend`)."""
+    ``backend`` is the requested one (``$MIXEDAE_ATTENTION_BACKEND`` overrides it at construction), and
+    ``kernels`` the ``runtime.kernels`` setting its ``auto`` follows; each forward resolves them for the mode
+    and the tensors' device (:func:`resolve_backend`)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, backend: str = "auto",
+                 kernels: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend = requested_backend(backend)
+        if kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+        self.kernels = kernels
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -487,7 +462,7 @@ class HomologousAttention(nn.Module):
         mode = "none" if layout is None else layout.mode
         if mode not in HA_MODES:
             raise ValueError(f"homologous attention mode {mode!r} is not one of {HA_MODES}")
-        backend = resolve_backend(check_backend(self.backend), str(x.device), mode)
+        backend = resolve_backend(check_backend(self.backend), str(x.device), mode, self.kernels)
         q, k, v = self.split_heads(self.qkv(x))
         hc_rows = stats = None
         if mode == "none":

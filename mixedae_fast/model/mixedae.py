@@ -29,7 +29,8 @@ from mixedae_fast.choices import (
     n_visible,
     resolve_ha_layers,
 )
-from mixedae_fast.kernels.patch_mix import draw_assignment, patch_mix, patchify
+from mixedae_fast.kernels.assignment import draw_assignment
+from mixedae_fast.kernels.patch_mix import patch_mix, patchify
 from mixedae_fast.kernels.unmix import unmix as unmix_op
 from mixedae_fast.model.attention import HomologousAttention, MixLayout
 from mixedae_fast.model.hc import HCObjective
@@ -70,9 +71,10 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
 class MixedBlock(Block):
     """timm's ViT ``Block`` (same parameter names) with attention that follows a :class:`MixLayout`."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto",
+                 kernels: str = "auto"):
         super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
-        self.attn = HomologousAttention(dim, num_heads, qkv_bias=True, backend=backend)
+        self.attn = HomologousAttention(dim, num_heads, qkv_bias=True, backend=backend, kernels=kernels)
 
     def forward(self, x: torch.Tensor, layout: MixLayout | None = None) -> torch.Tensor:
         return self.forward_homologous(x, layout)[0]
@@ -94,7 +96,7 @@ class MixedAutoencoderViT(nn.Module):
         self._set_layout(img_size, patch_size, in_chans, group_size, mask_ratio, ha, ha_layers, topk, depth)
         self.segment_embed = _choice("segment_embed", segment_embed, SEGMENT_EMBED)
         _choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
-        self.kernels = _choice("kernels", kernels, KERNEL_BACKENDS)  # patch_mix / unmix: auto | triton | torch
+        kernels = _choice("kernels", kernels, KERNEL_BACKENDS)
         self.norm_pix_loss = norm_pix_loss
         self.hc = HCObjective.build(hc_weight, hc_on, hc_form, hc_heads, hc_tau, group_size=group_size,
                                     n_visible=self.n_visible, ha=ha, ha_layers=self.ha_layers, num_heads=num_heads,
@@ -104,7 +106,7 @@ class MixedAutoencoderViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid)[None])
         self.seg_embed = nn.Parameter(torch.zeros(group_size, embed_dim)) if segment_embed == "encoder" else None
-        self.blocks = nn.ModuleList(MixedBlock(embed_dim, num_heads, mlp_ratio, attention_backend)
+        self.blocks = nn.ModuleList(MixedBlock(embed_dim, num_heads, mlp_ratio, attention_backend, kernels)
                                     for _ in range(depth))
         self.norm = LayerNorm(embed_dim)
         self.hc_head = self.hc.projection_head(embed_dim)
@@ -113,9 +115,10 @@ class MixedAutoencoderViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_embed_dim, self.grid)[None])
         self.decoder_blocks = nn.ModuleList(MixedBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio,
-                                                       attention_backend) for _ in range(decoder_depth))
+                                                       attention_backend, kernels) for _ in range(decoder_depth))
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_dim)
+        self.kernels = kernels
         self.initialize_weights()
 
     def _set_layout(self, img_size, patch_size, in_chans, group_size, mask_ratio, ha, ha_layers, topk, depth):
@@ -136,6 +139,19 @@ class MixedAutoencoderViT(nn.Module):
         if not 1 <= self.topk <= r * n:
             raise ValueError(f"topk={self.topk} must lie in [1, r*n = {r * n}]")
         self.ha_layers = resolve_ha_layers(ha, ha_layers, depth)
+
+    @property
+    def kernels(self) -> str:
+        """``runtime.kernels`` (auto | triton | torch): the mixing ops' path and what every attention block's
+        ``auto`` backend follows (:mod:`mixedae_fast.measured`). Setting it switches them all."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value: str) -> None:
+        self._kernels = _choice("kernels", value, KERNEL_BACKENDS)
+        for m in self.modules():
+            if isinstance(m, HomologousAttention):
+                m.kernels = value
 
     def initialize_weights(self) -> None:
         """MAE's: xavier-uniform Linears (the patch embedding included), zero biases, unit LayerNorms,
