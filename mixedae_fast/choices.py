@@ -9,7 +9,13 @@ SEGMENT_EMBED = ("none", "encoder")                   # mixing.segment_embed
 ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "flex", "eager")  # runtime.attention_backend
 KERNEL_BACKENDS = ("auto", "triton", "torch")         # runtime.kernels (assignment, patch_mix, unmix)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")         # runtime.precision
-DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")  # data.backend
+# The embedded data set (pipelines/synthetic.py draws it): its name wherever a data set is named
+# (make-data --dataset, study --dataset, data.backend), then its old spelling, still accepted so stored
+# configs and scripts keep working; and its default size (training, validation images).
+EMBEDDED = ("embedded", "synthetic")
+EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL = 5000, 1000
+OFFLINE_DATASETS = ("digits", "lfw", "photos")       # pipelines/offline.py: real images installable offline
+DATA_BACKENDS = ("auto", "dali", "torch", *EMBEDDED)  # data.backend
 DATA_FORMATS = ("imagefolder", "filelist", "webdataset")  # data.format
 DATA_LABELS = ("auto", "none")                        # data.labels
 DATA_VERIFY = ("full", "sample", "off")               # data.verify

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from mixedae_fast.choices import EMBEDDED, EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL, OFFLINE_DATASETS
 from mixedae_fast.config import (
     ConfigError,
     available_presets,
@@ -64,12 +65,12 @@ def _parser(shown: tuple[str, list[str]] = ("cpu_tiny", [])) -> argparse.Argumen
     sub.add_parser("bench", add_help=False, help="training throughput: MixedAE vs MAE vs the official recipe "
                    "(mixedae-fast bench --help)")
     md = sub.add_parser("make-data", help="write a dataset as JPEGs (ImageFolder layout, train/ and val/), cached")
-    md.add_argument("--dataset", default="synthetic", choices=("synthetic", "digits", "lfw", "photos"),
+    md.add_argument("--dataset", default=EMBEDDED[0], choices=(*EMBEDDED, *OFFLINE_DATASETS),
                     help="the embedded scenes (default), or real images shipped with scikit-learn/-image")
     md.add_argument("--out", default=None, help="target folder (default: under $MIXEDAE_CACHE)")
     md.add_argument("--size", type=int, default=32, help="image side in pixels")
-    md.add_argument("--num-train", type=int, default=5000, help="synthetic only")
-    md.add_argument("--num-val", type=int, default=1000, help="synthetic only")
+    md.add_argument("--num-train", type=int, default=EMBEDDED_NUM_TRAIN, help="embedded only")
+    md.add_argument("--num-val", type=int, default=EMBEDDED_NUM_VAL, help="embedded only")
     md.add_argument("--seed", type=int, default=0)
     _launch_parser(sub, [common, pretrain_opts])
     _downstream_parsers(sub)
@@ -136,8 +137,8 @@ def _pretrain_options() -> argparse.ArgumentParser:
                    help="stop after this many optimizer steps; the lr schedule keeps the length optim.epochs gives "
                         "it (warm-up and cosine are not compressed: to train a shorter schedule lower "
                         "optim.epochs / optim.warmup_epochs instead)")
-    p.add_argument("--num-train", type=int, default=5000, help="embedded data: training images")
-    p.add_argument("--num-val", type=int, default=1000, help="embedded data: validation images")
+    p.add_argument("--num-train", type=int, default=EMBEDDED_NUM_TRAIN, help="embedded data: training images")
+    p.add_argument("--num-val", type=int, default=EMBEDDED_NUM_VAL, help="embedded data: validation images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true",
                    help="the progress bar even when stderr is not a terminal (by default a redirected log or a "
@@ -178,7 +179,7 @@ def _downstream_parsers(sub) -> None:
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("run", help="a run directory (runs/<name>: its newest checkpoint) or a checkpoint file")
     data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--dataset", default="run", choices=("run", "digits", "lfw", "photos"),
+    data.add_argument("--dataset", default="run", choices=("run", *OFFLINE_DATASETS),
                       help="run = the run's own data (the embedded set by default); digits / lfw / photos = real "
                            "images shipped with scikit-learn/-image, written at the model's image size")
     data.add_argument("--data-dir", default=None, help="any folder with train/ and val/ in ImageFolder layout")
@@ -313,7 +314,7 @@ def cmd_make_data(args, overrides) -> int:
     if overrides:
         print(f"error: make-data takes no config overrides (got {overrides})", file=sys.stderr)
         return 2
-    if args.dataset != "synthetic":
+    if args.dataset not in EMBEDDED:
         from mixedae_fast.pipelines.offline import write_offline_folder
 
         print(write_offline_folder(args.dataset, args.out, size=args.size, seed=args.seed))

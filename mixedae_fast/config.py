@@ -106,7 +106,7 @@ class RuntimeConfig:
 
 @dataclass
 class DataConfig:
-    backend: str = "auto"  # auto | dali | torch | synthetic
+    backend: str = "auto"  # auto | dali | torch | embedded (in memory, no files; synthetic: its old name)
     path: str | None = None  # training images; None = the embedded default data
     format: str = "imagefolder"  # imagefolder | filelist | webdataset
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mixedae_fast.choices import EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL
 from mixedae_fast.config import (
     Config,
     ConfigError,
@@ -32,7 +33,8 @@ from mixedae_fast.config import (
 )
 
 
-def pretrain(cfg: Config, *, max_steps: int | None = None, num_train: int = 5000, num_val: int = 1000,
+def pretrain(cfg: Config, *, max_steps: int | None = None, num_train: int = EMBEDDED_NUM_TRAIN,
+             num_val: int = EMBEDDED_NUM_VAL,
              progress: bool = True, name_given: bool = True, command: list[str] | None = None) -> dict | None:
     """Pretrain ``cfg`` and return the report written to ``runs/<name>/report.json`` (None on ranks
     other than 0). ``max_steps`` stops early (the schedule keeps its length); ``num_train`` /

@@ -31,6 +31,8 @@ import math
 import os
 from pathlib import Path
 
+from mixedae_fast.choices import EMBEDDED, OFFLINE_DATASETS
+
 # name -> (what it is, its config overrides)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mae": ("MAE mode (r = 1, global attention, no HC)",
@@ -60,7 +62,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 # their rows stay in benchmarks/results/2026-11-30_cpu-2cores-study*/ and docs/study.md.
 DEFAULT_VARIANTS = ("mae", "oracle", "naive", "topk", "default", "hc_all", "supcon_w03", "supcon_head0")
 SPLITS = ("heldout", "val")
-DATASETS = ("embedded", "digits", "lfw", "photos")
+DATASETS = (EMBEDDED[0], *OFFLINE_DATASETS)
 METRICS = ("knn", "linear_probe", "few_shot")
 TRAIN_STATS = ("recognition", "jaccard", "w_self", "loss_rec", "loss_hc")
 
@@ -159,7 +161,7 @@ def data_folders(args, img_size: int) -> tuple[Path, Path, str]:
             raise FileNotFoundError(f"{root} has no {' or '.join(missing)}/ folder; a study folder holds train/ and "
                                     "val/, each with one subfolder per class (ImageFolder layout)")
         return root / "train", root / "val", root.name
-    if args.dataset == "embedded":
+    if args.dataset in EMBEDDED:
         from mixedae_fast.pipelines.synthetic import (
             DEFAULT_NUM_TRAIN,
             DEFAULT_NUM_VAL,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixedae_fast.choices import OFFLINE_DATASETS
 from mixedae_fast.fsutil import cache_root
 from mixedae_fast.pipelines.synthetic import atomic_dataset_folder
 
@@ -61,7 +62,7 @@ def _photos(seed: int = 0):
     return np.stack(crops), np.array(labels, dtype=np.int64), list(PHOTOS)
 
 
-DATASETS = {"digits": _digits, "lfw": _lfw, "photos": _photos}
+DATASETS = {name: globals()[f"_{name}"] for name in OFFLINE_DATASETS}  # name -> its loader, _<name> above
 
 
 def load_offline(name: str):

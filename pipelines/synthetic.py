@@ -24,7 +24,8 @@ of one class in a chunk and uses only correctly rounded float ops (+ - * / sqrt 
 on pixels), so the bytes do not depend on how images are batched or on numpy's SIMD paths.
 
     images, labels = generate_images(6000, size=32, seed=0)     # uint8 [6000, 32, 32, 3], int64 [6000]
-    root = write_image_folder(default_data_root(), 5000, 1000)  # root/{train,val}/<class>/<i>.jpg
+    root = write_image_folder(default_data_root(), DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL)  # root/{train,val}/<class>/
+
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixedae_fast.choices import EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL
 from mixedae_fast.fsutil import cache_root
 
 # Alphabetical, so torchvision's ImageFolder (which sorts folder names) gives the same label indices.
@@ -56,8 +58,7 @@ CLASSES: tuple[str, ...] = (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VERSION = 2
-DEFAULT_NUM_TRAIN = 5000
-DEFAULT_NUM_VAL = 1000
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL = EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL
 SPLITS = {"train": 0, "val": 1}
 
 _NUM_UNIFORMS = 32     # per-image uniform draws; their meaning is fixed by _render

@@ -49,6 +49,20 @@ def test_auto_backend_on_cpu_is_the_torch_loader(tiny, folder, cache):
     assert _count(loaders.val) == 10 and _count(loaders.bank) == 30         # unaugmented, every image
 
 
+def test_the_embedded_backend_and_its_old_name_draw_the_same_batches(tiny):
+    """``data.backend: embedded`` and ``synthetic`` (its old name, in stored configs) are the one in-memory
+    set; its size defaults to the one pair of constants."""
+    from mixedae_fast.choices import EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL
+    from mixedae_fast.pipelines.synthetic import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
+
+    assert (DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL) == (EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL)
+    got = [data.build_loaders(tiny.config(f"--data.backend={name}"), torch.device("cpu"), torch.float32, 16, 8,
+                              progress=False) for name in ("embedded", "synthetic")]
+    assert [_count(x.val) for x in got] == [8, 8]
+    for (xa, ya), (xb, yb) in zip(got[0].train, got[1].train, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_evaluation_bank_is_limited_and_keeps_every_class(tiny, folder, cache, monkeypatch, backend):
     if backend == "dali":

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mixedae_fast.choices import OFFLINE_DATASETS
+
 POOLS = ("avg", "cls")
-EVAL_DATASETS = ("run", "digits", "lfw", "photos")
+EVAL_DATASETS = ("run", *OFFLINE_DATASETS)  # run: the run's own data
 
 
 # -- features -------------------------------------------------------------------------------------

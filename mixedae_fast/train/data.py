@@ -1,10 +1,10 @@
 """Which loader feeds a run: config -> (train loader, evaluation bank, validation loader).
 
 ``data.backend``: ``dali`` (pipelines/dali.py), ``torch`` (pipelines/torch_loader.py, PIL or nvJPEG),
-``synthetic`` (the embedded scenes drawn in memory, no files), ``auto`` = DALI on a CUDA device when
-it is importable, else the torch loader. On CPU ``auto`` takes the torch loader: its randomness is a
-pure function of (seed, epoch, index), which makes a resumed run bitwise exact; DALI's CPU graph is
-there when asked for and is tested on its own.
+``embedded`` (the embedded scenes drawn in memory, no files; ``synthetic``, its old spelling, too),
+``auto`` = DALI on a CUDA device when it is importable, else the torch loader. On CPU ``auto`` takes
+the torch loader: its randomness is a pure function of (seed, epoch, index), which makes a resumed run
+bitwise exact; DALI's CPU graph is there when asked for and is tested on its own.
 
 With ``data.path`` unset the embedded dataset is written once as JPEGs (ImageFolder layout, cached
 under ``$MIXEDAE_CACHE``) and read through the chosen loader like any other folder.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mixedae_fast.choices import DATA_BACKENDS, EMBEDDED, EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL
 from mixedae_fast.pipelines.files import open_source, verify_sources
 from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader, spread_subset
@@ -50,12 +51,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int = 5000, num_val: int = 1000,
-                  shard_id: int = 0, num_shards: int = 1, progress: bool = True) -> Loaders:
+def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int = EMBEDDED_NUM_TRAIN,
+                  num_val: int = EMBEDDED_NUM_VAL, shard_id: int = 0, num_shards: int = 1,
+                  progress: bool = True) -> Loaders:
     d, S, seed = cfg.data, cfg.model.img_size, cfg.run.seed
     backend = resolve_backend(d.backend, device)
     common = dict(batch_size=d.batch_size, img_size=S, device=device, dtype=dtype)
-    if backend == "synthetic":
+    if backend in EMBEDDED:
         tx, ty = generate_images(num_train, size=S, seed=seed)
         vx, vy = generate_images(num_val, size=S, seed=seed, split="val")
         plain = dict(common, batch_size=500, augment=False, shuffle=False, drop_last=False)
@@ -118,7 +120,7 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
         return FileImageLoader(path, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
                                drop_last=augment, fmt=fmt, num_workers=d.num_workers, shard_id=shard_id,
                                num_shards=num_shards, limit=limit, labels=labels, verify=d.verify, **common)
-    raise ValueError(f"data.backend = {backend!r} is not one of auto, dali, torch, synthetic")
+    raise ValueError(f"data.backend = {backend!r} is not one of {', '.join(DATA_BACKENDS)}")
 
 
 def write_data_report(loaders: Loaders, run_dir: Path) -> Path | None:
