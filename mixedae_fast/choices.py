@@ -49,6 +49,21 @@ def hc_flags(hc_weight: float, group_size: int, hc_on: str, ha: str, ha_layers: 
             on and hc_on in ("head", "tokens", "both"))
 
 
+def hc_problems(hc_weight: float, group_size: int, hc_on: str, ha: str, ha_layers: tuple[int, ...], hc_heads,
+                num_heads: int, n_visible: int) -> dict[str, tuple[object, str]]:
+    """The HC settings' rules between fields, stated once: ``{setting: (value, what is wrong and the fix)}``,
+    empty when they hold. ``config.validate`` reports them under the config's field names; the model's
+    constructor, which may be called from Python without a config, raises them."""
+    out: dict[str, tuple[object, str]] = {}
+    if hc_heads is not None and not 1 <= hc_heads <= num_heads:
+        out["hc_heads"] = (hc_heads, f"must be >= 1 and <= model.num_heads = {num_heads}, or null (every head)")
+    if any(hc_flags(hc_weight, group_size, hc_on, ha, ha_layers)) and n_visible < 2:
+        out["mask_ratio"] = (n_visible, f"the homologous contrastive loss needs n_visible >= 2 (a same-source "
+                                        f"positive besides the query), got {n_visible}; lower mixing.mask_ratio "
+                                        "or set mixing.hc_weight=0")
+    return out
+
+
 def hc_ignored(hc_weight: float, group_size: int, hc_on: str, ha: str, ha_layers: tuple[int, ...]) -> list[str]:
     """Why a requested HC loss does not act (empty when it acts as asked): the config's warning."""
     attention, features = hc_flags(hc_weight, group_size, hc_on, ha, ha_layers)

@@ -562,7 +562,6 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     **{key: (lambda v, c=c: v in c, f"must be one of {', '.join(c)}") for key, c in CHOICES.items()},
     **{f"model.{f.name}": _GT0 for f in dataclasses.fields(ModelConfig)},
     "mixing.group_size": _GE1, "mixing.hc_tau": _GT0, "mixing.hc_weight": _GE0,
-    "mixing.hc_heads": (lambda v: v is None or v >= 1, "must be >= 1, or null (every head)"),
     "mixing.mask_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "runtime.device": (_DEVICE.fullmatch, "must be auto, cpu, cuda or cuda:N"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
@@ -677,9 +676,6 @@ def validate(cfg: Config) -> Config:
     if bad:
         errors.append(f"mixing.ha_layers = {x.ha_layers!r}: indices {bad} out of range for model.depth = "
                       f"{m.depth}; allowed [{-m.depth}, {m.depth})")
-    if x.hc_heads is not None and x.hc_heads > m.num_heads:
-        errors.append(f"mixing.hc_heads = {x.hc_heads}: must be <= model.num_heads = {m.num_heads}, or null (every "
-                      "head)")
     if x.topk is not None and n >= 1 and not 1 <= x.topk <= r * n:
         errors.append(f"mixing.topk = {x.topk!r}: must be in [1, group_size * n_visible] = [1, {r * n}], "
                       f"or null (= n_visible = {n})")
@@ -698,12 +694,11 @@ def validate(cfg: Config) -> Config:
                       f"tokens, this config makes 1 + group_size * n_visible = {1 + r * n}; use flex, sdpa or eager")
     if errors:
         raise ConfigError(_join(errors))
-    hc_attention, hc_features = _hc_flags(x, _resolve_ha_layers(x, m.depth))
-
-    if (hc_attention or hc_features) and n < 2:
-        raise ConfigError(f"mixing.mask_ratio = {x.mask_ratio!r}: the homologous contrastive loss needs "
-                          f"n_visible >= 2 (a same-source positive besides the query), got {n}; "
-                          "lower mixing.mask_ratio or set mixing.hc_weight=0")
+    problems = choices.hc_problems(x.hc_weight, r, x.hc_on, x.ha, _resolve_ha_layers(x, m.depth), x.hc_heads,
+                                   m.num_heads, n)
+    if problems:
+        raise ConfigError(_join([f"mixing.{name} = {getattr(x, name)!r}: {why}"
+                                 for name, (_, why) in problems.items()]))
     ignored = choices.hc_ignored(x.hc_weight, r, x.hc_on, x.ha, _resolve_ha_layers(x, m.depth))
     if ignored:
         level, frame = 1, sys._getframe()  # point the warning at the caller outside this module

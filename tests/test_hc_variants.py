@@ -124,7 +124,7 @@ def test_hc_heads_leaves_the_other_heads_alone():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--mixing.hc_heads=5", "mixing.hc_heads = 5: must be <= model.num_heads = 4"),
+    ("--mixing.hc_heads=5", "mixing.hc_heads = 5: must be >= 1 and <= model.num_heads = 4"),
     ("--mixing.hc_heads=0", "mixing.hc_heads = 0: must be >= 1"),
     ("--mixing.hc_form=nce", "mixing.hc_form = 'nce': must be one of infonce, supcon"),
 ])

@@ -366,6 +366,7 @@ def test_input_errors(tiny):
     (dict(topk=0), r"topk=0 must lie in \[1, r\*n = 8\]"),
     (dict(topk=9), r"topk=9 must lie in \[1, r\*n = 8\]"),
     (dict(group_size=4, mask_ratio=0.9), "needs n_visible >= 2"),  # n = int(16 * 0.1) = 1
+    (dict(hc_heads=5), r"hc_heads=5: must be >= 1 and <= model.num_heads = 4"),   # the config's rule, no config
     (dict(group_size=5), "must lie in"),                             # 5 * 4 > 16
     (dict(img_size=18), "not a multiple of patch_size"),
 ])

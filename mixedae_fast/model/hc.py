@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mixedae_fast.choices import HC_FORMS, HC_ON, hc_flags, hc_ignored
+from mixedae_fast.choices import HC_FORMS, HC_ON, hc_flags, hc_ignored, hc_problems
 from mixedae_fast.model.losses import hc_attention_loss, supcon_loss
 
 
@@ -39,20 +39,20 @@ class HCObjective:
     def build(cls, weight: float, on: str, form: str, heads: int | None, tau: float, *, group_size: int,
               n_visible: int, ha: str, ha_layers: tuple[int, ...], num_heads: int, warn: bool = True) -> HCObjective:
         """The objective these settings describe; a ValueError for a setting outside its range, a warning
-        (with ``warn``) when the loss is asked for where it cannot act (e.g. ``ha=none``)."""
-        if on not in HC_ON:
-            raise ValueError(f"hc_on={on!r} is not one of {', '.join(HC_ON)}")
-        if form not in HC_FORMS:
-            raise ValueError(f"hc_form={form!r} is not one of {', '.join(HC_FORMS)}")
-        if heads is not None and not 1 <= heads <= num_heads:
-            raise ValueError(f"hc_heads={heads} must lie in [1, num_heads = {num_heads}] or be None (all)")
+        (with ``warn``) when the loss is asked for where it cannot act (e.g. ``ha=none``). The rules are
+        :mod:`mixedae_fast.choices`' (the config checks the same ones at load): a model built from Python
+        without a config gets the same answer."""
+        for name, value, allowed in (("hc_on", on, HC_ON), ("hc_form", form, HC_FORMS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        problems = hc_problems(weight, group_size, on, ha, ha_layers, heads, num_heads, n_visible)
+        if problems:
+            raise ValueError("; ".join(f"{name}={value!r}: {why}" for name, (value, why) in problems.items()))
         attention, features = hc_flags(weight, group_size, on, ha, ha_layers)
         ignored = hc_ignored(weight, group_size, on, ha, ha_layers)
         if ignored and warn:
             warnings.warn(f"hc_weight = {weight} partly or wholly ignored: {'; '.join(ignored)} (got ha={ha}, "
                           f"group_size={group_size})", stacklevel=3)
-        if (attention or features) and n_visible < 2:
-            raise ValueError(f"the homologous contrastive loss needs n_visible >= 2 (got {n_visible})")
         return cls(weight, on, form, heads, tau, attention, features)
 
     @property
