@@ -14,6 +14,7 @@ Mask convention as MAE: ``loss_mask`` True = not visible for that source (recons
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -29,6 +30,9 @@ from mixedae_fast.choices import (
     n_visible,
     resolve_ha_layers,
 )
+from mixedae_fast.config import MixingConfig as _X
+from mixedae_fast.config import ModelConfig as _M
+from mixedae_fast.config import RuntimeConfig as _R
 from mixedae_fast.kernels.assignment import draw_assignment
 from mixedae_fast.kernels.patch_mix import patch_mix, patchify
 from mixedae_fast.kernels.unmix import unmix as unmix_op
@@ -87,11 +91,15 @@ class MixedBlock(Block):
 
 
 class MixedAutoencoderViT(nn.Module):
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, group_size=4,
-                 mask_ratio=0.75, ha="topk", ha_layers=None, topk=None, hc_on="attention", hc_weight=1.0,
-                 hc_tau=0.2, hc_heads=1, hc_form="infonce", segment_embed="none", norm_pix_loss=True,
-                 attention_backend="auto", kernels="auto", warn_ignored=True):
+    # the keywords are the config's model and mixing fields (config.py: their meaning and their defaults,
+    # which these take from there), then runtime's two backends
+    def __init__(self, img_size=_M.img_size, patch_size=_M.patch_size, in_chans=_M.in_chans, embed_dim=_M.embed_dim,
+                 depth=_M.depth, num_heads=_M.num_heads, decoder_embed_dim=_M.decoder_embed_dim,
+                 decoder_depth=_M.decoder_depth, decoder_num_heads=_M.decoder_num_heads, mlp_ratio=_M.mlp_ratio,
+                 group_size=_X.group_size, mask_ratio=_X.mask_ratio, ha=_X.ha, ha_layers=_X.ha_layers, topk=_X.topk,
+                 hc_on=_X.hc_on, hc_weight=_X.hc_weight, hc_tau=_X.hc_tau, hc_heads=_X.hc_heads, hc_form=_X.hc_form,
+                 segment_embed=_X.segment_embed, norm_pix_loss=_X.norm_pix_loss,
+                 attention_backend=_R.attention_backend, kernels=_R.kernels, warn_ignored=True):
         super().__init__()
         self._set_layout(img_size, patch_size, in_chans, group_size, mask_ratio, ha, ha_layers, topk, depth)
         self.segment_embed = _choice("segment_embed", segment_embed, SEGMENT_EMBED)
@@ -284,14 +292,8 @@ class MixedAutoencoderViT(nn.Module):
 
 def build_model(cfg) -> MixedAutoencoderViT:
     """The model a :class:`mixedae_fast.config.Config` describes."""
-    m, x = cfg.model, cfg.mixing
     return MixedAutoencoderViT(
-        img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, embed_dim=m.embed_dim,
-        depth=m.depth, num_heads=m.num_heads, decoder_embed_dim=m.decoder_embed_dim,
-        decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio,
-        group_size=x.group_size, mask_ratio=x.mask_ratio, ha=x.ha, ha_layers=x.ha_layers, topk=x.topk,
-        hc_on=x.hc_on, hc_weight=x.hc_weight, hc_tau=x.hc_tau, segment_embed=x.segment_embed,
-        norm_pix_loss=x.norm_pix_loss, attention_backend=cfg.runtime.attention_backend,
-        kernels=cfg.runtime.kernels, hc_heads=x.hc_heads, hc_form=x.hc_form,
+        **dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.mixing),
+        attention_backend=cfg.runtime.attention_backend, kernels=cfg.runtime.kernels,
         warn_ignored=False,  # load_config warned already
     )
