@@ -1,6 +1,6 @@
 """benchmarks/bench_attention.py at a tiny shape on CPU: every row present (timed, or skipped with the
 reason), the baseline row in the same run, each timed row checked against eager, and the result files'
-fields (JSON and CSV); the ``attention_backends.json`` row built from a (fabricated) result file."""
+fields (JSON and CSV); the ``measured.json`` entries built from a (fabricated) result file."""
 import copy
 import csv
 import json
