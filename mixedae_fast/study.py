@@ -102,6 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve", action="store_true",
                    help="after the runs: kNN of every checkpoint they kept (keep some with --run.ckpt_every=N "
                         "--run.keep_last=M) beside the logged recognition and attention mass: curve.md/.json/.png")
+    p.add_argument("--context", action="store_true",
+                   help="after the runs: kNN of each final encoder's features of whole images, of their visible "
+                        "patches alone and of those inside a mixed group (what mixing does to a source's tokens): "
+                        "context.md/.json")
     p.add_argument("--transfer", default=None,
                    help=f"after the runs: their final encoders, frozen, on these data sets (comma-separated, from "
                         f"{', '.join(DATASETS)}): transfer.md/.json")
@@ -566,7 +570,7 @@ def run_study(args, overrides) -> int:
             "run_shas": dict(collections.Counter(r.get("git_sha", "unknown") for rs in results.values() for r in rs))}
     rows = summarize(results, args.select_split, args.report_split)
     paths = write_outputs(out_dir, rows, args.select_split, args.report_split, meta)
-    if args.curve or args.transfer:
+    if args.curve or args.context or args.transfer:
         from mixedae_fast.study_followup import run_followups
         from mixedae_fast.train.device import resolve_device
 

@@ -6,12 +6,16 @@ training statistics the run logged (recognition, head overlap, the attention mas
 source, on other sources and on the class token) at the same steps: ``curve.md``, ``curve.json`` and
 ``curve.png`` in the study folder. It shows whether a variant plateaus early or falls behind late.
 
+``--context`` measures what mixing does to a source's tokens: each run's final encoder, kNN of features
+of the whole image, of only its visible patches alone, and of those patches inside a mixed group with the
+run's own attention (:func:`context_features`): ``context.md`` / ``context.json``.
+
 ``--transfer digits,photos`` evaluates each run's final encoder, frozen, on other data sets (kNN, linear
 probe, few-shot: the bank from the target's training folder, the table on its val split), and with
 ``--transfer-finetune-epochs E`` also fine-tunes it briefly on each (``mixedae-fast finetune``, its own
 folder under the study's): ``transfer.md`` / ``transfer.json``.
 
-Every evaluation is a file under ``<study>/results/curve/`` or ``<study>/results/transfer/``, written
+Every evaluation is a file under ``<study>/results/{curve,context,transfer}/``, written
 when it completes: a rerun skips what is there, so a long follow-up resumes.
 """
 from __future__ import annotations
@@ -23,9 +27,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from mixedae_fast.train.checkpoint import atomic_write_json, checkpoint_step, list_checkpoints
 
 # columns of a run's metrics.csv the curve follows (absent for variants without TopK / HC)
+CONTEXTS = ("full", "alone", "mixed")  # see context_features
 CURVE_STATS = ("loss_rec", "recognition", "jaccard", "w_same", "w_other", "w_cls")
 
 
@@ -164,6 +171,81 @@ def finetune_top1(run_dir: Path, data_root: Path, folder: Path, epochs: int) -> 
     return json.loads(results.read_text())["results"]["pretrained"]["val_top1"]
 
 
+@torch.no_grad()
+def context_features(model, images: torch.Tensor, batch_groups: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Mean-pooled encoder features of ``images [M, C, S, S]`` (``M`` a multiple of the model's r) in three
+    contexts, the same visible positions in the last two: ``full`` (the whole image alone, global attention:
+    what kNN and the probe use), ``alone`` (its visible 1 - m of patches alone, global attention: MAE's
+    encoder input) and ``mixed`` (those patches inside a group of r images, the model's own homologous
+    attention: the pretraining input). ``alone`` vs ``mixed`` isolates what mixing does to a source's
+    tokens; ``full`` vs ``alone`` what masking does."""
+    from mixedae_fast.kernels.patch_mix import patchify
+
+    was_training = model.training
+    model.eval()
+    r, n = model.group_size, model.n_visible
+    out = {"full": [], "alone": [], "mixed": []}
+    step = batch_groups * r
+    for start in range(0, len(images), step):
+        x = images[start:start + step]
+        G = len(x) // r
+        ids = model.assign(G, seed=seed, step=start // step, device=x.device)
+        out["full"].append(model.forward_features(x)[:, 1:].mean(dim=1))
+        mixed, _, _ = model.mix(x, ids)
+        latent, _ = model.forward_encoder(mixed, ids, model.make_layout(hc=False))
+        out["mixed"].append(latent[:, 1:].reshape(G * r, n, -1).mean(dim=1))
+        pos = ids.long().view(G * r, n)  # image g * r + j shows positions ids[g, j*n:(j+1)*n]
+        tokens = patchify(x, model.patch_size).gather(1, pos[..., None].expand(-1, -1, mixed.shape[-1]))
+        t = model.patch_embed(tokens) + model.pos_embed[0, 1:][pos]
+        cls = (model.cls_token + model.pos_embed[:, :1]).expand(len(t), -1, -1)
+        t = torch.cat([cls, t], dim=1)
+        for blk in model.blocks:
+            t = blk(t)
+        out["alone"].append(model.norm(t)[:, 1:].mean(dim=1))
+    model.train(was_training)
+    return {k: torch.cat(v).float() for k, v in out.items()}
+
+
+def _images(loader, limit: int | None = None):
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x, y) if limit is None else (x[:limit], y[:limit])
+
+
+def context_points(out_dir: Path, names: list[str], train_dir, val_dir, args, device, say=print) -> dict:
+    """``{run name: {context: {heldout_knn, val_knn}}}`` for each run's final encoder (cached per run)."""
+    from mixedae_fast.downstream.evaluate import image_loaders, knn_accuracy
+    from mixedae_fast.study import split_indices
+
+    cache = out_dir / "results" / "context"
+    cache.mkdir(parents=True, exist_ok=True)
+    data = None
+    points = {}
+    for name in names:
+        done = cache / f"{name}.json"
+        if not done.is_file():
+            model, cfg = _load(out_dir / "runs" / name, device)
+            if data is None:
+                train, val = image_loaders(str(train_dir), str(val_dir), cfg.model.img_size, device)
+                data = _images(train), _images(val)
+            (tx, ty), (vx, vy) = data
+            r = model.group_size
+            tf = context_features(model, tx[: len(tx) // r * r].to(device))
+            vf = context_features(model, vx[: len(vx) // r * r].to(device))
+            ty, vy = ty[: len(tx) // r * r].to(device), vy[: len(vx) // r * r].to(device)
+            bank, held = split_indices(len(tx), args.heldout)
+            bank, held = bank[bank < len(ty)], held[held < len(ty)]
+            point = {c: {"heldout_knn": knn_accuracy(tf[c][bank], ty[bank], tf[c][held], ty[held]),
+                         "val_knn": knn_accuracy(tf[c][bank], ty[bank], vf[c], vy)} for c in tf}
+            atomic_write_json(point, done)
+            say(f"context {name}: " + ", ".join(f"{c} {p['heldout_knn']:.1f}" for c, p in point.items()))
+        points[name] = json.loads(done.read_text())
+    return points
+
+
 # -- tables and plots --------------------------------------------------------------------------------
 
 def _by_variant(points: dict, variants: list[str], seeds: list[int]) -> dict:
@@ -273,15 +355,49 @@ def write_transfer(out_dir: Path, rows: list[dict], targets: list[str], meta: di
     return [atomic_write_json({"meta": meta, "rows": rows}, out_dir / "transfer.json"), md]
 
 
+def context_table(points: dict, variants: list[str], seeds: list[int]) -> list[dict]:
+    from mixedae_fast.study import mean_std
+
+    rows = []
+    for v, runs in _by_variant(points, variants, seeds).items():
+        row = {"variant": v, "seeds": len(runs)}
+        for c in CONTEXTS:
+            for split in ("heldout", "val"):
+                row[f"{c}/{split}_knn"] = mean_std([run[c][f"{split}_knn"] for run in runs])
+        rows.append(row)
+    return rows
+
+
+def write_context(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
+    lines = ["| variant | " + " | ".join(f"{c} ({split})" for split in ("held-out", "val") for c in CONTEXTS) + " |",
+             "| --- |" + " ---: |" * (2 * len(CONTEXTS))]
+    for r in rows:
+        lines.append(f"| {r['variant']} | " + " | ".join(_fmt(r[f"{c}/{split}_knn"]) for split in ("heldout", "val")
+                                                           for c in CONTEXTS) + " |")
+    note = (f"Encoder features in context, the study {meta['study']} ({meta['dataset']}), each run's final "
+            "checkpoint: weighted kNN (k 20, τ 0.07) of mean-pooled tokens with bank and queries taken the same "
+            "way. full: the whole image alone, global attention (what the study's table uses); alone: only the "
+            "patches a training step shows of it (1 - mask ratio), alone, global attention; mixed: those same "
+            "patches inside a group of r images with the run's own attention (its pretraining input), the tokens "
+            f"of the image pooled. Mean ± std over seeds {meta['seeds']}. Written by git {meta['git_sha']} on "
+            f"{meta['machine']}, {meta['date']}.\n\nCommand: {meta['command']}\n")
+    md = out_dir / "context.md"
+    md.write_text("\n".join(lines) + "\n\n" + note)
+    return [atomic_write_json({"meta": meta, "rows": rows}, out_dir / "context.json"), md]
+
+
 def run_followups(out_dir: Path, variants: list[str], seeds: list[int], train_dir, val_dir, dataset: str,
                   img_size: int, args, device, stamp: dict) -> list[Path]:
-    """The follow-ups ``args`` asks for (``--curve``, ``--transfer``) on a study whose runs are finished."""
+    """The follow-ups ``args`` asks for (``--curve``, ``--context``, ``--transfer``) on a finished study."""
     names = [f"{v}-seed{s}" for v in variants for s in seeds]
     meta = {"study": str(out_dir), "dataset": dataset, "seeds": seeds, **stamp}
     paths = []
     if args.curve:
         points = curve_points(out_dir, names, train_dir, val_dir, args, device)
         paths += write_curve(out_dir, curve_table(points, variants, seeds), meta)
+    if args.context:
+        points = context_points(out_dir, names, train_dir, val_dir, args, device)
+        paths += write_context(out_dir, context_table(points, variants, seeds), meta)
     if args.transfer:
         targets = [t for t in args.transfer if t != dataset]
         points = transfer_points(out_dir, names, targets, img_size, args, device)

@@ -196,7 +196,8 @@ def test_curve_and_transfer_follow_ups_and_their_resume(tmp_path, monkeypatch):
     data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
     out = tmp_path / "st"
     argv = ["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae,default", "--seeds", "0",
-            "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", "--curve", "--transfer", "digits",
+            "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", "--curve", "--context",
+            "--transfer", "digits",
             "--transfer-finetune-epochs", "1", *TINY, "--run.ckpt_every=3", "--run.keep_last=5"]
     assert main(argv) == 0
     curve = json.loads((out / "curve.json").read_text())["rows"]
@@ -209,6 +210,9 @@ def test_curve_and_transfer_follow_ups_and_their_resume(tmp_path, monkeypatch):
     default6 = curve[3]
     assert 0 <= default6["recognition"][0] <= 1 and curve[1]["recognition"][0] is None  # MAE mode has no TopK
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG" and "| default | 6 |" in (out / "curve.md").read_text()
+    context = {r["variant"]: r for r in json.loads((out / "context.json").read_text())["rows"]}
+    assert context["mae"]["mixed/val_knn"][0] == pytest.approx(context["mae"]["alone/val_knn"][0])  # r = 1
+    assert context["default"]["full/val_knn"][0] == pytest.approx(table["default"]["val/knn"][0])
     transfer = json.loads((out / "transfer.json").read_text())
     assert transfer["meta"]["targets"] == ["digits"]
     for r in transfer["rows"]:
@@ -232,3 +236,20 @@ def test_follow_up_options_refuse_bad_input(argv, message, capsys):
     assert main(["study", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_context_features_alone_is_mixed_at_r1_and_differs_when_mixed(tiny):
+    """The three contexts of study --context: at r = 1 (MAE mode) a group holds one image, so its tokens
+    "mixed" are exactly its visible patches "alone"; at r = 2 with global attention (naive mixing) the other
+    source's tokens change them; "full" sees every patch, so it differs from both."""
+    from mixedae_fast.study_followup import context_features
+
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mae = tiny.build(group_size=1, ha="none")
+    f = context_features(mae, images, batch_groups=3)
+    assert set(f) == {"full", "alone", "mixed"} and all(v.shape == (8, 32) for v in f.values())
+    torch.testing.assert_close(f["mixed"], f["alone"], rtol=1e-5, atol=1e-5)  # fp32: the same sums, other order
+    assert (f["full"] - f["alone"]).abs().max() > 1e-3
+    naive = tiny.build(group_size=2, ha="none")
+    g = context_features(naive, images, batch_groups=3)
+    assert (g["mixed"] - g["alone"]).abs().max() > 1e-3
