@@ -101,6 +101,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs trained side by side, each a process with cores/jobs threads (default auto: one per "
                         "usable core, at most 8, on a CPU device; 1 with a GPU). At cpu_tiny's size on 2 cores, two "
                         "one-thread processes train ~500 img/s together, one two-thread process ~400")
+    p.add_argument("--curve", action="store_true",
+                   help="after the runs: kNN of every checkpoint they kept (keep some with --run.ckpt_every=N "
+                        "--run.keep_last=M) beside the logged recognition and attention mass: curve.md/.json/.png")
+    p.add_argument("--context", action="store_true",
+                   help="after the runs: kNN of each final encoder's features of whole images, of their visible "
+                        "patches alone and of those inside a mixed group (what mixing does to a source's tokens): "
+                        "context.md/.json")
+    p.add_argument("--transfer", default=None,
+                   help=f"after the runs: their final encoders, frozen, on these data sets (comma-separated, from "
+                        f"{', '.join(DATASETS)}): transfer.md/.json")
+    p.add_argument("--transfer-finetune-epochs", type=int, default=0,
+                   help="with --transfer: also fine-tune each final encoder this many epochs on each target "
+                        "(mixedae-fast finetune; default 0 = no)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # a --jobs child: the parent's command
 
@@ -127,6 +140,15 @@ def check_args(args) -> tuple[list[str], list[int]]:
     if args.epochs < 1 or args.shots < 1 or args.probe_epochs < 1 or not 0 < args.heldout < 1:
         raise StudyError(f"--epochs {args.epochs}, --shots {args.shots}, --probe-epochs {args.probe_epochs}, "
                          f"--heldout {args.heldout}: need epochs, shots, probe epochs >= 1 and 0 < heldout < 1")
+    if args.transfer is not None:
+        args.transfer = parse_list(args.transfer, "transfer")
+        unknown = [t for t in args.transfer if t not in DATASETS]
+        if unknown:
+            raise StudyError(f"--transfer {','.join(args.transfer)}: {unknown[0]!r} is not a data set; choose from "
+                             f"{', '.join(DATASETS)}")
+    if args.transfer_finetune_epochs < 0 or (args.transfer_finetune_epochs and not args.transfer):
+        raise StudyError(f"--transfer-finetune-epochs {args.transfer_finetune_epochs}: give >= 1 together with "
+                         "--transfer, or 0")
     if args.jobs != "auto" and not (args.jobs.isdigit() and int(args.jobs) >= 1):
         raise StudyError(f"--jobs {args.jobs!r}: give a number of processes >= 1, or auto")
     return variants, seeds
@@ -549,6 +571,13 @@ def run_study(args, overrides) -> int:
             **_stamp(code_sha, command),
             "run_shas": dict(collections.Counter(r.get("git_sha", "unknown") for rs in results.values() for r in rs))}
     rows = summarize(results, args.select_split, args.report_split)
-    for path in write_outputs(out_dir, rows, args.select_split, args.report_split, meta):
+    paths = write_outputs(out_dir, rows, args.select_split, args.report_split, meta)
+    if args.curve or args.context or args.transfer:
+        from mixedae_fast.study_followup import run_followups
+        from mixedae_fast.train.device import resolve_device
+
+        paths += run_followups(out_dir, variants, seeds, train_dir, val_dir, dataset, base.model.img_size, args,
+                               resolve_device(base.runtime.device), _stamp(code_sha, command))
+    for path in paths:
         print(path)
     return 0

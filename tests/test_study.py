@@ -185,3 +185,71 @@ def test_resolve_jobs(jobs, device, todo, want):
 def test_jobs_must_be_a_count(capsys):
     assert main(["study", "--jobs", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --jobs '0': give a number of processes >= 1, or auto")
+
+
+def test_curve_and_transfer_follow_ups_and_their_resume(tmp_path, monkeypatch):
+    """--curve evaluates every kept checkpoint (its last point is the table's own kNN of that run);
+    --transfer evaluates the final encoders on another set, and fine-tunes them there; a rerun reuses both."""
+    from mixedae_fast import study_followup
+
+    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    out = tmp_path / "st"
+    argv = ["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae,default", "--seeds", "0",
+            "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", "--curve", "--context",
+            "--transfer", "digits",
+            "--transfer-finetune-epochs", "1", *TINY, "--run.ckpt_every=3", "--run.keep_last=5"]
+    assert main(argv) == 0
+    curve = json.loads((out / "curve.json").read_text())["rows"]
+    assert [(r["variant"], r["step"]) for r in curve] == [("mae", 3), ("mae", 6), ("default", 3), ("default", 6)]
+    table = {r["variant"]: r for r in json.loads((out / "study.json").read_text())["rows"]}
+    for r in curve:
+        if r["step"] == 6:  # the final checkpoint, evaluated as the table evaluates it
+            assert r["val_knn"][0] == pytest.approx(table[r["variant"]]["val/knn"][0])
+            assert r["heldout_knn"][0] == pytest.approx(table[r["variant"]]["heldout/knn"][0])
+    default6 = curve[3]
+    assert 0 <= default6["recognition"][0] <= 1 and curve[1]["recognition"][0] is None  # MAE mode has no TopK
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG" and "| default | 6 |" in (out / "curve.md").read_text()
+    context = {r["variant"]: r for r in json.loads((out / "context.json").read_text())["rows"]}
+    assert context["mae"]["mixed/val_knn"][0] == pytest.approx(context["mae"]["alone/val_knn"][0])  # r = 1
+    assert context["default"]["full/val_knn"][0] == pytest.approx(table["default"]["val/knn"][0])
+    transfer = json.loads((out / "transfer.json").read_text())
+    assert transfer["meta"]["targets"] == ["digits"]
+    for r in transfer["rows"]:
+        assert all(0 <= r[f"digits/{m}"][0] <= 100 for m in ("knn", "linear_probe", "few_shot", "finetune_top1"))
+    assert (out / "results" / "transfer" / "finetune" / "mae-seed0-digits" / "results.json").is_file()
+
+    def no_work(*a, **k):
+        raise AssertionError("a finished evaluation was done again")
+    monkeypatch.setattr(study, "evaluate_run", no_work)
+    monkeypatch.setattr(study_followup, "finetune_top1", no_work)
+    monkeypatch.setattr(study_followup, "_load", no_work)
+    assert main(argv) == 0
+    assert json.loads((out / "curve.json").read_text())["rows"] == curve
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--transfer", "mnist"], "error: --transfer mnist: 'mnist' is not a data set"),
+    (["--transfer-finetune-epochs", "2"], "error: --transfer-finetune-epochs 2: give >= 1 together with --transfer"),
+])
+def test_follow_up_options_refuse_bad_input(argv, message, capsys):
+    assert main(["study", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_context_features_alone_is_mixed_at_r1_and_differs_when_mixed(tiny):
+    """The three contexts of study --context: at r = 1 (MAE mode) a group holds one image, so its tokens
+    "mixed" are exactly its visible patches "alone"; at r = 2 with global attention (naive mixing) the other
+    source's tokens change them; "full" sees every patch, so it differs from both."""
+    from mixedae_fast.study_followup import context_features
+
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mae = tiny.build(group_size=1, ha="none")
+    f = context_features(mae, images, batch_groups=3)
+    assert set(f) == {"full", "alone", "mixed"} and all(v.shape == (8, 32) for v in f.values())
+    torch.testing.assert_close(f["mixed"], f["alone"], rtol=1e-5, atol=1e-5)  # fp32: the same sums, other order
+    assert (f["full"] - f["alone"]).abs().max() > 1e-3
+    naive = tiny.build(group_size=2, ha="none")
+    g = context_features(naive, images, batch_groups=3)
+    assert (g["mixed"] - g["alone"]).abs().max() > 1e-3
