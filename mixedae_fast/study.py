@@ -32,6 +32,14 @@ import os
 from pathlib import Path
 
 from mixedae_fast.choices import EMBEDDED, OFFLINE_DATASETS
+from mixedae_fast.study_eval import (  # noqa: F401 (split_indices, few_shot_accuracy: the study's API)
+    data_folders,
+    evaluate_run,
+    few_shot_accuracy,
+    fmt_ms,
+    mean_std,
+    split_indices,
+)
 
 # name -> (what it is, its config overrides)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -173,83 +181,7 @@ def resolve_jobs(jobs: str, device: str, todo: int) -> tuple[int, int]:
     return n, max(1, cores // n)
 
 
-def data_folders(args, img_size: int) -> tuple[Path, Path, str]:
-    """``(train_dir, val_dir, name)``: one folder pair for every run of the study (the embedded set is
-    drawn once with data seed 0, whatever the run seeds)."""
-    if args.data_dir is not None:
-        root = Path(args.data_dir)
-        missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"{root} has no {' or '.join(missing)}/ folder; a study folder holds train/ and "
-                                    "val/, each with one subfolder per class (ImageFolder layout)")
-        return root / "train", root / "val", root.name
-    if args.dataset in EMBEDDED:
-        from mixedae_fast.pipelines.synthetic import (
-            DEFAULT_NUM_TRAIN,
-            DEFAULT_NUM_VAL,
-            default_data_root,
-            write_image_folder,
-        )
-        root = write_image_folder(default_data_root(img_size, seed=0), DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL,
-                                  size=img_size, seed=0, progress=False)
-    else:
-        from mixedae_fast.pipelines.offline import write_offline_folder
-        root = write_offline_folder(args.dataset, size=img_size)
-    return root / "train", root / "val", args.dataset
-
-
 # -- evaluation -------------------------------------------------------------------------------------
-
-def split_indices(num: int, heldout: float, seed: int = 0, bank_max: int = 2000, heldout_max: int = 1000):
-    """Disjoint ``(bank, heldout)`` index tensors into the training folder, the same for every run."""
-    import torch
-
-    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
-    n_held = min(max(1, int(num * heldout)), heldout_max)
-    return order[n_held:][:bank_max].sort().values, order[:n_held].sort().values
-
-
-def few_shot_accuracy(train_x, train_y, val_x, val_y, shots: int = 5, episodes: int = 20, seed: int = 0) -> float:
-    """Nearest class mean (cosine) from ``shots`` labelled images per class, averaged over ``episodes``
-    random draws; percent correct. Classes with fewer than ``shots`` images use what they have."""
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
-    tx, vx = F.normalize(train_x.float(), dim=1), F.normalize(val_x.float(), dim=1)
-    classes = torch.unique(train_y)
-    accs = []
-    for _ in range(episodes):
-        means = []
-        for c in classes:
-            idx = torch.nonzero(train_y == c).flatten()
-            pick = idx[torch.randperm(len(idx), generator=g)[:shots]]
-            means.append(F.normalize(tx[pick].mean(0), dim=0))
-        pred = classes[(vx @ torch.stack(means).T).argmax(dim=1)]
-        accs.append((pred == val_y).float().mean().item())
-    return 100.0 * sum(accs) / len(accs)
-
-
-def evaluate_run(model, train_dir, val_dir, img_size, device, heldout, shots, probe_epochs, amp_dtype=None) -> dict:
-    """``{split: {knn, linear_probe, few_shot}}`` for the ``heldout`` and ``val`` splits; kNN, probe and
-    few-shot fit on the labelled bank (training folder minus the held-out part)."""
-    from mixedae_fast.downstream.evaluate import extract_pooled, image_loaders, knn_accuracy, linear_probe_accuracy
-
-    train, val = image_loaders(str(train_dir), str(val_dir), img_size, device)
-    tx, ty = extract_pooled(model, train, device, ("avg",), amp_dtype)
-    vx, vy = extract_pooled(model, val, device, ("avg",), amp_dtype)
-    tx, vx = tx["avg"], vx["avg"]
-    bank, held = split_indices(len(tx), heldout)
-    bank, held = bank.to(tx.device), held.to(tx.device)
-    bx, by = tx[bank], ty[bank]
-    out = {}
-    for split, (x, y) in {"heldout": (tx[held], ty[held]), "val": (vx, vy)}.items():
-        out[split] = {"knn": knn_accuracy(bx, by, x, y),
-                      "linear_probe": linear_probe_accuracy(bx, by, x, y, epochs=probe_epochs),
-                      "few_shot": few_shot_accuracy(bx, by, x, y, shots)}
-    out["sizes"] = {"bank": len(bank), "heldout": len(held), "val": len(vx)}
-    return out
-
 
 # -- one run ---------------------------------------------------------------------------------------
 
@@ -368,17 +300,6 @@ def run_children(todo, jobs: int, threads: int, argv_of, log_dir: Path, bar, sto
 
 # -- the table ---------------------------------------------------------------------------------------
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return None, None
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-
-
 def summarize(results: dict[str, list[dict]], select: str, report: str) -> list[dict]:
     """One row per variant: mean and std over seeds of each metric on both splits and of the last
     logged training stats."""
@@ -395,21 +316,14 @@ def summarize(results: dict[str, list[dict]], select: str, report: str) -> list[
     return rows
 
 
-def _fmt(ms: tuple, digits: int = 1) -> str:
-    m, s = ms
-    if m is None:
-        return "–"
-    return f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
-
-
 def markdown_table(rows: list[dict], select: str, report: str, meta: dict) -> str:
     best = max(rows, key=lambda r: -math.inf if r[f"{select}/knn"][0] is None else r[f"{select}/knn"][0])
     head = (f"| variant | {report} kNN | {report} probe | {report} {meta['shots']}-shot | {select} kNN | "
             f"{select} probe | recognition | head Jaccard | w_self |")
     lines = [head, "|" + " --- |" + " ---: |" * 8]
     for r in rows:
-        cells = [_fmt(r[f"{report}/{m}"]) for m in METRICS] + [_fmt(r[f"{select}/{m}"]) for m in METRICS[:2]]
-        cells += [_fmt(r[s], 2) for s in ("recognition", "jaccard", "w_self")]
+        cells = [fmt_ms(r[f"{report}/{m}"]) for m in METRICS] + [fmt_ms(r[f"{select}/{m}"]) for m in METRICS[:2]]
+        cells += [fmt_ms(r[s], 2) for s in ("recognition", "jaccard", "w_self")]
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     notes = [
         f"Study: {meta['dataset']}, {meta['runs']} runs ({len(rows)} variants x seeds {meta['seeds']}), "
@@ -573,7 +487,7 @@ def run_study(args, overrides) -> int:
     rows = summarize(results, args.select_split, args.report_split)
     paths = write_outputs(out_dir, rows, args.select_split, args.report_split, meta)
     if args.curve or args.context or args.transfer:
-        from mixedae_fast.study_followup import run_followups
+        from mixedae_fast.study_eval import run_followups
         from mixedae_fast.train.device import resolve_device
 
         paths += run_followups(out_dir, variants, seeds, train_dir, val_dir, dataset, base.model.img_size, args,

@@ -18,7 +18,8 @@ LAYERS = [
     ("model", ("mixedae_fast.model",)),
     ("train", ("mixedae_fast.train",)),
     ("downstream", ("mixedae_fast.downstream",)),
-    ("workflows", ("mixedae_fast.pretrain", "mixedae_fast.study", "mixedae_fast.cli", "mixedae_fast.benchmarks")),
+    ("workflows", ("mixedae_fast.pretrain", "mixedae_fast.study_eval", "mixedae_fast.study", "mixedae_fast.cli",
+                   "mixedae_fast.benchmarks")),
 ]
 
 

@@ -190,7 +190,7 @@ def test_jobs_must_be_a_count(capsys):
 def test_curve_and_transfer_follow_ups_and_their_resume(tmp_path, monkeypatch):
     """--curve evaluates every kept checkpoint (its last point is the table's own kNN of that run);
     --transfer evaluates the final encoders on another set, and fine-tunes them there; a rerun reuses both."""
-    from mixedae_fast import study_followup
+    from mixedae_fast import study_eval
 
     monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
     data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
@@ -221,9 +221,10 @@ def test_curve_and_transfer_follow_ups_and_their_resume(tmp_path, monkeypatch):
 
     def no_work(*a, **k):
         raise AssertionError("a finished evaluation was done again")
+    monkeypatch.setattr(study_eval, "evaluate_run", no_work)
     monkeypatch.setattr(study, "evaluate_run", no_work)
-    monkeypatch.setattr(study_followup, "finetune_top1", no_work)
-    monkeypatch.setattr(study_followup, "_load", no_work)
+    monkeypatch.setattr(study_eval, "finetune_top1", no_work)
+    monkeypatch.setattr(study_eval, "_load", no_work)
     assert main(argv) == 0
     assert json.loads((out / "curve.json").read_text())["rows"] == curve
 
@@ -242,7 +243,7 @@ def test_context_features_alone_is_mixed_at_r1_and_differs_when_mixed(tiny):
     """The three contexts of study --context: at r = 1 (MAE mode) a group holds one image, so its tokens
     "mixed" are exactly its visible patches "alone"; at r = 2 with global attention (naive mixing) the other
     source's tokens change them; "full" sees every patch, so it differs from both."""
-    from mixedae_fast.study_followup import context_features
+    from mixedae_fast.study_eval import context_features
 
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     mae = tiny.build(group_size=1, ha="none")

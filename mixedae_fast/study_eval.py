@@ -1,4 +1,9 @@
-"""What a finished study's runs show beyond its table: the kNN curve over training and transfer.
+"""How a study evaluates: its data folders and splits, kNN / probe / few-shot of a run, the summary over
+seeds, and what the runs show beyond the table (the kNN curve over training, the features in context,
+transfer). Torch is imported inside functions, as in ``study.py`` (the command line starts fast).
+
+The held-out split is a fixed part of the training folder, disjoint from the labelled bank that kNN,
+probe and few-shot fit on (:func:`split_indices`); :func:`evaluate_run` scores both splits.
 
 ``mixedae-fast study ... --curve`` evaluates every checkpoint a run kept (keep them with
 ``--run.ckpt_every=N --run.keep_last=M``) with weighted kNN on the study's two splits, and reads the
@@ -26,15 +31,116 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from mixedae_fast.choices import EMBEDDED
 
-from mixedae_fast.train.checkpoint import atomic_write_json, checkpoint_step, list_checkpoints
+if TYPE_CHECKING:
+    import torch
 
-# columns of a run's metrics.csv the curve follows (absent for variants without TopK / HC)
 CONTEXTS = ("full", "alone", "mixed")  # see context_features
+# columns of a run's metrics.csv the curve follows (absent for variants without TopK / HC)
 CURVE_STATS = ("loss_rec", "recognition", "jaccard", "w_same", "w_other", "w_cls")
 
+
+# -- a study's evaluation: folders, splits, kNN / probe / few-shot, the seeds' summary ------------
+
+def data_folders(args, img_size: int) -> tuple[Path, Path, str]:
+    """``(train_dir, val_dir, name)``: one folder pair for every run of the study (the embedded set is
+    drawn once with data seed 0, whatever the run seeds)."""
+    if args.data_dir is not None:
+        root = Path(args.data_dir)
+        missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{root} has no {' or '.join(missing)}/ folder; a study folder holds train/ and "
+                                    "val/, each with one subfolder per class (ImageFolder layout)")
+        return root / "train", root / "val", root.name
+    if args.dataset in EMBEDDED:
+        from mixedae_fast.pipelines.synthetic import (
+            DEFAULT_NUM_TRAIN,
+            DEFAULT_NUM_VAL,
+            default_data_root,
+            write_image_folder,
+        )
+        root = write_image_folder(default_data_root(img_size, seed=0), DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL,
+                                  size=img_size, seed=0, progress=False)
+    else:
+        from mixedae_fast.pipelines.offline import write_offline_folder
+        root = write_offline_folder(args.dataset, size=img_size)
+    return root / "train", root / "val", args.dataset
+
+
+def split_indices(num: int, heldout: float, seed: int = 0, bank_max: int = 2000, heldout_max: int = 1000):
+    """Disjoint ``(bank, heldout)`` index tensors into the training folder, the same for every run."""
+    import torch
+
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+    n_held = min(max(1, int(num * heldout)), heldout_max)
+    return order[n_held:][:bank_max].sort().values, order[:n_held].sort().values
+
+
+def few_shot_accuracy(train_x, train_y, val_x, val_y, shots: int = 5, episodes: int = 20, seed: int = 0) -> float:
+    """Nearest class mean (cosine) from ``shots`` labelled images per class, averaged over ``episodes``
+    random draws; percent correct. Classes with fewer than ``shots`` images use what they have."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    tx, vx = F.normalize(train_x.float(), dim=1), F.normalize(val_x.float(), dim=1)
+    classes = torch.unique(train_y)
+    accs = []
+    for _ in range(episodes):
+        means = []
+        for c in classes:
+            idx = torch.nonzero(train_y == c).flatten()
+            pick = idx[torch.randperm(len(idx), generator=g)[:shots]]
+            means.append(F.normalize(tx[pick].mean(0), dim=0))
+        pred = classes[(vx @ torch.stack(means).T).argmax(dim=1)]
+        accs.append((pred == val_y).float().mean().item())
+    return 100.0 * sum(accs) / len(accs)
+
+
+def evaluate_run(model, train_dir, val_dir, img_size, device, heldout, shots, probe_epochs, amp_dtype=None) -> dict:
+    """``{split: {knn, linear_probe, few_shot}}`` for the ``heldout`` and ``val`` splits; kNN, probe and
+    few-shot fit on the labelled bank (training folder minus the held-out part)."""
+    from mixedae_fast.downstream.evaluate import extract_pooled, image_loaders, knn_accuracy, linear_probe_accuracy
+
+    train, val = image_loaders(str(train_dir), str(val_dir), img_size, device)
+    tx, ty = extract_pooled(model, train, device, ("avg",), amp_dtype)
+    vx, vy = extract_pooled(model, val, device, ("avg",), amp_dtype)
+    tx, vx = tx["avg"], vx["avg"]
+    bank, held = split_indices(len(tx), heldout)
+    bank, held = bank.to(tx.device), held.to(tx.device)
+    bx, by = tx[bank], ty[bank]
+    out = {}
+    for split, (x, y) in {"heldout": (tx[held], ty[held]), "val": (vx, vy)}.items():
+        out[split] = {"knn": knn_accuracy(bx, by, x, y),
+                      "linear_probe": linear_probe_accuracy(bx, by, x, y, epochs=probe_epochs),
+                      "few_shot": few_shot_accuracy(bx, by, x, y, shots)}
+    out["sizes"] = {"bank": len(bank), "heldout": len(held), "val": len(vx)}
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def fmt_ms(ms: tuple, digits: int = 1) -> str:
+    m, s = ms
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
+
+
+
+# -- the curve -----------------------------------------------------------------------------------
 
 def _logged_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.csv"
@@ -66,7 +172,7 @@ def curve_points(out_dir: Path, names: list[str], train_dir, val_dir, args, devi
     """``{run name: [{step, heldout_knn, val_knn, <logged stats>}, ...]}``: every kept checkpoint of every
     run evaluated with kNN (cached one file per checkpoint)."""
     from mixedae_fast.downstream.evaluate import extract_pooled, image_loaders, knn_accuracy
-    from mixedae_fast.study import split_indices
+    from mixedae_fast.train.checkpoint import atomic_write_json, checkpoint_step, list_checkpoints
 
     cache = out_dir / "results" / "curve"
     cache.mkdir(parents=True, exist_ok=True)
@@ -100,8 +206,6 @@ def curve_points(out_dir: Path, names: list[str], train_dir, val_dir, args, devi
 
 
 def transfer_folders(targets: list[str], img_size: int) -> dict[str, tuple[Path, Path]]:
-    from mixedae_fast.study import data_folders
-
     class _A:  # data_folders reads these two fields
         data_dir = None
 
@@ -117,7 +221,8 @@ def transfer_folders(targets: list[str], img_size: int) -> dict[str, tuple[Path,
 def transfer_points(out_dir: Path, names: list[str], targets: list[str], img_size: int, args, device,
                     say=print) -> dict:
     """``{run name: {target: {knn, linear_probe, few_shot[, finetune_top1]}}}`` for each run's final encoder."""
-    from mixedae_fast.study import evaluate_run
+
+    from mixedae_fast.train.checkpoint import atomic_write_json
 
     cache = out_dir / "results" / "transfer"
     cache.mkdir(parents=True, exist_ok=True)
@@ -171,7 +276,6 @@ def finetune_top1(run_dir: Path, data_root: Path, folder: Path, epochs: int) -> 
     return json.loads(results.read_text())["results"]["pretrained"]["val_top1"]
 
 
-@torch.no_grad()
 def context_features(model, images: torch.Tensor, batch_groups: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
     """Mean-pooled encoder features of ``images [M, C, S, S]`` (``M`` a multiple of the model's r) in three
     contexts, the same visible positions in the last two: ``full`` (the whole image alone, global attention:
@@ -179,6 +283,16 @@ def context_features(model, images: torch.Tensor, batch_groups: int = 64, seed: 
     encoder input) and ``mixed`` (those patches inside a group of r images, the model's own homologous
     attention: the pretraining input). ``alone`` vs ``mixed`` isolates what mixing does to a source's
     tokens; ``full`` vs ``alone`` what masking does."""
+    import torch
+
+
+    with torch.no_grad():
+        return _context_features(model, images, batch_groups, seed)
+
+
+def _context_features(model, images, batch_groups: int, seed: int) -> dict:
+    import torch
+
     from mixedae_fast.kernels.patch_mix import patchify
 
     was_training = model.training
@@ -207,6 +321,8 @@ def context_features(model, images: torch.Tensor, batch_groups: int = 64, seed: 
 
 
 def _images(loader, limit: int | None = None):
+    import torch
+
     xs, ys = [], []
     for x, y in loader:
         xs.append(x)
@@ -218,7 +334,7 @@ def _images(loader, limit: int | None = None):
 def context_points(out_dir: Path, names: list[str], train_dir, val_dir, args, device, say=print) -> dict:
     """``{run name: {context: {heldout_knn, val_knn}}}`` for each run's final encoder (cached per run)."""
     from mixedae_fast.downstream.evaluate import image_loaders, knn_accuracy
-    from mixedae_fast.study import split_indices
+    from mixedae_fast.train.checkpoint import atomic_write_json
 
     cache = out_dir / "results" / "context"
     cache.mkdir(parents=True, exist_ok=True)
@@ -254,8 +370,6 @@ def _by_variant(points: dict, variants: list[str], seeds: list[int]) -> dict:
 
 def curve_table(points: dict, variants: list[str], seeds: list[int]) -> list[dict]:
     """One row per (variant, step): mean ± std over seeds of both kNNs and of the logged stats."""
-    from mixedae_fast.study import mean_std
-
     rows = []
     for v, runs in _by_variant(points, variants, seeds).items():
         steps = sorted({p["step"] for run in runs for p in run})
@@ -269,8 +383,6 @@ def curve_table(points: dict, variants: list[str], seeds: list[int]) -> list[dic
 
 
 def transfer_table(points: dict, variants: list[str], seeds: list[int], targets: list[str]) -> list[dict]:
-    from mixedae_fast.study import mean_std
-
     rows = []
     for v, runs in _by_variant(points, variants, seeds).items():
         row = {"variant": v, "seeds": len(runs)}
@@ -281,18 +393,14 @@ def transfer_table(points: dict, variants: list[str], seeds: list[int], targets:
     return rows
 
 
-def _fmt(ms, digits=1) -> str:
-    from mixedae_fast.study import _fmt as fmt
-
-    return fmt(ms, digits)
-
-
 def write_curve(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
+    from mixedae_fast.train.checkpoint import atomic_write_json
+
     lines = ["| variant | step | held-out kNN | val kNN | recognition | head Jaccard | w_same | w_other | w_cls |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['step']} | {_fmt(r['heldout_knn'])} | {_fmt(r['val_knn'])} | "
-                     + " | ".join(_fmt(r[s], 2) for s in ("recognition", "jaccard", "w_same", "w_other", "w_cls"))
+        lines.append(f"| {r['variant']} | {r['step']} | {fmt_ms(r['heldout_knn'])} | {fmt_ms(r['val_knn'])} | "
+                     + " | ".join(fmt_ms(r[s], 2) for s in ("recognition", "jaccard", "w_same", "w_other", "w_cls"))
                      + " |")
     note = (f"kNN curve of the study {meta['study']} ({meta['dataset']}): every kept checkpoint, weighted kNN "
             f"(k 20, τ 0.07) of mean-pooled features on a bank of the training folder; mean ± std over seeds "
@@ -334,13 +442,15 @@ def plot_curve(rows: list[dict], out_png: Path, meta: dict) -> Path:
 
 
 def write_transfer(out_dir: Path, rows: list[dict], targets: list[str], meta: dict) -> list[Path]:
+    from mixedae_fast.train.checkpoint import atomic_write_json
+
     metrics = [("knn", "kNN"), ("linear_probe", "probe"), ("few_shot", f"{meta['shots']}-shot")]
     if meta["finetune_epochs"]:
         metrics.append(("finetune_top1", f"fine-tune {meta['finetune_epochs']} ep."))
     head = "| variant | " + " | ".join(f"{t} {label}" for t in targets for _, label in metrics) + " |"
     lines = [head, "| --- |" + " ---: |" * (len(targets) * len(metrics))]
     for r in rows:
-        lines.append(f"| {r['variant']} | " + " | ".join(_fmt(r[f"{t}/{m}"]) for t in targets for m, _ in metrics)
+        lines.append(f"| {r['variant']} | " + " | ".join(fmt_ms(r[f"{t}/{m}"]) for t in targets for m, _ in metrics)
                      + " |")
     note = (f"Transfer from the study {meta['study']} (pretrained on {meta['dataset']}, the runs' final "
             f"checkpoints) to {', '.join(targets)}: frozen mean-pooled features, kNN (k 20, τ 0.07), linear "
@@ -356,8 +466,6 @@ def write_transfer(out_dir: Path, rows: list[dict], targets: list[str], meta: di
 
 
 def context_table(points: dict, variants: list[str], seeds: list[int]) -> list[dict]:
-    from mixedae_fast.study import mean_std
-
     rows = []
     for v, runs in _by_variant(points, variants, seeds).items():
         row = {"variant": v, "seeds": len(runs)}
@@ -369,10 +477,12 @@ def context_table(points: dict, variants: list[str], seeds: list[int]) -> list[d
 
 
 def write_context(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
+    from mixedae_fast.train.checkpoint import atomic_write_json
+
     lines = ["| variant | " + " | ".join(f"{c} ({split})" for split in ("held-out", "val") for c in CONTEXTS) + " |",
              "| --- |" + " ---: |" * (2 * len(CONTEXTS))]
     for r in rows:
-        lines.append(f"| {r['variant']} | " + " | ".join(_fmt(r[f"{c}/{split}_knn"]) for split in ("heldout", "val")
+        lines.append(f"| {r['variant']} | " + " | ".join(fmt_ms(r[f"{c}/{split}_knn"]) for split in ("heldout", "val")
                                                            for c in CONTEXTS) + " |")
     note = (f"Encoder features in context, the study {meta['study']} ({meta['dataset']}), each run's final "
             "checkpoint: weighted kNN (k 20, τ 0.07) of mean-pooled tokens with bank and queries taken the same "
