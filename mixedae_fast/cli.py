@@ -36,8 +36,8 @@ from mixedae_fast.study import run_study
 from mixedae_fast.train.cpu_threads import prefer_passive_wait
 from mixedae_fast.train.launch import SlurmJob, launch_local, launch_slurm
 
-# A command whose work needs torch imports its job inside its function, in one place: `--help`, `--version`,
-# `config` and `launch` stay fast, and main() sets the OpenMP wait policy before torch loads.
+# A command whose job loads torch (or numpy) imports it inside its function, in one place: `--help`,
+# `--version`, `config` and `launch` stay fast, and main() sets the OpenMP wait policy before torch loads.
 
 
 def _parser(shown: tuple[str, list[str]] = ("cpu_tiny", [])) -> argparse.ArgumentParser:
@@ -53,9 +53,8 @@ def _parser(shown: tuple[str, list[str]] = ("cpu_tiny", [])) -> argparse.Argumen
     keys = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
     pt = sub.add_parser("pretrain", parents=[common, pretrain_opts], **keys,
                         help="MixedAE pretraining, then evaluation and a report")
-    pt.add_argument("--run.name", dest="run_name", default=None, metavar="NAME",
-                    help="the run folder's name (config key run.name). Named here, a taken folder is refused; "
-                         "else a rerun takes the next free <name>-1")
+    pt.add_argument("--run.name", dest="run_name", default=None, metavar="NAME", help="the run folder's name "
+                    "(config key run.name): a taken one is refused; unnamed, a rerun takes the next free <name>-1")
     _list_config_keys(pt, shown)
     _list_config_keys(sub.add_parser("config", parents=[common], **keys,
                                      help="print the resolved config as YAML, the derived values as a commented block"),
@@ -236,7 +235,6 @@ _FINETUNE_OPTIONS = (
 # -- the commands: each converts its options into one call and prints what it returns ------------------
 
 def cmd_pretrain(args, overrides, command) -> int:
-    """Parse, call :func:`mixedae_fast.pretrain.pretrain`, print its summary (rank 0)."""
     from mixedae_fast.pretrain import pretrain, summary
     from mixedae_fast.train.engine import StopRequested
 
@@ -256,8 +254,6 @@ def cmd_pretrain(args, overrides, command) -> int:
 
 
 def cmd_config(args, overrides, command) -> int:
-    """The resolved config as YAML (loadable with --config FILE), the derived values after it as a
-    commented YAML block."""
     print(resolved_yaml(load_config(args.config, overrides)), end="")
     return 0
 
