@@ -3,7 +3,7 @@
 Each field of a section dataclass is documented by its comment in config.py — the comment at the end
 of its line, or comment lines directly above it. :func:`key_docs` reads them (with the field's type
 and default) and :func:`describe_config` renders the list ``pretrain --help`` and ``config --help``
-print. A test checks that every field has one.
+print. A test checks that every field has one. :func:`resolved_yaml` is what ``mixedae-fast config`` prints.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import inspect
 import io
 import tokenize
 from dataclasses import dataclass
+
+import yaml
 
 from mixedae_fast import config as C
 
@@ -93,3 +95,12 @@ def describe_config(defaults=None, source: str | None = None) -> str:
         if d.doc:
             lines.append(f"        {d.doc}")
     return "\n".join(lines)
+
+
+def resolved_yaml(cfg) -> str:
+    """What ``mixedae-fast config`` prints: ``cfg`` as YAML (loadable with ``--config FILE``), then its derived
+    values (:func:`~mixedae_fast.config.derive`) as a commented YAML block."""
+    derived = yaml.safe_dump({"derived": {k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in vars(C.derive(cfg)).items()}}, sort_keys=False)
+    return yaml.safe_dump(C.config_to_dict(cfg), sort_keys=False) + "".join(f"# {line}\n"
+                                                                           for line in derived.splitlines())

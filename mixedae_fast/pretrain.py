@@ -271,3 +271,17 @@ def pictures(model, val_loader, run_dir: Path, seed: int) -> dict:
     if model.group_size > 1:
         out["homologous"] = str(homologous_figure(model, group, run_dir / "homologous.png", seed=seed)[0])
     return out
+
+
+def summary(report: dict) -> str:
+    """:func:`pretrain`'s report as ``mixedae-fast pretrain`` prints it: steps, time, the last losses, the
+    evaluation beside random init, where the report is."""
+    final = report.get("final") or {}
+    lines = [f"\n{'steps':<22}{report['steps']}", f"{'train time':<22}{report['train_seconds']:.1f} s"]
+    lines += [f"{key:<22}{final[key]:.4f}" for key in ("loss", "loss_rec", "loss_hc", "recognition") if key in final]
+    ev = report.get("eval")
+    if ev:
+        lines.append(f"\n{'evaluation (val)':<22}{'pretrained':>12}{'random init':>14}")
+        lines += [f"{metric + ' acc %':<22}{ev['pretrained'][metric]:>12.1f}{ev['random_init'][metric]:>14.1f}"
+                  for metric in ev["pretrained"]]
+    return "\n".join([*lines, f"\nreport: {report['run_dir']}/report.json"])

@@ -19,6 +19,8 @@ import socket
 import subprocess
 import sys
 
+from mixedae_fast import __version__
+
 PACKAGES = ("mixedae-fast", "torch", "triton", "timm", "xformers", "nvidia-dali-cuda130", "nvidia-dali-cuda120",
             "numpy", "pillow")
 
@@ -49,6 +51,17 @@ def git_sha() -> str:
         except OSError:
             return "unknown"
     return sha + ("+dirty" if dirty else "")
+
+
+def version_line() -> str:
+    """What ``mixedae-fast --version`` prints: the installed version, and the commit where this runs from a
+    git checkout."""
+    try:
+        version = importlib.metadata.version("mixedae_fast")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        version = __version__
+    sha = git_sha()
+    return f"mixedae-fast {version}" + ("" if sha == "unknown" else f" (git {sha})")
 
 
 def device_name(device=None) -> str:

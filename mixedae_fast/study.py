@@ -29,6 +29,7 @@ import collections
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 from mixedae_fast.choices import EMBEDDED, OFFLINE_DATASETS
@@ -399,8 +400,9 @@ def plot_study(rows: list[dict], report: str, out_png: Path, meta: dict) -> Path
 
 # -- the command ---------------------------------------------------------------------------------------
 
-def run_study(args, overrides) -> int:
-    """``mixedae-fast study``: run what is missing, then write the table and the plot."""
+def run_study(args, overrides, command: list[str] | None = None) -> int:
+    """``mixedae-fast study``: run what is missing, then write the table and the plot. ``command``: the
+    command line as typed (``["mixedae-fast", "study", ...]``), written into the results."""
     import sys
 
     from tqdm import tqdm
@@ -429,8 +431,7 @@ def run_study(args, overrides) -> int:
         if epochs != args.epochs:
             raise StudyError(f"{done} was trained for --epochs {epochs}, this call asks for {args.epochs}: rerun with "
                              f"--epochs {epochs}, or give another --out for the new budget")
-    command = args.worker_of or ("mixedae-fast " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
-                                 else "mixedae-fast study")
+    command = args.worker_of or (shlex.join(command) if command else "mixedae-fast study")
     jobs, threads = resolve_jobs(args.jobs, base.runtime.device, len(todo))
     if not args.worker_of:
         print(f"study {out_dir}: {len(plan)} runs ({len(plan) - len(todo)} done), {args.epochs} epochs each on "

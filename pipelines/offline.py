@@ -8,6 +8,7 @@
 Each is upscaled (bicubic) to ``size`` and split train / val (stratified, seeded), in ImageFolder
 layout, for ``mixedae-fast eval`` and the loaders. The folder appears atomically with a
 ``DONE.json`` of its parameters; a second call with the same parameters returns at once.
+:func:`write_dataset` (``mixedae-fast make-data``) writes one of these or the embedded set.
 """
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mixedae_fast.choices import OFFLINE_DATASETS
+from mixedae_fast.choices import EMBEDDED, OFFLINE_DATASETS
 from mixedae_fast.fsutil import cache_root
-from mixedae_fast.pipelines.synthetic import atomic_dataset_folder
+from mixedae_fast.pipelines.synthetic import (
+    DEFAULT_NUM_TRAIN,
+    DEFAULT_NUM_VAL,
+    atomic_dataset_folder,
+    default_data_root,
+    write_image_folder,
+)
 
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "immunohistochemistry", "coins", "horse", "moon", "brick", "grass", "gravel")
@@ -110,3 +117,14 @@ def write_offline_folder(name: str, root: str | Path | None = None, size: int = 
                 img.save(tmp / split / classes[labels[i]] / f"{i:06d}.jpg", quality=quality)
 
     return atomic_dataset_folder(root, params, fill)
+
+
+def write_dataset(name: str, root: str | Path | None = None, size: int = 32, num_train: int = DEFAULT_NUM_TRAIN,
+                  num_val: int = DEFAULT_NUM_VAL, seed: int = 0) -> Path:
+    """``mixedae-fast make-data``: the embedded set (``embedded``: ``num_train`` / ``num_val`` images) or an
+    offline set (``digits``, ``lfw``, ``photos``; the counts do not apply) as an ImageFolder at ``root``
+    (default: under ``$MIXEDAE_CACHE``); a folder already written with the same parameters is returned as it is."""
+    if name not in EMBEDDED:
+        return write_offline_folder(name, root, size=size, seed=seed)
+    root = root or default_data_root(size, num_train, num_val, seed)
+    return write_image_folder(root, num_train, num_val, size=size, seed=seed)

@@ -78,6 +78,22 @@ def test_visualize_writes_pictures(run, tmp_path, capsys):
     assert "query token 2" in capsys.readouterr().out
 
 
+def test_the_jobs_run_without_the_command_line(run, tmp_path):
+    """run_eval and run_visualize called from Python: their reports (eval's as written, with where; the
+    pictures' paths) and the summaries the command line prints from them."""
+    from mixedae_fast.downstream.jobs import eval_summary, run_eval, run_visualize, visualize_summary
+
+    report = run_eval(str(run), out=str(tmp_path / "e.json"), k=3, probe=False, command=["mixedae-fast", "eval", "x"])
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert report["path"] == tmp_path / "e.json" and written["command"] == report["command"] == "mixedae-fast eval x"
+    assert written["results"] == report["results"] and set(written["results"]["pretrained"]["avg"]) == {"knn"}
+    summary = eval_summary(report)
+    assert "kNN k=3 (avg)" in summary and summary.endswith(f"results: {tmp_path / 'e.json'}")
+    pictures = run_visualize(str(run), out=str(tmp_path / "pics"))
+    assert pictures["reconstruction"] == tmp_path / "pics" / "reconstruction.png" and pictures["loss_curve"].is_file()
+    assert visualize_summary(pictures).splitlines()[0] == str(pictures["reconstruction"])
+
+
 def test_bad_input_names_the_problem(run, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
     assert "no such run directory or checkpoint" in capsys.readouterr().err

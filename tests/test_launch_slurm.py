@@ -95,3 +95,38 @@ def test_script_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch, ca
     assert "written by `mixedae-fast launch slurm`" in mine.read_text()
     assert _launch(tmp_path, f"--run.out_dir={tmp_path}/runs", "--nodes=2") == 0
     assert "2 nodes" in mine.read_text()
+
+
+def test_the_sbatch_writer_and_submitter_work_without_the_command_line(tmp_path, monkeypatch, capsys):
+    """write_sbatch writes the script (default <run dir>/slurm/pretrain.sbatch, executable) and refuses a file
+    it did not write unless forced; submit_sbatch gives back sbatch's status and words, and a machine without
+    sbatch gets one line naming where to run it (also through ``launch slurm --submit``: exit 2)."""
+    from mixedae_fast.config import load_config
+    from mixedae_fast.train.launch import SlurmJob, launch_slurm, submit_sbatch, write_sbatch
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("cpu_tiny", [f"--run.out_dir={tmp_path}/runs", "--run.name=r"])
+    script = write_sbatch(cfg, SlurmJob(nodes=2, gpus_per_node=2), ["--config", "cpu_tiny"])
+    assert script == (tmp_path / "runs" / "r" / "slurm" / "pretrain.sbatch").resolve() and os.access(script, os.X_OK)
+    text = script.read_text()
+    assert "#SBATCH --nodes=2" in text.splitlines() and "Global batch 128 = data.batch_size 32 x 4 ranks" in text
+    mine = tmp_path / "mine.sh"
+    mine.write_text("#!/bin/bash\n")
+    with pytest.raises(ValueError, match="was not written by .* --force"):
+        write_sbatch(cfg, SlurmJob(), [], script=mine)
+    assert mine.read_text() == "#!/bin/bash\n"
+    assert write_sbatch(cfg, SlurmJob(), [], script=mine, force=True) == mine and "#SBATCH" in mine.read_text()
+
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    monkeypatch.setenv("PATH", str(stubs))
+    with pytest.raises(FileNotFoundError, match="sbatch not found: run this on a SLURM login node"):
+        submit_sbatch(script)
+    assert _launch(tmp_path, f"--run.out_dir={tmp_path}/runs", "--submit") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: sbatch not found: run this on a SLURM login node, or submit the script there"]
+    (stubs / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 42 ($1)"\nexit 3\n')
+    (stubs / "sbatch").chmod(0o755)
+    assert submit_sbatch(script) == (3, f"Submitted batch job 42 ({script})")
+    assert launch_slurm(cfg, SlurmJob(), [], submit=True) == 3
+    assert capsys.readouterr().out.splitlines()[-2:] == [f"wrote {script}", f"Submitted batch job 42 ({script})"]

@@ -131,3 +131,17 @@ def test_no_test_module_imports_another():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             wrong += [f"{f.name} imports {n}" for n in names if n.split(".")[0] in tests]
     assert not wrong, wrong
+
+
+def test_the_command_line_is_a_face():
+    """cli.py parses, calls one function of a layer below and prints: it writes no file, starts no process and
+    reads no ``sys.argv`` of its own (argparse reads the words main() was given)."""
+    tree = ast.parse((ROOT / "mixedae_fast" / "cli.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"subprocess", "shutil", "json", "tempfile"}, imported
+    attributes = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not attributes & {"argv", "write_text", "write_bytes", "mkdir", "chmod", "unlink", "rename", "touch",
+                             "rmtree", "Popen"}, attributes
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not called & {"open", "atomic_write", "atomic_write_json"}, called

@@ -103,21 +103,26 @@ def test_a_run_that_failed_before_its_first_checkpoint_continues_with_the_same_c
 
 def test_jobs_runs_children_side_by_side_and_stamps_the_study_command(tmp_path, monkeypatch):
     """--jobs 2: each run is a child process (one thread each on 2 cores), its log kept; the results carry
-    the study's command, not the child's; the parent writes the table."""
+    the study's command (as main() received it, not the process's argv), not the child's; the parent writes
+    the table."""
+    import shlex
+
     monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sys, "argv", ["/x/mixedae_fast/cli.py", "study", "--jobs", "2"])  # as `python -m` sets it
+    monkeypatch.setattr(sys, "argv", ["/x/pytest", "-q"])  # not the study's command
     data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
     out = tmp_path / "st"
-    assert main(["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae,naive", "--seeds", "0",
-                 "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "2", *TINY]) == 0
+    argv = ["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae,naive", "--seeds", "0",
+            "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "2", *TINY]
+    assert main(argv) == 0
+    command = shlex.join(["mixedae-fast", *argv])
     for name in ("mae-seed0", "naive-seed0"):
         result = json.loads((out / "results" / f"{name}.json").read_text())
-        assert result["steps"] == 6 and result["command"] == "mixedae-fast study --jobs 2"
+        assert result["steps"] == 6 and result["command"] == command
         assert result["omp_num_threads"] == str(max(1, study.usable_cores() // 2))
         assert (out / "logs" / f"{name}.log").read_text().strip()
     table = json.loads((out / "study.json").read_text())
     assert [r["variant"] for r in table["rows"]] == ["mae", "naive"]
-    assert table["meta"]["command"] == "mixedae-fast study --jobs 2"
+    assert table["meta"]["command"] == command
 
 
 def test_a_failed_child_is_named_with_its_error_line_and_log(tmp_path):

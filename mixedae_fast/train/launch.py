@@ -1,7 +1,9 @@
 """Launch commands for several processes: torchrun on one node, an sbatch script for SLURM.
 
-No torch import: the command line writes these before it pays for torch. The training itself is
-``mixedae-fast pretrain`` in every rank (distributed.py reads the environment torchrun sets).
+``mixedae-fast launch local`` is :func:`launch_local`, ``launch slurm`` is :func:`launch_slurm`
+(:func:`write_sbatch`, then :func:`submit_sbatch` with ``--submit``). No torch import: the command line
+runs these without paying for torch. The training itself is ``mixedae-fast pretrain`` in every rank
+(distributed.py reads the environment torchrun sets).
 
 The SLURM script runs one torchrun per node (``srun --ntasks-per-node=1``); the torchruns meet at a
 c10d rendezvous on the job's first node and start one rank per GPU. Preemption: SLURM sends SIGUSR1
@@ -18,9 +20,12 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mixedae_fast.config import Config, derive
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SBATCH_SPECIAL = re.compile(r"[\s\"'\\#]")
@@ -165,6 +170,80 @@ def sbatch_script(job: SlurmJob, pretrain_args: list[str], log_dir: Path, workdi
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" + ("s" if n != 1 else "")
+
+
+# -- the two launches -------------------------------------------------------------------------------
+
+def launch_summary(cfg: Config, world: int) -> str:
+    """One line on what ``world`` ranks of ``cfg`` train with: the global batch and the lr."""
+    d = derive(cfg, world)
+    return (f"Global batch {d.global_batch} = data.batch_size {cfg.data.batch_size} x {world} ranks x "
+            f"optim.accum_steps {cfg.optim.accum_steps}; lr {d.lr:.3g}.")
+
+
+def launch_local(cfg: Config, nproc: int, pretrain_args: list[str], dry_run: bool = False) -> int:
+    """Print the summary and the torchrun command of ``nproc`` ranks on this node, then run it (unless
+    ``dry_run``); its exit status. ``pretrain_args``: the ``pretrain`` options every rank gets, ``cfg``
+    what they resolve to (checked here once, not in every rank)."""
+    summary = launch_summary(cfg, nproc)
+    command = local_command(nproc, pretrain_args)
+    print(f"{summary}\n+ {shlex.join(command)}", flush=True)
+    return 0 if dry_run else subprocess.call(command)
+
+
+def _our_sbatch(path: Path) -> bool:
+    """Whether ``path`` is a script ``launch slurm`` wrote (its second line says so): rewriting it is safe."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "written by `mixedae-fast launch slurm`" in f.readline(200) + f.readline(200)
+    except OSError:
+        return False
+
+
+def write_sbatch(cfg: Config, job: SlurmJob, pretrain_args: list[str], script: str | Path | None = None,
+                 force: bool = False, summary: str | None = None) -> Path:
+    """Write the sbatch script of ``job`` training ``cfg`` (:func:`sbatch_script`; its log folder
+    ``<run dir>/slurm`` created, as SLURM does not) to ``script``, default ``<run dir>/slurm/pretrain.sbatch``,
+    and return its path. A file there that this did not write is refused unless ``force``."""
+    summary = launch_summary(cfg, job.nodes * job.gpus_per_node) if summary is None else summary
+    run_dir = (Path(cfg.run.out_dir) / cfg.run.name).resolve()
+    text = sbatch_script(job, pretrain_args, run_dir / "slurm", Path.cwd(), summary)
+    script = Path(script) if script else run_dir / "slurm" / "pretrain.sbatch"
+    if script.is_dir():
+        raise ValueError(f"--script {script}: is a folder; pass a file path")
+    if script.exists() and not force and not _our_sbatch(script):
+        raise ValueError(f"--script {script}: exists and was not written by `mixedae-fast launch slurm`; pass "
+                         "another path, or --force to replace it")
+    script.parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    script.write_text(text)
+    script.chmod(0o755)
+    return script
+
+
+def submit_sbatch(script: str | Path) -> tuple[int, str]:
+    """``sbatch script``: its exit status and what it said (the job id, or why not)."""
+    try:
+        done = subprocess.run(["sbatch", str(script)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise FileNotFoundError("sbatch not found: run this on a SLURM login node, or submit the script "
+                                "there") from None
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def launch_slurm(cfg: Config, job: SlurmJob, pretrain_args: list[str], script: str | Path | None = None,
+                 force: bool = False, submit: bool = False) -> int:
+    """Write the sbatch script (:func:`write_sbatch`), say where, and submit it with ``submit``; the exit
+    status (sbatch's when submitted)."""
+    summary = launch_summary(cfg, job.nodes * job.gpus_per_node)
+    path = write_sbatch(cfg, job, pretrain_args, script, force, summary)
+    print(f"{summary}\nwrote {path}", flush=True)
+    if not submit:
+        print(f"submit with: sbatch {shlex.quote(str(path))}")
+        return 0
+    code, said = submit_sbatch(path)
+    print(said)
+    return code
 
 
 # -- SLURM host lists (read by distributed.dist_env for the rendezvous address) ---------------------
