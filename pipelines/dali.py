@@ -323,6 +323,9 @@ class DaliShardLoader:
         self.seed, self.num_threads = seed, num_threads
         self.epoch, self._pipe, self._next_epoch = 0, None, None
 
+    def __bool__(self) -> bool:
+        return True
+
     def __len__(self) -> int:
         return len(self.shards)
 

@@ -335,6 +335,9 @@ class ShardLoader:
         if self.num_batches == 0:
             raise ValueError(f"{total} samples give rank {shard_id} of {num_shards} no batch of {batch_size}")
 
+    def __bool__(self) -> bool:    # a loader is there even where the length of its pass is unknown
+        return True
+
     def __len__(self) -> int:
         if self.num_batches is None:
             raise TypeError(f"the length of one pass over the remote shards {self.spec!r} is unknown: give "

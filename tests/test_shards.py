@@ -211,7 +211,7 @@ def test_unreadable_shard_is_one_error_naming_it(tmp_path):
 
 
 def test_pretrain_skips_bad_samples_and_evaluates_on_shard_specs(tmp_path, capsys):
-    """The CLI end to end: brace-range train and val shards (eval and the kNN bank read them too), one corrupt
+    """The CLI end to end: brace-range train and pipe: val shards (eval and the kNN bank read them too), one corrupt
     image listed in skipped_images.json with shard and key; with data.max_bad_fraction=0 the same data stops the
     run with one error line naming the count and the key to raise, and the run folder keeps its files."""
     import json
@@ -220,9 +220,9 @@ def test_pretrain_skips_bad_samples_and_evaluates_on_shard_specs(tmp_path, capsy
 
     root = _write_shards(tmp_path / "shards", shards=2, per=12, bad={"00005"})
     _write_shards(tmp_path / "shards", shards=2, per=6, name="val")
+    val = ",".join(f"pipe:cat {root / f'val-{s:03d}.tar'}" for s in range(2))    # a pass of unknown length
     common = ["pretrain", "--no-progress", *TINY, f"--run.out_dir={tmp_path / 'runs'}", "--data.format=webdataset",
-              f"--data.path={root / 'train-{000..001}.tar'}", f"--data.val_path={root / 'val-{000..001}.tar'}",
-              "--run.eval=true"]
+              f"--data.path={root / 'train-{000..001}.tar'}", f"--data.val_path={val}", "--run.eval=true"]
     assert main([*common, "--run.name=ok", "--data.max_bad_fraction=0.5"]) == 0
     run = tmp_path / "runs" / "ok"
     listed = json.loads((run / "skipped_images.json").read_text())
