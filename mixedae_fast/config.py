@@ -121,6 +121,10 @@ class DataConfig:
     # check images decode before step 1 (cached per file): full | sample (a seeded 1%, >= 1,000: estimates
     # the bad rate at ImageNet scale in seconds) | off; the rate is printed so the full cost is known
     verify: str = "full"
+    # webdataset shards stream unchecked: an unreadable sample (not an image, cut short, no image member) is
+    # skipped and listed with its shard and key in <run>/skipped_images.json; past this fraction of the samples
+    # read in an epoch (judged over at least 1,000 while it runs) the run stops; 0 = stop at the first one
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -567,6 +571,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], typing.Any], str]] = {
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1"),
     "data.batch_size": _GE1, "data.num_workers": _GE0, "runtime.threads": _GE0,
     "data.epoch_size": (lambda v: v is None or v >= 1, "must be >= 1 (samples in all shards), or null"),
+    "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = stop at the first unreadable sample)"),
     "optim.base_lr": _GT0, "optim.min_lr": _GE0, "optim.weight_decay": _GE0, "optim.warmup_epochs": _GE0,
     "optim.lr": (lambda v: v is None or v > 0, "must be > 0, or null to derive it from optim.base_lr"),
     "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "each must be in [0, 1)"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def cache_root() -> Path:
     """``$MIXEDAE_CACHE``, default ``~/.cache/mixedae_fast``: the embedded and offline datasets, the
-    verification records, DALI's webdataset indexes. Set but empty counts as unset (as XDG's variables do):
+    verification records. Set but empty counts as unset (as XDG's variables do):
     an empty path is the current folder, and the data sets would land wherever the command ran."""
     return Path(os.environ.get("MIXEDAE_CACHE", "").strip() or "~/.cache/mixedae_fast").expanduser()
 

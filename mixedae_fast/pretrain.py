@@ -174,6 +174,8 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
             skipped = write_data_report(data, run_dir)
             if skipped:
                 say(f"data: {len(data.skipped)} unreadable images skipped, listed in {skipped}", flush=True)
+        elif data.skips is not None:  # another rank's shards: its skips in a file of its own, once there are any
+            data.skips.path = run_dir / f"skipped_images.rank{dist.rank}.json"
         t0 = time.perf_counter()
         history = trainer.fit()
     except StopRequested as stop:  # saved; the message says how to resume
@@ -207,6 +209,10 @@ def _run(cfg, dist, run_dir: Path, max_steps, num_train, num_val, progress, comm
                                                          amp_dtype=amp_dtype)
     log_final_eval(cfg, run_dir, report.get("eval"), trainer.step)
     report["pictures"] = pictures(model, val or train, run_dir, cfg.run.seed)
+    if data.skips is not None and data.skips.samples:  # shard samples skipped as they streamed
+        report["data"]["skipped_samples"] = len(data.skips.samples)
+        say(f"data: {len(data.skips.samples)} unreadable shard samples skipped, listed in "
+            f"{run_dir / 'skipped_images.json'}", flush=True)
     atomic_write_json(report, run_dir / "report.json")
     return report
 

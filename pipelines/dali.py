@@ -2,11 +2,13 @@
 training device, int64 labels ``[B]``), decoding and augmenting on the GPU (``device="cuda:N"``) or CPU.
 
 Layers, top to bottom: the augmentation graphs (``train_graph``, ``eval_graph``) are plain functions
-of DataNodes; the two pipelines (``file_pipeline``: an explicit list of files, ``webdataset_pipeline``:
-tars) add a reader and take batch size, threads, device and seed at call time, as ``@pipeline_def``
-functions do; ``DaliLoader`` iterates one of them. Which files or tars: ``pipelines/files.py`` finds
-them (``open_source``, ``tar_paths``) for this loader and the torch loader alike, so both read the same
-samples from the same ``data.path``.
+of DataNodes; the two pipelines (``file_pipeline``: an explicit list of files, ``external_pipeline``:
+encoded images handed in by Python) add a source and take batch size, threads, device and seed at call
+time, as ``@pipeline_def`` functions do; ``DaliLoader`` iterates the first, ``DaliShardLoader`` feeds the
+second. Which files: ``pipelines/files.py`` finds them (``open_source``) for this loader and the torch
+loader alike, so both read the same samples from the same ``data.path``. Webdataset shards have one
+reader, ``pipelines/shards.py``'s: ``DaliShardLoader`` takes its batches of encoded images (the same
+specs, skipped samples and bad-rate limit as the torch loader) and DALI decodes and augments them.
 
     loader = DaliLoader("data/train", batch_size=256, img_size=224, device="cuda:0", dtype=torch.bfloat16)
     for epoch in range(start_epoch, epochs):
@@ -46,21 +48,19 @@ emits fp32 and torch casts it: one correctly rounded cast, the same numbers as
 from __future__ import annotations
 
 import functools
-import hashlib
+import io
 import math
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from mixedae_fast.fsutil import atomic_write_text, cache_root
-from mixedae_fast.pipelines.files import FORMATS, WEBDATASET_IMAGE_EXTENSIONS, open_source, tar_paths
+from mixedae_fast.pipelines.files import open_source
+from mixedae_fast.pipelines.shards import ShardLoader
 from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 
-WDS_EXT = (";".join(WEBDATASET_IMAGE_EXTENSIONS), "cls")
+FORMATS = ("imagefolder", "filelist")   # webdataset shards: DaliShardLoader
 INSTALL_HINT = "pip install 'mixedae_fast[dali-cu13]' (CUDA 13) or 'mixedae_fast[dali-cu12]' (CUDA 12)"
-_CLS_BYTES = 12          # longest .cls text read (digits plus whitespace)
 
 
 def dali_available() -> bool:
@@ -133,20 +133,6 @@ def eval_graph(jpegs, *, decode_device: str = "cpu", img_size: int = 224, crop_p
                                     output_layout="CHW", dtype=_dali_dtype(dtype))
 
 
-def cls_to_label(raw):
-    """Webdataset ``.cls`` bytes (ASCII decimal, e.g. ``b"417\\n"``) -> int64 scalar, in the graph:
-    Horner's rule over the first 12 bytes, skipping non-digits."""
-    dali = _dali()
-    fn, types = dali.fn, dali.types
-    digits = fn.cast(fn.pad(raw, axes=[0], shape=[_CLS_BYTES], fill_value=32), dtype=types.INT64) - 48
-    label = None
-    for i in range(_CLS_BYTES):
-        d = digits[i]
-        is_digit = (d >= 0) & (d <= 9)
-        label = is_digit * d if label is None else label * (1 + 9 * is_digit) + is_digit * d
-    return label
-
-
 # ---------------------------------------------------------------------------------------------------
 # Pipelines: a reader + a graph. Each takes pipeline arguments (batch_size, num_threads, device_id,
 # seed, prefetch_queue_depth) at call time, like any @pipeline_def function, and returns a Pipeline.
@@ -181,77 +167,11 @@ def file_pipeline(root, graph, files, labels, shard_id=0, num_shards=1, shuffle=
 
 
 @_pipeline_def
-def webdataset_pipeline(tars, graph, index_paths=None, shard_id=0, num_shards=1, shuffle=True,
-                        pad_last_batch=False, reader_seed=0):
-    """Webdataset tars of ``<key>.jpg|jpeg|png`` + ``<key>.cls`` samples. ``index_paths`` default:
-    ``wds_index_paths(tars)``, written once and cached."""
-    fn = _dali().fn
-    tars = [str(t) for t in tars]
-    jpegs, raw = fn.readers.webdataset(paths=tars, index_paths=index_paths or wds_index_paths(tars),
-                                       ext=list(WDS_EXT), missing_component_behavior="error",
-                                       **_reader_args(shard_id, num_shards, shuffle, pad_last_batch, reader_seed))
-    return _outputs(graph(jpegs), cls_to_label(raw))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Webdataset index files (DALI's `wds2idx` format), so users can pass plain tars.
-
-def write_wds_index(tar_path, index_path) -> int:
-    """Write the index ``fn.readers.webdataset`` reads, in the format of DALI's ``wds2idx`` tool:
-    ``v1.2 <num_samples>``, then per sample ``<ext> <data offset> <size> <member name>`` for each
-    component. A sample is a run of consecutive members sharing the name up to the first dot of the
-    file name; hidden files and non-regular members are skipped. Returns the number of samples."""
-    samples, last = [], None
-    try:
-        tar = tarfile.open(tar_path, mode="r:")      # DALI reads plain tars only
-    except tarfile.ReadError as e:
-        raise ValueError(f"{tar_path} is not an uncompressed tar archive, which DALI needs ({e})") from e
-    with tar:
-        for m in tar:
-            if not m.isreg():
-                continue
-            slash = m.name.rfind("/") + 1
-            dot = m.name.find(".", slash)
-            if dot <= slash:                         # no extension, or a hidden file
-                continue
-            if any(c.isspace() for c in m.name):
-                raise ValueError(f"{tar_path}: member name {m.name!r} has whitespace, which DALI's index cannot hold")
-            key, ext = m.name[:dot], m.name[dot + 1:]
-            if key != last:
-                samples.append([])
-                last = key
-            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    if not samples:
-        raise ValueError(f"{tar_path} holds no webdataset samples")
-    atomic_write_text(index_path, f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
-    return len(samples)
-
-
-def wds_index_paths(tars: Sequence, cache_dir=None) -> list[str]:
-    """Index files for ``tars``, written when missing or older than their tar: ``<name>.idx`` beside
-    ``<name>.tar`` (where ``wds2idx`` puts it), else — read-only data — under ``cache_dir`` (default
-    ``$MIXEDAE_CACHE/wds_index``) named by the tar's path, size and mtime."""
-    out = []
-    for tar in map(Path, tars):
-        st = tar.stat()
-        beside = tar.with_suffix(".idx")
-        if beside.is_file() and beside.stat().st_mtime >= st.st_mtime:
-            out.append(str(beside))
-            continue
-        try:
-            write_wds_index(tar, beside)
-            out.append(str(beside))
-            continue
-        except PermissionError:
-            pass
-        cache = Path(cache_dir).expanduser() if cache_dir else cache_root() / "wds_index"
-        key = hashlib.sha1(f"{tar.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        cached = cache / f"{tar.stem}-{key}.idx"
-        if not cached.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            write_wds_index(tar, cached)
-        out.append(str(cached))
-    return out
+def external_pipeline(graph):
+    """Encoded images fed each batch with ``pipe.feed_input("jpegs", [uint8 arrays])`` (batches may be
+    smaller than ``batch_size``): ``DaliShardLoader`` feeds it from the webdataset reader."""
+    dali = _dali()
+    return graph(dali.fn.external_source(name="jpegs", dtype=dali.types.UINT8, ndim=1))
 
 
 class DaliLoader:
@@ -259,11 +179,10 @@ class DaliLoader:
     pipeline; the contract and API of ``torch_loader.TensorBatchLoader`` (see the module docstring for
     what is exact on resume).
 
-    ``fmt``: ``imagefolder`` (``path`` = folder of class folders), ``filelist`` (``path`` = text file
-    of ``relative/path label`` lines) or ``webdataset`` (``path`` = a tar, a folder of tars or a glob;
-    index files are written beside the tars on first use). ``files``/``labels``: read exactly these
-    files (relative to ``path`` or absolute) — a list verified up front, so that a corrupt file cannot
-    stop the pipeline. ``device``: ``"cpu"`` decodes on the CPU; ``"cuda:N"`` decodes with nvJPEG
+    ``fmt``: ``imagefolder`` (``path`` = folder of class folders) or ``filelist`` (``path`` = text file
+    of ``relative/path label`` lines); webdataset shards: :class:`DaliShardLoader`. ``files``/``labels``:
+    read exactly these files (relative to ``path`` or absolute) — a list verified up front, so that a
+    corrupt file cannot stop the pipeline. ``device``: ``"cpu"`` decodes on the CPU; ``"cuda:N"`` decodes with nvJPEG
     (``"mixed"``) and augments on GPU N. ``drop_last``: every shard yields ``(n // num_shards) //
     batch_size`` full batches (equal on all ranks); else every sample once, the last batch partial.
     """
@@ -274,6 +193,8 @@ class DaliLoader:
                  num_threads: int = 2, prefetch: int = 2, files: Sequence | None = None,
                  labels: Sequence[int] | None = None):
         self._plugin = _plugin()
+        if fmt == "webdataset":
+            raise ValueError("DaliLoader reads folders and file lists; webdataset shards: DaliShardLoader")
         if fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
         if not 0 <= shard_id < num_shards:
@@ -299,15 +220,10 @@ class DaliLoader:
 
     def _resolve_source(self, files, labels):
         """The reader and its arguments. Files come from ``pipelines/files.py`` (``open_source``: the same
-        discovery the torch loader uses) unless ``files=`` names them; tars from ``files.tar_paths``."""
+        discovery the torch loader uses) unless ``files=`` names them."""
         if files is not None:
-            if self.fmt == "webdataset":
-                raise ValueError("files= lists image files; it does not combine with fmt='webdataset'")
             if labels is None or len(labels) != len(files) or not files:
                 raise ValueError("files= needs a non-empty list and labels= of the same length")
-        elif self.fmt == "webdataset":
-            self.sources = [str(t) for t in tar_paths(self.path)]
-            return webdataset_pipeline, {"tars": self.sources, "index_paths": wds_index_paths(self.sources)}
         else:
             samples, _ = open_source(self.path, self.fmt)
             files, labels = [s for s, _ in samples], [lab for _, lab in samples]
@@ -317,13 +233,8 @@ class DaliLoader:
     def _open(self, epoch: int) -> None:
         """Build the pipeline seeded for ``epoch`` and its iterator (which starts decoding)."""
         self._pipe = self._it = self._next_epoch = None     # free the old one first (GPU memory)
-        decode = "mixed" if self.device.type == "cuda" else "cpu"
-        common = {"decode_device": decode, "img_size": self.img_size, "dtype": self.dtype}
-        graph = (functools.partial(train_graph, crop_scale=self.crop_scale, **common) if self.augment
-                 else functools.partial(eval_graph, **common))
+        graph, device_id = _graph_for(self.device, self.img_size, self.dtype, self.augment, self.crop_scale)
         seed = hash((self.seed, epoch)) & 0x7FFF_FFFF     # one seed for all shards: they stay a partition
-        device_id = None if decode == "cpu" else (
-            torch.cuda.current_device() if self.device.index is None else self.device.index)
         pipeline, source = self._source
         pipe = pipeline(**source, graph=graph, shard_id=self.shard_id, num_shards=self.num_shards,
                         shuffle=self.shuffle, pad_last_batch=True, reader_seed=seed,
@@ -382,6 +293,110 @@ class DaliLoader:
             f"DALI stopped reading {self.path} (epoch {self.epoch}): {_first_error(e)}. A corrupt or non-image "
             "file stops a DALI pipeline (it cannot skip samples): verify the files once and pass the good ones "
             "as DaliLoader(..., files=[...], labels=[...])")
+
+
+class DaliShardLoader:
+    """Webdataset shards read by ``pipelines/shards.py`` (the one tar reader: the same specs, order,
+    skipped samples, ``skip_log`` and bad-rate limit as the torch loader's ``ShardLoader``; its workers
+    read the tars and check each image's header, :func:`~mixedae_fast.pipelines.shards.check_encoded`),
+    decoded and augmented by DALI (nvJPEG on ``cuda:N``, the CPU otherwise) with ``train_graph`` /
+    ``eval_graph``: the contract of ``DaliLoader``. ``**shard_kw`` go to ``ShardLoader`` (``shuffle``,
+    ``num_workers``, ``shard_id``, ``num_shards``, ``epoch_size``, ``labels``, ``single_pass``, ``limit``,
+    ``max_bad_fraction``, ``skip_log``).
+
+    DALI runs each batch as it is handed over (no DALI prefetch; the reader's workers read ahead). The
+    pipeline is built, seeded with ``hash((seed, e0))``, for the first epoch iterated and kept for the
+    following ones, as ``DaliLoader``'s; a resume reads the same samples from the same position (the
+    reader replays the epoch) with other random crops. A sample whose header passes but that DALI cannot
+    decode (corrupt inside its compressed data) stops the pass with an error naming its shard and key:
+    DALI cannot drop one sample of a batch, the torch loader (``data.backend=torch``) skips it."""
+
+    def __init__(self, spec, *, batch_size: int, img_size: int, device="cpu", dtype: torch.dtype = torch.float32,
+                 augment: bool = True, crop_scale=(0.2, 1.0), seed: int = 0, num_threads: int = 2, **shard_kw):
+        self._plugin = _plugin()
+        self.device, self.dtype = torch.device(device), dtype
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        self.shards = ShardLoader(spec, batch_size=batch_size, img_size=img_size, augment=augment,
+                                  crop_scale=crop_scale, seed=seed, **shard_kw)
+        self.batch_size, self.img_size, self.augment, self.crop_scale = batch_size, img_size, augment, crop_scale
+        self.seed, self.num_threads = seed, num_threads
+        self.epoch, self._pipe, self._next_epoch = 0, None, None
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    @property
+    def skipped(self) -> int:
+        return self.shards.skipped
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = epoch
+        self.shards.set_epoch(epoch, start_step)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_step": self.shards.start_step, "seed": self.seed}
+
+    def _open(self, epoch: int) -> None:
+        self._pipe = None
+        graph, device_id = _graph_for(self.device, self.img_size, self.dtype, self.augment, self.crop_scale)
+        seed = hash((self.seed, epoch)) & 0x7FFF_FFFF
+        pipe = external_pipeline(graph=graph, batch_size=self.batch_size, num_threads=self.num_threads,
+                                 device_id=device_id, seed=seed, prefetch_queue_depth=1, exec_pipelined=False,
+                                 exec_async=False)
+        pipe.build()
+        self._pipe = pipe
+
+    def __iter__(self):
+        if self._pipe is None or self._next_epoch != self.epoch:
+            self._open(self.epoch)
+        self._next_epoch = None          # mid-epoch until the pass is finished
+        for batch in self.shards.raw_batches():
+            yield self._decode(batch), batch.labels.to(self.device, non_blocking=True)
+        self._next_epoch = self.epoch + 1
+
+    def _decode(self, batch) -> torch.Tensor:
+        self._pipe.feed_input("jpegs", batch.images)
+        try:
+            (images,) = self._pipe.run()
+        except RuntimeError as e:
+            self._pipe = None            # a failed DALI pipeline is no longer valid
+            raise _undecodable(batch, e) from e
+        images = images.as_tensor()
+        out = torch.empty(images.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
+                          device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self._plugin.feed_ndarray(images, out, cuda_stream=stream)
+        return out.to(self.dtype)
+
+
+def _undecodable(batch, e: Exception) -> Exception:
+    """DALI's failure on a batch, as the sample PIL cannot decode either (its shard and key), or as DALI said it."""
+    from PIL import Image
+
+    for data, (url, key) in zip(batch.images, batch.keys):
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                im.load()
+        except Exception as bad:  # noqa: BLE001 - whatever PIL raises, this is the sample that stopped DALI
+            return ValueError(f"webdataset shard {url} key {key!r}: an image DALI cannot decode "
+                              f"({type(bad).__name__}: {str(bad)[:120]}). DALI cannot drop one sample of a batch; "
+                              "read these shards with data.backend=torch (it skips and lists such samples), or "
+                              "remove the sample from the shard")
+    return RuntimeError(f"DALI could not decode a batch of {batch.keys[0][0]}: {_first_error(e)}")
+
+
+def _graph_for(device: torch.device, img_size: int, dtype, augment: bool, crop_scale):
+    """``(graph, device_id)``: the train or eval graph decoding on ``device`` (``mixed`` = nvJPEG on CUDA)."""
+    decode = "mixed" if device.type == "cuda" else "cpu"
+    common = {"decode_device": decode, "img_size": img_size, "dtype": dtype}
+    graph = (functools.partial(train_graph, crop_scale=crop_scale, **common) if augment
+             else functools.partial(eval_graph, **common))
+    device_id = None if decode == "cpu" else (torch.cuda.current_device() if device.index is None else device.index)
+    return graph, device_id
 
 
 def _plugin():

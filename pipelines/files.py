@@ -1,11 +1,12 @@
 """Image sources on disk, and checking them before training.
 
-Three layouts (``data.format``), each read into one list of samples ``(source, label)``, where a
-source is a file path (``str``) or a ``TarMember`` (an uncompressed tar's byte range):
+Two layouts (``data.format``) are read into one list of samples ``(path, label)``:
 
     imagefolder   root/<class>/**/<image>        classes = sorted subfolder names (torchvision order)
     filelist      lines "<path> <int label>"     paths relative to the list file's folder
-    webdataset    *.tar with <key>.jpg|jpeg|png + <key>.cls (text integer), grouped by key
+
+The third, ``webdataset`` (tar shards), is a stream, not a list of files: ``pipelines/shards.py`` (the
+one tar reader) reads it for every loader.
 
     samples, classes = open_source("data/train", "imagefolder")
     good, bad = verify_images([s for s, _ in samples])    # bad: [(path, reason)]; cached by (path, size, mtime)
@@ -20,12 +21,10 @@ run only stats the files.
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import hashlib
 import io
 import json
 import os
-import tarfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,39 +34,23 @@ from mixedae_fast.choices import DATA_FORMATS
 from mixedae_fast.fsutil import atomic_write_text, cache_root
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 FORMATS = DATA_FORMATS
 _CACHE_VERSION = 1
 _MAKE_DATA_HINT = ("create the default dataset with `mixedae-fast make-data`, or set data.path to an existing "
-                   "ImageFolder root, file list or webdataset tar")
+                   "ImageFolder root, file list or webdataset shards")
 
 
-class TarMember(NamedTuple):
-    """One member of an uncompressed tar: ``size`` bytes at ``offset`` of file ``tar``."""
-    tar: str
-    name: str
-    offset: int
-    size: int
-
-
-Source = str | TarMember
+Source = str   # a file path
 
 
 def read_bytes(source: Source) -> bytes:
-    """The encoded image: a whole file, or a byte range of a tar (one seek, no tar parsing)."""
-    if isinstance(source, TarMember):
-        with open(source.tar, "rb") as f:
-            f.seek(source.offset)
-            data = f.read(source.size)
-        if len(data) != source.size:
-            raise OSError(f"{source.tar} is shorter than when it was indexed (member {source.name})")
-        return data
+    """The encoded image: the whole file."""
     with open(source, "rb") as f:
         return f.read()
 
 
 def describe(source: Source) -> str:
-    return f"{source.tar}:{source.name}" if isinstance(source, TarMember) else str(source)
+    return str(source)
 
 
 def _require(path: str | Path, what: str) -> Path:
@@ -223,83 +206,18 @@ def scan_images(root: str | Path) -> list[str]:
     return paths
 
 
-def tar_paths(paths) -> list[Path]:
-    """A tar, a folder of ``*.tar``, a glob (``shards/train-*.tar``) or a list of those -> the tar paths,
-    each folder's sorted (the one tar discovery: the torch loader's and DALI's)."""
-    if isinstance(paths, str | Path):
-        paths = [paths]
-    out = []
-    for p in paths:
-        p = Path(p).expanduser()
-        if p.is_dir():
-            out += sorted(q for q in p.glob("*.tar") if _visible(q.name))
-        elif any(c in str(p) for c in "*?["):
-            out += sorted(Path(q) for q in glob.glob(str(p)))
-        else:
-            out.append(_require(p, "webdataset tar"))
-    if not out:
-        raise ValueError(f"no .tar files in {[str(p) for p in paths]}; {_MAKE_DATA_HINT}")
-    return out
-
-
-def read_webdataset(paths, labels: bool = True) -> list[tuple[TarMember, int]]:
-    """Samples ``(TarMember, label)`` of webdataset tars (a tar, a folder of ``*.tar``, a glob, or a
-    list of those). Members are grouped by key (the name up to the first dot of its base name); a
-    sample is an image (jpg/jpeg/png/webp) plus a ``cls`` member holding an integer (``labels=False``:
-    no ``cls`` needed, every label -1). Tars must be uncompressed (the webdataset convention) so
-    workers can read a member with one seek."""
-    want_labels = labels
-    samples = []
-    for tar_path in tar_paths(paths):
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        try:
-            with tarfile.open(tar_path, mode="r:") as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    folder, base = os.path.split(m.name)
-                    key, _, ext = base.partition(".")
-                    if _visible(base):
-                        groups.setdefault(os.path.join(folder, key), {})[ext.lower()] = m
-                labels = {k: tar.extractfile(g["cls"]).read() for k, g in groups.items() if "cls" in g}
-        except tarfile.ReadError as e:
-            raise ValueError(f"{tar_path} is not an uncompressed tar ({e}); webdataset shards must be plain "
-                             ".tar files (recompress with `tar -cf`)") from None
-        unlabelled = []
-        for key, g in groups.items():
-            image = next((g[e] for e in WEBDATASET_IMAGE_EXTENSIONS if e in g), None)
-            if image is None:
-                continue
-            if not want_labels:
-                samples.append((TarMember(str(tar_path), image.name, image.offset_data, image.size), -1))
-                continue
-            if key not in labels:
-                unlabelled.append(key)
-                continue
-            try:
-                label = int(labels[key].decode().strip())
-            except ValueError:
-                raise ValueError(f"{tar_path}: {key}.cls holds {labels[key][:20]!r}, not an integer label") from None
-            samples.append((TarMember(str(tar_path), image.name, image.offset_data, image.size), label))
-        if unlabelled:
-            raise ValueError(f"{tar_path}: {len(unlabelled)} samples have an image but no .cls label "
-                             f"(first: {unlabelled[:3]}); each sample needs <key>.cls holding its integer class, "
-                             "or set data.labels=none (pretraining needs no labels)")
-    if not samples:
-        raise ValueError(f"no samples (<key>.jpg|jpeg|png + <key>.cls) in {[str(p) for p in tar_paths(paths)]}")
-    return samples
-
-
 def open_source(path: str | Path, fmt: str = "imagefolder",
                 labels: bool = True) -> tuple[list[tuple[Source, int]], list[str] | None]:
-    """``(samples, classes)``: the samples ``(source, label)`` of ``path`` read as ``fmt`` (one of
-    ``FORMATS``); ``classes`` are the ImageFolder class names, None for the other formats.
+    """``(samples, classes)``: the samples ``(source, label)`` of ``path`` read as ``fmt``
+    (``imagefolder`` or ``filelist``; webdataset shards stream through ``pipelines/shards.py``);
+    ``classes`` are the ImageFolder class names, None for a file list.
     ``labels=False`` (``data.labels=none``): no labels needed — any folder tree of images, a list of
     paths, shards without ``cls`` — and every label is -1."""
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "webdataset":
-        return read_webdataset(path, labels), None
+        raise ValueError(f"{str(path)!r}: webdataset shards are a stream, not a list of files; read them with "
+                         "pipelines.shards.ShardLoader (data.format=webdataset does, for every loader)")
     _require(path, "data.path")
     if fmt == "filelist":
         paths, labs = read_file_list(path, labels)
@@ -338,8 +256,7 @@ def check_image(source: Source) -> tuple[str, int, int]:
 
 
 def _default_cache(sources: Sequence[Source]) -> Path:
-    files = {s.tar if isinstance(s, TarMember) else s for s in sources}
-    root = os.path.commonpath([os.path.abspath(f) for f in files])
+    root = os.path.commonpath([os.path.abspath(f) for f in set(sources)])
     digest = hashlib.sha1(root.encode()).hexdigest()[:16]
     return cache_root() / "verified" / f"{digest}.json"
 
@@ -349,15 +266,14 @@ def _stats(sources: Sequence[Source]) -> list[tuple[str, int, int] | None]:
     seen: dict[str, tuple[int, int] | None] = {}
     out = []
     for s in sources:
-        f = os.path.abspath(s.tar if isinstance(s, TarMember) else s)
+        f = os.path.abspath(s)
         if f not in seen:
             try:
                 st = os.stat(f)
                 seen[f] = (st.st_size, st.st_mtime_ns)
             except OSError:
                 seen[f] = None
-        key = f"{f}::{s.name}" if isinstance(s, TarMember) else f
-        out.append(None if seen[f] is None else (key, *seen[f]))
+        out.append(None if seen[f] is None else (f, *seen[f]))
     return out
 
 

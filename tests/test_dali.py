@@ -1,5 +1,6 @@
 """DALI loader: the torch-loader contract on CPU (shapes, dtypes, labels in ImageFolder order, values),
-the epoch arithmetic (len, drop_last, shards, resume), the three readers agreeing, and the errors.
+the epoch arithmetic (len, drop_last, shards, resume), both loaders listing the same files, webdataset
+shards fed by the one tar reader (pipelines/shards.py), and the errors.
 GPU: the "mixed" decode with bf16/fp16 output."""
 import io
 import shutil
@@ -234,33 +235,60 @@ def write_tar(path: Path, members):
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_webdataset_matches_imagefolder(root, tmp_path):
+def test_webdataset_through_the_shard_reader(root, tmp_path):
+    """Issue 25: DALI read tars with its own reader (local paths only: a brace range, pipe: or URL 'did not
+    exist'; one corrupt image stopped it). Now shards.py's reader feeds DALI: any spec, labels as the torch
+    loader reads them, a corrupt image skipped and listed with shard and key; val in one pass."""
+    from mixedae_fast.pipelines.dali import DaliShardLoader
+    from mixedae_fast.pipelines.shards import SkipLog
+
     folder = root / "train"
     samples = folder_samples(folder)
     members = [m for k, (p, label) in enumerate(samples)
-               for m in ((f"s{k:05d}.jpg", (folder / p).read_bytes()), (f"s{k:05d}.cls", f"{label}\n".encode()))]
-    write_tar(tmp_path / "a.tar", members[:30])
-    write_tar(tmp_path / "b.tar", members[30:])
-    loader = DaliLoader(tmp_path, "webdataset", batch_size=6, img_size=24, drop_last=False)
-    assert (tmp_path / "a.idx").is_file() and (tmp_path / "b.idx").is_file()
-    images, labels, _ = epoch(loader)
-    assert images.shape == (40, 3, 24, 24)
-    assert Counter(labels.tolist()) == Counter(label for _, label in samples)
+               for m in ((f"s{k:05d}.jpg", (folder / p).read_bytes() if k != 7 else b"not a jpeg"),
+                         (f"s{k:05d}.cls", f"{label}\n".encode()))]
+    write_tar(tmp_path / "a-0.tar", members[:40])
+    write_tar(tmp_path / "a-1.tar", members[40:])
+    log = SkipLog()
+    for spec in (str(tmp_path / "a-{0..1}.tar"), f"pipe:cat {tmp_path / 'a-0.tar'},pipe:cat {tmp_path / 'a-1.tar'}"):
+        val = DaliShardLoader(spec, batch_size=6, img_size=24, augment=False, single_pass=True, epoch_size=40,
+                              max_bad_fraction=0.1, skip_log=log)
+        images, labels, _ = epoch(val)
+        assert images.shape == (39, 3, 24, 24) and torch.isfinite(images).all()
+        assert labels.tolist() == [label for k, (_, label) in enumerate(samples) if k != 7]
+    assert sorted(log.samples) == sorted([(f"pipe:cat {tmp_path / 'a-0.tar'}", "s00007"),
+                                          (str(tmp_path / "a-0.tar"), "s00007")])
+    train = DaliShardLoader(tmp_path, batch_size=4, img_size=16, max_bad_fraction=0.1)
+    assert len(train) == 10 and [x.shape for x, _ in train] == [(4, 3, 16, 16)] * 10 and train.skipped >= 1
+    with pytest.raises(ValueError, match="data.max_bad_fraction = 0 allows"):
+        list(DaliShardLoader(tmp_path, batch_size=4, img_size=16, max_bad_fraction=0))
 
 
-def test_webdataset_labels_and_index_format(root, tmp_path):
-    jpeg = next((root / "val").rglob("*.jpg")).read_bytes()
-    cls = [b"0", b"7\n", b" 12 ", b"305", b"1000\r\n", b"42", b"9", b"3"]
-    members = [m for k, c in enumerate(cls) for m in ((f"dir/{k:03d}.cls", c), (f"dir/{k:03d}.jpg", jpeg))]
-    members.insert(3, ("dir/.hidden", b"x"))
-    write_tar(tmp_path / "t.tar", members)
-    _, labels, _ = epoch(DaliLoader(tmp_path / "t.tar", "webdataset", batch_size=8, img_size=16, augment=False,
-                                    shuffle=False))
-    assert labels.tolist() == [0, 7, 12, 305, 1000, 42, 9, 3]
-    wds2idx = pytest.importorskip("wds2idx", reason="DALI's wds2idx tool is not importable")
-    with wds2idx.IndexCreator(str(tmp_path / "t.tar"), str(tmp_path / "ref.idx"), verbose=False) as creator:
-        creator.create_index()
-    assert (tmp_path / "t.idx").read_text() == (tmp_path / "ref.idx").read_text()
+def test_build_loaders_feeds_dali_from_the_shard_reader(tmp_path):
+    """data.backend=dali with webdataset train and val given as brace ranges: train, val and the bank all
+    read through shards.py and decode in DALI (on the CPU here)."""
+    from PIL import Image
+
+    from mixedae_fast.config import load_config
+    from mixedae_fast.pipelines.dali import DaliShardLoader
+    from mixedae_fast.train.data import build_loaders
+
+    for name, n in (("train", 16), ("val", 8)):
+        members = []
+        for k in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (20, 20), (k * 15, 40, 90)).save(buf, "JPEG")
+            members += [(f"{k:04d}.jpg", buf.getvalue()), (f"{k:04d}.cls", str(k % 2).encode())]
+        write_tar(tmp_path / f"{name}-0.tar", members[:n])
+        write_tar(tmp_path / f"{name}-1.tar", members[n:])
+    cfg = load_config("cpu_tiny", ["--model.img_size=16", "--data.batch_size=4", "--data.backend=dali",
+                                   "--data.format=webdataset", "--data.num_workers=0",
+                                   f"--data.path={tmp_path / 'train-{0..1}.tar'}",
+                                   f"--data.val_path={tmp_path / 'val-{0..1}.tar'}"])
+    loaders = build_loaders(cfg, torch.device("cpu"), torch.float32)
+    assert all(isinstance(x, DaliShardLoader) for x in (loaders.train, loaders.val, loaders.bank))
+    assert len(loaders.train) == 4 and sum(len(y) for _, y in loaders.val) == 8
+    assert sum(len(y) for _, y in loaders.bank) == 16
 
 
 def test_corrupt_file_stops_dali_and_files_skips_it(root, tmp_path):
@@ -281,7 +309,7 @@ def test_corrupt_file_stops_dali_and_files_skips_it(root, tmp_path):
 def test_errors(tmp_path, root):
     with pytest.raises(FileNotFoundError, match="make-data"):
         DaliLoader(tmp_path / "missing", batch_size=2, img_size=16)
-    with pytest.raises(FileNotFoundError, match="make-data"):
+    with pytest.raises(ValueError, match="DaliShardLoader"):
         DaliLoader(tmp_path / "missing", "webdataset", batch_size=2, img_size=16)
     with pytest.raises(ValueError, match="no class subfolders"):
         DaliLoader(tmp_path, batch_size=2, img_size=16)
@@ -290,8 +318,8 @@ def test_errors(tmp_path, root):
         DaliLoader(tmp_path, batch_size=2, img_size=16)
     with pytest.warns(UserWarning, match="did you mean"):   # the dataset root, not a split: as the torch loader
         DaliLoader(root, batch_size=2, img_size=16)
-    with pytest.raises(ValueError, match="no .tar files"):
-        DaliLoader(tmp_path, "webdataset", batch_size=2, img_size=16)
+    with pytest.raises(ValueError, match="names no shard"):
+        dali.DaliShardLoader(tmp_path, batch_size=2, img_size=16)
     with pytest.raises(ValueError, match="fewer than one batch"):
         DaliLoader(root / "val", batch_size=64, img_size=16)
     with pytest.raises(ValueError, match="fmt must be one of"):
@@ -352,8 +380,8 @@ def test_gpu_mixed_decode(root, dtype):
 
 def test_both_loaders_list_the_same_samples(root, tmp_path):
     """One discovery (pipelines/files.py) for DALI and the torch loader: the same files from a folder
-    (nested subfolders, upper-case and non-JPEG suffixes, hidden files included), a file list and a
-    shard set."""
+    (nested subfolders, upper-case and non-JPEG suffixes, hidden files included) and a file list (shards
+    have one reader for both: test_webdataset_through_the_shard_reader)."""
     from PIL import Image
 
     from mixedae_fast.pipelines.torch_loader import FileImageLoader
@@ -368,15 +396,10 @@ def test_both_loaders_list_the_same_samples(root, tmp_path):
     (folder / CLASSES[1] / "notes.txt").write_text("not an image")
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"tree/{p} {label}\n" for p, label in folder_samples(root / "val")[:7]))
-    members = [m for k, p in enumerate(sorted(folder.rglob("*.jpg"))[:6])
-               for m in ((f"s{k}.jpg", p.read_bytes()), (f"s{k}.cls", b"1"))]
-    (tmp_path / "shards").mkdir()
-    write_tar(tmp_path / "shards" / "a.tar", members[:6])
-    write_tar(tmp_path / "shards" / "b.tar", members[6:])
 
-    for path, fmt in ((folder, "imagefolder"), (listing, "filelist"), (tmp_path / "shards", "webdataset")):
+    for path, fmt in ((folder, "imagefolder"), (listing, "filelist")):
         dali_loader = DaliLoader(path, fmt, batch_size=2, img_size=16, drop_last=False)
         torch_loader = FileImageLoader(path, batch_size=2, img_size=16, fmt=fmt, drop_last=False, verify="off")
-        torch_sources = [s if isinstance(s, str) else s.tar for s, _ in torch_loader.dataset.samples]
-        assert sorted(dali_loader.sources) == sorted(dict.fromkeys(map(str, torch_sources))), fmt
+        torch_sources = [s for s, _ in torch_loader.dataset.samples]
+        assert sorted(dali_loader.sources) == sorted(map(str, torch_sources)), fmt
     assert any(s.endswith("x.JPG") for s in DaliLoader(folder, batch_size=2, img_size=16).sources)

@@ -215,6 +215,10 @@ def test_eval_folders_need_train_and_val_with_the_same_classes(tmp_path):
     trained_on_files = load_config("cpu_tiny", [*TINY, f"--data.path={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="without data.val_path"):
         eval_folders("run", trained_on_files)
+    on_shards = load_config("cpu_tiny", [*TINY, "--data.format=webdataset", f"--data.path={tmp_path}/t-{{0..1}}.tar",
+                                         f"--data.val_path={tmp_path}/v-{{0..1}}.tar"])
+    with pytest.raises(ValueError, match="data.format=webdataset .* reads ImageFolders.*--data-dir"):
+        eval_folders("run", on_shards)
 
 
 def test_offline_digits_as_an_eval_set(tmp_path, monkeypatch):

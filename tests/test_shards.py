@@ -1,5 +1,7 @@
-"""Webdataset shards through the webdataset library: local, brace and pipe: specs, .webp, unlabelled
-shards, ranks on disjoint shards, a seeded per-epoch order, exact resume, full epochs from short shards."""
+"""Webdataset shards through the webdataset library, the one tar reader: local, brace and pipe: specs,
+.webp, unlabelled shards, ranks on disjoint shards, a seeded per-epoch order, exact resume, full epochs
+from short shards; val and the kNN bank from shard specs in one pass; unreadable samples skipped, listed
+with shard and key, and the run stopped past data.max_bad_fraction."""
 import io
 import tarfile
 
@@ -19,13 +21,14 @@ def _png(value, fmt="PNG", size=(12, 10)):
     return buf.getvalue()
 
 
-def _write_shards(root, shards=4, per=6, labels=True, fmt="PNG", ext="png"):
+def _write_shards(root, shards=4, per=6, labels=True, fmt="PNG", ext="png", bad=(), name="train"):
+    """``shards`` tars of ``per`` flat-colour images; the keys in ``bad`` hold bytes that are no image."""
     root.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
-        with tarfile.open(root / f"train-{s:03d}.tar", "w") as tar:
+        with tarfile.open(root / f"{name}-{s:03d}.tar", "w") as tar:
             for k in range(per):
                 i = s * per + k
-                files = {ext: _png(i * 9 % 256, fmt)}
+                files = {ext: b"not an image" if f"{i:05d}" in bad else _png(i * 9 % 256, fmt)}
                 if labels:
                     files["cls"] = str(i % 3).encode()
                 for suffix, data in files.items():
@@ -147,3 +150,90 @@ def test_empty_shards_with_epoch_size_are_an_error_not_a_hang(tmp_path):
     assert "Traceback" not in done.stderr
     with pytest.raises(ValueError, match="no sample in them"):
         next(iter(ShardLoader(spec, batch_size=2, img_size=8, epoch_size=8, labels=False)))
+
+
+def test_val_and_bank_read_each_sample_once_from_any_spec(tmp_path):
+    """Issue 25: data.val_path as a brace range (or pipe:) used to fail with 'does not exist' (the val and bank
+    loaders read tars through a second reader that knew only local paths). One pass, in shard order, unaugmented:
+    the same batches as the file loader gives for the same images in a folder."""
+    from mixedae_fast.pipelines.torch_loader import FileImageLoader
+
+    root = _write_shards(tmp_path / "d", shards=2, per=5)
+    folder = tmp_path / "folder" / "c"
+    folder.mkdir(parents=True)
+    for i in range(10):
+        (folder / f"{i:05d}.png").write_bytes(_png(i * 9 % 256))
+    files = [x for x, _ in FileImageLoader(folder.parent, batch_size=4, img_size=8, augment=False, shuffle=False,
+                                           drop_last=False, verify="off")]
+    for spec in (str(root / "train-{000..001}.tar"), ",".join(f"pipe:cat {p}" for p in sorted(root.glob("*.tar")))):
+        val = ShardLoader(spec, batch_size=4, img_size=8, augment=False, single_pass=True)
+        got = list(val)
+        assert [len(y) for _, y in got] == [4, 4, 2] and torch.cat([y for _, y in got]).tolist() == [i % 3 for i in
+                                                                                                     range(10)]
+        for (a, _), b in zip(got, files, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    bank = ShardLoader(str(root), batch_size=4, img_size=8, augment=False, single_pass=True, limit=7)
+    assert len(bank) == 2 and [len(y) for _, y in bank] == [4, 3]
+
+
+def test_a_corrupt_image_is_skipped_and_listed_with_shard_and_key(tmp_path):
+    """Issue 25: one undecodable image in a shard used to end the run ('cannot identify image file <_io.BytesIO
+    ...>', no shard or key named). Now it is skipped, the epoch stays full, and the SkipLog names shard and key."""
+    from mixedae_fast.pipelines.shards import SkipLog
+
+    root = _write_shards(tmp_path / "d", shards=2, per=12, bad={"00005"})
+    log = SkipLog()
+    loader = ShardLoader(str(root / "train-{000..001}.tar"), batch_size=4, img_size=8, max_bad_fraction=0.2,
+                         skip_log=log)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6 and all(len(y) == 4 for _, y in batches)
+    assert 5 * 9 not in [v for x, _ in batches for v in _values(x)]
+    assert list(log.samples) == [(str(root / "train-000.tar"), "00005")]
+    assert "cannot identify image file" in log.samples[(str(root / "train-000.tar"), "00005")]
+    assert "BytesIO" not in log.samples[(str(root / "train-000.tar"), "00005")]
+    log.write_to(tmp_path / "skipped_images.json")
+    import json
+
+    assert json.loads((tmp_path / "skipped_images.json").read_text())[0]["key"] == "00005"
+    val = ShardLoader(str(root), batch_size=5, img_size=8, augment=False, single_pass=True, skip_log=log,
+                      max_bad_fraction=0.2)
+    assert sum(len(y) for _, y in val) == 23 and val.skipped == 1
+    with pytest.raises(ValueError, match=r"1 of \d+ samples .* more than data.max_bad_fraction = 0 allows .*"
+                                         r"train-000.tar key '00005'.*--data.max_bad_fraction="):
+        list(ShardLoader(str(root), batch_size=4, img_size=8, max_bad_fraction=0))
+
+
+def test_unreadable_shard_is_one_error_naming_it(tmp_path):
+    # the library reports the failed command's status or, when it reads first, an empty stream
+    with pytest.raises(ValueError, match=r"shard 'pipe:false' could not be read \((OSError: the command exited "
+                                         r"with status 1|ReadError: empty file)\); check that it exists"):
+        list(ShardLoader("pipe:false", batch_size=2, img_size=8, epoch_size=4))
+
+
+def test_pretrain_skips_bad_samples_and_evaluates_on_shard_specs(tmp_path, capsys):
+    """The CLI end to end: brace-range train and pipe: val shards (eval and the kNN bank read them too), one corrupt
+    image listed in skipped_images.json with shard and key; with data.max_bad_fraction=0 the same data stops the
+    run with one error line naming the count and the key to raise, and the run folder keeps its files."""
+    import json
+
+    from mixedae_fast.cli import main
+
+    root = _write_shards(tmp_path / "shards", shards=2, per=12, bad={"00005"})
+    _write_shards(tmp_path / "shards", shards=2, per=6, name="val")
+    val = ",".join(f"pipe:cat {root / f'val-{s:03d}.tar'}" for s in range(2))    # a pass of unknown length
+    common = ["pretrain", "--no-progress", *TINY, f"--run.out_dir={tmp_path / 'runs'}", "--data.format=webdataset",
+              f"--data.path={root / 'train-{000..001}.tar'}", f"--data.val_path={val}", "--run.eval=true"]
+    assert main([*common, "--run.name=ok", "--data.max_bad_fraction=0.5"]) == 0
+    run = tmp_path / "runs" / "ok"
+    listed = json.loads((run / "skipped_images.json").read_text())
+    assert [(e["shard"], e["key"]) for e in listed] == [(str(root / "train-000.tar"), "00005")]
+    report = json.loads((run / "report.json").read_text())
+    assert "knn" in report["eval"]["pretrained"]
+    capsys.readouterr()
+    assert main([*common, "--run.name=strict", "--data.max_bad_fraction=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 1 of ") and "data.max_bad_fraction = 0 allows" in err[0], err
+    assert "--data.max_bad_fraction=" in err[0] and "Traceback" not in err[0]
+    strict = tmp_path / "runs" / "strict"
+    assert (strict / "config.yaml").is_file() and str(strict / "skipped_images.json") in err[0]
+    assert json.loads((strict / "skipped_images.json").read_text())[0]["key"] == "00005"

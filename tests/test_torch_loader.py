@@ -1,4 +1,5 @@
-"""FileImageLoader and its sources: ImageFolder / file list / webdataset give the same samples, bad
+"""FileImageLoader and its sources: ImageFolder / file list give the same samples (webdataset shards
+stream through pipelines/shards.py, tested in test_shards.py), bad
 files are skipped up front (and replaced if they go bad later), and batches are a pure function of
 (seed, epoch, step): resumed, sharded or loaded by workers, they are bitwise the same."""
 import io
@@ -80,33 +81,26 @@ def test_scan_ignores_hidden_and_other_files(copy):
 
 
 def write_sources(data: Path, tmp_path: Path):
-    """A file list and a webdataset tar holding the same images as ``data``, in scan order."""
+    """A file list holding the same images as ``data``, in scan order."""
     paths, labels, _ = scan_image_folder(data)
     lines = ["# path label", ""] + [f"{Path(p).relative_to(data.parent)} {y}" for p, y in zip(paths, labels)]
     shutil.copytree(data, tmp_path / "train", dirs_exist_ok=True)
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
-    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
-        for k, (p, y) in enumerate(zip(paths, labels)):
-            tar.add(p, arcname=f"{k:06d}.jpg")
-            (tmp_path / "cls").write_text(str(y))
-            tar.add(tmp_path / "cls", arcname=f"{k:06d}.cls")
-    return tmp_path / "list.txt", tmp_path / "shard-000.tar"
+    return tmp_path / "list.txt"
 
 
-def test_three_sources_same_samples_and_batches(data, tmp_path):
-    file_list, tar = write_sources(data, tmp_path)
+def test_two_sources_same_samples_and_batches(data, tmp_path):
+    file_list = write_sources(data, tmp_path)
     folder, classes = open_source(data, "imagefolder")
     listed, _ = open_source(file_list, "filelist")
-    shards, _ = open_source(tmp_path, "webdataset")      # a folder of *.tar
     assert classes == list(CLASSES)
-    assert Counter(y for _, y in folder) == Counter(y for _, y in listed) == Counter(y for _, y in shards)
-    for (p, y), (q, z), (m, w) in zip(folder, listed, shards):
-        assert files.read_bytes(p) == files.read_bytes(q) == files.read_bytes(m) and y == z == w
+    assert Counter(y for _, y in folder) == Counter(y for _, y in listed)
+    for (p, y), (q, z) in zip(folder, listed):
+        assert files.read_bytes(p) == files.read_bytes(q) and y == z
     # Same samples in the same order => bitwise the same batches.
     kw = dict(batch_size=8, img_size=32, seed=5)
     ref = batches(FileImageLoader(data, **kw))
     assert_same(ref, batches(FileImageLoader(file_list, fmt="filelist", **kw)))
-    assert_same(ref, batches(FileImageLoader(tar, fmt="webdataset", **kw)))
 
 
 def test_file_list_errors(tmp_path):
@@ -120,10 +114,11 @@ def test_file_list_errors(tmp_path):
     assert read_file_list(tmp_path / "c.txt") == ([str(tmp_path / "dir with space/x.jpg")], [3])
 
 
-def test_webdataset_without_labels_fails(data, tmp_path):
+def test_webdataset_is_not_a_file_list(data, tmp_path):
+    """One tar reader (pipelines/shards.py): the file discovery refuses shards instead of reading them again."""
     with tarfile.open(tmp_path / "s.tar", "w") as tar:
         tar.add(next((data / "ring").iterdir()), arcname="a.jpg")
-    with pytest.raises(ValueError, match=r"no \.cls label"):
+    with pytest.raises(ValueError, match=r"ShardLoader"):
         open_source(tmp_path / "s.tar", "webdataset")
 
 

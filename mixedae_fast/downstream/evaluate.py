@@ -173,6 +173,11 @@ def eval_folders(dataset: str = "run", cfg=None, data_dir: str | None = None, ru
             if cfg.data.val_path is None:
                 raise FileNotFoundError(f"the run trained on {cfg.data.path} without data.val_path: nothing "
                                         "labelled to evaluate on; pass --data-dir DIR or --dataset digits|lfw|photos")
+            if cfg.data.format != "imagefolder":
+                raise ValueError(f"the run trained on data.format={cfg.data.format} ({cfg.data.path}): this command "
+                                 "reads ImageFolders (train/ and val/ of class folders); the run's own kNN and probe "
+                                 "on its data are in its report.json (pretrain evaluates on data.val_path); pass "
+                                 "--data-dir DIR or --dataset digits|lfw|photos")
             return cfg.data.path, cfg.data.val_path, "run"
         report = Path(run_dir or "", "report.json")
         used = json.loads(report.read_text()).get("data", {}) if run_dir and report.is_file() else {}

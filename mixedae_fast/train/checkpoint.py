@@ -143,8 +143,9 @@ def download_checkpoint(url: str, what: str = "run.resume") -> Path:
     return target
 
 
-# Config parts a resumed run may change (sections or ``section.key``).
-RESUMABLE = ("run", "data.num_workers", "runtime", "dist", "init")  # init: only a new run starts from it
+# Config parts a resumed run may change (sections or ``section.key``). init: only a new run starts from it;
+# data.max_bad_fraction: raising it is how a run stopped on unreadable samples continues.
+RESUMABLE = ("run", "data.num_workers", "data.max_bad_fraction", "runtime", "dist", "init")
 # ... and those it may change only with run.resume_override=true, as a deliberate, logged choice: the
 # optimiser settings one lowers after a NaN stop. The model, the mixing and the data stay fixed.
 OVERRIDABLE = ("optim.base_lr", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.betas",

@@ -8,10 +8,14 @@ bitwise exact; DALI's CPU graph is there when asked for and is tested on its own
 
 With ``data.path`` unset the embedded dataset is written once as JPEGs (ImageFolder layout, cached
 under ``$MIXEDAE_CACHE``) and read through the chosen loader like any other folder.
+
+``data.format=webdataset``: every loader (training, validation, the kNN bank; torch or DALI) reads the
+shards through ``pipelines/shards.py`` (the one tar reader), so a spec (local, brace ranges, ``pipe:``,
+URLs) means the same everywhere. Unreadable samples are skipped and recorded in one :class:`SkipLog`
+shared by the run's loaders (``skipped_images.json``); past ``data.max_bad_fraction`` the run stops.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import torch
 
 from mixedae_fast.choices import DATA_BACKENDS, EMBEDDED, EMBEDDED_NUM_TRAIN, EMBEDDED_NUM_VAL
 from mixedae_fast.pipelines.files import open_source, verify_sources
+from mixedae_fast.pipelines.shards import ShardLoader, SkipLog
 from mixedae_fast.pipelines.synthetic import default_data_root, generate_images, write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader, spread_subset
 
@@ -35,6 +40,7 @@ class Loaders:
     val_path: str | None
     skipped: list            # (file, reason) for unreadable images, as found by verification
     verify_rate: str | None = None  # what verification cost (images/s), when it decoded anything
+    skips: SkipLog | None = None    # those, and the shard samples skipped while streaming (skipped_images.json)
 
 
 def dali_importable() -> bool:
@@ -65,7 +71,7 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
         train = TensorBatchLoader(tx, ty, augment=True, crop_scale=d.crop_scale, seed=seed, shard_id=shard_id,
                                   num_shards=num_shards, **common)
         return Loaders(train, TensorBatchLoader(tx[:n], ty[:n], **plain), TensorBatchLoader(vx, vy, **plain),
-                       backend, None, None, [])
+                       backend, None, None, [], skips=SkipLog())
     if d.path is None:
         root = default_data_root(S, num_train, num_val, seed)
         try:
@@ -76,40 +82,46 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
         train_path, val_path, fmt = str(root / "train"), str(root / "val"), "imagefolder"
     else:
         train_path, val_path, fmt = d.path, d.val_path, d.format
+    skips = SkipLog()
     train = _loader(backend, train_path, fmt, d, common, augment=True, shard_id=shard_id, num_shards=num_shards,
-                    seed=seed, labels=d.labels != "none")
+                    seed=seed, labels=d.labels != "none", skips=skips)
+    skips.files = list(getattr(train, "bad", []))
     bank = val = None
     if val_path is not None:
         plain = dict(common, batch_size=250)
-        val = _loader(backend, val_path, fmt, d, plain, augment=False, seed=seed)
-        bank = _loader(backend, train_path, fmt, d, plain, augment=False, seed=seed, limit=EVAL_BANK)
-    return Loaders(train, bank, val, backend, train_path, val_path, list(getattr(train, "bad", [])),
-                   getattr(train, "verify_rate", None))
+        val = _loader(backend, val_path, fmt, d, plain, augment=False, seed=seed, skips=skips)
+        bank = _loader(backend, train_path, fmt, d, plain, augment=False, seed=seed, limit=EVAL_BANK, skips=skips)
+    return Loaders(train, bank, val, backend, train_path, val_path, list(skips.files),
+                   getattr(train, "verify_rate", None), skips)
 
 
-def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards=1, limit=None, labels=True):
+def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards=1, limit=None, labels=True,
+            skips=None):
     shuffle = augment
-    if backend == "dali" and not labels and fmt == "webdataset":
-        raise ValueError("data.labels=none with data.format=webdataset reads through the torch loader: set "
-                         "data.backend=torch (DALI's webdataset reader wants a .cls per sample)")
-    if backend == "torch" and fmt == "webdataset" and augment:
-        from mixedae_fast.pipelines.shards import ShardLoader
+    if fmt == "webdataset" and backend in ("torch", "dali"):
+        # one reader for every path: training shuffles, val and the bank read each sample once (the bank: the
+        # first EVAL_BANK); DALI decodes what the reader hands it
+        kw = dict(augment=augment, crop_scale=d.crop_scale, seed=seed, num_workers=d.num_workers, labels=labels,
+                  max_bad_fraction=d.max_bad_fraction, skip_log=skips, **common)
+        if augment:
+            kw.update(shuffle=True, shard_id=shard_id, num_shards=num_shards, epoch_size=d.epoch_size)
+        else:
+            kw.update(shuffle=False, single_pass=True, limit=limit)
+        if backend == "dali":
+            from mixedae_fast.pipelines.dali import DaliShardLoader
 
-        # training streams the shards through the webdataset library (local, URL or pipe: specs)
-        return ShardLoader(path, augment=True, crop_scale=d.crop_scale, seed=seed, shuffle=True,
-                           num_workers=d.num_workers, shard_id=shard_id, num_shards=num_shards,
-                           epoch_size=d.epoch_size, labels=labels, **common)
+            return DaliShardLoader(path, num_threads=max(d.num_workers, 1), **kw)
+        return ShardLoader(path, **kw)
     if backend == "dali":
         from mixedae_fast.pipelines.dali import DaliLoader
 
         # DALI stops on an undecodable file: verify once (cached) and hand it the good ones
-        files, file_labels, bad, checked = None, None, [], {}
-        if fmt != "webdataset":  # the one discovery (pipelines/files.py), then the good files to DALI
-            samples, _ = open_source(path, fmt, labels)
-            paths = [p for p, _ in samples]
-            good, bad, checked, cost = verify_sources(paths, d.verify, seed, where=f" of {path!r}")
-            pairs = spread_subset([(paths[i], max(samples[i][1], 0)) for i in good], limit)
-            files, file_labels = [p for p, _ in pairs], [lab for _, lab in pairs]
+        # the one discovery (pipelines/files.py), then the good files to DALI
+        samples, _ = open_source(path, fmt, labels)
+        paths = [p for p, _ in samples]
+        good, bad, checked, cost = verify_sources(paths, d.verify, seed, where=f" of {path!r}")
+        pairs = spread_subset([(paths[i], max(samples[i][1], 0)) for i in good], limit)
+        files, file_labels = [p for p, _ in pairs], [lab for _, lab in pairs]
         loader = DaliLoader(path, fmt, augment=augment, crop_scale=d.crop_scale, seed=seed, shuffle=shuffle,
                             drop_last=augment, shard_id=shard_id, num_shards=num_shards,
                             num_threads=max(d.num_workers, 1), files=files, labels=file_labels, **common)
@@ -124,9 +136,8 @@ def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards
 
 
 def write_data_report(loaders: Loaders, run_dir: Path) -> Path | None:
-    """Unreadable images found while loading, one per line with the reason (``skipped_images.json``)."""
-    if not loaders.skipped:
-        return None
-    path = Path(run_dir) / "skipped_images.json"
-    path.write_text(json.dumps([{"file": str(f), "reason": r} for f, r in loaders.skipped], indent=1))
-    return path
+    """Unreadable images, each with the reason (``skipped_images.json``: ``{"file", "reason"}`` for a file
+    found by verification, ``{"shard", "key", "reason"}`` for a shard sample): written now when some are
+    known, and again whenever a loader skips another (shards are read as they stream)."""
+    skips = loaders.skips if loaders.skips is not None else SkipLog(loaders.skipped)
+    return skips.write_to(Path(run_dir) / "skipped_images.json")
