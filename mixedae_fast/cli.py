@@ -41,7 +41,7 @@ from mixedae_fast.config import (
     derive,
     load_config,
 )
-from mixedae_fast.errors import RunFailure
+from mixedae_fast.errors import RunFailure, worker_error
 from mixedae_fast.train.cpu_threads import prefer_passive_wait
 
 
@@ -715,6 +715,8 @@ def _error_line(e: Exception, debug: bool) -> tuple[int, str]:
     """``(exit code, message)``: our own errors carry what, why and the fix; others get their first line."""
     import errno
 
+    if (original := worker_error(e)) is not None:  # from a DataLoader worker: its traceback was the message
+        return _error_line(original, debug)
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
                       IsADirectoryError)):
