@@ -12,7 +12,9 @@ class RunFailure(RuntimeError):
 
 _CAUGHT = re.compile(r"Caught (?P<name>\w+) in (?:DataLoader worker process \d+|pin memory thread[^.\n]*)\.\n"
                      r"Original (?P<trace>Traceback \(most recent call last\):\n.*)", re.S)
-_ERRNO = re.compile(r"\[Errno (?P<errno>\d+)\] (?P<strerror>.*?)(?:: (?P<filename>'[^']*'|\"[^\"]*\"))?", re.S)
+_NAME = r"'[^']*'|\"[^\"]*\""  # a file name as repr() writes it
+_ERRNO = re.compile(rf"\[Errno (?P<errno>\d+)\] (?P<strerror>.*?)"
+                    rf"(?:: (?P<filename>{_NAME})(?: -> (?P<filename2>{_NAME}))?)?", re.S)
 
 
 def worker_error(e: BaseException) -> BaseException | None:
@@ -36,6 +38,8 @@ def worker_error(e: BaseException) -> BaseException | None:
         args = [int(parts["errno"]), parts["strerror"]]
         if parts["filename"]:
             args.append(ast.literal_eval(parts["filename"]))
+        if parts["filename2"]:  # OSError(errno, strerror, filename, winerror, filename2)
+            args += [None, ast.literal_eval(parts["filename2"])]
         return kind(*args)
     try:
         return kind(message)

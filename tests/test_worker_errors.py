@@ -117,3 +117,46 @@ def test_the_command_line_prints_one_error_line_for_a_worker_error(data, tmp_pat
         elif not debug:
             assert "Traceback" not in err and "Caught" not in err, err
     assert results[2] == results[0] and results[0][0] == 1, results
+
+
+class _TwoArguments(Exception):
+    def __init__(self, what, why):
+        super().__init__(f"{what}: {why}")
+
+
+def _through_torch(exc: BaseException) -> BaseException:
+    """``exc`` as torch re-raises it from a worker."""
+    from torch.utils.data._utils import ExceptionWrapper
+
+    try:
+        try:
+            raise KeyError("inner cause")
+        except KeyError as inner:
+            raise exc from inner
+    except BaseException:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 1")
+    try:
+        wrapper.reraise()
+    except BaseException as e:
+        return e
+
+
+@pytest.mark.parametrize("exc, kind, text", [
+    (ValueError("two\nlines"), ValueError, "two\nlines"),
+    (FileNotFoundError(2, "No such file or directory", "/a/b c.jpg"), FileNotFoundError,
+     "[Errno 2] No such file or directory: '/a/b c.jpg'"),
+    (OSError(18, "Invalid cross-device link", "/a", None, "/b"), OSError,
+     "[Errno 18] Invalid cross-device link: '/a' -> '/b'"),
+    (_TwoArguments("sample 3", "bad"), RuntimeError, "_TwoArguments: sample 3: bad"),
+    (TypeError(), TypeError, ""),
+])
+def test_worker_error_takes_the_exception_out_of_torch_s_wrapper(exc, kind, text):
+    from mixedae_fast.errors import worker_error
+
+    wrapped = _through_torch(exc)
+    assert "Original Traceback" in str(wrapped)
+    original = worker_error(wrapped)
+    assert type(original) is kind and str(original) == text
+    if isinstance(exc, FileNotFoundError):
+        assert (original.errno, original.strerror, original.filename) == (2, "No such file or directory", "/a/b c.jpg")
+    assert worker_error(exc) is None and worker_error(original) is None      # not from a worker: left alone
