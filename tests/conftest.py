@@ -38,11 +38,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    """The suite's one cache folder: ``MIXEDAE_CACHE`` points at a fresh folder while the module's tests run
-    (the data sets ``--num-train`` writes, verification results), never at the user's cache. One folder per
-    module, so a module-scoped run and the tests that resume or evaluate it find the same embedded data; a
-    module puts every test under it with ``pytestmark = pytest.mark.usefixtures("cache")``, and a test that
-    changes the variable itself does it with ``monkeypatch`` (restored after the test)."""
+    """The suite's one cache folder: ``MIXEDAE_CACHE`` points at a fresh folder (the data sets ``--num-train``
+    writes, verification results), never at the user's cache, from the first test of a module that asks for
+    it to the module's end. One folder per module, so a module-scoped run and the tests that resume or
+    evaluate it find the same embedded data; a module puts every test under it with
+    ``pytestmark = pytest.mark.usefixtures("cache")``, and a test that changes the variable itself does it
+    with ``monkeypatch`` (restored after the test)."""
     with pytest.MonkeyPatch.context() as mp:
         path = tmp_path_factory.mktemp("cache")
         mp.setenv("MIXEDAE_CACHE", str(path))
