@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mixedae_fast.errors import RunFailure, worker_error
 from mixedae_fast.pipelines.files import (
     describe,
     open_source,
@@ -320,8 +321,11 @@ class ImageFileDataset(torch.utils.data.Dataset):
                                         f"(sample {index}, epoch {epoch}): {e}. The file decoded: this is a bug in "
                                         "the augmentation, not bad data") from e.__cause__
             return image, label, index, (index if attempt else -1)
-        raise RuntimeError(f"{min(n, 16)} samples from {describe(self.samples[index][0])} on failed to load (the "
-                           f"last: {last}); is the data still there?")
+        raise RunFailure(f"{min(n, 16)} samples in a row failed to load after verification, from "
+                         f"{describe(self.samples[index][0])} on (the last: {last}): the data changed or became "
+                         "unreachable during the run (deleted, overwritten, unmounted, its permissions changed); "
+                         "restore it and run again (a run continues from its newest checkpoint: --run.resume=auto, "
+                         "fine-tuning --resume auto)")
 
     def crop(self, data: bytes, epoch: int, index: int) -> torch.Tensor:
         from PIL import Image
@@ -375,21 +379,14 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
 @contextlib.contextmanager
 def _decoding():
     """Turns a decode failure of the file into :class:`UnreadableImage` (anything else passes through)."""
+    from PIL import UnidentifiedImageError
+
     try:
         yield
+    except UnidentifiedImageError as e:  # its message names an in-memory buffer, not the file
+        raise UnreadableImage("not an image PIL can read") from e
     except _decode_errors() as e:
         raise UnreadableImage(f"{type(e).__name__}: {e}") from e
-
-
-def _worker_cause(e: Exception) -> str:
-    """The message of an exception re-raised from a DataLoader worker ("Caught X in DataLoader worker
-    process 0. Original Traceback ... X: message"): its last line, without the type; else the message."""
-    text = str(e).strip()
-    if not text.startswith("Caught "):
-        return text
-    last = text.splitlines()[-1]
-    name = f"{type(e).__name__}: "  # the traceback's last line names the type with its module
-    return last[last.index(name) + len(name):] if name in last else last
 
 
 def _read(source) -> bytes:
@@ -517,8 +514,12 @@ class FileImageLoader:
         for _ in range(len(self) - self.start_step):
             try:
                 images, labels, index, failed = next(self._batches)
-            except AugmentationError as e:  # from a worker, DataLoader puts the worker's traceback in the message
-                raise AugmentationError(_worker_cause(e)) from e
+            except Exception as e:
+                original = worker_error(e)   # a worker's error arrives with its traceback as the message
+                if original is None:
+                    raise
+                self._stop_workers()
+                raise original from e
             if self.gpu_decode:
                 x = self._device_crops(images, labels, index, failed)
             else:
@@ -526,6 +527,12 @@ class FileImageLoader:
             self._count(failed)
             yield normalize(x).to(self.dtype), labels.to(self.device, non_blocking=True)
         self._resumes_at, self.start_step = (self.epoch + 1, 0), 0
+
+    def _stop_workers(self) -> None:
+        """Ends the open stream's workers now. Left to the garbage collector (the raised error's traceback
+        holds the stream), they would wait 5 s each: by then the queue that tells them to stop may be closed."""
+        batches, self._batches = self._batches, None
+        getattr(batches, "_shutdown_workers", lambda: None)()
 
     def _count(self, failed: torch.Tensor) -> None:
         for i in failed[failed >= 0].tolist():

@@ -2,6 +2,7 @@
 the torchvision shim before timm, and the `gpu` marker skipped without CUDA."""
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """The suite's one cache folder: ``MIXEDAE_CACHE`` points at a fresh folder (the data sets ``--num-train``
+    writes, verification results), never at the user's cache, from the first test of a module that asks for
+    it to the module's end. One folder per module, so a module-scoped run and the tests that resume or
+    evaluate it find the same embedded data; a module puts every test under it with
+    ``pytestmark = pytest.mark.usefixtures("cache")``, and a test that changes the variable itself does it
+    with ``monkeypatch`` (restored after the test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("MIXEDAE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """The suite's one image folder: ``image_folder(num_train, num_val, size=16)`` is the root of an ImageFolder
+    tree of the embedded scenes, ``root/{train,val}/<class>/<index>.jpg`` (10 classes, seed 0), written once per
+    session for each set of arguments and shared: read it, or copy it to damage it."""
+    from mixedae_fast.pipelines.synthetic import write_image_folder
+
+    made: dict[tuple, Path] = {}
+
+    def make(num_train: int, num_val: int, size: int = 16) -> Path:
+        key = (num_train, num_val, size)
+        if key not in made:
+            made[key] = write_image_folder(tmp_path_factory.mktemp("images") / "data", num_train, num_val,
+                                           size=size, seed=0, progress=False)
+        return made[key]
+
+    return make
 
 
 @pytest.fixture(autouse=True)

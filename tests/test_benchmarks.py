@@ -290,12 +290,10 @@ def test_recognition_is_the_logged_definition():
     torch.testing.assert_close(recognition(feats, src, n), torch.tensor(want))
 
 
-def test_recognition_ceiling_runs_and_writes_its_table(tmp_path, monkeypatch):
+def test_recognition_ceiling_runs_and_writes_its_table(tmp_path, cache, image_folder):
     from mixedae_fast.benchmarks import recognition_ceiling
-    from mixedae_fast.pipelines.synthetic import write_image_folder
 
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
-    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    data = image_folder(48, 24)
     out = tmp_path / "rc" / "r.json"
     from conftest import TINY_OVERRIDES
     assert recognition_ceiling.main(["--data-dir", str(data), "--steps", "3", "--eval-at", "1", "--out", str(out),

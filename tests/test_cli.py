@@ -12,9 +12,7 @@ TINY = [*TINY_OVERRIDES, "--optim.epochs=2", "--optim.warmup_epochs=1", "--run.l
         "--run.ckpt_every=3"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def _pretrain(tmp_path, *extra):
@@ -22,7 +20,7 @@ def _pretrain(tmp_path, *extra):
                  f"--run.out_dir={tmp_path}/runs", *extra])
 
 
-def test_main_job_writes_report_pictures_and_config(tmp_path, capsys):
+def test_main_job_writes_report_pictures_and_config(tmp_path, cache, capsys):
     assert _pretrain(tmp_path) == 0
     run = tmp_path / "runs" / "cpu_tiny"
     report = json.loads((run / "report.json").read_text())
@@ -36,7 +34,7 @@ def test_main_job_writes_report_pictures_and_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "knn acc %" in out and "report:" in out
     # the embedded data was written once as JPEGs and is reused
-    roots = list((tmp_path / "cache").glob("synthetic-*"))
+    roots = list(cache.glob("synthetic-*"))
     assert len(roots) == 1 and (roots[0] / "train").is_dir() and (roots[0] / "DONE.json").exists()
 
 

@@ -13,20 +13,17 @@ TINY = [*TINY_OVERRIDES, "--optim.epochs=1", "--optim.warmup_epochs=1", "--run.l
         "--run.ckpt_every=3", "--run.eval=false"]
 
 
+pytestmark = pytest.mark.usefixtures("cache")
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """runs/cpu_tiny after 5 steps on 40 embedded images (the cache in a temporary folder)."""
+def run(tmp_path_factory, cache):
+    """runs/cpu_tiny after 5 steps on 40 embedded images (the embedded set in the module's cache, which
+    the tests use too)."""
     root = tmp_path_factory.mktemp("downstream")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXEDAE_CACHE", str(root / "cache"))
-        assert main(["pretrain", "--no-progress", "--num-train", "40", "--num-val", "20", *TINY,
-                     f"--run.out_dir={root}/runs"]) == 0
-        yield root / "runs" / "cpu_tiny"
-
-
-@pytest.fixture(autouse=True)
-def _cache(run, monkeypatch):
-    monkeypatch.setenv("MIXEDAE_CACHE", str(run.parent.parent / "cache"))
+    assert main(["pretrain", "--no-progress", "--num-train", "40", "--num-val", "20", *TINY,
+                 f"--run.out_dir={root}/runs"]) == 0
+    return root / "runs" / "cpu_tiny"
 
 
 def test_eval_reports_pretrained_beside_random_init(run, capsys):

@@ -19,15 +19,15 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 
 from mixedae_fast.pipelines import dali  # noqa: E402
 from mixedae_fast.pipelines.dali import DaliLoader  # noqa: E402
-from mixedae_fast.pipelines.synthetic import CLASSES, write_image_folder  # noqa: E402
+from mixedae_fast.pipelines.synthetic import CLASSES  # noqa: E402
 from mixedae_fast.pipelines.torch_loader import TensorBatchLoader  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """root/{train,val}/<class>/<i>.jpg: 40 train and 20 val images of 40 px, 10 classes."""
-    return write_image_folder(tmp_path_factory.mktemp("dali") / "data", num_train=40, num_val=20, size=40,
-                              progress=False)
+@pytest.fixture
+def root(image_folder):
+    """root/{train,val}/<class>/<i>.jpg: 40 train and 20 val images of 40 px, 10 classes (conftest's shared
+    folder, the torch loader's tests' too)."""
+    return image_folder(40, 20, size=40)
 
 
 def folder_samples(folder: Path):

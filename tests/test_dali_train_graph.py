@@ -8,15 +8,6 @@ from tolerances import tol
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'mixedae_fast[dali-cu13]')")
 
 from mixedae_fast.pipelines.dali import DaliLoader  # noqa: E402
-from mixedae_fast.pipelines.synthetic import write_image_folder  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """20 square images of 40 px (the embedded scenes, 10 classes)."""
-    root = write_image_folder(tmp_path_factory.mktemp("dali_train") / "data", num_train=10, num_val=20, size=40,
-                              progress=False)
-    return root / "val"
 
 
 def _all(loader):
@@ -24,7 +15,8 @@ def _all(loader):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_full_scale_train_image_is_the_eval_image_or_its_mirror(folder, seed):
+def test_full_scale_train_image_is_the_eval_image_or_its_mirror(image_folder, seed):
+    folder = image_folder(10, 20, size=40) / "val"   # 20 square images of 40 px (the embedded scenes, 10 classes)
     evals = _all(DaliLoader(folder, batch_size=20, img_size=40, augment=False, shuffle=False))
     train = _all(DaliLoader(folder, batch_size=20, img_size=40, crop_scale=(1.0, 1.0), shuffle=False, seed=seed))
     assert train.shape == evals.shape == (20, 3, 40, 40)

@@ -221,9 +221,8 @@ def test_eval_folders_need_train_and_val_with_the_same_classes(tmp_path):
         eval_folders("run", on_shards)
 
 
-def test_offline_digits_as_an_eval_set(tmp_path, monkeypatch):
+def test_offline_digits_as_an_eval_set(cache):
     pytest.importorskip("sklearn", reason="scikit-learn is not installed (the [dev] extra)")
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path))
     train, val, name = eval_folders("digits", load_config("cpu_tiny", TINY))
     tl, vl = image_loaders(train, val, 16, torch.device("cpu"), max_train=100)
     assert name == "digits" and len(tl.classes) == 10 and len(tl.dataset) == 100

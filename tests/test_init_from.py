@@ -105,8 +105,7 @@ def _pretrain(tmp_path, *extra):
                  "--run.eval=false", f"--run.out_dir={tmp_path}/runs", "--run.name=r", *extra])
 
 
-def test_pretrain_starts_from_the_weights_and_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+def test_pretrain_starts_from_the_weights_and_says_so(tmp_path, cache, capsys):
     vit = _timm_vit()
     torch.save({"model": vit.state_dict()}, tmp_path / "mae_pretrain.pth")
     assert _pretrain(tmp_path, f"--init.from={tmp_path / 'mae_pretrain.pth'}", "--max-steps", "1",
@@ -117,10 +116,9 @@ def test_pretrain_starts_from_the_weights_and_says_so(tmp_path, monkeypatch, cap
                                rtol=0, atol=1e-6)
 
 
-def test_a_resumed_run_takes_its_checkpoint_not_init_from(tmp_path, monkeypatch, capsys):
+def test_a_resumed_run_takes_its_checkpoint_not_init_from(tmp_path, cache, capsys):
     """init.from starts a new run only: resuming needs the source no more (it may be gone) and keeps the
     checkpoint's weights."""
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
     torch.save({"model": _timm_vit().state_dict()}, tmp_path / "mae_pretrain.pth")
     assert _pretrain(tmp_path, f"--init.from={tmp_path / 'mae_pretrain.pth'}", "--max-steps", "1") == 0
     (tmp_path / "mae_pretrain.pth").unlink()
@@ -195,9 +193,8 @@ def test_a_url_is_downloaded_once_into_the_hub_cache(tmp_path, monkeypatch, http
     assert not list((tmp_path / "torch/hub/checkpoints").glob("*missing*"))   # a failed download leaves nothing
 
 
-def test_resume_from_a_url_continues_the_run(tmp_path, monkeypatch, capsys, http_dir):
+def test_resume_from_a_url_continues_the_run(tmp_path, cache, monkeypatch, capsys, http_dir):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
     folder, url, _ = http_dir
     assert _pretrain(tmp_path, "--max-steps", "2") == 0
     (folder / "ckpt-00000002.pt").write_bytes((tmp_path / "runs/r/checkpoints/ckpt-00000002.pt").read_bytes())

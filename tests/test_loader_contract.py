@@ -1,18 +1,10 @@
 """Every training loader keeps pipelines/contract.py's BatchLoader contract: the protocol's methods,
 len passes of images [B, 3, S, S] and int64 labels, and set_epoch(e, k) that resumes a pass at batch k
 with the same batches as the uninterrupted pass (for the loaders whose passes are a function of (seed, e))."""
-import pytest
 import torch
 
 from mixedae_fast.pipelines.contract import BatchLoader
-from mixedae_fast.pipelines.synthetic import write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader, TensorBatchLoader
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("contract") / "data", 24, 8, size=16, seed=0,
-                              progress=False) / "train"
 
 
 def _loaders(folder):
@@ -28,7 +20,8 @@ def _loaders(folder):
         yield "dali", DaliLoader(folder, batch_size=4, img_size=16, seed=1)
 
 
-def test_every_loader_keeps_the_contract(folder):
+def test_every_loader_keeps_the_contract(image_folder):
+    folder = image_folder(24, 8) / "train"
     names = []
     for name, loader in _loaders(folder):
         names.append(name)

@@ -24,14 +24,11 @@ def _pretrain(out_dir, *extra):
                  f"--run.out_dir={out_dir}", "--run.name=r", *extra])
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+pytestmark = pytest.mark.usefixtures("cache")   # one cache for the module: the trained run's embedded data
 
 
 @pytest.fixture(autouse=True)
-def _cache(cache, monkeypatch):
-    monkeypatch.setenv("MIXEDAE_CACHE", str(cache))
+def _no_debug(monkeypatch):
     monkeypatch.delenv("MIXEDAE_DEBUG", raising=False)
 
 
@@ -39,9 +36,7 @@ def _cache(cache, monkeypatch):
 def trained(tmp_path_factory, cache):
     """runs/r after 4 steps (2 an epoch): checkpoints at steps 2 and 4, metrics rows at 2 and 4."""
     out = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXEDAE_CACHE", str(cache))
-        assert _pretrain(out) == 0
+    assert _pretrain(out) == 0
     return out / "r"
 
 
@@ -296,7 +291,7 @@ def _few_images(tmp_path):
 
 def _cache_under_a_file(tmp_path):
     (tmp_path / "blocker").write_text("x")
-    os.environ["MIXEDAE_CACHE"] = str(tmp_path / "blocker" / "cache")  # restored by the autouse fixture
+    os.environ["MIXEDAE_CACHE"] = str(tmp_path / "blocker" / "cache")  # restored: the case's monkeypatch holds it
     return ["--num-train", "17"]  # another embedded set than the shared cache holds
 
 

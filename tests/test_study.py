@@ -10,7 +10,6 @@ from conftest import TINY_OVERRIDES
 from mixedae_fast import study
 from mixedae_fast.cli import main
 from mixedae_fast.config import load_config
-from mixedae_fast.pipelines.synthetic import write_image_folder
 
 TINY = [*TINY_OVERRIDES, "--model.depth=1", "--optim.warmup_epochs=0", "--run.log_every=2"]
 
@@ -55,9 +54,8 @@ def test_few_shot_nearest_class_mean():
     assert study.few_shot_accuracy(x, y, x, (y + 1) % 4, shots=2) == 0.0
 
 
-def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
-    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+def test_tiny_study_end_to_end_then_resumed(tmp_path, cache, image_folder, monkeypatch, capsys):
+    data = image_folder(48, 24)
     argv = ["study", "--data-dir", str(data), "--out", str(tmp_path / "st"), "--variants", "mae,supcon_head0",
             "--seeds", "0", "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", *TINY]
     assert main(argv) == 0
@@ -85,11 +83,10 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     assert "was trained for --epochs 1, this call asks for 2" in capsys.readouterr().err
 
 
-def test_a_run_that_failed_before_its_first_checkpoint_continues_with_the_same_command(tmp_path, monkeypatch):
+def test_a_run_that_failed_before_its_first_checkpoint_continues_with_the_same_command(tmp_path, cache, image_folder):
     """What a run leaves when it fails before its first checkpoint (its config and metrics rows, no
     checkpoints/): the same study command trains it from step 0 in its folder instead of refusing it."""
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
-    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    data = image_folder(48, 24)
     out = tmp_path / "st"
     left = out / "runs" / "mae-seed0"
     left.mkdir(parents=True)
@@ -101,15 +98,14 @@ def test_a_run_that_failed_before_its_first_checkpoint_continues_with_the_same_c
     assert "99.5" not in (left / "metrics.csv").read_text()   # the failed attempt's rows are not mixed in
 
 
-def test_jobs_runs_children_side_by_side_and_stamps_the_study_command(tmp_path, monkeypatch):
+def test_jobs_runs_children_side_by_side_and_stamps_the_study_command(tmp_path, cache, image_folder, monkeypatch):
     """--jobs 2: each run is a child process (one thread each on 2 cores), its log kept; the results carry
     the study's command (as main() received it, not the process's argv), not the child's; the parent writes
     the table."""
     import shlex
 
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sys, "argv", ["/x/pytest", "-q"])  # not the study's command
-    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    data = image_folder(48, 24)
     out = tmp_path / "st"
     argv = ["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae,naive", "--seeds", "0",
             "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "2", *TINY]
@@ -192,13 +188,12 @@ def test_jobs_must_be_a_count(capsys):
     assert capsys.readouterr().err.startswith("error: --jobs '0': give a number of processes >= 1, or auto")
 
 
-def test_curve_and_transfer_follow_ups_and_their_resume(tmp_path, monkeypatch):
+def test_curve_and_transfer_follow_ups_and_their_resume(tmp_path, cache, image_folder, monkeypatch):
     """--curve evaluates every kept checkpoint (its last point is the table's own kNN of that run);
     --transfer evaluates the final encoders on another set, and fine-tunes them there; a rerun reuses both."""
     from mixedae_fast import study_eval
 
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
-    data = write_image_folder(tmp_path / "data", 48, 24, size=16, seed=0, progress=False)
+    data = image_folder(48, 24)
     out = tmp_path / "st"
     argv = ["study", "--data-dir", str(data), "--out", str(out), "--variants", "mae,default", "--seeds", "0",
             "--epochs", "1", "--probe-epochs", "2", "--no-progress", "--jobs", "1", "--curve", "--context",

@@ -15,7 +15,7 @@ from PIL import Image
 
 from mixedae_fast.pipelines import files
 from mixedae_fast.pipelines.files import open_source, read_file_list, scan_image_folder, verify_images
-from mixedae_fast.pipelines.synthetic import CLASSES, write_image_folder
+from mixedae_fast.pipelines.synthetic import CLASSES
 from mixedae_fast.pipelines.torch_loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,17 +26,13 @@ from mixedae_fast.pipelines.torch_loader import (
     sample_params,
 )
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """root/train/<class>/*.jpg: 40 images of 40 px (4 per class)."""
-    return write_image_folder(tmp_path_factory.mktemp("data") / "d", num_train=40, num_val=20, size=40,
-                              progress=False) / "train"
+pytestmark = pytest.mark.usefixtures("cache")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
+@pytest.fixture
+def data(image_folder) -> Path:
+    """root/train/<class>/*.jpg: 40 images of 40 px (4 per class), conftest's shared folder: read only."""
+    return image_folder(40, 20, size=40) / "train"
 
 
 @pytest.fixture

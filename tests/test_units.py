@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from mixedae_fast.config import ConfigError
-from mixedae_fast.pipelines.synthetic import write_image_folder
 from mixedae_fast.pipelines.torch_loader import FileImageLoader
 from mixedae_fast.train import data
 from mixedae_fast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -19,16 +18,10 @@ from mixedae_fast.train.distributed import Dist, DistEnv, rank_device
 
 # -- data.build_loaders ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """root/{train,val}/<class>/<i>.jpg: 30 train, 10 val images of 16 px, 10 classes."""
-    return write_image_folder(tmp_path_factory.mktemp("units") / "data", num_train=30, num_val=10, size=16,
-                              progress=False)
-
-
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))   # verification results are cached there
+def folder(image_folder):
+    """root/{train,val}/<class>/<i>.jpg: 30 train, 10 val images of 16 px, 10 classes (conftest's, shared)."""
+    return image_folder(30, 10)
 
 
 def _cfg(tiny, root, *overrides):

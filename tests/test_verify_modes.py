@@ -20,12 +20,11 @@ def test_subsets():
         load_config("cpu_tiny", ["--data.verify=all"])
 
 
-def test_modes_in_the_loader_and_the_rate_line(tmp_path, monkeypatch):
+def test_modes_in_the_loader_and_the_rate_line(tmp_path, cache, monkeypatch):
     (tmp_path / "a").mkdir()
     for i in range(7):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "a" / f"{i}.png")
     (tmp_path / "a" / "7.png").write_bytes(b"not an image")
-    monkeypatch.setenv("MIXEDAE_CACHE", str(tmp_path / "cache"))
     full = FileImageLoader(tmp_path, batch_size=2, img_size=8, verify="full", cache=False)
     assert [b[0] for b in full.bad] and len(full.dataset) == 7
     assert full.verify_rate.startswith(f"verified {tmp_path}: 8 images decoded in")
