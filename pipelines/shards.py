@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixedae_fast.errors import worker_error
 from mixedae_fast.fsutil import atomic_write_text
 from mixedae_fast.pipelines.torch_loader import ImageFileDataset, UnreadableImage, normalize
 
@@ -370,10 +371,11 @@ class ShardLoader:
                 batch = next(batches)
             except StopIteration:
                 break
-            except ValueError as e:     # ours, from a worker: DataLoader puts the worker's traceback in the message
-                from mixedae_fast.pipelines.torch_loader import _worker_cause
-
-                raise ValueError(_worker_cause(e)) from None
+            except Exception as e:
+                original = worker_error(e)  # a worker's error arrives with its traceback as the message
+                if original is None:
+                    raise
+                raise original from e
             read, bad = read + batch.read, bad + len(batch.bad)
             if batch.bad:
                 self.skipped += len(batch.bad)

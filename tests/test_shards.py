@@ -189,7 +189,7 @@ def test_a_corrupt_image_is_skipped_and_listed_with_shard_and_key(tmp_path):
     assert len(batches) == len(loader) == 6 and all(len(y) == 4 for _, y in batches)
     assert 5 * 9 not in [v for x, _ in batches for v in _values(x)]
     assert list(log.samples) == [(str(root / "train-000.tar"), "00005")]
-    assert "cannot identify image file" in log.samples[(str(root / "train-000.tar"), "00005")]
+    assert "not an image PIL can read" in log.samples[(str(root / "train-000.tar"), "00005")]
     assert "BytesIO" not in log.samples[(str(root / "train-000.tar"), "00005")]
     log.write_to(tmp_path / "skipped_images.json")
     import json

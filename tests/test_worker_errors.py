@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_OVERRIDES
 
-from mixedae_fast.cli import _error_line, main
+from mixedae_fast.cli import main
+from mixedae_fast.errors import error_line
 from mixedae_fast.pipelines import torch_loader
 from mixedae_fast.pipelines.torch_loader import FileImageLoader
 
@@ -77,7 +78,7 @@ def test_a_worker_error_is_the_in_process_error(case, image_folder, tmp_path, mo
         loader.dataset.pil_transform = CASES[case](monkeypatch, train)     # broken after verification
         with pytest.raises(Exception) as caught:
             next(iter(loader))
-        lines[workers] = (type(caught.value), *_error_line(caught.value, debug=False))
+        lines[workers] = (type(caught.value), *error_line(caught.value, debug=False))
         monkeypatch.undo()
     kind, code, line = lines[0]
     assert lines[2] == (kind, code, line.replace("train0", "train2")), lines
@@ -90,7 +91,7 @@ def test_files_that_fail_after_verification_name_the_file_the_reason_and_the_fix
     loader = FileImageLoader(data / "train", batch_size=4, img_size=16, num_workers=2)
     with pytest.raises(Exception) as caught:
         next(iter(loader))
-    code, line = _error_line(caught.value, debug=False)
+    code, line = error_line(caught.value, debug=False)
     assert code == 1 and "unexpected" not in line, line
     assert "/train/" in line and ".jpg" in line and "Permission denied" in line, line     # the file, the reason
     assert "after verification" in line and "restore" in line, line                        # what happened, the fix
