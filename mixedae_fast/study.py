@@ -415,7 +415,7 @@ def run_study(args, overrides, command: list[str] | None = None) -> int:
     variants, seeds = check_args(args)
     code_sha = git_sha()
     base = load_config(args.config, overrides)
-    train_dir, val_dir, dataset = data_folders(args, base.model.img_size)
+    train_dir, val_dir, dataset = data_folders(args.dataset, args.data_dir, base.model.img_size)
     out_dir = Path(args.out or Path(base.run.out_dir) / f"study-{dataset}")
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
     common = list(overrides) + [f"--data.path={train_dir}", f"--data.val_path={val_dir}", "--data.format=imagefolder",

@@ -45,17 +45,17 @@ CURVE_STATS = ("loss_rec", "recognition", "jaccard", "w_same", "w_other", "w_cls
 
 # -- a study's evaluation: folders, splits, kNN / probe / few-shot, the seeds' summary ------------
 
-def data_folders(args, img_size: int) -> tuple[Path, Path, str]:
+def data_folders(dataset: str, data_dir: str | None, img_size: int) -> tuple[Path, Path, str]:
     """``(train_dir, val_dir, name)``: one folder pair for every run of the study (the embedded set is
     drawn once with data seed 0, whatever the run seeds)."""
-    if args.data_dir is not None:
-        root = Path(args.data_dir)
+    if data_dir is not None:
+        root = Path(data_dir)
         missing = [s for s in ("train", "val") if not (root / s).is_dir()]
         if missing:
             raise FileNotFoundError(f"{root} has no {' or '.join(missing)}/ folder; a study folder holds train/ and "
                                     "val/, each with one subfolder per class (ImageFolder layout)")
         return root / "train", root / "val", root.name
-    if args.dataset in EMBEDDED:
+    if dataset in EMBEDDED:
         from mixedae_fast.pipelines.synthetic import (
             DEFAULT_NUM_TRAIN,
             DEFAULT_NUM_VAL,
@@ -66,8 +66,8 @@ def data_folders(args, img_size: int) -> tuple[Path, Path, str]:
                                   size=img_size, seed=0, progress=False)
     else:
         from mixedae_fast.pipelines.offline import write_offline_folder
-        root = write_offline_folder(args.dataset, size=img_size)
-    return root / "train", root / "val", args.dataset
+        root = write_offline_folder(dataset, size=img_size)
+    return root / "train", root / "val", dataset
 
 
 def split_indices(num: int, heldout: float, seed: int = 0, bank_max: int = 2000, heldout_max: int = 1000):
@@ -192,8 +192,8 @@ def curve_points(out_dir: Path, names: list[str], train_dir, val_dir, args, devi
                 model, cfg = _load(ckpt, device)
                 if loaders is None:
                     loaders = image_loaders(str(train_dir), str(val_dir), cfg.model.img_size, device)
-                (tx, ty), (vx, vy) = ((f["avg"], y) for f, y in (extract_pooled(model, loader, device)
-                                                                 for loader in loaders))
+                (tx, ty), (vx, vy) = (extract_pooled(model, loader, device) for loader in loaders)
+                tx, vx = tx["avg"], vx["avg"]
                 bank, held = split_indices(len(tx), args.heldout)
                 point = {"step": step, "checkpoint": str(ckpt),
                          "heldout_knn": knn_accuracy(tx[bank], ty[bank], tx[held], ty[held]),
@@ -205,19 +205,6 @@ def curve_points(out_dir: Path, names: list[str], train_dir, val_dir, args, devi
     return points
 
 
-def transfer_folders(targets: list[str], img_size: int) -> dict[str, tuple[Path, Path]]:
-    class _A:  # data_folders reads these two fields
-        data_dir = None
-
-    out = {}
-    for t in targets:
-        a = _A()
-        a.dataset = t
-        train_dir, val_dir, _ = data_folders(a, img_size)
-        out[t] = (train_dir, val_dir)
-    return out
-
-
 def transfer_points(out_dir: Path, names: list[str], targets: list[str], img_size: int, args, device,
                     say=print) -> dict:
     """``{run name: {target: {knn, linear_probe, few_shot[, finetune_top1]}}}`` for each run's final encoder."""
@@ -227,20 +214,20 @@ def transfer_points(out_dir: Path, names: list[str], targets: list[str], img_siz
     cache = out_dir / "results" / "transfer"
     cache.mkdir(parents=True, exist_ok=True)
 
-    def folders_of(target):
-        return transfer_folders([target], img_size)[target]
-
+    folders = {t: data_folders(t, None, img_size)[:2] for t in targets}  # written once, cached after
     points = {}
     for name in names:
         run_dir = out_dir / "runs" / name
         points[name] = {}
+        model = None  # loaded once per run, and only when an evaluation is missing
         for target in targets:
             done = cache / f"{name}-{target}.json"
             point = json.loads(done.read_text()) if done.is_file() else None
             if point is None:
-                model, cfg = _load(run_dir, device)
-                train_dir, val_dir = folders_of(target)
-                ev = evaluate_run(model, train_dir, val_dir, cfg.model.img_size, device, args.heldout, args.shots,
+                if model is None:
+                    model = _load(run_dir, device)[0]
+                train_dir, val_dir = folders[target]
+                ev = evaluate_run(model, train_dir, val_dir, img_size, device, args.heldout, args.shots,
                                   args.probe_epochs)
                 point = {"target": target, "run": str(run_dir), **ev["val"], "heldout": ev["heldout"],
                          "sizes": ev["sizes"]}
@@ -248,7 +235,7 @@ def transfer_points(out_dir: Path, names: list[str], targets: list[str], img_siz
                 say(f"transfer {name} -> {target}: kNN {point['knn']:.1f}, probe {point['linear_probe']:.1f}, "
                     f"{args.shots}-shot {point['few_shot']:.1f}")
             if args.transfer_finetune_epochs and "finetune_top1" not in point:
-                point["finetune_top1"] = finetune_top1(run_dir, folders_of(target)[0].parent,
+                point["finetune_top1"] = finetune_top1(run_dir, folders[target][0].parent,
                                                        cache / "finetune" / f"{name}-{target}",
                                                        args.transfer_finetune_epochs)
                 atomic_write_json(point, done)
@@ -393,9 +380,17 @@ def transfer_table(points: dict, variants: list[str], seeds: list[int], targets:
     return rows
 
 
-def write_curve(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
+def _write_table(out_dir: Path, name: str, lines: list[str], note: str, meta: dict, rows: list[dict]) -> list[Path]:
+    """``<name>.md`` (the table, ``note`` and where it came from) and ``<name>.json`` in ``out_dir``."""
     from mixedae_fast.train.checkpoint import atomic_write_json
 
+    md = out_dir / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n\n" + note + f" Written by git {meta['git_sha']} on {meta['machine']}, "
+                  f"{meta['date']}.\n\nCommand: {meta['command']}\n")
+    return [atomic_write_json({"meta": meta, "rows": rows}, out_dir / f"{name}.json"), md]
+
+
+def write_curve(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
     lines = ["| variant | step | held-out kNN | val kNN | recognition | head Jaccard | w_same | w_other | w_cls |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -407,13 +402,8 @@ def write_curve(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
             f"{meta['seeds']}. The logged columns are the mean of the run's metrics.csv rows in the last "
             "logging interval before the step (w_*: the attention mass a query puts on keys of its own source, "
             "of other sources and on the class token, mean over homologous blocks; – where the variant has "
-            f"no such blocks). Written by git {meta['git_sha']} on {meta['machine']}, {meta['date']}.\n\n"
-            f"Command: {meta['command']}\n")
-    md = out_dir / "curve.md"
-    md.write_text("\n".join(lines) + "\n\n" + note)
-    paths = [atomic_write_json({"meta": meta, "rows": rows}, out_dir / "curve.json"), md]
-    paths.append(plot_curve(rows, out_dir / "curve.png", meta))
-    return paths
+            "no such blocks).")
+    return _write_table(out_dir, "curve", lines, note, meta, rows) + [plot_curve(rows, out_dir / "curve.png", meta)]
 
 
 def plot_curve(rows: list[dict], out_png: Path, meta: dict) -> Path:
@@ -442,8 +432,6 @@ def plot_curve(rows: list[dict], out_png: Path, meta: dict) -> Path:
 
 
 def write_transfer(out_dir: Path, rows: list[dict], targets: list[str], meta: dict) -> list[Path]:
-    from mixedae_fast.train.checkpoint import atomic_write_json
-
     metrics = [("knn", "kNN"), ("linear_probe", "probe"), ("few_shot", f"{meta['shots']}-shot")]
     if meta["finetune_epochs"]:
         metrics.append(("finetune_top1", f"fine-tune {meta['finetune_epochs']} ep."))
@@ -458,11 +446,8 @@ def write_transfer(out_dir: Path, rows: list[dict], targets: list[str], meta: di
             "the target's training folder, scored on its val split"
             + (f"; fine-tune: `mixedae-fast finetune --epochs {meta['finetune_epochs']}` (the MAE recipe at its "
                "defaults), val top-1 of the last epoch" if meta["finetune_epochs"] else "")
-            + f". Mean ± std over seeds {meta['seeds']}. Written by git {meta['git_sha']} on {meta['machine']}, "
-            f"{meta['date']}.\n\nCommand: {meta['command']}\n")
-    md = out_dir / "transfer.md"
-    md.write_text("\n".join(lines) + "\n\n" + note)
-    return [atomic_write_json({"meta": meta, "rows": rows}, out_dir / "transfer.json"), md]
+            + f". Mean ± std over seeds {meta['seeds']}.")
+    return _write_table(out_dir, "transfer", lines, note, meta, rows)
 
 
 def context_table(points: dict, variants: list[str], seeds: list[int]) -> list[dict]:
@@ -477,8 +462,6 @@ def context_table(points: dict, variants: list[str], seeds: list[int]) -> list[d
 
 
 def write_context(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
-    from mixedae_fast.train.checkpoint import atomic_write_json
-
     lines = ["| variant | " + " | ".join(f"{c} ({split})" for split in ("held-out", "val") for c in CONTEXTS) + " |",
              "| --- |" + " ---: |" * (2 * len(CONTEXTS))]
     for r in rows:
@@ -489,11 +472,8 @@ def write_context(out_dir: Path, rows: list[dict], meta: dict) -> list[Path]:
             "way. full: the whole image alone, global attention (what the study's table uses); alone: only the "
             "patches a training step shows of it (1 - mask ratio), alone, global attention; mixed: those same "
             "patches inside a group of r images with the run's own attention (its pretraining input), the tokens "
-            f"of the image pooled. Mean ± std over seeds {meta['seeds']}. Written by git {meta['git_sha']} on "
-            f"{meta['machine']}, {meta['date']}.\n\nCommand: {meta['command']}\n")
-    md = out_dir / "context.md"
-    md.write_text("\n".join(lines) + "\n\n" + note)
-    return [atomic_write_json({"meta": meta, "rows": rows}, out_dir / "context.json"), md]
+            f"of the image pooled. Mean ± std over seeds {meta['seeds']}.")
+    return _write_table(out_dir, "context", lines, note, meta, rows)
 
 
 def run_followups(out_dir: Path, variants: list[str], seeds: list[int], train_dir, val_dir, dataset: str,
