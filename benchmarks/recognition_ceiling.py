@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         p.error("--steps and --eval-at must be >= 1")
     device = torch.device(args.device)
     base = load_config(args.config, [*overrides, f"--run.seed={args.seed}"])
-    train_dir, val_dir, dataset = data_folders(args, base.model.img_size)
+    train_dir, val_dir, dataset = data_folders(args.dataset, args.data_dir, base.model.img_size)
     cfg = load_config(args.config, [*overrides, f"--run.seed={args.seed}", "--mixing.ha=none", "--mixing.hc_weight=0",
                                     f"--data.path={train_dir}", f"--data.val_path={val_dir}",
                                     "--data.format=imagefolder", "--data.backend=torch"])
