@@ -94,14 +94,15 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
 
 
 def eval_loaders(cfg, device: torch.device, dtype: torch.dtype, train_path: str, val_path: str, fmt: str, *,
-                 backend: str | None = None, skips: SkipLog | None = None, limit: int = EVAL_BANK):
-    """``(bank, val)``: the loaders of pretrain's final evaluation — val, and the first ``limit`` training images
-    (spread over the classes for a folder or list; the first in shard order for shards), unaugmented, in batches of
-    250, through ``backend`` (default: ``data.backend`` resolved on ``device``). ``mixedae-fast eval RUN`` on a run's
-    shards reads them here too, so it gives the figures of the run's ``report.json``."""
+                 backend: str | None = None, skips: SkipLog | None = None, limit: int | None = None):
+    """``(bank, val)``: the loaders of pretrain's final evaluation — val, and the first ``limit`` (default
+    :data:`EVAL_BANK`) training images (spread over the classes for a folder or list; the first in shard order
+    for shards), unaugmented, in batches of 250, through ``backend`` (default: ``data.backend`` resolved on
+    ``device``). ``mixedae-fast eval RUN`` on a run's shards reads them here too, so it gives the figures of the
+    run's ``report.json``."""
     plain = dict(batch_size=250, img_size=cfg.model.img_size, device=device, dtype=dtype)
     backend = backend or resolve_backend(cfg.data.backend, device)
-    seed = cfg.run.seed
+    seed, limit = cfg.run.seed, EVAL_BANK if limit is None else limit
     val = _loader(backend, val_path, fmt, cfg.data, plain, augment=False, seed=seed, skips=skips)
     bank = _loader(backend, train_path, fmt, cfg.data, plain, augment=False, seed=seed, limit=limit, skips=skips)
     return bank, val
