@@ -237,3 +237,44 @@ def test_pretrain_skips_bad_samples_and_evaluates_on_shard_specs(tmp_path, capsy
     strict = tmp_path / "runs" / "strict"
     assert (strict / "config.yaml").is_file() and str(strict / "skipped_images.json") in err[0]
     assert json.loads((strict / "skipped_images.json").read_text())[0]["key"] == "00005"
+
+
+def test_eval_and_visualize_read_a_run_on_shards_as_its_own_evaluation(tmp_path, capsys, cache):
+    """Issue 25: `mixedae-fast eval RUN` on a run trained on shards used to refuse ('reads ImageFolders'), so a run
+    could not be evaluated again on its own data. Now eval reads the bank and val through pretrain's own loaders:
+    the same figures as the run's report.json for the same checkpoint; visualize draws from the same val; finetune
+    (which needs ImageFolders) and a run without val shards stay one error line saying what works."""
+    import json
+
+    from mixedae_fast.cli import main
+
+    root = _write_shards(tmp_path / "shards", shards=3, per=8)
+    _write_shards(tmp_path / "shards", shards=2, per=6, name="val")
+    runs = tmp_path / "runs"
+    common = ["pretrain", "--no-progress", *TINY, f"--run.out_dir={runs}", "--data.format=webdataset",
+              f"--data.path={root / 'train-{000..002}.tar'}"]
+    assert main([*common, f"--data.val_path={root / 'val-{000..001}.tar'}", "--run.eval=true",
+                 "--run.name=ok"]) == 0
+    run = runs / "ok"
+    ours = json.loads((run / "report.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    got = json.loads((run / "eval_run.json").read_text())
+    assert got["step"] == ours["steps"] and (got["num_train"], got["num_val"], got["num_classes"]) == (24, 12, 3)
+    for model in ("pretrained", "random_init"):
+        assert got["results"][model]["avg"] == ours["eval"][model], model    # kNN and probe, to the digit
+    assert "webdataset shards" in capsys.readouterr().out
+    assert main(["eval", str(run), "--max-train", "10", "--no-probe", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["num_train"] == 10
+    assert main(["visualize", str(run), "--out", str(tmp_path / "pictures")]) == 0
+    assert (tmp_path / "pictures" / "reconstruction.png").is_file()
+
+    capsys.readouterr()
+    assert main(["finetune", str(run), "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finetune reads ImageFolders" in err[0] and "--data-dir DIR" in err[0], err
+    assert main([*common, "--run.name=noval"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(runs / "noval")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without data.val_path" in err[0] and "--data-dir DIR" in err[0], err

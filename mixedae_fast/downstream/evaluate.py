@@ -6,7 +6,8 @@ as a plain ViT: unmasked, unmixed images, global attention.
 
 ``mixedae-fast eval RUN`` loads a run directory or checkpoint (:func:`load_encoder`), reads a labelled
 ImageFolder (``train/`` and ``val/``: the run's own data, an offline real set or any folder; see
-:func:`eval_folders`) and reports kNN and probe accuracy beside the same architecture at random init.
+:func:`eval_folders`) or, for a run on webdataset shards, the shards its own evaluation read (jobs.py), and
+reports kNN and probe accuracy beside the same architecture at random init.
 """
 from __future__ import annotations
 
@@ -173,6 +174,10 @@ def eval_folders(dataset: str = "run", cfg=None, data_dir: str | None = None, ru
             if cfg.data.val_path is None:
                 raise FileNotFoundError(f"the run trained on {cfg.data.path} without data.val_path: nothing "
                                         "labelled to evaluate on; pass --data-dir DIR or --dataset digits|lfw|photos")
+            if cfg.data.format == "webdataset":  # eval and visualize read them (jobs.py), not as folders
+                raise ValueError(f"the run trained on data.format=webdataset ({cfg.data.path}): finetune reads "
+                                 "ImageFolders (train/ and val/ of class folders), not shards (eval and visualize "
+                                 "read the run's shards); pass --data-dir DIR or --dataset digits|lfw|photos")
             if cfg.data.format != "imagefolder":
                 raise ValueError(f"the run trained on data.format={cfg.data.format} ({cfg.data.path}): this command "
                                  "reads ImageFolders (train/ and val/ of class folders); the run's own kNN and probe "

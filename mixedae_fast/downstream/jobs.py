@@ -18,6 +18,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from mixedae_fast.choices import EMBEDDED
 from mixedae_fast.config import config_to_dict
 from mixedae_fast.downstream import finetune_folder as folder
 from mixedae_fast.downstream.evaluate import (
@@ -41,9 +44,11 @@ from mixedae_fast.downstream.visualize import (
     plot_loss_curve,
     reconstruction_figure,
 )
+from mixedae_fast.pipelines.shards import SkipLog
 from mixedae_fast.pipelines.torch_loader import FileImageLoader
 from mixedae_fast.provenance import provenance
 from mixedae_fast.train.checkpoint import atomic_write_json, load_pretrained
+from mixedae_fast.train.data import EVAL_BANK, eval_loaders
 from mixedae_fast.train.device import resolve_precision
 from mixedae_fast.train.distributed import init_distributed
 
@@ -60,16 +65,20 @@ def run_eval(run: str, overrides: Sequence[str] = (), *, dataset: str = "run", d
         raise ValueError(f"--k {k}, --temperature {temperature}, --probe-epochs {probe_epochs}: "
                          "need k >= 1, temperature > 0, probe epochs >= 1")
     model, cfg, pre, device, amp = _load_run(run, overrides)
-    train, val, name = _labelled_data(cfg, pre, device, dataset, data_dir, max_train)
+    train, val, name = _labelled_data(cfg, pre, device, dataset, data_dir, max_train, amp)
     pools = ["avg", "cls"] if pool == "both" else [pool]
     t0 = time.perf_counter()
     kw = dict(pool=pools, amp_dtype=amp, probe=probe, k=k, temperature=temperature, probe_epochs=probe_epochs)
     results = {"pretrained": evaluate_encoder(model, train, val, device, **kw),
                "random_init": evaluate_encoder(random_init_model(cfg, device), train, val, device, **kw)}
+    num_train, num_val, num_classes = _sizes(train, val)
     report = {"run": str(run), "checkpoint": str(pre.checkpoint), "step": pre.step, "dataset": name,
-              "num_train": len(train.dataset), "num_val": len(val.dataset), "num_classes": len(train.classes),
-              "k": k, "temperature": temperature, "probe_epochs": probe_epochs if probe else None,
+              "num_train": num_train, "num_val": num_val, "num_classes": num_classes, "k": k,
+              "temperature": temperature, "probe_epochs": probe_epochs if probe else None,
               "results": results, "seconds": time.perf_counter() - t0, **provenance(device, command)}
+    if isinstance(train, _Tally) and train.skips.samples:
+        report["skipped_samples"] = len(train.skips.samples)  # as pretrain's report.json counts them
+        print(f"data: {len(train.skips.samples)} unreadable shard samples skipped", flush=True)
     path = atomic_write_json(report, out or pre.run_dir / f"eval_{name}.json")
     return {**report, "path": path}
 
@@ -313,16 +322,63 @@ def _load_run(run: str, overrides: Sequence[str]):
     return model, cfg, pre, device, resolve_precision(cfg.runtime.precision, device)
 
 
-def _labelled_data(cfg, pre, device, dataset: str, data_dir: str | None, max_train: int | None):
+def _labelled_data(cfg, pre, device, dataset: str, data_dir: str | None, max_train: int | None, amp=None):
     """``(train, val, name)``: the loaders of the labelled data ``dataset`` / ``data_dir`` names, said in one line."""
     if max_train is not None and max_train < 1:
         raise ValueError(f"--max-train {max_train}: must be >= 1")
+    if dataset == "run" and data_dir is None and _on_shards(cfg):
+        return _run_shards(cfg, device, amp, max_train)
     train_dir, val_dir, name = eval_folders(dataset, cfg, data_dir, run_dir=pre.run_dir)
     train, val = image_loaders(train_dir, val_dir, cfg.model.img_size, device, max_train=max_train,
                                num_workers=cfg.data.num_workers)
     print(f"data {name}: {len(train.dataset)} train / {len(val.dataset)} val images, {len(train.classes)} classes "
           f"({train_dir})", flush=True)
     return train, val, name
+
+
+def _on_shards(cfg) -> bool:
+    """The run read webdataset shards with labelled val data: pretrain's evaluation read them, and so can eval."""
+    d = cfg.data
+    return d.format == "webdataset" and d.path is not None and d.val_path is not None and d.backend not in EMBEDDED
+
+
+def _run_shards(cfg, device, amp, max_train: int | None):
+    """``(bank, val, "run")`` of a run on webdataset shards: the loaders pretrain's final evaluation reads
+    (train/data.py :func:`eval_loaders`: the first ``max_train`` training samples, default 2,000, and val, in shard
+    order), so the figures are the run's ``report.json``'s for the same checkpoint. Their sizes are known once read."""
+    limit = max_train or EVAL_BANK
+    skips = SkipLog()
+    bank, val = eval_loaders(cfg, device, amp or torch.float32, cfg.data.path, cfg.data.val_path, "webdataset",
+                             skips=skips, limit=limit)
+    print(f"data run: webdataset shards, the kNN bank the first {limit} samples of {cfg.data.path}, val "
+          f"{cfg.data.val_path}, as the run's own evaluation reads them", flush=True)
+    return _Tally(bank, skips), _Tally(val, skips), "run"
+
+
+class _Tally:
+    """A loader passed through as it is, counting the samples and classes of its last pass (a stream of shards
+    has no size to read before)."""
+
+    def __init__(self, loader, skips):
+        self.loader, self.skips = loader, skips
+        self.count, self.labels = 0, set()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.count, self.labels = 0, set()
+        for images, labels in self.loader:
+            self.count += len(labels)
+            self.labels.update(labels.tolist())
+            yield images, labels
+
+
+def _sizes(train, val) -> tuple[int, int, int]:
+    """``(train images, val images, classes)`` of the loaders an evaluation read."""
+    if isinstance(train, _Tally):
+        return train.count, val.count, len(train.labels | val.labels)
+    return len(train.dataset), len(val.dataset), len(train.classes)
 
 
 def _check_out_file(out: str | None) -> None:

@@ -88,11 +88,24 @@ def build_loaders(cfg, device: torch.device, dtype: torch.dtype, num_train: int 
     skips.files = list(getattr(train, "bad", []))
     bank = val = None
     if val_path is not None:
-        plain = dict(common, batch_size=250)
-        val = _loader(backend, val_path, fmt, d, plain, augment=False, seed=seed, skips=skips)
-        bank = _loader(backend, train_path, fmt, d, plain, augment=False, seed=seed, limit=EVAL_BANK, skips=skips)
+        bank, val = eval_loaders(cfg, device, dtype, train_path, val_path, fmt, backend=backend, skips=skips)
     return Loaders(train, bank, val, backend, train_path, val_path, list(skips.files),
                    getattr(train, "verify_rate", None), skips)
+
+
+def eval_loaders(cfg, device: torch.device, dtype: torch.dtype, train_path: str, val_path: str, fmt: str, *,
+                 backend: str | None = None, skips: SkipLog | None = None, limit: int | None = None):
+    """``(bank, val)``: the loaders of pretrain's final evaluation — val, and the first ``limit`` (default
+    :data:`EVAL_BANK`) training images (spread over the classes for a folder or list; the first in shard order
+    for shards), unaugmented, in batches of 250, through ``backend`` (default: ``data.backend`` resolved on
+    ``device``). ``mixedae-fast eval RUN`` on a run's shards reads them here too, so it gives the figures of the
+    run's ``report.json``."""
+    plain = dict(batch_size=250, img_size=cfg.model.img_size, device=device, dtype=dtype)
+    backend = backend or resolve_backend(cfg.data.backend, device)
+    seed, limit = cfg.run.seed, EVAL_BANK if limit is None else limit
+    val = _loader(backend, val_path, fmt, cfg.data, plain, augment=False, seed=seed, skips=skips)
+    bank = _loader(backend, train_path, fmt, cfg.data, plain, augment=False, seed=seed, limit=limit, skips=skips)
+    return bank, val
 
 
 def _loader(backend, path, fmt, d, common, augment, seed, shard_id=0, num_shards=1, limit=None, labels=True,
