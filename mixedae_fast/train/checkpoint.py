@@ -53,7 +53,8 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     """The step in a checkpoint's name (``ckpt-00000040.pt`` -> 40)."""
     match = _NAME.match(Path(path).name)
     if match is None:
-        raise ValueError(f"{path} is not named as a checkpoint (ckpt-<8-digit step>.pt)")
+        raise ValueError(f"{path} is not named as a checkpoint (ckpt-<8-digit step>.pt); rename it so, or pass a "
+                         "file that mixedae-fast pretrain wrote")
     return int(match.group(1))
 
 
@@ -108,7 +109,9 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"run.resume={resume!r}: no such checkpoint file")
+        raise FileNotFoundError(f"run.resume = {resume!r}: no such checkpoint file; use auto (the newest checkpoint "
+                                "of the run folder), none, or the path of a checkpoint (runs/<name>/checkpoints/"
+                                "ckpt-*.pt)")
     return path
 
 
@@ -220,16 +223,19 @@ def load_pretrained(path: str | os.PathLike, map_location="cpu") -> Pretrained:
     elif isinstance(state, dict) and "patch_embed.weight" in state:  # a bare model state dict
         model_state, state = state, {}
     else:
-        raise CheckpointError(f"{ckpt} holds no model weights (no 'model' entry); is it a checkpoint written by "
-                              "mixedae-fast pretrain?")
+        raise CheckpointError(f"{ckpt} holds no model weights (no 'model' entry, and it is not a bare state dict); "
+                              "pass a checkpoint that mixedae-fast pretrain wrote (runs/<name>/checkpoints/ckpt-*.pt)")
     saved, cfg_file = state.get("config"), _run_config_file(ckpt)
     if cfg_file is not None:
         try:
             config = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise CheckpointError(f"{cfg_file}: invalid YAML ({e}); restore the run's config.yaml") from e
+            raise CheckpointError(f"{cfg_file}: invalid YAML ({' '.join(str(e).split())}); restore the run's "
+                                  "config.yaml (the run wrote it; a copy is inside each checkpoint)") from e
         if not isinstance(config, dict):
-            raise CheckpointError(f"{cfg_file} is not a config (a mapping of sections)")
+            raise CheckpointError(f"{cfg_file} is not a config: its top level is a {type(config).__name__}, not a "
+                                  "mapping of sections; restore the run's config.yaml (the one it was trained "
+                                  "with)")
         diffs = config_mismatch(saved, config, ignore=("run", "data", "optim", "runtime", "init")) if saved else []
         if diffs:
             raise CheckpointError(f"{cfg_file} and {ckpt} describe different models: " + "; ".join(diffs)
