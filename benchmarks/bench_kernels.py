@@ -105,7 +105,8 @@ def table_row(result: dict, source: str) -> tuple[str, dict]:
     (``source``: its path).
     Raises ValueError when the result cannot decide (no Triton rows, an op missing)."""
     if not result.get("batches"):
-        raise ValueError(f"{source} holds no batches: is it a bench_kernels result?")
+        raise ValueError(f"{source} holds no batches, so it is no bench_kernels result; pass the .json that "
+                         "bench_kernels wrote (run it on the card first)")
     row = {}
     for op, bench_op in TABLE_OPS.items():
         wins, figures = [], []

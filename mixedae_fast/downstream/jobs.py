@@ -202,7 +202,8 @@ def run_export(run: str, overrides: Sequence[str] = (), *, out: str | None = Non
     export.py: :func:`~mixedae_fast.downstream.export.export_run`), then with ``hub_repo`` uploaded there.
     Returns ``{"dir", "parity", "parity_limit", "pool", "hub"}`` (``hub``: the upload's URL or None)."""
     if overrides:
-        raise ValueError(f"export takes no config overrides (got {list(overrides)})")
+        raise ValueError(f"export takes no config overrides (got {' '.join(overrides)}): the export is the run's "
+                         "model as trained; drop them (mixedae-fast export --help lists its options)")
     _check_out_folder(out)
     pre = load_pretrained(run)
     done = export_run(pre, Path(out) if out else pre.run_dir / "export_timm", pool, check=check, license=license,

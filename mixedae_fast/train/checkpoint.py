@@ -77,13 +77,14 @@ class CheckpointError(ValueError):
     """A run directory or checkpoint that cannot give what is asked of it; the message names the fix."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", fix: str = "point run.resume at another file") -> dict:
+    """``torch.load`` of a checkpoint, else CheckpointError ending in ``fix`` (what the caller's user can do)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first[:300]}. It may be "
-                              "truncated or from another program; point run.resume at another file") from e
+                              f"truncated or from another program; {fix}") from e
 
 
 TRAINING_KEYS = ("model", "optimizer", "step", "config")
@@ -217,7 +218,7 @@ def load_pretrained(path: str | os.PathLike, map_location="cpu") -> Pretrained:
     else:
         ckpt = p
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-    state = load_checkpoint(ckpt, map_location)
+    state = load_checkpoint(ckpt, map_location, fix="pass another checkpoint of the run (checkpoints/ckpt-*.pt)")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         model_state = state["model"]
     elif isinstance(state, dict) and "patch_embed.weight" in state:  # a bare model state dict
