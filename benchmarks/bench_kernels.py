@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",") if b]
     bad = [b for b in batches if b % cfg.mixing.group_size]
     if bad:
-        p.error(f"batch sizes {bad} are not multiples of the group size {cfg.mixing.group_size}")
+        p.error(f"--batch {args.batch}: {bad} are not multiples of mixing.group_size = {cfg.mixing.group_size}; "
+                "pass multiples of it")
     import triton
 
     result = result_head("kernels", device, ["python", "-m", "mixedae_fast.benchmarks.bench_kernels"], argv,

@@ -94,7 +94,8 @@ def run_finetune(run: str, overrides: Sequence[str] = (), settings: dict | None 
         raise ValueError(f"--resume {resume} names one checkpoint, and --baseline fine-tunes two classifiers; use "
                          "--resume auto (each continues from the newest checkpoint in its folder)")
     if max_train is not None and max_train < 1:
-        raise ValueError(f"--max-train {max_train}: must be >= 1")
+        raise ValueError(f"--max-train {max_train}: must be >= 1 (training images to use); leave it out to use "
+                         "them all")
     _check_out_folder(out)
     model, cfg, pre, device, amp = _load_run(run, overrides)
     dist = init_distributed(cfg)
@@ -317,7 +318,8 @@ def _load_run(run: str, overrides: Sequence[str]):
 def _labelled_data(cfg, pre, device, dataset: str, data_dir: str | None, max_train: int | None):
     """``(train, val, name)``: the loaders of the labelled data ``dataset`` / ``data_dir`` names, said in one line."""
     if max_train is not None and max_train < 1:
-        raise ValueError(f"--max-train {max_train}: must be >= 1")
+        raise ValueError(f"--max-train {max_train}: must be >= 1 (training images to use); leave it out to use "
+                         "them all")
     train_dir, val_dir, name = eval_folders(dataset, cfg, data_dir, run_dir=pre.run_dir)
     train, val = image_loaders(train_dir, val_dir, cfg.model.img_size, device, max_train=max_train,
                                num_workers=cfg.data.num_workers)

@@ -63,7 +63,7 @@ def with_resume_auto(args: list[str]) -> list[str]:
 def local_command(nproc: int, pretrain_args: list[str]) -> list[str]:
     """torchrun on this node: ``nproc`` ranks, a rendezvous on a free local port."""
     if nproc < 1:
-        raise ValueError(f"--nproc = {nproc}: must be >= 1")
+        raise ValueError(f"--nproc = {nproc}: must be >= 1; pass the number of ranks for this node (one per GPU)")
     return [*TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *PRETRAIN, *pretrain_args]
 
 
@@ -96,7 +96,8 @@ class SlurmJob:
             check_line_safe("--setup", line)
         for name in ("nodes", "gpus_per_node", "cpus_per_gpu", "signal_lead_s"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 1")
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 1; pass a positive "
+                                 "whole number, or leave it out for its default")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port = {self.port}: must be in [1, 65535]")
         if self.signal_lead_s < 60:
