@@ -105,7 +105,8 @@ def table_row(result: dict, source: str) -> tuple[str, dict]:
     (``source``: its path).
     Raises ValueError when the result cannot decide (no Triton rows, an op missing)."""
     if not result.get("batches"):
-        raise ValueError(f"{source} holds no batches: is it a bench_kernels result?")
+        raise ValueError(f"{source} holds no batches, so it is no bench_kernels result; pass the .json that "
+                         "bench_kernels wrote (run it on the card first)")
     row = {}
     for op, bench_op in TABLE_OPS.items():
         wins, figures = [], []
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",") if b]
     bad = [b for b in batches if b % cfg.mixing.group_size]
     if bad:
-        p.error(f"batch sizes {bad} are not multiples of the group size {cfg.mixing.group_size}")
+        p.error(f"--batch {args.batch}: {bad} are not multiples of mixing.group_size = {cfg.mixing.group_size}; "
+                "pass multiples of it")
     import triton
 
     result = result_head("kernels", device, ["python", "-m", "mixedae_fast.benchmarks.bench_kernels"], argv,

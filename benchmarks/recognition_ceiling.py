@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         p.error(f"--recognisers {args.recognisers!r}: give some of {', '.join(RECOGNISERS)}")
     steps = sorted({args.steps, *(int(s) for s in args.eval_at.split(",") if s.strip() and int(s) <= args.steps)})
     if steps[0] < 1:
-        p.error("--steps and --eval-at must be >= 1")
+        p.error(f"--steps {args.steps}, --eval-at {args.eval_at}: each must be >= 1")
     device = torch.device(args.device)
     base = load_config(args.config, [*overrides, f"--run.seed={args.seed}"])
     train_dir, val_dir, dataset = data_folders(args.dataset, args.data_dir, base.model.img_size)

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from mixedae_fast.choices import KERNEL_BACKENDS
+from mixedae_fast.errors import RunFailure
 from mixedae_fast.measured import KERNEL_OPS, choose
 
 try:
@@ -117,7 +118,7 @@ def use_triton(backend: str, *where: torch.Tensor | torch.device, op: str = "pat
             return _VERIFIED.get(str(device), False)
         return kernels_verified(device)
     if backend == "triton":
-        require_triton("kernels='triton'", devices, "kernels='auto' (the torch reference on CPU)")
+        require_triton("kernels='triton'", devices, "runtime.kernels=auto (the torch reference on CPU)")
         return True
     raise ValueError(f"kernels={backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
 
@@ -126,9 +127,10 @@ def require_triton(setting: str, devices, instead: str) -> None:
     """Raise unless a Triton kernel can run on every one of ``devices``: the triton package, and CUDA or
     Triton's interpreter. ``setting`` asked for the kernel; ``instead`` is what to set otherwise."""
     if tl is None:
-        raise RuntimeError(f"{setting} needs the triton package, which is not installed")
+        raise RunFailure(f"{setting} needs the triton package, which is not installed; pip install "
+                         f"'mixedae_fast[triton]' (Linux; a CUDA build of torch brings it), or use {instead}")
     if any(torch.device(d).type != "cuda" for d in devices) and not _interpreted(_probe):
-        raise RuntimeError(f"{setting} on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
+        raise RunFailure(f"{setting} on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
                            f"mixedae_fast.kernels is imported, or use {instead}")
 
 

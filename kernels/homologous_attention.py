@@ -591,7 +591,7 @@ def homologous_attention_triton(q, k, v, src, topk: int, hc: bool = False, hc_he
 
 def check_triton(device: torch.device, setting: str = "attention_backend='triton'") -> None:
     """Raise unless the fused kernel can run on ``device`` (``setting``: what asked for it, for the message)."""
-    require_triton(setting, [device], "attention_backend auto or eager on CPU")
+    require_triton(setting, [device], "runtime.attention_backend=auto, sdpa or eager on CPU")
 
 
 def homologous_attention(q, k, v, src, topk, hc=False, backend="auto", hc_heads=None):

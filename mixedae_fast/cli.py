@@ -269,7 +269,13 @@ def cmd_make_data(args, overrides, command) -> int:
     from mixedae_fast.pipelines.offline import write_dataset
 
     if overrides:
-        raise ValueError(f"make-data takes no config overrides (got {overrides})")
+        raise ValueError(f"make-data takes no config overrides (got {' '.join(overrides)}): it only writes a data "
+                         "set; pass them to pretrain or finetune, see mixedae-fast make-data --help for its options")
+    for flag, value, least in (("--size", args.size, 8), ("--num-train", args.num_train, 1),
+                               ("--num-val", args.num_val, 1), ("--seed", args.seed, 0)):
+        if value < least:
+            raise ValueError(f"make-data {flag} {value}: must be >= {least}; pass {flag} {least} or more, or leave "
+                             "it out for its default")
     print(write_dataset(args.dataset, args.out, args.size, args.num_train, args.num_val, args.seed))
     return 0
 

@@ -16,6 +16,7 @@ import keyword
 import math
 import os
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -307,7 +308,8 @@ def _coerce(key: str, value: typing.Any, tp: typing.Any) -> typing.Any:
             return value
     except ConfigError:
         pass
-    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+    raise ConfigError(f"{key} = {reprlib.repr(value)}: expected {_type_name(tp)}, got {type(value).__name__}; "
+                      f"write it as {_type_name(tp)} (in the YAML file or as --{key}=VALUE)")
 
 
 def _unknown(what: str, name: str, valid: Sequence[str]) -> ConfigError:
@@ -368,14 +370,16 @@ def config_from_dict(d: typing.Mapping[str, typing.Any] | None) -> Config:
     """A validated :class:`Config` from nested mappings (missing sections/keys take their defaults)."""
     d = d or {}
     if not isinstance(d, typing.Mapping):
-        raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
+        raise ConfigError(f"a config must be a mapping of sections (model:, data:, optim:, ...), got "
+                          f"{type(d).__name__}; write one section per line with its keys indented under it")
     d = drop_removed_keys(d)
     sections = {}
     for section, values in d.items():
         _check_key(str(section))
         values = values or {}
         if not isinstance(values, typing.Mapping):
-            raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
+            raise ConfigError(f"section '{section}' = {reprlib.repr(values)}: must be a mapping of keys; write its "
+                              f"settings as 'key: value' lines indented under '{section}:'")
         for key in values:
             _check_key(section, str(key))
         sections[section] = SECTIONS[section](**{_attr(k): v for k, v in values.items()})
@@ -416,7 +420,8 @@ def _read_config_text(config: str | os.PathLike) -> tuple[str, str]:
     s = os.fspath(config)
     if isinstance(config, os.PathLike) or _is_file_ref(s):
         if not Path(s).is_file():
-            raise ConfigError(f"config file not found: {s}")
+            raise ConfigError(f"config file {s}: no such file; pass the path of an existing YAML file or a preset "
+                              f"name ({', '.join(available_presets())})")
         return Path(s).read_text(encoding="utf-8"), s
     preset = presets_dir().joinpath(f"{s}.yaml")
     if not preset.is_file():
@@ -490,7 +495,8 @@ def apply_override(d: dict[str, typing.Any], item: str) -> None:
     """Apply ``--section.key=value`` (or ``section.key=value``) to nested dict ``d``; value is YAML."""
     match = _OVERRIDE.fullmatch(item.strip())
     if not match:
-        raise ConfigError(f"override {item!r} is not of the form --section.key=value")
+        raise ConfigError(f"override {item!r} is not of the form --section.key=value; write it as, e.g., "
+                          "--optim.epochs=10 (the value is read as YAML)")
     section, key, raw = match.groups()
     if f"{section}.{key}" in REMOVED_KEYS:
         raise _removed(f"--{section}.{key}")
@@ -533,9 +539,11 @@ def _load_dict(config: str | os.PathLike, chain: tuple[str, ...] = ()) -> dict[s
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML: {e}") from e
+        raise ConfigError(f"{source}: invalid YAML{_yaml_where(e)}: {_yaml_problem(e)}; fix that line (a config "
+                          "is 'key: value' lines indented under their section)") from e
     if not isinstance(d, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections")
+        raise ConfigError(f"{source}: the top level is a {type(d).__name__}, not a mapping of sections; write "
+                          "'section:' lines (model:, data:, optim:, ...) with their keys indented under them")
     base = d.pop("base", None)
     if base is None:
         return d
@@ -551,6 +559,20 @@ def _load_dict(config: str | os.PathLike, chain: tuple[str, ...] = ()) -> dict[s
         else:
             merged[section] = values
     return merged
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's reason on one line (its message spans several, with the offending text drawn)."""
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    context, mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and mark is not None:
+        problem += f" ({context} that starts at line {mark.line + 1})"
+    return problem
 
 
 def _is_file_ref(config: str) -> bool:
@@ -715,4 +737,6 @@ def validate(cfg: Config) -> Config:
 
 
 def _join(errors: list[str]) -> str:
-    return errors[0] if len(errors) == 1 else f"{len(errors)} config errors:\n  " + "\n  ".join(errors)
+    """The problems as one line: the CLI prints each failure as one ``error:`` line."""
+    return errors[0] if len(errors) == 1 else f"{len(errors)} config errors: " + "; ".join(
+        f"({i}) {e}" for i, e in enumerate(errors, 1))

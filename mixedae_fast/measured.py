@@ -126,7 +126,8 @@ def tiling_in(rows: dict, card_name: str | None, key: str = "triton_tiling") -> 
     names, default = TILING_KEYS[key]
     name = entry("topk", card_name, rows).get(key, default)
     if name not in names:
-        raise ValueError(f"measured.json: {card_name!r} names the {key} {name!r}, not one of {', '.join(names)}")
+        raise ValueError(f"measured.json: {card_name!r} names the {key} {name!r}, not one of {', '.join(names)}; "
+                         "fix that entry, or rebuild the row with bench_attention --table-row ... --write")
     return name
 
 

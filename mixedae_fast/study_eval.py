@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mixedae_fast.choices import EMBEDDED
+from mixedae_fast.errors import RunFailure
 
 if TYPE_CHECKING:
     import torch
@@ -259,7 +260,8 @@ def finetune_top1(run_dir: Path, data_root: Path, folder: Path, epochs: int) -> 
         with open(log, "a") as f:
             rc = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT)
         if rc != 0:
-            raise RuntimeError(f"fine-tuning {run_dir} on {data_root} failed (exit {rc}); its output is in {log}")
+            raise RunFailure(f"fine-tuning {run_dir} on {data_root} failed (exit {rc}); its output is in {log}: read "
+                             "its last error: line, fix that, and rerun the same command (finished parts are kept)")
     return json.loads(results.read_text())["results"]["pretrained"]["val_top1"]
 
 

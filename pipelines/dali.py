@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from mixedae_fast.errors import RunFailure
 from mixedae_fast.pipelines.files import open_source
 from mixedae_fast.pipelines.shards import ShardLoader
 from mixedae_fast.pipelines.torch_loader import IMAGENET_MEAN, IMAGENET_STD
@@ -216,7 +217,7 @@ class DaliLoader:
         self._len = full if drop_last else len(self._it)
         if self._len == 0:
             raise ValueError(f"{self.num_samples} images in {num_shards} shard(s) are fewer than one batch "
-                             f"of {batch_size}")
+                             f"of {batch_size}; lower data.batch_size, use fewer ranks, or add images")
 
     def _resolve_source(self, files, labels):
         """The reader and its arguments. Files come from ``pipelines/files.py`` (``open_source``: the same
@@ -243,7 +244,8 @@ class DaliLoader:
         try:
             pipe.build()
         except RuntimeError as e:
-            raise RuntimeError(f"DALI could not open the data at {self.path}: {_first_error(e)}") from e
+            raise RunFailure(f"DALI could not open the data at {self.path}: {_first_error(e)}; check data.path "
+                             "and data.format, or read it with data.backend=torch") from e
         try:
             self._it = self._plugin.DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                                         last_batch_policy=self._plugin.LastBatchPolicy.PARTIAL,

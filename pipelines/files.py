@@ -173,9 +173,11 @@ def read_file_list(path: str | Path, labels: bool = True) -> tuple[list[str], li
                 raise ValueError
             label = int(parts[1])
         except ValueError:
-            raise ValueError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}") from None
+            raise ValueError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}; fix or remove that "
+                             "line ('#' starts a comment)") from None
         if label < 0:
-            raise ValueError(f"{path}:{number}: labels must be >= 0, got {label}")
+            raise ValueError(f"{path}:{number}: labels must be >= 0 (class indices 0, 1, ...), got {label}; fix "
+                             "that line")
         paths.append(str(base / Path(parts[0]).expanduser()))
         labels.append(label)
     if not paths:
@@ -186,11 +188,13 @@ def read_file_list(path: str | Path, labels: bool = True) -> tuple[list[str], li
 def _read_path_list(path: str | Path) -> tuple[list[str], list[int]]:
     path = _require(path, "file list")
     if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a folder; a file list is a text file of image paths, one a line")
+        raise ValueError(f"{str(path)!r} is a folder; a file list is a text file of image paths, one a line "
+                         "(for a folder of images set data.format=imagefolder)")
     lines = [ln.strip() for ln in path.read_text().splitlines()]
     paths = [str(path.parent / Path(ln).expanduser()) for ln in lines if ln and not ln.startswith("#")]
     if not paths:
-        raise ValueError(f"file list {str(path)!r} lists no images")
+        raise ValueError(f"file list {str(path)!r} lists no images; write one image path a line ('#' starts a "
+                         "comment), relative to the list's folder or absolute")
     return paths, [-1] * len(paths)
 
 
@@ -198,7 +202,8 @@ def scan_images(root: str | Path) -> list[str]:
     """Every visible image under ``root`` (any depth, each folder once, sorted): an unlabelled tree."""
     root = _require(root, "image folder")
     if not root.is_dir():
-        raise ValueError(f"{str(root)!r} is a file, not a folder of images")
+        raise ValueError(f"{str(root)!r} is a file, not a folder of images; point data.path at a folder (for a "
+                         "text file of image paths set data.format=filelist)")
     paths = [os.path.join(folder, f) for folder, files in _walk_once(root) for f in sorted(files)
              if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
     if not paths:

@@ -334,7 +334,8 @@ class ShardLoader:
         total = epoch_size if epoch_size is not None else count_local_samples(urls)
         self.num_batches = total // (batch_size * num_shards)
         if self.num_batches == 0:
-            raise ValueError(f"{total} samples give rank {shard_id} of {num_shards} no batch of {batch_size}")
+            raise ValueError(f"{total} samples give rank {shard_id} of {num_shards} no batch of {batch_size}"
+                             "; lower data.batch_size, use fewer ranks, or add samples")
 
     def __bool__(self) -> bool:    # a loader is there even where the length of its pass is unknown
         return True

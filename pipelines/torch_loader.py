@@ -130,7 +130,8 @@ class TensorBatchLoader:
         self._batches = shard_batches(len(self.images), batch_size, shard_id, num_shards, drop_last)
         if not self._batches:
             raise ValueError(f"{len(self.images)} images are fewer than one batch of {batch_size}"
-                             + (f" for each of {num_shards} shards" if num_shards > 1 else ""))
+                             + (f" for each of {num_shards} shards" if num_shards > 1 else "")
+                             + "; lower data.batch_size, use fewer ranks, or add images")
         self.batch_size, self.img_size = batch_size, img_size
         self.device, self.dtype = torch.device(device), dtype
         self.augment, self.crop_scale, self.seed = augment, tuple(crop_scale), seed
@@ -471,7 +472,7 @@ class FileImageLoader:
         self.sampler = EpochBatchSampler(len(samples), batch_size, seed, shuffle, drop_last, shard_id, num_shards)
         if len(self.sampler) == 0:
             raise ValueError(f"{len(samples)} usable images in {str(path)!r} give shard {shard_id} of {num_shards} "
-                             f"no batch of {batch_size}")
+                             f"no batch of {batch_size}; lower data.batch_size, use fewer ranks, or add images")
         self.dataset = ImageFileDataset(samples, img_size, augment, crop_scale, seed, gpu_decode, jpeg_draft,
                                         pil_transform)
         self.batch_size, self.img_size, self.seed, self.gpu_decode = batch_size, img_size, seed, gpu_decode

@@ -142,7 +142,7 @@ def test_unknown_preset_and_bad_override():
         load_config("cpu_tiy")
     with pytest.raises(ConfigError, match="not of the form"):
         load_config("cpu_tiny", ["mixing.group_size"])
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match=r"no/such/file.yaml: no such file; pass the path of an existing YAML file"):
         load_config("no/such/file.yaml")
 
 

@@ -31,7 +31,7 @@ def extract_pooled(model, loader, device, pools: Sequence[str] = ("avg",),
     """All of ``loader``'s images through the encoder once: ``({pool: features fp32 [M, D]}, labels [M])``."""
     bad = [p for p in pools if p not in POOLS]
     if bad:
-        raise ValueError(f"pool {bad[0]!r} is not one of {', '.join(POOLS)}")
+        raise ValueError(f"pool {bad[0]!r} is not one of {', '.join(POOLS)}; pass one of those (--pool)")
     was_training = model.training
     model.eval()
     feats: dict[str, list] = {p: [] for p in pools}
@@ -146,7 +146,8 @@ def load_encoder(path, device=None, overrides: Sequence[str] = ()):
         model.load_state_dict(pre.model_state)
     except RuntimeError as e:
         raise CheckpointError(f"the weights in {pre.checkpoint} do not fit the model its config describes: "
-                              f"{str(e).splitlines()[0]} ...") from e
+                              f"{str(e).splitlines()[0]} ...; pass the checkpoint of this run, or restore the "
+                              "config.yaml it was trained with") from e
     return model.to(device).eval(), cfg, pre
 
 
@@ -204,7 +205,8 @@ def eval_folders(dataset: str = "run", cfg=None, data_dir: str | None = None, ru
 
         root = write_offline_folder(dataset, size=S)
         return str(root / "train"), str(root / "val"), dataset
-    raise ValueError(f"dataset {dataset!r} is not one of {', '.join(EVAL_DATASETS)}")
+    raise ValueError(f"dataset {dataset!r} is not one of {', '.join(EVAL_DATASETS)}; pass one of those with "
+                     "--dataset, or an ImageFolder with --data-dir DIR")
 
 
 def image_loaders(train_dir: str, val_dir: str, img_size: int, device, batch_size: int = 250,
@@ -223,8 +225,10 @@ def image_loaders(train_dir: str, val_dir: str, img_size: int, device, batch_siz
                             num_shards=num_shards, **common)
     val = FileImageLoader(val_dir, batch_size=batch_size, augment=False, shuffle=False, drop_last=False, **common)
     if train.classes != val.classes:
-        raise ValueError(f"{train_dir} and {val_dir} have different class folders ({train.classes} vs "
-                         f"{val.classes}); labels would not match")
+        raise ValueError(f"{train_dir} and {val_dir} have different class folders ({len(train.classes)} vs "
+                         f"{len(val.classes)}; only in one: "
+                         f"{', '.join(sorted(set(train.classes) ^ set(val.classes))[:5]) or 'none, another order'}); "
+                         "labels would not match: give train/ and val/ the same class subfolders")
     return train, val
 
 

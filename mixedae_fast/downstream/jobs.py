@@ -103,7 +103,8 @@ def run_finetune(run: str, overrides: Sequence[str] = (), settings: dict | None 
         raise ValueError(f"--resume {resume} names one checkpoint, and --baseline fine-tunes two classifiers; use "
                          "--resume auto (each continues from the newest checkpoint in its folder)")
     if max_train is not None and max_train < 1:
-        raise ValueError(f"--max-train {max_train}: must be >= 1")
+        raise ValueError(f"--max-train {max_train}: must be >= 1 (training images to use); leave it out to use "
+                         "them all")
     _check_out_folder(out)
     model, cfg, pre, device, amp = _load_run(run, overrides)
     dist = init_distributed(cfg)
@@ -211,7 +212,8 @@ def run_export(run: str, overrides: Sequence[str] = (), *, out: str | None = Non
     export.py: :func:`~mixedae_fast.downstream.export.export_run`), then with ``hub_repo`` uploaded there.
     Returns ``{"dir", "parity", "parity_limit", "pool", "hub"}`` (``hub``: the upload's URL or None)."""
     if overrides:
-        raise ValueError(f"export takes no config overrides (got {list(overrides)})")
+        raise ValueError(f"export takes no config overrides (got {' '.join(overrides)}): the export is the run's "
+                         "model as trained; drop them (mixedae-fast export --help lists its options)")
     _check_out_folder(out)
     pre = load_pretrained(run)
     done = export_run(pre, Path(out) if out else pre.run_dir / "export_timm", pool, check=check, license=license,
@@ -325,7 +327,8 @@ def _load_run(run: str, overrides: Sequence[str]):
 def _labelled_data(cfg, pre, device, dataset: str, data_dir: str | None, max_train: int | None, amp=None):
     """``(train, val, name)``: the loaders of the labelled data ``dataset`` / ``data_dir`` names, said in one line."""
     if max_train is not None and max_train < 1:
-        raise ValueError(f"--max-train {max_train}: must be >= 1")
+        raise ValueError(f"--max-train {max_train}: must be >= 1 (training images to use); leave it out to use "
+                         "them all")
     if dataset == "run" and data_dir is None and _on_shards(cfg):
         return _run_shards(cfg, device, amp, max_train)
     train_dir, val_dir, name = eval_folders(dataset, cfg, data_dir, run_dir=pre.run_dir)

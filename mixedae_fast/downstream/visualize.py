@@ -30,7 +30,8 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path) -> Path:
     """Loss parts against step from ``metrics.csv``; recognition accuracy on a second axis if logged."""
     rows = list(csv.DictReader(open(metrics_csv, newline="")))
     if not rows:
-        raise ValueError(f"{metrics_csv} has no rows to plot")
+        raise ValueError(f"{metrics_csv} has no rows to plot: the run stopped before its first log line; train it "
+                         "on (--run.resume=auto with its --run.name) past run.log_every steps")
     plt = _pyplot()
     step = [float(r["step"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -173,15 +174,18 @@ def homologous_selection(model, images: torch.Tensor, query: int | None = None, 
 
     r, n = model.group_size, model.n_visible
     if r < 2:
-        raise ValueError("the homologous-attention picture needs mixing.group_size > 1 (this model is MAE, r = 1)")
+        raise ValueError("the homologous-attention picture needs mixing.group_size > 1 (this model is MAE, r = 1); "
+                         "pass a run trained with mixing.group_size >= 2")
     depth = len(model.blocks)
     block = (model.ha_layers[-1] if model.ha_layers else depth - 1) if block is None else block
     if not -depth <= block < depth:
-        raise ValueError(f"block {block} out of range for an encoder of {depth} blocks")
+        raise ValueError(f"block {block} out of range for an encoder of {depth} blocks; pass --block in "
+                         f"[{-depth}, {depth}), or leave it out for the last homologous block")
     block %= depth
     query = n // 2 if query is None else query
     if not 0 <= query < r * n:
-        raise ValueError(f"query {query} out of range: a group has r*n = {r * n} patch tokens")
+        raise ValueError(f"query {query} out of range: a group has r*n = {r * n} patch tokens; pass --query in "
+                         f"[0, {r * n}), or leave it out for the middle one")
     images = images[:r].float()
     was_training = model.training
     model.eval()

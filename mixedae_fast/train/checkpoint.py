@@ -53,7 +53,8 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     """The step in a checkpoint's name (``ckpt-00000040.pt`` -> 40)."""
     match = _NAME.match(Path(path).name)
     if match is None:
-        raise ValueError(f"{path} is not named as a checkpoint (ckpt-<8-digit step>.pt)")
+        raise ValueError(f"{path} is not named as a checkpoint (ckpt-<8-digit step>.pt); rename it so, or pass a "
+                         "file that mixedae-fast pretrain wrote")
     return int(match.group(1))
 
 
@@ -76,13 +77,14 @@ class CheckpointError(ValueError):
     """A run directory or checkpoint that cannot give what is asked of it; the message names the fix."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", fix: str = "point run.resume at another file") -> dict:
+    """``torch.load`` of a checkpoint, else CheckpointError ending in ``fix`` (what the caller's user can do)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first[:300]}. It may be "
-                              "truncated or from another program; point run.resume at another file") from e
+                              f"truncated or from another program; {fix}") from e
 
 
 TRAINING_KEYS = ("model", "optimizer", "step", "config")
@@ -108,7 +110,9 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"run.resume={resume!r}: no such checkpoint file")
+        raise FileNotFoundError(f"run.resume = {resume!r}: no such checkpoint file; use auto (the newest checkpoint "
+                                "of the run folder), none, or the path of a checkpoint (runs/<name>/checkpoints/"
+                                "ckpt-*.pt)")
     return path
 
 
@@ -214,22 +218,25 @@ def load_pretrained(path: str | os.PathLike, map_location="cpu") -> Pretrained:
     else:
         ckpt = p
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-    state = load_checkpoint(ckpt, map_location)
+    state = load_checkpoint(ckpt, map_location, fix="pass another checkpoint of the run (checkpoints/ckpt-*.pt)")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         model_state = state["model"]
     elif isinstance(state, dict) and "patch_embed.weight" in state:  # a bare model state dict
         model_state, state = state, {}
     else:
-        raise CheckpointError(f"{ckpt} holds no model weights (no 'model' entry); is it a checkpoint written by "
-                              "mixedae-fast pretrain?")
+        raise CheckpointError(f"{ckpt} holds no model weights (no 'model' entry, and it is not a bare state dict); "
+                              "pass a checkpoint that mixedae-fast pretrain wrote (runs/<name>/checkpoints/ckpt-*.pt)")
     saved, cfg_file = state.get("config"), _run_config_file(ckpt)
     if cfg_file is not None:
         try:
             config = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise CheckpointError(f"{cfg_file}: invalid YAML ({e}); restore the run's config.yaml") from e
+            raise CheckpointError(f"{cfg_file}: invalid YAML ({' '.join(str(e).split())}); restore the run's "
+                                  "config.yaml (the run wrote it; a copy is inside each checkpoint)") from e
         if not isinstance(config, dict):
-            raise CheckpointError(f"{cfg_file} is not a config (a mapping of sections)")
+            raise CheckpointError(f"{cfg_file} is not a config: its top level is a {type(config).__name__}, not a "
+                                  "mapping of sections; restore the run's config.yaml (the one it was trained "
+                                  "with)")
         diffs = config_mismatch(saved, config, ignore=("run", "data", "optim", "runtime", "init")) if saved else []
         if diffs:
             raise CheckpointError(f"{cfg_file} and {ckpt} describe different models: " + "; ".join(diffs)

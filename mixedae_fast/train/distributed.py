@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from mixedae_fast.config import ConfigError
+from mixedae_fast.errors import RunFailure
 from mixedae_fast.train.launch import expand_nodelist
 
 DEFAULT_PORT = 29500
@@ -92,8 +93,9 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     else:
         return DistEnv(slurm_job_id=job)
     if found.world_size < 1 or not 0 <= found.rank < found.world_size:
-        raise ValueError(f"rank {found.rank} is not in [0, world size {found.world_size}) ({found.launcher} "
-                         "environment variables)")
+        raise ValueError(f"rank {found.rank} is not in [0, world size {found.world_size}) (from "
+                         f"{'RANK, WORLD_SIZE' if found.launcher == 'torchrun' else 'SLURM_PROCID, SLURM_NTASKS'}); "
+                         "start the job through torchrun or srun, which set them, or fix the ones set by hand")
     return found
 
 
@@ -108,7 +110,7 @@ def rank_device(name: str, local_rank: int) -> torch.device:
         raise ConfigError("runtime.device = 'cuda', but CUDA is not available on this machine; use "
                           "runtime.device=cpu or auto")
     if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"local rank {local_rank}, but this node shows {torch.cuda.device_count()} GPUs: start "
+        raise RunFailure(f"local rank {local_rank}, but this node shows {torch.cuda.device_count()} GPUs: start "
                            "at most one rank per GPU (torchrun --nproc-per-node)")
     return torch.device("cuda", local_rank)
 
@@ -138,9 +140,10 @@ def init_distributed(cfg, environ: Mapping[str, str] | None = None) -> Dist:
         # interleaving with DDP's all-reduces
         control = dist.new_group(backend="gloo", timeout=timeout)
     except Exception as e:
-        raise RuntimeError(f"rank {env.rank} of {env.world_size} could not join the process group at "
-                           f"{env.master_addr}:{env.master_port} ({type(e).__name__}: {_first_line(e)}). Are all "
-                           f"ranks started and the address reachable? dist.timeout_s = {cfg.dist.timeout_s:g}") from e
+        raise RunFailure(f"rank {env.rank} of {env.world_size} could not join the process group at "
+                         f"{env.master_addr}:{env.master_port} ({type(e).__name__}: {_first_line(e)}); start all "
+                         "ranks, check that the address is reachable from every node (MASTER_ADDR, MASTER_PORT), or "
+                         f"raise dist.timeout_s (now {cfg.dist.timeout_s:g})") from e
     return Dist(env, device, cfg.dist, backend, control)
 
 
@@ -223,7 +226,7 @@ class Dist:
         t = torch.tensor([value, -value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         if int(t[0]) != -int(t[1]):
-            raise RuntimeError(f"ranks disagree on {what}: from {-int(t[1])} to {int(t[0])} (rank {self.rank}: "
+            raise RunFailure(f"ranks disagree on {what}: from {-int(t[1])} to {int(t[0])} (rank {self.rank}: "
                                f"{value}). {hint}")
 
     def barrier(self) -> None:
@@ -294,8 +297,8 @@ def requeue_slurm_job(job_id: str) -> None:
     try:
         subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise RuntimeError(f"scontrol not found: cannot requeue SLURM job {job_id}; resubmit it yourself "
+        raise RunFailure(f"scontrol not found: cannot requeue SLURM job {job_id}; resubmit it yourself "
                            "(the checkpoint is saved)") from None
     except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"scontrol requeue {job_id} failed: {e.stderr.strip() or e}; resubmit the job "
+        raise RunFailure(f"scontrol requeue {job_id} failed: {e.stderr.strip() or e}; resubmit the job "
                            "yourself (the checkpoint is saved)") from None

@@ -74,7 +74,7 @@ def _read(source: str, cfg) -> tuple[dict[str, torch.Tensor], str]:
                         "local-dir:FOLDER or hf-hub:USER/REPO")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # MAE's main_pretrain.py saves its args
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, fix="point init.from at another file")
     except CheckpointError as e:
         raise InitError(f"init.from = {source!r}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):

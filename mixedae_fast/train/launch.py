@@ -63,7 +63,7 @@ def with_resume_auto(args: list[str]) -> list[str]:
 def local_command(nproc: int, pretrain_args: list[str]) -> list[str]:
     """torchrun on this node: ``nproc`` ranks, a rendezvous on a free local port."""
     if nproc < 1:
-        raise ValueError(f"--nproc = {nproc}: must be >= 1")
+        raise ValueError(f"--nproc = {nproc}: must be >= 1; pass the number of ranks for this node (one per GPU)")
     return [*TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *PRETRAIN, *pretrain_args]
 
 
@@ -96,7 +96,8 @@ class SlurmJob:
             check_line_safe("--setup", line)
         for name in ("nodes", "gpus_per_node", "cpus_per_gpu", "signal_lead_s"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 1")
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 1; pass a positive "
+                                 "whole number, or leave it out for its default")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port = {self.port}: must be in [1, 65535]")
         if self.signal_lead_s < 60:
@@ -248,6 +249,10 @@ def launch_slurm(cfg: Config, job: SlurmJob, pretrain_args: list[str], script: s
 
 # -- SLURM host lists (read by distributed.dist_env for the rendezvous address) ---------------------
 
+# the host list comes from SLURM (SLURM_STEP_NODELIST, SLURM_JOB_NODELIST); only its first host is needed
+_NODELIST_FIX = "set MASTER_ADDR to the job's first host, which is then used instead"
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """SLURM's compact host list -> host names, in order: ``node[01-04,07]`` -> node01, node02, node03,
     node04, node07; ``a1,b[1-2]``; ``rack[1-2]-n[1-2]`` (every combination). Zero padding is kept."""
@@ -255,11 +260,11 @@ def expand_nodelist(nodelist: str) -> list[str]:
     for item in _split_top_level(nodelist):
         parts = re.split(r"(\[[^\[\]]*\])", item)  # text, [ranges], text, ...
         if any(c in p for p in parts[::2] for c in "[]"):
-            raise ValueError(f"host list {nodelist!r}: unbalanced brackets in {item!r}")
+            raise ValueError(f"host list {nodelist!r}: unbalanced brackets in {item!r}; {_NODELIST_FIX}")
         choices = [[p] if i % 2 == 0 else _expand_ranges(p[1:-1], nodelist) for i, p in enumerate(parts)]
         hosts += ["".join(c) for c in itertools.product(*choices)]
     if not hosts:
-        raise ValueError(f"host list {nodelist!r} names no host")
+        raise ValueError(f"host list {nodelist!r} names no host; {_NODELIST_FIX}")
     return hosts
 
 
@@ -268,12 +273,12 @@ def _split_top_level(text: str) -> list[str]:
     for i, c in enumerate(text):
         depth += (c == "[") - (c == "]")
         if depth not in (0, 1):
-            raise ValueError(f"host list {text!r}: unbalanced brackets")
+            raise ValueError(f"host list {text!r}: unbalanced brackets; {_NODELIST_FIX}")
         if c == "," and depth == 0:
             items.append(text[start:i])
             start = i + 1
     if depth:
-        raise ValueError(f"host list {text!r}: unbalanced brackets")
+        raise ValueError(f"host list {text!r}: unbalanced brackets; {_NODELIST_FIX}")
     items.append(text[start:])
     return [s.strip() for s in items if s.strip()]
 
@@ -283,6 +288,7 @@ def _expand_ranges(spec: str, nodelist: str) -> list[str]:
     for piece in spec.split(","):
         lo, _, hi = piece.strip().partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
-            raise ValueError(f"host list {nodelist!r}: [{spec}] is not a list of numbers and ranges like 01-04")
+            raise ValueError(f"host list {nodelist!r}: [{spec}] is not a list of numbers and ranges like 01-04; "
+                             f"{_NODELIST_FIX}")
         out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
     return out

@@ -76,7 +76,8 @@ class Loggers:
                  project: str | None = None, entity: str | None = None):
         unknown = [n for n in names if n not in LOGGERS]
         if unknown:
-            raise ValueError(f"run.loggers: {unknown} not among {', '.join(LOGGERS)}")
+            raise ValueError(f"run.loggers: {unknown} not among {', '.join(LOGGERS)}; list some of those, e.g. "
+                             "--run.loggers=[csv,tensorboard]")
         self.run_dir = Path(run_dir)
         self.names = tuple(dict.fromkeys(names))
         require(self.names)

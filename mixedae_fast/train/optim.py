@@ -7,6 +7,7 @@ import math
 import torch
 
 from mixedae_fast.config import Config
+from mixedae_fast.errors import RunFailure
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -31,8 +32,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torc
             return FusedAdam(groups, lr=lr, betas=tuple(o.betas), adam_w_mode=True), False
         except ImportError:
             if o.optimizer == "apex":
-                raise RuntimeError("optim.optimizer=apex but apex is not importable; use optim.optimizer=torch"
-                                   " (fused torch AdamW)") from None
+                raise RunFailure("optim.optimizer = 'apex', but apex is not importable (NVIDIA apex, built "
+                                 "from source); use optim.optimizer=torch (fused torch AdamW) or auto") from None
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=True), True
 
 
