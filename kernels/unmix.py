@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from mixedae_fast.kernels._triton import _buffer_dtype, register_self_check, tl, triton, use_triton
+from mixedae_fast.tolerances import tol
 
 
 def unmix_reference(dec_tokens: torch.Tensor, ids: torch.Tensor, mask_token: torch.Tensor,
@@ -245,6 +246,6 @@ def _check_kernels(device: torch.device) -> str | None:
     for fn in (unmix_triton, unmix_reference):
         out = fn(tokens, ids, mask_token, pos, r)
         outs.append((out.detach(), *torch.autograd.grad(out, (tokens, mask_token), grad)))
-    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(*outs)):
+    if not all(torch.allclose(a, b, **tol(torch.float32, device, "selfcheck")) for a, b in zip(*outs)):
         return "output or gradients differ"
     return None

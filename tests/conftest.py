@@ -75,6 +75,20 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache) -> Path:
+    """``runs/cpu_tiny`` pretrained through the command line for 5 steps on 40 embedded images of the module's
+    cache (checkpoints at steps 3 and 5, no final evaluation): the run the downstream commands' tests
+    evaluate, fine-tune, export and visualize. One per module, so a module may add files to it."""
+    from mixedae_fast.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    assert main(["pretrain", "--no-progress", "--num-train", "40", "--num-val", "20", *TINY_OVERRIDES,
+                 "--optim.epochs=1", "--optim.warmup_epochs=1", "--run.log_every=2", "--run.ckpt_every=3",
+                 "--run.eval=false", f"--run.out_dir={root}/runs"]) == 0
+    return root / "runs" / "cpu_tiny"
+
+
 # -- one tiny model for new tests -----------------------------------------------------------------
 # 16 px images in patches of 4 (N = 16), embed 32, 2 blocks; r = 4 and n = 4 from cpu_tiny's mixing.
 TINY_MODEL = ("--model.img_size=16", "--model.patch_size=4", "--model.embed_dim=32", "--model.depth=2",
