@@ -358,6 +358,24 @@ def test_bench_loader_runs_on_cpu(tmp_path):
     assert {"device", "torch", "dali", "date", "git_sha", "command"} <= saved.keys()
 
 
+def test_bench_loader_times_the_shard_readers_on_the_same_images(tmp_path):
+    """The shard backends read tars written from the folder: every image once, with its class."""
+    from mixedae_fast.benchmarks import bench_loader
+    from mixedae_fast.pipelines.files import scan_image_folder
+    from mixedae_fast.pipelines.shards import count_local_samples, expand_spec
+
+    result = bench_loader.main([str(tmp_path / "data"), "--make-data", "24", "--size", "32", "--batch", "4",
+                                "--img-size", "32", "--warmup", "1", "--iters", "4", "--window", "2",
+                                "--device", "cpu", "--per-shard", "10", "--workers", "0",
+                                "--backend", "dali,dali-shards,torch-shards"])
+    assert [r["backend"] for r in result["rows"]] == ["dali", "dali-shards", "torch-shards"]
+    assert all(r["images_per_s"] > 0 for r in result["rows"])
+    spec = bench_loader.folder_to_shards(tmp_path / "data" / "train", tmp_path / "data" / "train.shards", 10)
+    assert count_local_samples(expand_spec(spec)) == 24 == len(scan_image_folder(tmp_path / "data" / "train")[0])
+    with pytest.raises(SystemExit, match="error: --backend"):
+        bench_loader.main([str(tmp_path / "data" / "train"), "--backend", "dali,ffcv"])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_mixed_decode(root, dtype):
