@@ -414,7 +414,8 @@ def plot_curve(rows: list[dict], out_png: Path, meta: dict) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    for v in variants:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, v in enumerate(variants):  # one colour a variant in every panel, with or without TopK values
         rs = [r for r in rows if r["variant"] == v]
         steps = [r["step"] for r in rs]
         for ax, key in ((axes[0], "heldout_knn"), (axes[1], "recognition"), (axes[2], "w_other")):
@@ -422,12 +423,14 @@ def plot_curve(rows: list[dict], out_png: Path, meta: dict) -> Path:
             if all(math.isnan(y) for y in ys):
                 continue
             errs = [r[key][1] or 0.0 for r in rs]
-            ax.errorbar(steps, ys, yerr=errs, marker="o", ms=3, capsize=2, label=v)
+            ax.errorbar(steps, ys, yerr=errs, marker="o", ms=3, capsize=2, label=v, color=colours[i % len(colours)])
     for ax, title in zip(axes, ("held-out kNN %", "recognition (TopK keys of the query's source)",
                                 "attention mass on other sources' keys")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{meta['dataset']}: seeds {meta['seeds']}", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)

@@ -254,3 +254,26 @@ def test_context_features_alone_is_mixed_at_r1_and_differs_when_mixed(tiny):
     naive = tiny.build(group_size=2, ha="none")
     g = context_features(naive, images, batch_groups=3)
     assert (g["mixed"] - g["alone"]).abs().max() > 1e-3
+
+
+def test_the_curve_plot_gives_a_variant_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """MAE mode has no recognition or attention mass: the panels for those must not shift the colours, so
+    the TopK variant drawn there is the colour the kNN panel and its legend give it."""
+    from mixedae_fast import study_eval
+    from mixedae_fast.downstream import visualize
+
+    figs = []
+    monkeypatch.setattr(visualize, "_save", lambda fig, path: figs.append(fig) or path)
+
+    def row(variant, step, logged):
+        value = (0.4, 0.01) if logged else (None, None)
+        return {"variant": variant, "step": step, "heldout_knn": (50.0 + step, 1.0), "recognition": value,
+                "w_other": value}
+
+    rows = [row("mae", s, False) for s in (1, 2)] + [row("default", s, True) for s in (1, 2)]
+    study_eval.plot_curve(rows, tmp_path / "c.png", {"dataset": "x", "seeds": [0]})
+    knn, rec, other = figs[0].axes
+    colour = {c.get_label(): c.lines[0].get_color() for c in knn.containers}
+    assert set(colour) == {"mae", "default"} and colour["mae"] != colour["default"]
+    for ax in (rec, other):
+        assert {c.get_label(): c.lines[0].get_color() for c in ax.containers} == {"default": colour["default"]}
