@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Session of 2026-12-05 (evening): the machine was renewed and the earlier runs' checkpoints were lost, so the
+# runs behind the curve, context and transfer tables are trained again here, at the current main (no niceness).
+cd <checkout>
+st() { echo "=== $(date -u +%FT%TZ) $* sha $(git rev-parse --short HEAD)"
+       .venv/bin/mixedae-fast study --jobs 2 --no-progress --run.ckpt_every=468 --run.keep_last=10 "$@"
+       echo "=== $(date -u +%FT%TZ) rc $?"; }
+R=<study-runs>
+st --dataset embedded --epochs 18 --variants mae,default --seeds 0,1,2 --out $R/embedded
+st --dataset embedded --epochs 18 --variants mae,default --seeds 0,1,2 --out $R/embedded --curve --context --transfer digits,photos
+st --dataset photos --epochs 108 --variants mae,default --seeds 0,1,2 --out $R/photos
+# Hypothesis A's check (the gap is the data set's size): the embedded set cut to 135 training images a class
+# (1,350; val whole), 67 epochs = the same 2,808-step budget; MAE mode against the default, seed 0.
+st --data-dir $R/data/embedded-small --epochs 67 --variants mae,default --seeds 0 --out $R/embedded-small --curve --context
+st --dataset photos --epochs 108 --variants mae,default --seeds 0,1,2 --out $R/photos --curve --context --transfer embedded,digits
+# The default's choice on photos (item 4): naive and SupCon beside MAE mode and the default, 3 seeds.
+st --dataset photos --epochs 108 --variants mae,naive,default,supcon_head0 --seeds 0,1,2 --out $R/photos
+# Transfer with a short fine-tune (item 2): each final encoder fine-tuned 5 epochs on digits and on photos.
+st --dataset embedded --epochs 18 --variants mae,default --seeds 0,1,2 --out $R/embedded --transfer digits,photos --transfer-finetune-epochs 5
+# The cause table's other rows: naive, oracle and SupCon on the embedded set, with their curves and contexts.
+st --dataset embedded --epochs 18 --variants mae,naive,oracle,default,supcon_head0 --seeds 0,1,2 --out $R/embedded --curve --context
