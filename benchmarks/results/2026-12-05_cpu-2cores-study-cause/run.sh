@@ -14,6 +14,9 @@ st --dataset photos --epochs 108 --variants mae,default --seeds 0,1,2 --out $R/p
 st --dataset embedded --epochs 18 --variants mae,topk,default --seeds 0,1,2 --out $R/embedded --curve --context
 # Hypothesis A's check (the gap is the data set's size): the embedded set cut to 135 training images a class
 # (1,350; val whole), 67 epochs = the same 2,808-step budget; MAE mode against the default, seed 0.
+D=$MIXEDAE_CACHE/synthetic-v2-32px-5000-1000-s0; S=$R/data/embedded-small
+mkdir -p $S/train && cp -r $D/val $S/val
+for c in $(ls $D/train); do mkdir -p $S/train/$c; ls $D/train/$c | sort | head -135 | while read f; do cp $D/train/$c/$f $S/train/$c/; done; done
 st --data-dir $R/data/embedded-small --epochs 67 --variants mae,default --seeds 0 --out $R/embedded-small --curve --context
 st --dataset photos --epochs 108 --variants mae,default --seeds 0,1,2 --out $R/photos --curve --context --transfer embedded,digits
 # The default's choice on photos (item 4): naive and SupCon beside MAE mode and the default, 3 seeds.
