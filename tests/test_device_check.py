@@ -48,22 +48,42 @@ def test_every_stage_writes_its_files(tmp_path):
     assert "== attention (limit 90s)" in log and "== stages (name rc seconds)" in log
 
 
-@pytest.mark.slow  # ~35 s
+# Loaded into the benchmark's Python through PYTHONPATH: after the attention stage's third result write (the
+# baseline row and two more) the process hangs, as a stage does that runs past its limit. The cut then falls
+# at a known row whatever the interpreter's speed: a wall-clock cut between rows failed CI on 2026-12-05,
+# when the fused rows had become ~1 s each and the whole stage finished inside the 30 s meant to cut it.
+_HANG_AFTER_THIRD_ROW = """
+import os, time
+_replace, _writes = os.replace, [0]
+def _replace_then_hang(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if os.fspath(dst).endswith("bench_attention.json"):
+        _writes[0] += 1
+        if _writes[0] == 3:
+            time.sleep(600)
+os.replace = _replace_then_hang
+"""
+
+
+@pytest.mark.slow  # ~25 s
 def test_a_killed_stage_keeps_its_finished_rows_and_the_next_stage_runs(tmp_path):
-    """The attention stage cut at 30 s: its baseline row is written a few seconds after the imports, its
-    15 fused-kernel rows (every tiling, the select variants) take ~10 s each through the interpreter, so
-    the cut falls between, with a wide margin either way. Its JSON holds the rows that finished, the stage
-    is recorded as killed (124), and the kernels stage after it still runs and writes."""
-    run = _run(tmp_path, "attention kernels", LIMIT_PARTS="1", LIMIT_ATTENTION="30", TILINGS="m32w8,m64w4,m128w8",
-               BWD_TILINGS="n128m32w8,n64m32w4,n128m16w8,n256m16w16")
+    """The attention stage hangs after its third row and is killed at its 20 s limit: its JSON holds
+    exactly the three rows that finished (the baseline first), the stage is recorded as killed (124), no
+    half-written file is left, and the kernels stage after it still runs and writes. The parts stage, cut at
+    1 s (inside its imports), is recorded as killed too and the attention stage still runs."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HANG_AFTER_THIRD_ROW)
+    out = tmp_path / "out"
+    run = _run(out, "attention kernels", LIMIT_PARTS="1", LIMIT_ATTENTION="20", TILINGS="m32w8,m64w4",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     assert run.returncode == 0, run.stderr[-2000:]
-    stages = _stages(tmp_path)
+    stages = _stages(out)
     assert stages["parts"] == 124 and stages["attention"] == 124 and stages["kernels"] == 0, stages
-    rows = json.loads((tmp_path / "bench_attention.json").read_text())["rows"]
-    assert rows and rows[0]["backend"] == "baseline" and "fwd_bwd_ms" in rows[0]
-    assert len(rows) < 16, "the stage was meant to be cut before its last row"
-    assert not list(tmp_path.glob("*.tmp")), "a result file is replaced whole, never left half written"
-    assert json.loads((tmp_path / "bench_kernels.json").read_text())["batches"]
+    rows = json.loads((out / "bench_attention.json").read_text())["rows"]
+    assert len(rows) == 3 and rows[0]["backend"] == "baseline" and "fwd_bwd_ms" in rows[0], rows
+    assert not list(out.glob("*.tmp")), "a result file is replaced whole, never left half written"
+    assert json.loads((out / "bench_kernels.json").read_text())["batches"]
 
 
 def test_prepare_writes_the_sha_a_copy_without_git_reports(tmp_path):
